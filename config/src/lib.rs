@@ -1,0 +1,352 @@
+//! Typed configuration for every legate component.
+//!
+//! One model ([`Config`]) covers the proxy, `legate init` and the CA, with
+//! every default declared once in [`model`]. Values come from four layers,
+//! each overriding the one before:
+//!
+//! 1. built-in defaults;
+//! 2. a TOML file (`--config` or `LEGATE_CONFIG`);
+//! 3. `LEGATE_*` environment variables, one per key: `proxy.outbound_port`
+//!    is `LEGATE_PROXY_OUTBOUND_PORT` (and `LEGATE_LOG` is `log.level`);
+//! 4. command-line flags, including the generic `--set key=value`.
+//!
+//! Loading never stops at the first mistake: every invalid value, unknown key
+//! and broken rule is collected and reported together, each naming the field
+//! path, the source, the bad value and what a valid one looks like.
+
+pub mod error;
+pub mod field;
+pub mod model;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use toml::Value;
+
+pub use error::{ConfigError, ConfigErrors, LoadError, Origin, Problem};
+pub use field::Field;
+pub use model::*;
+pub use types::*;
+
+/// Prefix of every environment variable legate reads.
+pub const ENV_PREFIX: &str = "LEGATE_";
+/// Environment variable naming the config file.
+pub const ENV_CONFIG_FILE: &str = "LEGATE_CONFIG";
+/// Short alias for `log.level`.
+pub const ENV_LOG: &str = "LEGATE_LOG";
+
+/// A value given on the command line for one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlagValue {
+    /// Dotted key path, for example `proxy.mode`.
+    pub path: String,
+    pub value: String,
+    /// The flag as the operator typed it, for error messages.
+    pub flag: String,
+}
+
+/// The layers a configuration is built from.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    /// `(name, value)` pairs; names without [`ENV_PREFIX`] are ignored.
+    pub env: Vec<(String, String)>,
+    pub flags: Vec<FlagValue>,
+}
+
+impl Sources {
+    /// The process environment, and the config file it names unless `file` is given.
+    pub fn from_process_env(file: Option<PathBuf>) -> Self {
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        let file = file.or_else(|| {
+            env.iter()
+                .find(|(k, v)| k == ENV_CONFIG_FILE && !v.is_empty())
+                .map(|(_, v)| PathBuf::from(v))
+        });
+        Sources {
+            file,
+            env,
+            flags: Vec::new(),
+        }
+    }
+}
+
+/// A loaded configuration and where each value came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// Key path to the layer that set it; keys left at their default are absent.
+    pub origins: BTreeMap<String, Origin>,
+}
+
+impl Loaded {
+    pub fn origin(&self, path: &str) -> Origin {
+        self.origins.get(path).cloned().unwrap_or(Origin::Default)
+    }
+}
+
+/// Every key that can be set from one string, as dotted paths.
+pub fn key_paths() -> Vec<String> {
+    let mut out = Vec::new();
+    Config::leaf_paths("", &mut out);
+    out
+}
+
+/// The environment variable for a key path: `proxy.mode` is `LEGATE_PROXY_MODE`.
+pub fn env_name(path: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        path.replace('.', "_").to_ascii_uppercase()
+    )
+}
+
+/// Wraps `value` in tables so that it sits at `path` from the root.
+fn nest(path: &str, value: Value) -> Value {
+    path.rsplit('.').fold(value, |inner, key| {
+        let mut t = toml::Table::new();
+        t.insert(key.to_owned(), inner);
+        Value::Table(t)
+    })
+}
+
+/// Records the key paths present in a file table, at the granularity of
+/// [`key_paths`], so that rule errors can say which layer set a value.
+fn record_origins(
+    table: &toml::Table,
+    prefix: &str,
+    keys: &[String],
+    origin: &Origin,
+    out: &mut BTreeMap<String, Origin>,
+) {
+    for (k, v) in table {
+        let p = model::join(prefix, k);
+        match v {
+            Value::Table(t) if !keys.contains(&p) => record_origins(t, &p, keys, origin, out),
+            _ => {
+                out.insert(p, origin.clone());
+            }
+        }
+    }
+}
+
+/// Reads and parses a TOML file into a table.
+pub fn read_file(path: &Path) -> Result<toml::Table, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    text.parse::<toml::Table>().map_err(|e| LoadError::Syntax {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().replace('\n', "\n    "),
+    })
+}
+
+/// Builds the configuration from its layers, reporting every problem.
+pub fn load(sources: &Sources) -> Result<Loaded, LoadError> {
+    let keys = key_paths();
+    let mut config = Config::default();
+    let mut origins = BTreeMap::new();
+    let mut errs = Vec::new();
+
+    if let Some(path) = &sources.file {
+        let table = read_file(path)?;
+        let origin = Origin::File(path.clone());
+        record_origins(&table, "", &keys, &origin, &mut origins);
+        config.merge_at(&Value::Table(table), "", &origin, &mut errs);
+    }
+
+    let env_names: Vec<(String, &String)> = keys.iter().map(|k| (env_name(k), k)).collect();
+    let mut env: Vec<&(String, String)> = sources
+        .env
+        .iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != ENV_CONFIG_FILE)
+        .collect();
+    // The alias goes first so that the full name wins when both are set.
+    env.sort_by_key(|(k, _)| k != ENV_LOG);
+    for (name, value) in env {
+        let origin = Origin::Env(name.clone());
+        let path = if name == ENV_LOG {
+            Some("log.level")
+        } else {
+            env_names
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, p)| p.as_str())
+        };
+        match path {
+            Some(path) => {
+                origins.insert(path.to_owned(), origin.clone());
+                config.merge_at(
+                    &nest(path, Value::String(value.clone())),
+                    "",
+                    &origin,
+                    &mut errs,
+                );
+            }
+            None => errs.push(ConfigError::unknown(
+                name,
+                &origin,
+                error::suggest(name, env_names.iter().map(|(n, _)| n.as_str())),
+            )),
+        }
+    }
+
+    for flag in &sources.flags {
+        let origin = Origin::Flag(flag.flag.clone());
+        if !keys.contains(&flag.path) {
+            errs.push(ConfigError::unknown(
+                &flag.path,
+                &origin,
+                error::suggest(&flag.path, keys.iter().map(String::as_str)),
+            ));
+            continue;
+        }
+        origins.insert(flag.path.clone(), origin.clone());
+        config.merge_at(
+            &nest(&flag.path, Value::String(flag.value.clone())),
+            "",
+            &origin,
+            &mut errs,
+        );
+    }
+
+    let loaded = Loaded { config, origins };
+    errs.extend(validate(&loaded));
+    if errs.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(LoadError::Invalid(ConfigErrors(errs)))
+    }
+}
+
+/// Rules that span fields or list items.
+fn validate(l: &Loaded) -> Vec<ConfigError> {
+    let c = &l.config;
+    let mut errs = Vec::new();
+    let mut rule =
+        |path: &str, msg: String| errs.push(ConfigError::rule(path, l.origin(path), msg));
+
+    let p = &c.proxy;
+    let admin = p.admin_listen.port();
+    if p.outbound_port == p.inbound_port {
+        rule(
+            "proxy.inbound_port",
+            format!(
+                "{} is also proxy.outbound_port; the two capture ports must differ",
+                p.inbound_port
+            ),
+        );
+    }
+    for (path, port) in [
+        ("proxy.outbound_port", p.outbound_port),
+        ("proxy.inbound_port", p.inbound_port),
+    ] {
+        if port == admin {
+            rule(
+                path,
+                format!("{port} is also the port of proxy.admin_listen; pick another"),
+            );
+        }
+    }
+    if p.uid == 0 {
+        rule(
+            "proxy.uid",
+            "0 would exempt every root process from capture; run the proxy as its own uid (default 1337)".into(),
+        );
+    }
+    for (name, d) in [
+        ("connect_timeout", p.connect_timeout),
+        ("handshake_timeout", p.handshake_timeout),
+        ("idle_timeout", p.idle_timeout),
+        ("tcp_keepalive", p.tcp_keepalive),
+    ] {
+        if d.is_zero() {
+            rule(&format!("proxy.{name}"), "must be greater than zero".into());
+        }
+    }
+    for (i, d) in p.destinations.iter().enumerate() {
+        if d.mode == DestinationMode::Plaintext && d.identity.is_some() {
+            rule(
+                &format!("proxy.destinations[{i}].identity"),
+                "an identity cannot be checked on a plaintext destination; remove it or set mode = \"strict\"".into(),
+            );
+        }
+    }
+    for (i, a) in p.authz.iter().enumerate() {
+        if a.ports.is_empty() {
+            rule(
+                &format!("proxy.authz[{i}].ports"),
+                "list the application ports this policy covers".into(),
+            );
+        }
+        for (j, b) in p.authz.iter().enumerate().skip(i + 1) {
+            if let Some(port) = a
+                .ports
+                .ranges()
+                .iter()
+                .find_map(|&(lo, hi)| (lo..=hi).find(|&x| b.ports.contains(x)))
+            {
+                rule(
+                    &format!("proxy.authz[{j}].ports"),
+                    format!("port {port} is already covered by proxy.authz[{i}]; merge the two policies"),
+                );
+            }
+        }
+    }
+
+    let id = &c.identity;
+    if let Some(explicit) = &id.id {
+        if explicit.trust_domain() != id.trust_domain.as_str() {
+            rule(
+                "identity.id",
+                format!(
+                    "{explicit} is outside identity.trust_domain {}",
+                    id.trust_domain
+                ),
+            );
+        }
+    }
+    if id.token.is_some() && id.token_file.is_some() {
+        rule(
+            "identity.token_file",
+            "set identity.token or identity.token_file, not both".into(),
+        );
+    }
+
+    let ca = &c.ca;
+    if ca.cert_ttl < std::time::Duration::from_secs(2) {
+        rule(
+            "ca.cert_ttl",
+            "must be at least 2s so a certificate can be renewed before it expires".into(),
+        );
+    }
+    if ca.cert_ttl >= ca.intermediate_ttl {
+        rule(
+            "ca.cert_ttl",
+            "must be shorter than ca.intermediate_ttl".into(),
+        );
+    }
+    if ca.intermediate_ttl > ca.root_ttl {
+        rule("ca.intermediate_ttl", "must not outlive ca.root_ttl".into());
+    }
+    if ca.max_body.0 < 1024 {
+        rule("ca.max_body", "must be at least 1KiB to hold a CSR".into());
+    }
+    errs
+}
+
+impl Config {
+    /// The configuration as TOML, with secrets shown as `<redacted>`.
+    pub fn to_toml(&self) -> String {
+        match Field::encode(self) {
+            Some(Value::Table(t)) => toml::to_string_pretty(&t).unwrap_or_default(),
+            _ => String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,382 @@
+use std::io::Write;
+
+use super::*;
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn flag(path: &str, value: &str) -> FlagValue {
+    FlagValue {
+        path: path.into(),
+        value: value.into(),
+        flag: format!("--set {path}={value}"),
+    }
+}
+
+fn errors(sources: &Sources) -> Vec<ConfigError> {
+    match load(sources) {
+        Ok(_) => panic!("expected errors"),
+        Err(e) => e.errors().to_vec(),
+    }
+}
+
+#[test]
+fn defaults_are_valid_and_match_the_design() {
+    let c = load(&Sources::default()).unwrap().config;
+    assert_eq!(c.proxy.outbound_port, 15001);
+    assert_eq!(c.proxy.inbound_port, 15006);
+    assert_eq!(c.proxy.admin_listen.port(), 15000);
+    assert_eq!(c.ca.listen.port(), 15012);
+    assert_eq!((c.proxy.uid, c.proxy.gid), (1337, 1337));
+    assert_eq!(c.ca.cert_ttl, std::time::Duration::from_secs(86400));
+}
+
+#[test]
+fn a_file_with_three_mistakes_reports_all_three() {
+    let f = file(
+        r#"
+[proxy]
+outbound_port = 70000
+mode = "strikt"
+
+[ca]
+cert_tll = "1h"
+"#,
+    );
+    let errs = errors(&Sources {
+        file: Some(f.path().into()),
+        ..Default::default()
+    });
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["ca.cert_tll", "proxy.mode", "proxy.outbound_port"],
+        "{errs:?}"
+    );
+    let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert!(text[0].contains("did you mean `cert_ttl`"), "{}", text[0]);
+    assert!(text[1].contains("did you mean `strict`"), "{}", text[1]);
+    assert!(
+        text[2].contains("70000") && text[2].contains("1 to 65535"),
+        "{}",
+        text[2]
+    );
+}
+
+#[test]
+fn errors_name_the_value_source_and_expected_form() {
+    let errs = errors(&Sources {
+        env: env(&[("LEGATE_PROXY_CONNECT_TIMEOUT", "soon")]),
+        ..Default::default()
+    });
+    let msg = errs[0].to_string();
+    assert!(
+        msg.starts_with("proxy.connect_timeout: invalid value \"soon\""),
+        "{msg}"
+    );
+    assert!(msg.contains("LEGATE_PROXY_CONNECT_TIMEOUT"), "{msg}");
+    assert!(msg.contains("a duration like"), "{msg}");
+}
+
+#[test]
+fn precedence_is_flags_over_env_over_file_over_defaults() {
+    let f = file("[proxy]\nmode = \"strict\"\nidle_timeout = \"10m\"\nconnect_timeout = \"2s\"\n");
+    let base = Sources {
+        file: Some(f.path().into()),
+        ..Default::default()
+    };
+    let c = load(&base).unwrap().config;
+    assert_eq!(c.proxy.mode, InboundMode::Strict);
+    assert_eq!(c.proxy.idle_timeout, std::time::Duration::from_secs(600));
+    assert_eq!(
+        c.proxy.tcp_keepalive,
+        std::time::Duration::from_secs(60),
+        "default kept"
+    );
+
+    let with_env = Sources {
+        env: env(&[
+            ("LEGATE_PROXY_MODE", "permissive"),
+            ("LEGATE_PROXY_IDLE_TIMEOUT", "5m"),
+        ]),
+        ..base.clone()
+    };
+    let l = load(&with_env).unwrap();
+    assert_eq!(l.config.proxy.mode, InboundMode::Permissive);
+    assert_eq!(
+        l.config.proxy.idle_timeout,
+        std::time::Duration::from_secs(300)
+    );
+    assert_eq!(
+        l.config.proxy.connect_timeout,
+        std::time::Duration::from_secs(2),
+        "file value kept"
+    );
+    assert_eq!(
+        l.origin("proxy.mode"),
+        Origin::Env("LEGATE_PROXY_MODE".into())
+    );
+
+    let with_flag = Sources {
+        flags: vec![flag("proxy.mode", "strict")],
+        ..with_env
+    };
+    let l = load(&with_flag).unwrap();
+    assert_eq!(l.config.proxy.mode, InboundMode::Strict);
+    assert_eq!(
+        l.config.proxy.idle_timeout,
+        std::time::Duration::from_secs(300),
+        "env value kept"
+    );
+    assert_eq!(
+        l.origin("proxy.connect_timeout"),
+        Origin::File(f.path().into())
+    );
+}
+
+#[test]
+fn log_alias_and_full_name() {
+    let c = load(&Sources {
+        env: env(&[("LEGATE_LOG", "debug")]),
+        ..Default::default()
+    })
+    .unwrap()
+    .config;
+    assert_eq!(c.log.level, "debug");
+    let c = load(&Sources {
+        env: env(&[("LEGATE_LOG_LEVEL", "warn"), ("LEGATE_LOG", "debug")]),
+        ..Default::default()
+    })
+    .unwrap()
+    .config;
+    assert_eq!(c.log.level, "warn", "the full name wins over the alias");
+}
+
+#[test]
+fn unknown_env_vars_and_flags_get_suggestions() {
+    let errs = errors(&Sources {
+        env: env(&[("LEGATE_PROXY_OUTBOUND_PROT", "1")]),
+        flags: vec![flag("proxy.inbound_prot", "2")],
+        ..Default::default()
+    });
+    assert_eq!(errs.len(), 2);
+    assert!(
+        errs[0].to_string().contains("LEGATE_PROXY_OUTBOUND_PORT"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1].to_string().contains("proxy.inbound_port"),
+        "{}",
+        errs[1]
+    );
+}
+
+#[test]
+fn typed_values_parse() {
+    let f = file(
+        r#"
+[proxy]
+mesh_networks = ["10.200.0.0/16", "fd20:200::/64", "10.9.9.9"]
+opaque_ports = "25,3306,8000-8100"
+
+[[proxy.destinations]]
+cidrs = ["10.200.0.0/24"]
+ports = [80, "443"]
+mode = "strict"
+identity = "spiffe://legate.local/web"
+
+[[proxy.authz]]
+ports = "8080"
+allow = ["spiffe://legate.local/ns/shop/*", "authenticated"]
+
+[ca]
+max_body = "32KiB"
+"#,
+    );
+    let c = load(&Sources {
+        file: Some(f.path().into()),
+        ..Default::default()
+    })
+    .unwrap()
+    .config;
+    assert_eq!(c.proxy.mesh_networks.len(), 3);
+    assert_eq!(c.proxy.mesh_networks[2].to_string(), "10.9.9.9/32");
+    assert!(c.proxy.opaque_ports.contains(8050));
+    let d = &c.proxy.destinations[0];
+    assert_eq!(d.mode, DestinationMode::Strict);
+    assert!(d.ports.contains(443) && d.ports.contains(80));
+    assert_eq!(d.identity.as_ref().unwrap().path(), "/web");
+    assert_eq!(c.proxy.authz[0].allow.len(), 2);
+    assert_eq!(c.ca.max_body, ByteSize::kib(32));
+}
+
+#[test]
+fn list_items_report_their_index() {
+    let f = file(
+        r#"
+[[proxy.destinations]]
+cidrs = ["10.0.0.1/8"]
+mode = "auto"
+
+[[proxy.destinations]]
+mod = "strict"
+"#,
+    );
+    let errs = errors(&Sources {
+        file: Some(f.path().into()),
+        ..Default::default()
+    });
+    assert_eq!(errs[0].path, "proxy.destinations[0].cidrs[0]");
+    assert!(
+        errs[0].to_string().contains("did you mean 10.0.0.0/8"),
+        "{}",
+        errs[0]
+    );
+    assert_eq!(errs[1].path, "proxy.destinations[1].mod");
+}
+
+#[test]
+fn lists_of_tables_from_the_environment() {
+    let c = load(&Sources {
+        env: env(&[(
+            "LEGATE_PROXY_DESTINATIONS",
+            r#"[{ cidrs = ["10.1.0.0/16"], mode = "plaintext" }]"#,
+        )]),
+        ..Default::default()
+    })
+    .unwrap()
+    .config;
+    assert_eq!(c.proxy.destinations[0].mode, DestinationMode::Plaintext);
+}
+
+#[test]
+fn rules_across_fields() {
+    let errs = errors(&Sources {
+        flags: vec![
+            flag("proxy.inbound_port", "15001"),
+            flag("proxy.uid", "0"),
+            flag("identity.id", "spiffe://elsewhere/x"),
+        ],
+        ..Default::default()
+    });
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["proxy.inbound_port", "proxy.uid", "identity.id"],
+        "{errs:?}"
+    );
+    assert!(
+        errs[0]
+            .to_string()
+            .contains("--set proxy.inbound_port=15001"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn overlapping_authz_ports_are_refused() {
+    let errs = errors(&Sources {
+        env: env(&[(
+            "LEGATE_PROXY_AUTHZ",
+            r#"[{ ports = "80-90", allow = ["authenticated"] }, { ports = "85", allow = ["unauthenticated"] }]"#,
+        )]),
+        ..Default::default()
+    });
+    assert!(
+        errs[0].to_string().contains("port 85 is already covered"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn printed_config_redacts_secrets_and_loads_back() {
+    let l = load(&Sources {
+        env: env(&[
+            ("LEGATE_IDENTITY_TOKEN", "s3cret-token"),
+            ("LEGATE_IDENTITY_NAME", "web"),
+        ]),
+        ..Default::default()
+    })
+    .unwrap();
+    let text = l.config.to_toml();
+    assert!(!text.contains("s3cret-token"));
+    assert!(text.contains("token = \"<redacted>\""), "{text}");
+    let f = file(&text);
+    let again = load(&Sources {
+        file: Some(f.path().into()),
+        ..Default::default()
+    })
+    .unwrap()
+    .config;
+    let mut expected = l.config.clone();
+    expected.identity.token = Some(Secret::new("<redacted>"));
+    assert_eq!(again, expected);
+}
+
+#[test]
+fn syntax_errors_name_the_file_and_line() {
+    let f = file("[proxy\nmode = 1\n");
+    let err = load(&Sources {
+        file: Some(f.path().into()),
+        ..Default::default()
+    })
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("not valid TOML") && msg.contains("line 1"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn workload_identity_forms() {
+    let mut id = IdentityConfig::default();
+    assert!(id.workload_id().unwrap_err().contains("identity.name"));
+    id.name = Some("web".into());
+    assert_eq!(
+        id.workload_id().unwrap().as_str(),
+        "spiffe://legate.local/web"
+    );
+    id.namespace = Some("shop".into());
+    id.service_account = Some("api".into());
+    assert_eq!(
+        id.workload_id().unwrap().as_str(),
+        "spiffe://legate.local/ns/shop/sa/api"
+    );
+    id.name = Some("bad name".into());
+    id.namespace = None;
+    id.service_account = None;
+    assert!(id.workload_id().is_err());
+}
+
+#[test]
+fn every_key_has_an_env_name_and_the_list_is_stable() {
+    let keys = key_paths();
+    assert!(keys.contains(&"proxy.destinations".to_string()));
+    assert!(keys.contains(&"ca.cert_ttl".to_string()));
+    assert_eq!(
+        env_name("proxy.outbound_port"),
+        "LEGATE_PROXY_OUTBOUND_PORT"
+    );
+    let mut names: Vec<String> = keys.iter().map(|k| env_name(k)).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        keys.len(),
+        "two keys share an environment variable"
+    );
+}

@@ -1,0 +1,689 @@
+//! Value types with their own syntax: durations, byte sizes, port sets,
+//! SPIFFE identities, secrets and the small enums of the model.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use toml::Value;
+
+use crate::field::{as_text, Scalar};
+use crate::scalar_field;
+
+/// Parses `500ms`, `10s`, `5m`, `24h`, `7d` and sums like `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return Err("the duration is empty".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(|| format!("`{rest}` has no unit; add one of ms, s, m, h, d"))?;
+        if digits == 0 {
+            return Err(format!("expected a number before `{rest}`"));
+        }
+        let n: f64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("`{}` is not a number", &rest[..digits]))?;
+        let after = &rest[digits..];
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(after.len());
+        let secs = match &after[..unit_len] {
+            "ms" => n / 1000.0,
+            "s" => n,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            "d" => n * 86400.0,
+            u => return Err(format!("unknown unit `{u}`; use ms, s, m, h or d")),
+        };
+        total += Duration::try_from_secs_f64(secs)
+            .map_err(|_| "the duration is too large".to_string())?;
+        rest = &after[unit_len..];
+    }
+    Ok(total)
+}
+
+/// Writes a duration in the largest unit that represents it exactly.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+/// A size in bytes, written as `65536`, `64KiB`, `10MiB`, `1GiB` or `1MB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub const fn kib(n: u64) -> Self {
+        ByteSize(n * 1024)
+    }
+    pub const fn mib(n: u64) -> Self {
+        ByteSize(n * 1024 * 1024)
+    }
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let n: u64 = s[..split]
+            .parse()
+            .map_err(|_| format!("`{s}` does not start with a whole number"))?;
+        let mult: u64 = match s[split..].trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kib" | "ki" => 1 << 10,
+            "mib" | "mi" => 1 << 20,
+            "gib" | "gi" => 1 << 30,
+            "kb" | "k" => 1000,
+            "mb" | "m" => 1_000_000,
+            "gb" | "g" => 1_000_000_000,
+            u => {
+                return Err(format!(
+                    "unknown unit `{u}`; use B, KiB, MiB, GiB, KB, MB or GB"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| "the size is too large".into())
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if self.0 >= size && self.0 % size == 0 {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+impl Scalar for ByteSize {
+    fn expected() -> String {
+        "a size like 65536, 64KiB, 10MiB or 1GiB".into()
+    }
+    fn parse(v: &Value) -> Result<Self, Option<String>> {
+        match v {
+            Value::Integer(i) if *i >= 0 => Ok(ByteSize(*i as u64)),
+            Value::String(s) => s.parse().map_err(Some),
+            _ => Err(None),
+        }
+    }
+    fn encode(&self) -> Value {
+        Value::String(self.to_string())
+    }
+}
+
+/// A set of TCP ports, written `80,443,8000-8100` or as a TOML array.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortSet {
+    /// Sorted, non-overlapping inclusive ranges.
+    ranges: Vec<(u16, u16)>,
+}
+
+impl PortSet {
+    pub fn new(ranges: impl IntoIterator<Item = (u16, u16)>) -> Self {
+        let mut r: Vec<(u16, u16)> = ranges.into_iter().collect();
+        r.sort_unstable();
+        let mut merged: Vec<(u16, u16)> = Vec::with_capacity(r.len());
+        for (lo, hi) in r {
+            match merged.last_mut() {
+                Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        PortSet { ranges: merged }
+    }
+    pub fn single(port: u16) -> Self {
+        PortSet::new([(port, port)])
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+    pub fn contains(&self, port: u16) -> bool {
+        self.ranges
+            .binary_search_by(|&(lo, hi)| {
+                if hi < port {
+                    std::cmp::Ordering::Less
+                } else if lo > port {
+                    std::cmp::Ordering::Greater
+                } else {
+                    std::cmp::Ordering::Equal
+                }
+            })
+            .is_ok()
+    }
+    /// The inclusive ranges, sorted.
+    pub fn ranges(&self) -> &[(u16, u16)] {
+        &self.ranges
+    }
+    pub fn union(&self, other: &PortSet) -> PortSet {
+        PortSet::new(self.ranges.iter().chain(&other.ranges).copied())
+    }
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        Ok(p) => Err(format!("port {p} is out of range 1-65535")),
+        Err(_) => Err(format!("`{}` is not a port number", s.trim())),
+    }
+}
+
+impl FromStr for PortSet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut ranges = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (lo, hi) = match part.split_once('-') {
+                Some((a, b)) => (parse_port(a)?, parse_port(b)?),
+                None => {
+                    let p = parse_port(part)?;
+                    (p, p)
+                }
+            };
+            if lo > hi {
+                return Err(format!("range {part} is backwards; write {hi}-{lo}"));
+            }
+            ranges.push((lo, hi));
+        }
+        Ok(PortSet::new(ranges))
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (lo, hi)) in self.ranges.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if lo == hi {
+                write!(f, "{lo}")?;
+            } else {
+                write!(f, "{lo}-{hi}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Scalar for PortSet {
+    fn expected() -> String {
+        "ports like \"80,443,8000-8100\" or [80, 443]".into()
+    }
+    fn parse(v: &Value) -> Result<Self, Option<String>> {
+        match v {
+            Value::String(s) => s.parse().map_err(Some),
+            Value::Integer(i) => parse_port(&i.to_string())
+                .map(PortSet::single)
+                .map_err(Some),
+            Value::Array(items) => {
+                let mut ranges = Vec::new();
+                for item in items {
+                    let set = Self::parse(item)?;
+                    ranges.extend_from_slice(set.ranges());
+                }
+                Ok(PortSet::new(ranges))
+            }
+            _ => Err(None),
+        }
+    }
+    fn encode(&self) -> Value {
+        Value::String(self.to_string())
+    }
+}
+
+/// A SPIFFE trust domain: lowercase letters, digits, `.`, `-` and `_`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrustDomain(String);
+
+impl TrustDomain {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for TrustDomain {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("the trust domain is empty".into());
+        }
+        if s.len() > 255 {
+            return Err("the trust domain is longer than 255 characters".into());
+        }
+        match s.chars().find(|c| {
+            !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'))
+        }) {
+            Some(c) => Err(format!(
+                "`{c}` is not allowed; use lowercase letters, digits, '.', '-' and '_'"
+            )),
+            None => Ok(TrustDomain(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for TrustDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A SPIFFE ID, `spiffe://<trust-domain>/<path>`, checked against the
+/// SPIFFE ID specification so that two spellings of one identity never exist.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId {
+    uri: String,
+    /// Length of `spiffe://<trust-domain>`.
+    td_end: usize,
+}
+
+impl SpiffeId {
+    /// Builds `spiffe://<td>/<segments...>`, validating each segment.
+    pub fn new<'a>(
+        td: &TrustDomain,
+        segments: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, String> {
+        let mut uri = format!("spiffe://{td}");
+        for seg in segments {
+            uri.push('/');
+            uri.push_str(seg);
+        }
+        uri.parse()
+    }
+    pub fn as_str(&self) -> &str {
+        &self.uri
+    }
+    pub fn trust_domain(&self) -> &str {
+        &self.uri["spiffe://".len()..self.td_end]
+    }
+    /// The path, starting with `/`, or empty.
+    pub fn path(&self) -> &str {
+        &self.uri[self.td_end..]
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| "a SPIFFE ID starts with spiffe://".to_string())?;
+        let td_len = rest.find('/').unwrap_or(rest.len());
+        rest[..td_len].parse::<TrustDomain>()?;
+        let path = &rest[td_len..];
+        if path == "/" {
+            return Err("the path must not end with '/'".into());
+        }
+        if !path.is_empty() {
+            for seg in path[1..].split('/') {
+                if seg.is_empty() {
+                    return Err("the path has an empty segment ('//' or a trailing '/')".into());
+                }
+                if seg == "." || seg == ".." {
+                    return Err("the path must not contain '.' or '..' segments".into());
+                }
+                if let Some(c) = seg
+                    .chars()
+                    .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+                {
+                    return Err(format!(
+                        "`{c}` is not allowed in a path; use letters, digits, '.', '-' and '_'"
+                    ));
+                }
+            }
+        }
+        if s.len() > 2048 {
+            return Err("a SPIFFE ID is at most 2048 bytes".into());
+        }
+        Ok(SpiffeId {
+            uri: s.to_owned(),
+            td_end: "spiffe://".len() + td_len,
+        })
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.uri)
+    }
+}
+
+/// Implements [`Scalar`] through `FromStr` and `Display`.
+macro_rules! text_scalar {
+    ($($t:ty => $expected:expr),* $(,)?) => {$(
+        impl Scalar for $t {
+            fn expected() -> String {
+                $expected.into()
+            }
+            fn parse(v: &Value) -> Result<Self, Option<String>> {
+                as_text(v).ok_or(None)?.parse().map_err(Some)
+            }
+            fn encode(&self) -> Value {
+                Value::String(self.to_string())
+            }
+        }
+    )*};
+}
+
+text_scalar!(
+    TrustDomain => "a trust domain like example.org",
+    SpiffeId => "a SPIFFE ID like spiffe://example.org/ns/default/sa/web",
+);
+
+/// A value that is never printed: `legate config check` and `/config` show
+/// `<redacted>` instead.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Scalar for Secret {
+    fn expected() -> String {
+        "a string".into()
+    }
+    fn parse(v: &Value) -> Result<Self, Option<String>> {
+        match v {
+            Value::String(s) => Ok(Secret(s.clone())),
+            _ => Err(None),
+        }
+    }
+    fn encode(&self) -> Value {
+        Value::String("<redacted>".into())
+    }
+}
+
+/// Defines a fieldless enum written as one of a fixed set of words.
+macro_rules! word_enum {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $variant:ident => $word:literal),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vm])* $variant),* }
+
+        impl $name {
+            pub const WORDS: &'static [&'static str] = &[$($word),*];
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $word),* }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s.trim().to_ascii_lowercase().as_str() {
+                    $($word => Ok($name::$variant),)*
+                    _ => Err(match crate::error::suggest(s, Self::WORDS.iter().copied()) {
+                        Some(w) => format!("did you mean `{w}`?"),
+                        None => format!("`{s}` is not one of them"),
+                    }),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Scalar for $name {
+            fn expected() -> String {
+                format!("one of {}", Self::WORDS.join(", "))
+            }
+            fn parse(v: &Value) -> Result<Self, Option<String>> {
+                as_text(v).ok_or(None)?.parse().map_err(Some)
+            }
+            fn encode(&self) -> Value {
+                Value::String(self.as_str().into())
+            }
+        }
+    };
+}
+
+word_enum!(
+    /// How log lines are written.
+    pub enum LogFormat {
+        Text => "text",
+        Json => "json",
+    }
+);
+
+word_enum!(
+    /// Whether inbound plaintext from clients outside the mesh is accepted.
+    pub enum InboundMode {
+        /// Mesh clients get mTLS; others pass through in plaintext.
+        Permissive => "permissive",
+        /// Only authenticated mesh clients are accepted.
+        Strict => "strict",
+    }
+);
+
+word_enum!(
+    /// How outbound traffic to a destination is carried.
+    pub enum DestinationMode {
+        /// mTLS when the destination has a proxy, plaintext otherwise.
+        Auto => "auto",
+        /// Always mTLS; the connection fails rather than fall back to plaintext.
+        Strict => "strict",
+        /// Never mTLS: the bytes pass through untouched.
+        Plaintext => "plaintext",
+    }
+);
+
+word_enum!(
+    /// Whether `legate init` installs IPv6 rules.
+    pub enum Ipv6Mode {
+        /// When the namespace has IPv6 and ip6tables works.
+        Auto => "auto",
+        On => "on",
+        Off => "off",
+    }
+);
+
+word_enum!(
+    /// Which iptables backend `legate init` drives.
+    pub enum Backend {
+        /// Chosen by a fixed rule; see the init crate.
+        Auto => "auto",
+        Nft => "nft",
+        Legacy => "legacy",
+    }
+);
+
+/// Who an inbound port admits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowRule {
+    /// Any client with a verified identity in the mesh's trust domain.
+    Authenticated,
+    /// Clients without mesh identity (plaintext), for permissive ports.
+    Unauthenticated,
+    /// Exactly this identity.
+    Exact(SpiffeId),
+    /// Identities under this prefix: `spiffe://td/ns/shop/*` admits the
+    /// whole `shop` namespace. The stored prefix ends with `/`.
+    Prefix(String),
+}
+
+impl AllowRule {
+    /// Whether a verified peer identity matches; `None` means plaintext.
+    pub fn admits(&self, peer: Option<&SpiffeId>, trust_domain: &TrustDomain) -> bool {
+        match (self, peer) {
+            (AllowRule::Unauthenticated, _) => true,
+            (AllowRule::Authenticated, Some(id)) => id.trust_domain() == trust_domain.as_str(),
+            (AllowRule::Exact(want), Some(id)) => want == id,
+            (AllowRule::Prefix(p), Some(id)) => id.as_str().starts_with(p.as_str()),
+            (_, None) => false,
+        }
+    }
+}
+
+impl FromStr for AllowRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        match s {
+            "authenticated" => return Ok(AllowRule::Authenticated),
+            "unauthenticated" => return Ok(AllowRule::Unauthenticated),
+            _ => {}
+        }
+        if let Some(prefix) = s.strip_suffix("/*") {
+            prefix.parse::<SpiffeId>()?;
+            return Ok(AllowRule::Prefix(format!("{prefix}/")));
+        }
+        if s.starts_with("spiffe://") {
+            return s.parse().map(AllowRule::Exact);
+        }
+        Err(
+            match crate::error::suggest(s, ["authenticated", "unauthenticated"]) {
+                Some(w) => format!("did you mean `{w}`?"),
+                None => {
+                    "not a SPIFFE ID, a prefix ending in /*, `authenticated` or `unauthenticated`"
+                        .into()
+                }
+            },
+        )
+    }
+}
+
+impl fmt::Display for AllowRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AllowRule::Authenticated => f.write_str("authenticated"),
+            AllowRule::Unauthenticated => f.write_str("unauthenticated"),
+            AllowRule::Exact(id) => write!(f, "{id}"),
+            AllowRule::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
+text_scalar!(
+    AllowRule => "authenticated, unauthenticated, a SPIFFE ID, or a prefix like spiffe://td/ns/shop/*",
+);
+
+scalar_field!(
+    ByteSize,
+    PortSet,
+    TrustDomain,
+    SpiffeId,
+    Secret,
+    LogFormat,
+    InboundMode,
+    DestinationMode,
+    Ipv6Mode,
+    Backend,
+    AllowRule,
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("10").unwrap_err().contains("no unit"));
+        assert!(parse_duration("10y").unwrap_err().contains("unknown unit"));
+        assert_eq!(format_duration(Duration::from_secs(86400)), "1d");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!("64KiB".parse(), Ok(ByteSize(65536)));
+        assert_eq!("1GB".parse(), Ok(ByteSize(1_000_000_000)));
+        assert_eq!(ByteSize::mib(10).to_string(), "10MiB");
+        assert!("12parsecs".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn port_sets_merge_and_match() {
+        let p: PortSet = "8000-8100, 80,443,81,8050-8200".parse().unwrap();
+        assert_eq!(p.to_string(), "80-81,443,8000-8200");
+        assert!(p.contains(8150) && p.contains(80) && !p.contains(82));
+        assert!("0".parse::<PortSet>().is_err());
+        assert!("90-80"
+            .parse::<PortSet>()
+            .unwrap_err()
+            .contains("backwards"));
+        assert!("".parse::<PortSet>().unwrap().is_empty());
+    }
+
+    #[test]
+    fn spiffe_ids_follow_the_spec() {
+        let id: SpiffeId = "spiffe://example.org/ns/shop/sa/web".parse().unwrap();
+        assert_eq!(id.trust_domain(), "example.org");
+        assert_eq!(id.path(), "/ns/shop/sa/web");
+        for bad in [
+            "http://example.org/x",
+            "spiffe://Example.org/x",
+            "spiffe://example.org/",
+            "spiffe://example.org//x",
+            "spiffe://example.org/a/../b",
+            "spiffe://example.org/a b",
+        ] {
+            assert!(bad.parse::<SpiffeId>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn allow_rules() {
+        let td: TrustDomain = "td".parse().unwrap();
+        let web: SpiffeId = "spiffe://td/ns/shop/sa/web".parse().unwrap();
+        let other: SpiffeId = "spiffe://other/ns/shop/sa/web".parse().unwrap();
+        let ns: AllowRule = "spiffe://td/ns/shop/*".parse().unwrap();
+        assert!(ns.admits(Some(&web), &td));
+        assert!(!"spiffe://td/ns/sh/*"
+            .parse::<AllowRule>()
+            .unwrap()
+            .admits(Some(&web), &td));
+        assert!(AllowRule::Authenticated.admits(Some(&web), &td));
+        assert!(!AllowRule::Authenticated.admits(Some(&other), &td));
+        assert!(!AllowRule::Authenticated.admits(None, &td));
+        assert!(AllowRule::Unauthenticated.admits(None, &td));
+        assert!("authenticatd"
+            .parse::<AllowRule>()
+            .unwrap_err()
+            .contains("authenticated"));
+    }
+}
