@@ -1,1 +1,17 @@
-fn main() {}
+//! `legate`: one binary for every part of the mesh.
+//!
+//! Each subcommand is a thin shell: it turns its flags into configuration
+//! overrides, loads the layered configuration, sets up logging and hands
+//! over to the crate that owns the capability.
+
+mod cli;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    cli::run(cli)
+}

@@ -99,13 +99,13 @@ impl fmt::Display for ConfigError {
             } => {
                 write!(
                     f,
-                    "{}: invalid value {value} (from {})",
+                    "{}: invalid value {value} (from {}); expected {expected}",
                     self.path, self.origin
                 )?;
-                if let Some(d) = detail {
-                    write!(f, ": {d}")?;
+                match detail {
+                    Some(d) => write!(f, "; {d}"),
+                    None => Ok(()),
                 }
-                write!(f, "; expected {expected}")
             }
             Problem::Unknown { suggestion } => {
                 write!(f, "{}: unknown key (in {})", self.path, self.origin)?;

@@ -1,0 +1,206 @@
+//! Command-line interface: global flags, the subcommand tree and dispatch.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use legate_config::{FlagValue, Loaded, Sources};
+
+use crate::logging;
+
+/// A transparent mTLS service-mesh sidecar: capture, identity, policy and
+/// telemetry for applications that cannot change.
+#[derive(Debug, Parser)]
+#[command(
+    name = "legate",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags every subcommand accepts.
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Configuration file (TOML). Flags and LEGATE_* variables override it.
+    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Log filter, such as info, debug or info,legate_proxy=trace [env: LEGATE_LOG]
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+
+    /// Log format [env: LEGATE_LOG_FORMAT]
+    #[arg(long, global = true, value_name = "text|json")]
+    log_format: Option<String>,
+
+    /// Set any configuration key, for example --set proxy.mode=strict (repeatable)
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Inspect and validate configuration
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (secrets redacted), or every error in it; exits 1 on error
+    Check {
+        /// The file to check; defaults to --config or LEGATE_CONFIG
+        file: Option<PathBuf>,
+    },
+    /// List every key with its environment variable and default value
+    Keys,
+}
+
+impl GlobalArgs {
+    /// Turns the global flags into configuration overrides.
+    fn overrides(&self) -> Result<Vec<FlagValue>, String> {
+        let mut out = Vec::new();
+        if let Some(level) = &self.log_level {
+            out.push(FlagValue {
+                path: "log.level".into(),
+                value: level.clone(),
+                flag: "--log-level".into(),
+            });
+        }
+        if let Some(format) = &self.log_format {
+            out.push(FlagValue {
+                path: "log.format".into(),
+                value: format.clone(),
+                flag: "--log-format".into(),
+            });
+        }
+        for kv in &self.set {
+            let (path, value) = kv.split_once('=').ok_or_else(|| {
+                format!("--set {kv:?} has no '='; write --set KEY=VALUE, for example --set proxy.mode=strict")
+            })?;
+            out.push(FlagValue {
+                path: path.trim().to_owned(),
+                value: value.to_owned(),
+                flag: format!("--set {kv}"),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Loads the layered configuration, printing every problem on failure.
+fn load_config(
+    global: &GlobalArgs,
+    file: Option<PathBuf>,
+    extra: Vec<FlagValue>,
+) -> Result<Loaded, ExitCode> {
+    let mut sources = Sources::from_process_env(file.or_else(|| global.config.clone()));
+    sources.flags = match global.overrides() {
+        Ok(f) => f,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    // Subcommand flags are more specific than the global --set.
+    sources.flags.extend(extra);
+    legate_config::load(&sources).map_err(|e| {
+        eprint!("error: {e}");
+        if !e.to_string().ends_with('\n') {
+            eprintln!();
+        }
+        ExitCode::FAILURE
+    })
+}
+
+/// Loads configuration and starts logging: the common prologue of every
+/// subcommand that does real work.
+fn prepare(global: &GlobalArgs, extra: Vec<FlagValue>) -> Result<Loaded, ExitCode> {
+    let loaded = load_config(global, None, extra)?;
+    let log = &loaded.config.log;
+    if let Err(e) = logging::init(&log.level, log.format) {
+        eprintln!("error: {e}");
+        return Err(ExitCode::FAILURE);
+    }
+    Ok(loaded)
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Config(ConfigCommand::Check { file }) => config_check(&cli.global, file),
+        Command::Config(ConfigCommand::Keys) => config_keys(),
+    }
+}
+
+fn config_check(global: &GlobalArgs, file: Option<PathBuf>) -> ExitCode {
+    match load_config(global, file, Vec::new()) {
+        Ok(loaded) => {
+            // The log filter is only checked when logging starts; check it here too.
+            if let Err(e) = logging::validate_filter(&loaded.config.log.level) {
+                eprintln!("error: 1 configuration error:\n  - {e}");
+                return ExitCode::FAILURE;
+            }
+            print_out(&loaded.config.to_toml())
+        }
+        Err(code) => code,
+    }
+}
+
+fn config_keys() -> ExitCode {
+    let defaults = legate_config::Config::default().to_toml();
+    let table: toml::Table = defaults.parse().unwrap_or_default();
+    let mut out = String::new();
+    for path in legate_config::key_paths() {
+        let default = path
+            .split('.')
+            .try_fold(toml::Value::Table(table.clone()), |v, k| match v {
+                toml::Value::Table(mut t) => t.remove(k),
+                _ => None,
+            })
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "(unset)".into());
+        out.push_str(&format!(
+            "{path:<40} {:<42} {default}\n",
+            legate_config::env_name(&path)
+        ));
+    }
+    print_out(&out)
+}
+
+/// Writes command output to stdout. A closed pipe (`legate ... | head`) is
+/// the reader's choice, not an error worth a panic.
+fn print_out(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use legate_config::LogFormat;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn log_format_words_match_the_config() {
+        assert_eq!(LogFormat::WORDS, ["text", "json"]);
+    }
+}

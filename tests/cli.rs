@@ -1,0 +1,156 @@
+//! The `legate` command line as an operator meets it: help, version and
+//! configuration checking, run as a real process.
+
+use std::io::Write;
+use std::process::{Command, Output};
+
+fn legate(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_legate"));
+    cmd.args(args);
+    // Start from a clean slate so the caller's LEGATE_* variables cannot leak in.
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("LEGATE_")) {
+        cmd.env_remove(k);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("run legate")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn config_file(body: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(body.as_bytes()).unwrap();
+    f
+}
+
+#[test]
+fn version_and_help_on_every_subcommand() {
+    let out = legate(&["--version"], &[]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).starts_with("legate "),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let help = text(&legate(&["--help"], &[]).stdout);
+    let subcommands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(subcommands.contains(&"config"), "{help}");
+    for sub in subcommands {
+        let out = legate(&[sub, "--help"], &[]);
+        assert!(
+            out.status.success(),
+            "{sub} --help failed: {}",
+            text(&out.stderr)
+        );
+        assert!(text(&out.stdout).contains("Usage: legate"), "{sub}");
+    }
+}
+
+#[test]
+fn config_check_reports_every_mistake_and_exits_1() {
+    let f = config_file(
+        "[proxy]\noutbound_port = \"fifteen\"\nmode = \"strikt\"\n\n[ca]\ncert_tll = \"1h\"\n",
+    );
+    let out = legate(&["config", "check", f.path().to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("3 configuration errors"), "{err}");
+    for needle in [
+        "proxy.outbound_port: invalid value \"fifteen\"",
+        "proxy.mode: invalid value \"strikt\"",
+        "did you mean `strict`",
+        "ca.cert_tll: unknown key",
+        "did you mean `cert_ttl`",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn config_check_prints_the_effective_config_with_secrets_redacted() {
+    let f = config_file("[proxy]\nmode = \"strict\"\nidle_timeout = \"10m\"\n");
+    let path = f.path().to_str().unwrap();
+
+    let out = legate(
+        &["config", "check", path],
+        &[("LEGATE_IDENTITY_TOKEN", "hunter2")],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let cfg: toml::Table = text(&out.stdout).parse().unwrap();
+    assert_eq!(cfg["proxy"]["mode"].as_str(), Some("strict"));
+    assert_eq!(cfg["identity"]["token"].as_str(), Some("<redacted>"));
+    assert!(!text(&out.stdout).contains("hunter2"));
+
+    // The environment overrides the file ...
+    let out = legate(
+        &["config", "check", path],
+        &[("LEGATE_PROXY_MODE", "permissive")],
+    );
+    let cfg: toml::Table = text(&out.stdout).parse().unwrap();
+    assert_eq!(cfg["proxy"]["mode"].as_str(), Some("permissive"));
+    assert_eq!(cfg["proxy"]["idle_timeout"].as_str(), Some("10m"));
+
+    // ... and flags override the environment.
+    let out = legate(
+        &[
+            "--set",
+            "proxy.mode=strict",
+            "--log-level",
+            "debug",
+            "config",
+            "check",
+            path,
+        ],
+        &[("LEGATE_PROXY_MODE", "permissive"), ("LEGATE_LOG", "warn")],
+    );
+    let cfg: toml::Table = text(&out.stdout).parse().unwrap();
+    assert_eq!(cfg["proxy"]["mode"].as_str(), Some("strict"));
+    assert_eq!(cfg["log"]["level"].as_str(), Some("debug"));
+
+    // LEGATE_CONFIG names the file when no argument does.
+    let out = legate(&["config", "check"], &[("LEGATE_CONFIG", path)]);
+    let cfg: toml::Table = text(&out.stdout).parse().unwrap();
+    assert_eq!(cfg["proxy"]["idle_timeout"].as_str(), Some("10m"));
+}
+
+#[test]
+fn bad_flags_and_log_filters_are_explained() {
+    let out = legate(&["--set", "proxy.mode", "config", "check"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("write --set KEY=VALUE"));
+
+    let out = legate(&["--log-level", "info,=[", "config", "check"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("log.level"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = legate(&["config", "check", "/nonexistent/legate.toml"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot read config file"));
+}
+
+#[test]
+fn config_keys_lists_env_names() {
+    let out = legate(&["config", "keys"], &[]);
+    assert!(out.status.success());
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("proxy.outbound_port")
+            && s.contains("LEGATE_PROXY_OUTBOUND_PORT")
+            && s.contains("15001")
+    );
+}
