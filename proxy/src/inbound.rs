@@ -1,0 +1,401 @@
+//! The inbound side: connections to the application, captured by
+//! `legate init`'s PREROUTING rules onto port 15006.
+//!
+//! A connection is either mesh TLS from a peer proxy (a TLS ClientHello
+//! offering the [`MESH_ALPN`] protocol) or anything else, which is a client
+//! outside the mesh. The first bytes are peeked, never consumed, so that a
+//! plaintext connection reaches the application byte for byte.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use legate_config::{InboundMode, SpiffeId};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::pool::{Body, CONN_WINDOW, STREAM_WINDOW};
+use crate::relay::relay;
+use crate::socket;
+use crate::tls::MESH_ALPN;
+use crate::Shared;
+
+/// How long a silent client may keep the proxy from deciding. Mesh peers
+/// send their ClientHello immediately, so silence means a plaintext client
+/// of a server-speaks-first protocol (SMTP, MySQL), whose banner must not
+/// wait longer than this.
+const DETECT_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// Largest TLS record holding a ClientHello that is inspected.
+const MAX_HELLO: usize = 5 + 16 * 1024;
+
+/// Handles one captured inbound connection to the end.
+pub(crate) async fn handle(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr) {
+    let cfg = &ctx.config.proxy;
+    socket::tune(&sock, cfg.tcp_keepalive);
+    // Without a redirect (a peer dialling the mesh port itself) the original
+    // destination is the listener's own address.
+    let dst = match socket::original_dst(&sock).or_else(|_| sock.local_addr()) {
+        Ok(dst) => dst,
+        Err(e) => {
+            debug!(%client, error = %e, "connection vanished before it could be read");
+            return;
+        }
+    };
+    if is_mesh_hello(&sock, cfg.handshake_timeout).await {
+        serve_mesh(ctx, sock, client, dst).await;
+    } else {
+        plaintext(&ctx, sock, client, dst).await;
+    }
+}
+
+/// Peeks at the first TLS record and reports whether it is a ClientHello
+/// offering the mesh protocol.
+async fn is_mesh_hello(sock: &TcpStream, patience: Duration) -> bool {
+    let mut buf = vec![0u8; 5];
+    match tokio::time::timeout(DETECT_TIMEOUT, sock.peek(&mut buf)).await {
+        Ok(Ok(n)) if n >= 1 && buf[0] == 0x16 => {}
+        _ => return false,
+    }
+    let deadline = tokio::time::Instant::now() + patience;
+    // The header may arrive in pieces; wait for all 5 bytes, then the record.
+    let mut want = 5;
+    loop {
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
+        let n = match sock.peek(&mut buf).await {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        if n >= 5 && want == 5 {
+            if buf[1] != 0x03 {
+                return false;
+            }
+            want = 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+            if want > MAX_HELLO {
+                return false;
+            }
+            continue;
+        }
+        if n >= want {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline || n == 0 {
+            return false;
+        }
+        // peek returns at once while data is buffered; poll gently for the rest.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    offers_mesh_alpn(&buf[..want])
+}
+
+/// Parses a ClientHello record with rustls and looks for the mesh ALPN.
+fn offers_mesh_alpn(record: &[u8]) -> bool {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rd: &[u8] = record;
+    if acceptor.read_tls(&mut rd).is_err() {
+        return false;
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => accepted
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut protos| protos.any(|p| p == MESH_ALPN)),
+        _ => false,
+    }
+}
+
+async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: SocketAddr) {
+    let cfg = &ctx.config.proxy;
+    let acceptor = TlsAcceptor::from(ctx.identity.server_config());
+    let tls = match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(sock)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            warn!(%client, reason = "handshake_failed", error = %e, "mTLS handshake from a peer proxy failed");
+            return;
+        }
+        Err(_) => {
+            warn!(%client, reason = "handshake_timeout", "mTLS handshake from a peer proxy timed out");
+            return;
+        }
+    };
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| ctx.identity.peer_id(chain));
+    let Some(peer) = peer else {
+        warn!(%client, "peer proxy presented no SPIFFE identity; closing");
+        return;
+    };
+    info!(%client, peer = %peer, "accepted mesh connection");
+    let svc_ctx = ctx.clone();
+    let svc_peer = peer.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = svc_ctx.clone();
+        let peer = svc_peer.clone();
+        async move { Ok::<_, std::convert::Infallible>(tunnel(ctx, req, client, dst, peer).await) }
+    });
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_concurrent_streams(1024)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = served {
+        debug!(%client, peer = %peer, error = %e, "mesh connection ended");
+    }
+}
+
+/// An answer the proxy makes itself, marked so the peer can tell it apart
+/// from the application's.
+fn refuse(status: http::StatusCode, reason: impl Into<String>) -> http::Response<Body> {
+    let reason = reason.into();
+    let mut res = http::Response::new(
+        Full::new(Bytes::from(format!("{reason}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *res.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(&reason) {
+        res.headers_mut().insert("legate-error", v);
+    }
+    res
+}
+
+/// One `CONNECT` stream from a peer proxy: authorize, connect to the
+/// application, then relay.
+async fn tunnel(
+    ctx: Arc<Shared>,
+    mut req: http::Request<Incoming>,
+    client: SocketAddr,
+    dst: SocketAddr,
+    peer: SpiffeId,
+) -> http::Response<Body> {
+    if req.method() != http::Method::CONNECT {
+        return refuse(
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            "only CONNECT is served on the mesh port",
+        );
+    }
+    let cfg = &ctx.config.proxy;
+    // A connection captured from an application port carries that port for
+    // all its streams (this is how a Service virtual IP's target port is
+    // honoured); one dialled to the mesh port names the port per stream.
+    let port = if dst.port() != cfg.inbound_port {
+        dst.port()
+    } else {
+        match req.uri().authority().and_then(|a| a.port_u16()) {
+            Some(p) => p,
+            None => return refuse(http::StatusCode::BAD_REQUEST, "CONNECT target has no port"),
+        }
+    };
+    if port == cfg.inbound_port || port == cfg.outbound_port {
+        return refuse(
+            http::StatusCode::BAD_REQUEST,
+            format!("port {port} is the proxy's own; refusing a loop"),
+        );
+    }
+    if !ctx.authz.allows(port, Some(&peer)) {
+        warn!(client = %peer, server = %ctx.identity.local_id(), port, "refused by the port's authorization policy");
+        return refuse(
+            http::StatusCode::FORBIDDEN,
+            format!("{peer} is not allowed to reach port {port}"),
+        );
+    }
+    let app = match connect_app(&ctx, dst.ip(), port).await {
+        Ok(app) => app,
+        Err(e) => {
+            debug!(%client, port, error = %e, "application connect failed");
+            return refuse(
+                http::StatusCode::BAD_GATEWAY,
+                format!("application port {port}: {e}"),
+            );
+        }
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    let idle = cfg.idle_timeout;
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => match relay(TokioIo::new(upgraded), app, idle).await {
+                Ok(t) => {
+                    debug!(peer = %peer, port, sent = t.sent, received = t.received, "mesh stream closed")
+                }
+                Err(e) => debug!(peer = %peer, port, error = %e, "mesh stream ended"),
+            },
+            Err(e) => debug!(peer = %peer, port, error = %e, "tunnel upgrade failed"),
+        }
+    });
+    http::Response::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    )
+}
+
+/// A connection from outside the mesh.
+async fn plaintext(ctx: &Shared, sock: TcpStream, client: SocketAddr, dst: SocketAddr) {
+    let cfg = &ctx.config.proxy;
+    if cfg.mode == InboundMode::Strict {
+        warn!(%client, port = dst.port(), "refusing a client outside the mesh: proxy.mode is strict");
+        socket::reset(sock);
+        return;
+    }
+    if dst.port() == cfg.inbound_port {
+        debug!(%client, "plaintext on the mesh port itself; closing");
+        socket::reset(sock);
+        return;
+    }
+    if !ctx.authz.allows(dst.port(), None) {
+        warn!(%client, server = %ctx.identity.local_id(), port = dst.port(), "refused an unauthenticated client: the port's policy does not allow it");
+        socket::reset(sock);
+        return;
+    }
+    let app = match connect_app(ctx, dst.ip(), dst.port()).await {
+        Ok(app) => app,
+        Err(e) => {
+            debug!(%client, port = dst.port(), error = %e, "application connect failed");
+            socket::reset(sock);
+            return;
+        }
+    };
+    match relay(sock, app, cfg.idle_timeout).await {
+        Ok(t) => {
+            debug!(%client, port = dst.port(), sent = t.sent, received = t.received, "plaintext inbound connection closed")
+        }
+        Err(e) => {
+            debug!(%client, port = dst.port(), error = %e, "plaintext inbound connection ended")
+        }
+    }
+}
+
+/// Connects to the application on localhost, or on the address the client
+/// used when the application listens only there.
+async fn connect_app(
+    ctx: &Shared,
+    ip: IpAddr,
+    port: u16,
+) -> Result<TcpStream, socket::ConnectError> {
+    let cfg = &ctx.config.proxy;
+    let loopback = match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    };
+    let local = SocketAddr::new(loopback, port);
+    match socket::connect(local, cfg.connect_timeout, cfg.tcp_keepalive).await {
+        Err(e) if e.is_refused() && !ip.is_loopback() && ip != loopback => {
+            socket::connect(
+                SocketAddr::new(ip, port),
+                cfg.connect_timeout,
+                cfg.tcp_keepalive,
+            )
+            .await
+        }
+        other => other,
+    }
+}
+
+/// Per-port authorization: who may reach which application port.
+pub struct Authz {
+    policies: Vec<legate_config::PortPolicy>,
+    trust_domain: legate_config::TrustDomain,
+    mode: InboundMode,
+}
+
+impl Authz {
+    pub fn new(cfg: &legate_config::Config) -> Self {
+        Authz {
+            policies: cfg.proxy.authz.clone(),
+            trust_domain: cfg.identity.trust_domain.clone(),
+            mode: cfg.proxy.mode,
+        }
+    }
+
+    /// Whether `peer` (`None`: a client outside the mesh) may reach `port`.
+    /// Without a policy for the port, any verified mesh identity may, and
+    /// outside clients may in permissive mode. With one, only those it
+    /// lists may.
+    pub fn allows(&self, port: u16, peer: Option<&SpiffeId>) -> bool {
+        match self.policies.iter().find(|p| p.ports.contains(port)) {
+            Some(policy) => policy
+                .allow
+                .iter()
+                .any(|rule| rule.admits(peer, &self.trust_domain)),
+            None => match peer {
+                Some(id) => id.trust_domain() == self.trust_domain.as_str(),
+                None => self.mode == InboundMode::Permissive,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorization_defaults_and_policies() {
+        let mut cfg = legate_config::Config::default();
+        cfg.proxy.authz = vec![legate_config::PortPolicy {
+            ports: "8080".parse().unwrap(),
+            allow: vec!["spiffe://legate.local/ns/shop/*".parse().unwrap()],
+        }];
+        let authz = Authz::new(&cfg);
+        let shop: SpiffeId = "spiffe://legate.local/ns/shop/sa/web".parse().unwrap();
+        let other: SpiffeId = "spiffe://legate.local/ns/bank/sa/web".parse().unwrap();
+        let foreign: SpiffeId = "spiffe://elsewhere/ns/shop/sa/web".parse().unwrap();
+        assert!(authz.allows(8080, Some(&shop)));
+        assert!(
+            !authz.allows(8080, Some(&other)),
+            "deny by default once a port has a policy"
+        );
+        assert!(!authz.allows(8080, None));
+        assert!(
+            authz.allows(9090, Some(&other)),
+            "no policy: any mesh identity"
+        );
+        assert!(!authz.allows(9090, Some(&foreign)));
+        assert!(
+            authz.allows(9090, None),
+            "permissive lets outside clients in"
+        );
+        cfg.proxy.mode = InboundMode::Strict;
+        assert!(!Authz::new(&cfg).allows(9090, None));
+    }
+
+    #[test]
+    fn only_a_client_hello_with_the_mesh_alpn_is_mesh() {
+        // A real ClientHello from rustls, with and without the mesh ALPN.
+        fn hello(alpn: &[&[u8]]) -> Vec<u8> {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.roots.clear();
+            let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            let mut conn =
+                rustls::ClientConnection::new(Arc::new(cfg), "example.org".try_into().unwrap())
+                    .unwrap();
+            let mut out = Vec::new();
+            conn.write_tls(&mut out).unwrap();
+            out
+        }
+        assert!(offers_mesh_alpn(&hello(&[b"h2", MESH_ALPN])));
+        assert!(!offers_mesh_alpn(&hello(&[b"h2"])));
+        assert!(!offers_mesh_alpn(&hello(&[])));
+        assert!(!offers_mesh_alpn(b"GET / HTTP/1.1\r\n\r\n"));
+    }
+}

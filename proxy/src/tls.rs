@@ -1,0 +1,43 @@
+//! What the data plane needs from the mesh identity: TLS configurations for
+//! both ends of a proxy-to-proxy connection, the identity of a verified
+//! peer, and whether a certificate is in hand yet.
+//!
+//! The implementation lives with the CA client (`legate-ca`), which keeps
+//! the certificate and trust bundle current; the configurations it hands
+//! out resolve the current material at each handshake, so rotation needs no
+//! rebuild here.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use legate_config::{SpiffeId, TrustDomain};
+use rustls::pki_types::CertificateDer;
+
+/// ALPN protocol of the mesh tunnel: HTTP/2 between proxies. Distinct from
+/// plain `h2` so that an application's own TLS to a server is never
+/// mistaken for a peer proxy.
+pub const MESH_ALPN: &[u8] = b"legate/h2";
+
+/// The mesh identity as the proxy uses it.
+pub trait MeshIdentity: Send + Sync + 'static {
+    /// This workload's SPIFFE ID.
+    fn local_id(&self) -> SpiffeId;
+    /// The trust domain peers must belong to.
+    fn trust_domain(&self) -> TrustDomain;
+    /// Inbound: TLS 1.3, client certificates required and verified
+    /// against the trust bundle, ALPN [`MESH_ALPN`].
+    fn server_config(&self) -> Arc<rustls::ServerConfig>;
+    /// Outbound: TLS 1.3 with our certificate, accepting a server whose
+    /// SPIFFE ID is `peer`, or any ID in the trust domain when `None`.
+    fn client_config(&self, peer: Option<&SpiffeId>) -> Arc<rustls::ClientConfig>;
+    /// The SPIFFE ID in a verified peer's leaf certificate.
+    fn peer_id(&self, chain: &[CertificateDer<'_>]) -> Option<SpiffeId>;
+    /// Resolves once a certificate is held (at once if it already is).
+    fn ready(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Whether a certificate is held now.
+    fn is_ready(&self) -> bool;
+}
+
+/// Shared handle to the identity.
+pub type Identity = Arc<dyn MeshIdentity>;
