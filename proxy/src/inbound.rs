@@ -19,17 +19,13 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::detect::DETECT_TIMEOUT;
+use crate::detect::{detect, Protocol};
 use crate::pool::{Body, CONN_WINDOW, STREAM_WINDOW};
 use crate::relay::relay;
 use crate::socket;
 use crate::tls::MESH_ALPN;
 use crate::Shared;
-
-/// How long a silent client may keep the proxy from deciding. Mesh peers
-/// send their ClientHello immediately, so silence means a plaintext client
-/// of a server-speaks-first protocol (SMTP, MySQL), whose banner must not
-/// wait longer than this.
-const DETECT_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// Largest TLS record holding a ClientHello that is inspected.
 const MAX_HELLO: usize = 5 + 16 * 1024;
@@ -47,10 +43,15 @@ pub(crate) async fn handle(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr
             return;
         }
     };
-    if is_mesh_hello(&sock, cfg.handshake_timeout).await {
+    let proto = if cfg.opaque_ports.contains(dst.port()) {
+        Protocol::Opaque
+    } else {
+        detect(&sock).await
+    };
+    if proto == Protocol::Opaque && is_mesh_hello(&sock, cfg.handshake_timeout).await {
         serve_mesh(ctx, sock, client, dst).await;
     } else {
-        plaintext(&ctx, sock, client, dst).await;
+        plaintext(ctx, sock, client, dst, proto).await;
     }
 }
 
@@ -58,6 +59,7 @@ pub(crate) async fn handle(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr
 /// offering the mesh protocol.
 async fn is_mesh_hello(sock: &TcpStream, patience: Duration) -> bool {
     let mut buf = vec![0u8; 5];
+    // Detection has already seen bytes (or given up), so this returns at once.
     match tokio::time::timeout(DETECT_TIMEOUT, sock.peek(&mut buf)).await {
         Ok(Ok(n)) if n >= 1 && buf[0] == 0x16 => {}
         _ => return false,
@@ -125,11 +127,7 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
             return;
         }
     };
-    let peer = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| ctx.identity.peer_id(chain));
+    let peer = ctx.identity.peer_id(tls.get_ref().1);
     let Some(peer) = peer else {
         warn!(%client, "peer proxy presented no SPIFFE identity; closing");
         return;
@@ -147,6 +145,7 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_concurrent_streams(1024)
+        .enable_connect_protocol()
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .serve_connection(TokioIo::new(tls), service)
@@ -181,22 +180,32 @@ async fn tunnel(
     dst: SocketAddr,
     peer: SpiffeId,
 ) -> http::Response<Body> {
-    if req.method() != http::Method::CONNECT {
-        return refuse(
-            http::StatusCode::METHOD_NOT_ALLOWED,
-            "only CONNECT is served on the mesh port",
-        );
-    }
     let cfg = &ctx.config.proxy;
+    let plain_connect = req.method() == http::Method::CONNECT
+        && req.extensions().get::<hyper::ext::Protocol>().is_none();
     // A connection captured from an application port carries that port for
     // all its streams (this is how a Service virtual IP's target port is
     // honoured); one dialled to the mesh port names the port per stream.
     let port = if dst.port() != cfg.inbound_port {
         dst.port()
     } else {
-        match req.uri().authority().and_then(|a| a.port_u16()) {
+        let target = if plain_connect {
+            req.uri().authority().and_then(|a| a.port_u16())
+        } else {
+            req.headers()
+                .get(crate::http::TARGET_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<SocketAddr>().ok())
+                .map(|a| a.port())
+        };
+        match target {
             Some(p) => p,
-            None => return refuse(http::StatusCode::BAD_REQUEST, "CONNECT target has no port"),
+            None => {
+                return refuse(
+                    http::StatusCode::BAD_REQUEST,
+                    "the request names no target port",
+                )
+            }
         }
     };
     if port == cfg.inbound_port || port == cfg.outbound_port {
@@ -211,6 +220,9 @@ async fn tunnel(
             http::StatusCode::FORBIDDEN,
             format!("{peer} is not allowed to reach port {port}"),
         );
+    }
+    if !plain_connect {
+        return crate::http::inbound::from_peer(ctx.clone(), req, dst.ip(), port, &peer).await;
     }
     let app = match connect_app(&ctx, dst.ip(), port).await {
         Ok(app) => app,
@@ -243,7 +255,13 @@ async fn tunnel(
 }
 
 /// A connection from outside the mesh.
-async fn plaintext(ctx: &Shared, sock: TcpStream, client: SocketAddr, dst: SocketAddr) {
+async fn plaintext(
+    ctx: Arc<Shared>,
+    sock: TcpStream,
+    client: SocketAddr,
+    dst: SocketAddr,
+    proto: Protocol,
+) {
     let cfg = &ctx.config.proxy;
     if cfg.mode == InboundMode::Strict {
         warn!(%client, port = dst.port(), "refusing a client outside the mesh: proxy.mode is strict");
@@ -260,7 +278,11 @@ async fn plaintext(ctx: &Shared, sock: TcpStream, client: SocketAddr, dst: Socke
         socket::reset(sock);
         return;
     }
-    let app = match connect_app(ctx, dst.ip(), dst.port()).await {
+    if proto != Protocol::Opaque {
+        crate::http::inbound::serve_plain(ctx, sock, client, dst, proto).await;
+        return;
+    }
+    let app = match connect_app(&ctx, dst.ip(), dst.port()).await {
         Ok(app) => app,
         Err(e) => {
             debug!(%client, port = dst.port(), error = %e, "application connect failed");

@@ -18,6 +18,8 @@
 //! ([`admin`]) reports liveness and readiness.
 
 pub mod admin;
+pub mod detect;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
@@ -58,6 +60,7 @@ pub struct Shared {
     pub(crate) router: router::Router,
     pub(crate) pool: pool::Pool,
     pub(crate) authz: inbound::Authz,
+    pub(crate) clients: http::client::Clients,
     local_addrs: Vec<IpAddr>,
     draining: AtomicBool,
     active: AtomicUsize,
@@ -168,6 +171,7 @@ impl Proxy {
                 },
             ),
             authz: inbound::Authz::new(&config),
+            clients: http::client::Clients::new(p.connect_timeout, p.tcp_keepalive),
             local_addrs: socket::local_addresses(),
             draining: AtomicBool::new(false),
             active: AtomicUsize::new(0),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use crate::detect::{detect, Protocol};
 use crate::pool::TunnelError;
 use crate::relay::relay;
 use crate::router::Route;
@@ -28,6 +29,15 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
     if ctx.is_own_listener(dst) {
         warn!(%client, %dst, "refusing a connection addressed to the proxy's own listener: forwarding it would loop");
         socket::reset(app);
+        return;
+    }
+    let proto = if cfg.opaque_ports.contains(dst.port()) {
+        Protocol::Opaque
+    } else {
+        detect(&app).await
+    };
+    if proto != Protocol::Opaque {
+        crate::http::outbound::serve(ctx, app, client, dst, proto).await;
         return;
     }
     match ctx.router.route(dst) {

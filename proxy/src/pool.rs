@@ -123,6 +123,87 @@ pub struct Tunnel {
     _guard: StreamGuard,
 }
 
+/// A claimed stream on a pooled connection.
+pub struct Sender {
+    send: SendRequest<Body>,
+    /// The verified identity of the peer proxy.
+    pub peer: Option<SpiffeId>,
+    dial: SocketAddr,
+    _guard: StreamGuard,
+}
+
+impl Sender {
+    async fn request(
+        &mut self,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<hyper::body::Incoming>, TunnelError> {
+        let addr = self.dial;
+        self.send
+            .send_request(req)
+            .await
+            .map_err(|source| TunnelError::Http { addr, source })
+    }
+
+    /// Sends a request to the peer proxy and waits for its response head.
+    pub async fn send(
+        mut self,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<hyper::body::Incoming>, TunnelError> {
+        self.request(req).await
+    }
+
+    /// Opens a `CONNECT` tunnel through the peer proxy to `target`.
+    pub async fn connect(mut self, target: SocketAddr) -> Result<Tunnel, TunnelError> {
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(target.to_string())
+            .body(
+                Empty::<Bytes>::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .map_err(|e| TunnelError::Refused {
+                target,
+                status: http::StatusCode::BAD_REQUEST,
+                reason: e.to_string(),
+            })?;
+        let res = self.request(req).await?;
+        let io = upgrade_ok(res, target, self.dial).await?;
+        Ok(Tunnel {
+            io,
+            peer: self.peer,
+            _guard: self._guard,
+        })
+    }
+}
+
+/// Turns the peer's answer to a tunnel request into the tunnel itself, or
+/// into the reason it refused.
+pub async fn upgrade_ok(
+    mut res: http::Response<hyper::body::Incoming>,
+    target: SocketAddr,
+    dial: SocketAddr,
+) -> Result<TokioIo<hyper::upgrade::Upgraded>, TunnelError> {
+    if res.status() != http::StatusCode::OK {
+        let status = res.status();
+        let reason = res
+            .headers()
+            .get("legate-error")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| status.canonical_reason().unwrap_or(""))
+            .to_owned();
+        return Err(TunnelError::Refused {
+            target,
+            status,
+            reason,
+        });
+    }
+    hyper::upgrade::on(&mut res)
+        .await
+        .map(TokioIo::new)
+        .map_err(|source| TunnelError::Http { addr: dial, source })
+}
+
 struct StreamGuard(Arc<AtomicUsize>);
 
 impl Drop for StreamGuard {
@@ -140,59 +221,26 @@ impl Pool {
         }
     }
 
-    /// Opens a tunnel through the peer at `key.dial` to `target`.
-    pub async fn tunnel(&self, key: &PeerKey, target: SocketAddr) -> Result<Tunnel, TunnelError> {
+    /// A stream slot on a connection to the peer at `key.dial`, opening
+    /// the connection if needed. Nothing is sent yet, so a caller that
+    /// learns here that no proxy answers still holds its request.
+    pub async fn sender(&self, key: &PeerKey) -> Result<Sender, TunnelError> {
         let peer = {
             let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
             peers.entry(key.clone()).or_default().clone()
         };
-        let (mut send, streams, peer_id) = self.checkout(&peer, key).await?;
-        let guard = StreamGuard(streams);
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(target.to_string())
-            .body(
-                Empty::<Bytes>::new()
-                    .map_err(|never| match never {})
-                    .boxed(),
-            )
-            .map_err(|e| TunnelError::Refused {
-                target,
-                status: http::StatusCode::BAD_REQUEST,
-                reason: e.to_string(),
-            })?;
-        let mut res = send
-            .send_request(req)
-            .await
-            .map_err(|source| TunnelError::Http {
-                addr: key.dial,
-                source,
-            })?;
-        if res.status() != http::StatusCode::OK {
-            let status = res.status();
-            let reason = res
-                .headers()
-                .get("legate-error")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_else(|| status.canonical_reason().unwrap_or(""))
-                .to_owned();
-            return Err(TunnelError::Refused {
-                target,
-                status,
-                reason,
-            });
-        }
-        let upgraded = hyper::upgrade::on(&mut res)
-            .await
-            .map_err(|source| TunnelError::Http {
-                addr: key.dial,
-                source,
-            })?;
-        Ok(Tunnel {
-            io: TokioIo::new(upgraded),
+        let (send, streams, peer_id) = self.checkout(&peer, key).await?;
+        Ok(Sender {
+            send,
             peer: peer_id,
-            _guard: guard,
+            dial: key.dial,
+            _guard: StreamGuard(streams),
         })
+    }
+
+    /// Opens a tunnel through the peer at `key.dial` to `target`.
+    pub async fn tunnel(&self, key: &PeerKey, target: SocketAddr) -> Result<Tunnel, TunnelError> {
+        self.sender(key).await?.connect(target).await
     }
 
     /// Picks the least-loaded live connection, or opens one.
@@ -249,9 +297,7 @@ impl Pool {
         if session.alpn_protocol() != Some(MESH_ALPN) {
             return Err(TunnelError::NotMesh { addr: key.dial });
         }
-        let peer_id = session
-            .peer_certificates()
-            .and_then(|chain| self.identity.peer_id(chain));
+        let peer_id = self.identity.peer_id(session);
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)

@@ -12,7 +12,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use legate_config::{SpiffeId, TrustDomain};
-use rustls::pki_types::CertificateDer;
 
 /// ALPN protocol of the mesh tunnel: HTTP/2 between proxies. Distinct from
 /// plain `h2` so that an application's own TLS to a server is never
@@ -31,8 +30,8 @@ pub trait MeshIdentity: Send + Sync + 'static {
     /// Outbound: TLS 1.3 with our certificate, accepting a server whose
     /// SPIFFE ID is `peer`, or any ID in the trust domain when `None`.
     fn client_config(&self, peer: Option<&SpiffeId>) -> Arc<rustls::ClientConfig>;
-    /// The SPIFFE ID in a verified peer's leaf certificate.
-    fn peer_id(&self, chain: &[CertificateDer<'_>]) -> Option<SpiffeId>;
+    /// The SPIFFE ID of the verified peer of a finished handshake.
+    fn peer_id(&self, conn: &rustls::CommonState) -> Option<SpiffeId>;
     /// Resolves once a certificate is held (at once if it already is).
     fn ready(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
     /// Whether a certificate is held now.

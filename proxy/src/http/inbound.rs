@@ -1,0 +1,246 @@
+//! Inbound HTTP: requests for the local application, from a peer proxy
+//! over the mesh or from a client outside it, forwarded to the application
+//! with the HTTP version the client spoke.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use legate_config::SpiffeId;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::client::FixedConnector;
+use super::outbound::{finish_upgrade, join_upgrades, proxy_answer};
+use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token};
+use super::{CLIENT_ID_HEADER, PROTO_HEADER, TARGET_HEADER};
+use crate::detect::Protocol;
+use crate::pool::Body;
+use crate::Shared;
+
+/// Where the application may listen: localhost first, then the address the
+/// client used, for applications bound only to the pod IP.
+fn app_targets(ip: IpAddr, port: u16) -> Vec<SocketAddr> {
+    let loopback = match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    };
+    let mut t = vec![SocketAddr::new(loopback, port)];
+    if !ip.is_loopback() && !ip.is_unspecified() {
+        t.push(SocketAddr::new(ip, port));
+    }
+    t
+}
+
+fn response_to_client(res: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = res.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, boxed(body))
+}
+
+/// Sends an HTTP/1.1 upgrade request on a new connection; returns the
+/// server's answer and its side of the upgrade.
+pub(crate) async fn upgrade_direct(
+    connector: &FixedConnector,
+    req: Request<Body>,
+) -> Result<(Response<Incoming>, OnUpgrade), Response<Body>> {
+    let tcp = connector
+        .dial()
+        .await
+        .map_err(|_| proxy_answer(StatusCode::BAD_GATEWAY, "connect_failed"))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|_| proxy_answer(StatusCode::BAD_GATEWAY, "upstream_error"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            debug!(error = %e, "upgrade connection ended");
+        }
+    });
+    let mut res = send
+        .send_request(req)
+        .await
+        .map_err(|_| proxy_answer(StatusCode::BAD_GATEWAY, "upstream_error"))?;
+    let upgrade = hyper::upgrade::on(&mut res);
+    Ok((res, upgrade))
+}
+
+/// Forwards a request to the application, speaking `h2` or HTTP/1.x.
+async fn forward(
+    ctx: &Shared,
+    mut parts: http::request::Parts,
+    body: Body,
+    ip: IpAddr,
+    port: u16,
+    h2: bool,
+) -> Response<Body> {
+    let Some(auth) =
+        authority(&parts).or_else(|| SocketAddr::new(ip, port).to_string().parse().ok())
+    else {
+        return proxy_answer(StatusCode::BAD_REQUEST, "request has no usable Host");
+    };
+    if absolute_uri(&mut parts, &auth).is_err() {
+        return proxy_answer(StatusCode::BAD_REQUEST, "request target is not a valid URI");
+    }
+    if h2 {
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+    } else {
+        if parts.version == Version::HTTP_2 {
+            parts.version = Version::HTTP_11;
+        }
+        if !parts.headers.contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+    }
+    let client = ctx.clients.get(&app_targets(ip, port), h2);
+    match client.request(Request::from_parts(parts, body)).await {
+        Ok(res) => response_to_client(res),
+        Err(e) => {
+            debug!(port, error = %e, "request to the application failed");
+            let reason = if e.is_connect() {
+                "application_connect_failed"
+            } else {
+                "application_error"
+            };
+            proxy_answer(StatusCode::BAD_GATEWAY, reason)
+        }
+    }
+}
+
+/// An HTTP request a peer proxy sent over the mesh. `port` is the
+/// application port it is for, already authorized for `peer`.
+pub(crate) async fn from_peer(
+    ctx: Arc<Shared>,
+    mut req: Request<Incoming>,
+    ip: IpAddr,
+    port: u16,
+    peer: &SpiffeId,
+) -> Response<Body> {
+    let from_peer = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    let proto = parts
+        .headers
+        .get(PROTO_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("h2")
+        .to_owned();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(TARGET_HEADER);
+    parts.headers.remove(PROTO_HEADER);
+    if let Ok(v) = HeaderValue::from_str(peer.as_str()) {
+        parts.headers.insert(CLIENT_ID_HEADER, v);
+    }
+    let protocol = parts.extensions.remove::<hyper::ext::Protocol>();
+    match (parts.method == http::Method::CONNECT, protocol) {
+        (true, Some(protocol)) => {
+            // An HTTP/1.1 upgrade carried as an extended CONNECT.
+            let Some(auth) = authority(&parts) else {
+                return proxy_answer(StatusCode::BAD_REQUEST, "upgrade request has no authority");
+            };
+            parts.method = http::Method::GET;
+            parts.version = Version::HTTP_11;
+            parts.uri = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .parse()
+                .unwrap_or_else(|_| http::Uri::from_static("/"));
+            let token = HeaderValue::from_str(protocol.as_str())
+                .unwrap_or_else(|_| HeaderValue::from_static("websocket"));
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, token);
+            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+            let connector = FixedConnector::new(
+                app_targets(ip, port),
+                ctx.config.proxy.connect_timeout,
+                ctx.config.proxy.tcp_keepalive,
+            );
+            match upgrade_direct(&connector, Request::from_parts(parts, empty())).await {
+                Ok((res, to_app)) => {
+                    if res.status() != StatusCode::SWITCHING_PROTOCOLS {
+                        return response_to_client(res);
+                    }
+                    // Over HTTP/2 an accepted extended CONNECT is a 200.
+                    join_upgrades(from_peer, to_app, ctx.config.proxy.idle_timeout);
+                    let (mut head, _) = res.into_parts();
+                    strip_hop_by_hop(&mut head.headers);
+                    head.status = StatusCode::OK;
+                    Response::from_parts(head, empty())
+                }
+                Err(answer) => answer,
+            }
+        }
+        _ => forward(&ctx, parts, boxed(body), ip, port, proto == "h2").await,
+    }
+}
+
+/// Serves an HTTP connection from a client outside the mesh. The identity
+/// header is removed: only a verified mesh peer may set who it is.
+pub(crate) async fn serve_plain(
+    ctx: Arc<Shared>,
+    sock: TcpStream,
+    client: SocketAddr,
+    dst: SocketAddr,
+    proto: Protocol,
+) {
+    let svc_ctx = ctx.clone();
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let ctx = svc_ctx.clone();
+        async move {
+            req.headers_mut().remove(CLIENT_ID_HEADER);
+            req.headers_mut().remove(TARGET_HEADER);
+            req.headers_mut().remove(PROTO_HEADER);
+            let res = if upgrade_token(&req).is_some() {
+                let from_client = hyper::upgrade::on(&mut req);
+                let connector = FixedConnector::new(
+                    app_targets(dst.ip(), dst.port()),
+                    ctx.config.proxy.connect_timeout,
+                    ctx.config.proxy.tcp_keepalive,
+                );
+                let (parts, body) = req.into_parts();
+                match upgrade_direct(&connector, Request::from_parts(parts, boxed(body))).await {
+                    Ok((res, to_app)) => {
+                        finish_upgrade(res, from_client, to_app, ctx.config.proxy.idle_timeout)
+                    }
+                    Err(answer) => answer,
+                }
+            } else {
+                let h2 = req.version() == Version::HTTP_2;
+                let (parts, body) = req.into_parts();
+                forward(&ctx, parts, boxed(body), dst.ip(), dst.port(), h2).await
+            };
+            Ok::<_, Infallible>(res)
+        }
+    });
+    let io = TokioIo::new(sock);
+    let served = match proto {
+        Protocol::Http2 => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, svc)
+                .await
+        }
+        _ => {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(io, svc)
+                .with_upgrades()
+                .await
+        }
+    };
+    if let Err(e) = served {
+        debug!(%client, error = %e, "inbound HTTP connection ended");
+    }
+}

@@ -1,0 +1,167 @@
+//! The HTTP path: connections whose first bytes are an HTTP/1.x request
+//! line or the HTTP/2 preface.
+//!
+//! Between proxies every request rides the pooled HTTP/2 mTLS connection as
+//! an ordinary HTTP/2 request. Two headers, set by the client's proxy and
+//! removed by the server's, carry what the far side needs:
+//! [`TARGET_HEADER`] (the original destination, used when the connection
+//! was dialled to the mesh port rather than captured from the application's
+//! port) and [`PROTO_HEADER`] (the HTTP version the application spoke, so
+//! HTTP/1.1 leaves the server's proxy as HTTP/1.1 again). An HTTP/1.1
+//! `Upgrade` (WebSocket) crosses as an extended `CONNECT` (RFC 8441) and
+//! becomes a byte tunnel once the server answers `101`.
+//!
+//! The server's proxy adds [`CLIENT_ID_HEADER`] with the client's verified
+//! SPIFFE ID and removes any copy a client sent, on every inbound path, so
+//! the application can trust it.
+
+pub mod client;
+pub mod inbound;
+pub mod outbound;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body_util::{BodyExt, Empty, Full};
+
+use crate::pool::Body;
+
+/// The verified SPIFFE ID of the client, for the server application.
+pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("legate-client-id");
+/// `ip:port` the client application connected to; proxy to proxy only.
+pub const TARGET_HEADER: HeaderName = HeaderName::from_static("legate-target");
+/// The HTTP version the client application spoke; proxy to proxy only.
+pub const PROTO_HEADER: HeaderName = HeaderName::from_static("legate-proto");
+/// Marks an answer the proxy made itself, with the reason.
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("legate-error");
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named by
+/// `Connection`, and the fixed set that only ever describe one connection.
+/// HTTP/2 forbids them outright, so this is also what makes an HTTP/1.1
+/// request safe to send over the mesh.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    // `TE: trailers` is the one TE value HTTP/2 allows, and gRPC needs it.
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The protocol token of an HTTP/1.1 upgrade request (`websocket`), if it is one.
+pub fn upgrade_token(req: &http::Request<hyper::body::Incoming>) -> Option<HeaderValue> {
+    if req.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let connection_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !connection_upgrade {
+        return None;
+    }
+    req.headers().get(header::UPGRADE).cloned()
+}
+
+/// The authority of a request: the URI's (HTTP/2, absolute form), else the
+/// Host header.
+pub fn authority(req: &http::request::Parts) -> Option<http::uri::Authority> {
+    if let Some(a) = req.uri.authority() {
+        return Some(a.clone());
+    }
+    req.headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse().ok())
+}
+
+/// Rewrites a request's URI to absolute form with `authority`, which the
+/// HTTP clients need; the path and query are kept as sent.
+pub fn absolute_uri(
+    parts: &mut http::request::Parts,
+    authority: &http::uri::Authority,
+) -> Result<(), http::Error> {
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    parts.uri = http::Uri::builder()
+        .scheme(http::uri::Scheme::HTTP)
+        .authority(authority.clone())
+        .path_and_query(path)
+        .build()?;
+    Ok(())
+}
+
+pub fn empty() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Boxes a hyper body.
+pub fn boxed(body: hyper::body::Incoming) -> Body {
+    body.map_err(Into::into).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-custom"),
+        );
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h[header::CONTENT_TYPE], "text/plain");
+    }
+}
