@@ -332,6 +332,12 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
     if ca.intermediate_ttl > ca.root_ttl {
         rule("ca.intermediate_ttl", "must not outlive ca.root_ttl".into());
     }
+    if ca.request_timeout.is_zero() {
+        rule(
+            "ca.request_timeout",
+            "must be greater than zero, or slow clients could hold connections forever".into(),
+        );
+    }
     if ca.max_body.0 < 1024 {
         rule("ca.max_body", "must be at least 1KiB to hold a CSR".into());
     }

@@ -286,5 +286,7 @@ section! {
         max_body: ByteSize = ByteSize::kib(64),
         /// Time allowed for one API request, including reading the body.
         request_timeout: Duration = Duration::from_secs(10),
+        /// Extra DNS names in the CA API's certificate, such as a Kubernetes Service name.
+        dns_names: Vec<String> = Vec::new(),
     }
 }

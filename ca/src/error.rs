@@ -1,0 +1,61 @@
+//! The error type of CA operations and the `legate ca` commands. Each
+//! message says what went wrong and what the operator can do about it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// What can go wrong while creating, loading, serving or using the CA.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} already exists; pass --force to replace it (certificates signed by the old key stop verifying once no bundle carries its root)", .0.display())]
+    Exists(PathBuf),
+    #[error("{} holds no CA; run `legate ca init --dir {}` first", .0.display(), .0.display())]
+    NotInitialised(PathBuf),
+    /// Key or certificate material that cannot be used, with the reason.
+    #[error("{}: {reason}", path.display())]
+    Material { path: PathBuf, reason: String },
+    /// A command-line or configuration combination that cannot work.
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot retire: {0}")]
+    Retire(String),
+    #[error("signing failed: {0}")]
+    Signing(String),
+    #[error("cannot listen on {addr}: {source}; is another process using the port? Choose another with --listen or ca.listen")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Token(#[from] crate::token::TokenError),
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    #[error(transparent)]
+    Credentials(#[from] crate::credentials::CredentialsError),
+}
+
+impl CaError {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        CaError::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn material(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        CaError::Material {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}

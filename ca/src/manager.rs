@@ -1,0 +1,422 @@
+//! The workload's identity manager: obtains a certificate from the CA, keeps
+//! it renewed, and keeps the trust bundle fresh.
+//!
+//! Behaviour, and why:
+//!
+//! - A new P-256 key for every certificate, generated in memory. It touches
+//!   disk only when `identity.cert_dir` is set (mode 0600), so that a
+//!   restart can renew with the certificate instead of a new token.
+//! - Renewal at half-life, measured from *receipt*: half of `notAfter -
+//!   now` when the certificate arrives. notBefore is backdated for clock
+//!   skew, so half of `notAfter - notBefore` would renew early, and by more
+//!   the shorter the lifetime.
+//! - Renewal authenticates with the current certificate over mTLS; the
+//!   bootstrap token (`identity.token`, or `identity.token_file`, re-read
+//!   every time so a rotated token is picked up) is only used when there is
+//!   no valid certificate, or when the CA refuses the certificate.
+//! - On failure, retry with exponential backoff and full jitter (so that
+//!   workloads do not stampede a CA that comes back), capped at a quarter
+//!   of the time the current certificate has left, so several attempts fit
+//!   before it expires. The current certificate stays in use until a new
+//!   one is in hand: a CA outage costs nothing until certificates actually
+//!   expire.
+//! - The bundle is fetched from every issue response and every
+//!   `bundle_refresh`, so new roots spread long before they sign anything
+//!   a workload must verify.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use legate_config::{IdentityConfig, Secret, SpiffeId, TrustDomain};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::client::{CaClient, ClientError};
+use crate::credentials::{Bundle, Credentials, CredentialsHandle};
+use crate::files::{self, PUBLIC, SECRET};
+use crate::tls::{self, PeerMatcher};
+use crate::{pki, CaError};
+
+/// Where the bootstrap token comes from.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    None,
+    Inline(Secret),
+    /// Re-read on every use.
+    File(PathBuf),
+}
+
+impl TokenSource {
+    fn read(&self) -> Result<Option<Secret>, CaError> {
+        match self {
+            TokenSource::None => Ok(None),
+            TokenSource::Inline(s) => Ok(Some(s.clone())),
+            TokenSource::File(p) => {
+                let text = files::read_string(p)?;
+                let t = text.trim();
+                Ok((!t.is_empty()).then(|| Secret::new(t)))
+            }
+        }
+    }
+}
+
+/// How the manager finds and talks to the CA.
+#[derive(Debug, Clone)]
+pub struct ManagerOptions {
+    pub id: SpiffeId,
+    pub trust_domain: TrustDomain,
+    /// `host:port` of the CA API.
+    pub ca_address: String,
+    /// PEM roots that verify the CA before the first certificate.
+    pub ca_bundle: Option<PathBuf>,
+    pub token: TokenSource,
+    /// Where to keep `cert.pem`, `key.pem` (0600) and `bundle.pem`.
+    pub cert_dir: Option<PathBuf>,
+    /// Deadline of one call to the CA.
+    pub request_timeout: Duration,
+    /// First retry delay after a failure; doubles up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// How often the bundle is fetched between renewals.
+    pub bundle_refresh: Duration,
+}
+
+impl ManagerOptions {
+    /// Options from the `identity` section; errors name the missing key.
+    pub fn from_config(cfg: &IdentityConfig) -> Result<Self, CaError> {
+        let id = cfg.workload_id().map_err(CaError::Usage)?;
+        let ca_address = cfg.ca_address.clone().ok_or_else(|| {
+            CaError::Usage(
+                "identity.ca_address is not set; point it at the CA API, for example legate-ca:15012 (LEGATE_IDENTITY_CA_ADDRESS)".into(),
+            )
+        })?;
+        let token = match (&cfg.token, &cfg.token_file) {
+            (Some(t), _) => TokenSource::Inline(t.clone()),
+            (None, Some(p)) => TokenSource::File(p.clone()),
+            (None, None) => TokenSource::None,
+        };
+        Ok(ManagerOptions {
+            id,
+            trust_domain: cfg.trust_domain.clone(),
+            ca_address,
+            ca_bundle: cfg.ca_bundle.clone(),
+            token,
+            cert_dir: cfg.cert_dir.clone(),
+            request_timeout: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+            bundle_refresh: Duration::from_secs(300),
+        })
+    }
+}
+
+const CERT_FILE: &str = "cert.pem";
+const KEY_FILE: &str = "key.pem";
+const BUNDLE_FILE: &str = "bundle.pem";
+
+/// Obtains and renews the workload's certificate.
+pub struct IdentityManager {
+    opts: ManagerOptions,
+    handle: CredentialsHandle,
+    client: CaClient,
+}
+
+impl IdentityManager {
+    /// Prepares the manager. Loads a still-valid certificate from
+    /// `cert_dir` if there is one, so a restart renews rather than
+    /// bootstraps.
+    pub fn new(opts: ManagerOptions) -> Result<Self, CaError> {
+        let bootstrap = match &opts.ca_bundle {
+            Some(p) => Some(Arc::new(
+                Bundle::from_pem(&files::read(p)?)
+                    .map_err(|e| CaError::material(p, e.to_string()))?,
+            )),
+            None => None,
+        };
+        let handle = CredentialsHandle::new();
+        if let Some(dir) = &opts.cert_dir {
+            match load_dir(dir) {
+                Ok(Some(c)) if c.id() == &opts.id && c.is_valid_at(SystemTime::now()) => {
+                    info!(id = %c.id(), dir = %dir.display(), "using the certificate kept from the last run");
+                    handle.store(c);
+                }
+                Ok(_) => {}
+                Err(e) => debug!("no usable certificate in {}: {e}", dir.display()),
+            }
+        }
+        if bootstrap.is_none() && handle.load().is_none() {
+            return Err(CaError::Usage(
+                "identity.ca_bundle is not set, so the CA cannot be verified; point it at the CA's bundle (`legate ca bundle --dir <ca dir>` prints it)".into(),
+            ));
+        }
+        let client = CaClient::new(
+            &opts.ca_address,
+            &opts.trust_domain,
+            &handle,
+            bootstrap,
+            opts.request_timeout,
+        );
+        Ok(IdentityManager {
+            opts,
+            handle,
+            client,
+        })
+    }
+
+    /// The live credentials; give this to the TLS configs.
+    pub fn handle(&self) -> CredentialsHandle {
+        self.handle.clone()
+    }
+
+    pub fn client(&self) -> &CaClient {
+        &self.client
+    }
+
+    /// Starts [`run`](Self::run) on the current runtime.
+    pub fn spawn(self) -> (CredentialsHandle, JoinHandle<()>) {
+        let h = self.handle();
+        (h, tokio::spawn(self.run()))
+    }
+
+    /// Fetches one certificate now and installs it. Uses the current
+    /// certificate to authenticate when it is valid, the token otherwise.
+    pub async fn fetch(&self) -> Result<Arc<Credentials>, CaError> {
+        let current = self.handle.load_valid();
+        let token = self.opts.token.read()?;
+        let first = if current.is_some() {
+            None
+        } else {
+            token.as_ref()
+        };
+        if current.is_none() && token.is_none() {
+            return Err(CaError::Usage(
+                "no valid certificate and no bootstrap token: set identity.token or identity.token_file (mint one with `legate ca token`)".into(),
+            ));
+        }
+        match self.fetch_with(first).await {
+            Err(CaError::Client(e))
+                if e.is_auth_refusal() && first.is_none() && token.is_some() =>
+            {
+                warn!("the CA refused renewal with the current certificate ({e}); trying the bootstrap token");
+                self.fetch_with(token.as_ref()).await
+            }
+            other => other,
+        }
+    }
+
+    async fn fetch_with(&self, token: Option<&Secret>) -> Result<Arc<Credentials>, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| CaError::Signing(format!("cannot generate a key: {e}")))?;
+        let csr = csr_pem(&self.opts.id, &key)?;
+        let resp = self.client.issue(&csr, token).await?;
+        let bad = |r: String| CaError::Client(ClientError::Protocol(r));
+        let chain = pki::parse_certs(resp.certificate_chain.as_bytes()).map_err(bad)?;
+        let bundle =
+            Arc::new(Bundle::from_pem(resp.bundle.as_bytes()).map_err(|e| bad(e.to_string()))?);
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let creds = Credentials::new(chain, key_der, bundle).map_err(|e| bad(e.to_string()))?;
+        if creds.id() != &self.opts.id {
+            return Err(bad(format!(
+                "asked for {} but got {}",
+                self.opts.id,
+                creds.id()
+            )));
+        }
+        // Check the certificate as peers will before relying on it.
+        let provider = tls::provider();
+        tls::verify_chain(
+            creds.bundle(),
+            &creds.chain()[0],
+            &creds.chain()[1..],
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            &PeerMatcher::Exact(self.opts.id.clone()),
+            &provider.signature_verification_algorithms,
+        )
+        .map_err(|e| {
+            bad(format!(
+                "the issued certificate does not verify against the bundle: {e}"
+            ))
+        })?;
+        if let Some(dir) = &self.opts.cert_dir {
+            save_dir(dir, &creds)?;
+        }
+        self.handle.store(creds);
+        self.handle
+            .load()
+            .ok_or_else(|| bad("credentials vanished".into()))
+    }
+
+    /// Fetches the bundle and installs it if it changed.
+    pub async fn refresh_bundle(&self) -> Result<bool, CaError> {
+        let bundle = self.client.bundle().await?;
+        let Some(current) = self.handle.load() else {
+            return Ok(false);
+        };
+        if **current.bundle() == bundle {
+            return Ok(false);
+        }
+        info!(roots = bundle.certs().len(), "the trust bundle changed");
+        let updated = current.with_bundle(Arc::new(bundle));
+        if let Some(dir) = &self.opts.cert_dir {
+            files::write_atomic(
+                &dir.join(BUNDLE_FILE),
+                updated.bundle().to_pem().as_bytes(),
+                PUBLIC,
+            )?;
+        }
+        self.handle.store(updated);
+        Ok(true)
+    }
+
+    /// Keeps the certificate renewed, forever.
+    pub async fn run(self) {
+        let mut backoff = Backoff::new(self.opts.backoff_initial, self.opts.backoff_max);
+        let mut renew_at = match self.handle.load_valid() {
+            Some(c) => renewal_time(&c),
+            None => Instant::now(),
+        };
+        let mut next_bundle = Instant::now() + self.opts.bundle_refresh;
+        loop {
+            // Wait for the renewal time, refreshing the bundle meanwhile.
+            loop {
+                let now = Instant::now();
+                if now >= renew_at {
+                    break;
+                }
+                if now >= next_bundle {
+                    if let Err(e) = self.refresh_bundle().await {
+                        debug!("bundle refresh failed (will retry): {e}");
+                    }
+                    next_bundle = Instant::now() + self.opts.bundle_refresh;
+                    continue;
+                }
+                tokio::time::sleep_until(renew_at.min(next_bundle).into()).await;
+            }
+            match self.fetch().await {
+                Ok(c) => {
+                    backoff.reset();
+                    renew_at = renewal_time(&c);
+                    next_bundle = Instant::now() + self.opts.bundle_refresh;
+                    info!(
+                        id = %c.id(),
+                        expires_in = %pki::human(c.remaining(SystemTime::now())),
+                        "certificate renewed"
+                    );
+                }
+                Err(e) => {
+                    let left = self
+                        .handle
+                        .load()
+                        .map(|c| c.remaining(SystemTime::now()))
+                        .unwrap_or_default();
+                    let delay = backoff
+                        .next()
+                        .min((left / 4).max(self.opts.backoff_initial));
+                    if left.is_zero() {
+                        warn!("cannot obtain a certificate, retrying in {delay:?}: {e}");
+                    } else {
+                        warn!(
+                            "cannot renew the certificate, retrying in {delay:?}; the current one stays in use for another {}: {e}",
+                            pki::human(left)
+                        );
+                    }
+                    renew_at = Instant::now() + delay;
+                }
+            }
+        }
+    }
+}
+
+/// Half of the time left, measured now (at receipt).
+fn renewal_time(c: &Credentials) -> Instant {
+    Instant::now() + c.remaining(SystemTime::now()) / 2
+}
+
+fn csr_pem(id: &SpiffeId, key: &KeyPair) -> Result<String, CaError> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    let uri = id
+        .as_str()
+        .try_into()
+        .map_err(|e| CaError::Usage(format!("{id} cannot be put in a CSR: {e}")))?;
+    p.subject_alt_names = vec![SanType::URI(uri)];
+    p.serialize_request(key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| CaError::Signing(format!("cannot build the CSR: {e}")))
+}
+
+pub(crate) fn save_dir(dir: &std::path::Path, c: &Credentials) -> Result<(), CaError> {
+    files::ensure_dir(dir)?;
+    // Key first: a reader that sees the new certificate finds its key.
+    files::write_atomic(&dir.join(KEY_FILE), c.key_pem().as_bytes(), SECRET)?;
+    files::write_atomic(&dir.join(CERT_FILE), c.chain_pem().as_bytes(), PUBLIC)?;
+    files::write_atomic(
+        &dir.join(BUNDLE_FILE),
+        c.bundle().to_pem().as_bytes(),
+        PUBLIC,
+    )
+}
+
+fn load_dir(dir: &std::path::Path) -> Result<Option<Credentials>, CaError> {
+    if !dir.join(CERT_FILE).exists() {
+        return Ok(None);
+    }
+    let c = Credentials::from_pem(
+        &files::read(&dir.join(CERT_FILE))?,
+        &files::read(&dir.join(KEY_FILE))?,
+        &files::read(&dir.join(BUNDLE_FILE))?,
+    )?;
+    Ok(Some(c))
+}
+
+/// Exponential backoff with full jitter.
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max: max.max(initial),
+            attempt: 0,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// A delay between half and all of `initial * 2^attempt`, capped.
+    fn next(&mut self) -> Duration {
+        let ceiling = self
+            .initial
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let f: f64 = rand::random_range(0.5..=1.0);
+        ceiling.mul_f64(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let d: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
+        assert!(d[3] >= Duration::from_millis(400) && d[3] <= Duration::from_millis(800));
+        assert!(d.iter().all(|x| *x <= Duration::from_secs(1)));
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(100));
+    }
+}
