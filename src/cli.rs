@@ -49,6 +49,10 @@ enum Command {
     /// Inspect and validate configuration
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run the sidecar proxy: capture listeners, mTLS with the workload certificate, policy
+    Proxy(crate::proxy_cmd::ProxyArgs),
+    /// Wait until the local proxy is ready; for startup ordering and health checks
+    WaitReady(crate::wait_ready::WaitReadyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +139,14 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Config(ConfigCommand::Check { file }) => config_check(&cli.global, file),
         Command::Config(ConfigCommand::Keys) => config_keys(),
+        Command::Proxy(args) => match prepare(&cli.global, args.config_overrides()) {
+            Ok(loaded) => crate::proxy_cmd::run(loaded.config),
+            Err(code) => code,
+        },
+        Command::WaitReady(args) => match load_config(&cli.global, None, Vec::new()) {
+            Ok(loaded) => crate::wait_ready::run(&args, &loaded.config),
+            Err(code) => code,
+        },
     }
 }
 

@@ -5,7 +5,10 @@
 //! over to the crate that owns the capability.
 
 mod cli;
+mod identity;
 mod logging;
+mod proxy_cmd;
+mod wait_ready;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,90 @@
+//! Connects the data plane to the CA client's live credentials: the proxy
+//! asks for TLS configurations and readiness through its `MeshIdentity`
+//! trait, and this module answers from a `CredentialsHandle` that the
+//! identity manager keeps current.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use legate_ca::{ClientAuth, CredentialsHandle, PeerMatcher};
+use legate_config::{SpiffeId, TrustDomain};
+use legate_proxy::{MeshIdentity, MESH_ALPN};
+use rustls::{ClientConfig, ServerConfig};
+
+/// The workload identity as the proxy sees it.
+pub struct CaIdentity {
+    creds: CredentialsHandle,
+    local: SpiffeId,
+    trust_domain: TrustDomain,
+    server: Arc<ServerConfig>,
+    /// One client config per accepted-peer rule; there are as many as
+    /// destination rules with an identity, plus one.
+    clients: Mutex<HashMap<Option<SpiffeId>, Arc<ClientConfig>>>,
+}
+
+impl CaIdentity {
+    pub fn new(creds: CredentialsHandle, local: SpiffeId, trust_domain: TrustDomain) -> Self {
+        let server = legate_ca::tls::server_config(
+            &creds,
+            ClientAuth::Required(PeerMatcher::TrustDomain(trust_domain.clone())),
+            vec![MESH_ALPN.to_vec()],
+        );
+        CaIdentity {
+            creds,
+            local,
+            trust_domain,
+            server,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl MeshIdentity for CaIdentity {
+    fn local_id(&self) -> SpiffeId {
+        self.local.clone()
+    }
+
+    fn trust_domain(&self) -> TrustDomain {
+        self.trust_domain.clone()
+    }
+
+    fn server_config(&self) -> Arc<ServerConfig> {
+        self.server.clone()
+    }
+
+    fn client_config(&self, peer: Option<&SpiffeId>) -> Arc<ClientConfig> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry(peer.cloned())
+            .or_insert_with(|| {
+                let matcher = match peer {
+                    Some(id) => PeerMatcher::Exact(id.clone()),
+                    None => PeerMatcher::TrustDomain(self.trust_domain.clone()),
+                };
+                legate_ca::tls::client_config(&self.creds, matcher, vec![MESH_ALPN.to_vec()])
+            })
+            .clone()
+    }
+
+    fn peer_id(&self, conn: &rustls::CommonState) -> Option<SpiffeId> {
+        legate_ca::tls::peer_id(conn)
+    }
+
+    fn ready(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let mut changed = self.creds.changed();
+            while self.creds.load_valid().is_none() {
+                if changed.changed().await.is_err() {
+                    // The manager is gone: no certificate will ever come.
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.creds.load_valid().is_some()
+    }
+}
