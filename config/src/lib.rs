@@ -84,7 +84,18 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn origin(&self, path: &str) -> Origin {
-        self.origins.get(path).cloned().unwrap_or(Origin::Default)
+        // A key inside a list item (`proxy.http.routes[0].attempts`) was set
+        // along with the whole list, so the list's origin is the answer.
+        let mut p = path;
+        loop {
+            if let Some(o) = self.origins.get(p) {
+                return o.clone();
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p = &p[..i],
+                None => return Origin::Default,
+            }
+        }
     }
 }
 
@@ -295,6 +306,10 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
                 );
             }
         }
+    }
+
+    for (path, msg) in p.http.problems("proxy.http") {
+        rule(&path, msg);
     }
 
     let id = &c.identity;

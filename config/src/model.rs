@@ -217,6 +217,8 @@ section! {
         destinations: Vec<DestinationRule> = Vec::new(),
         /// Per-port inbound authorization.
         authz: Vec<PortPolicy> = Vec::new(),
+        /// HTTP timeouts, retries, circuit breaking and limits.
+        http: HttpConfig = HttpConfig::default(),
     }
 }
 
@@ -242,6 +244,268 @@ section! {
         ports: PortSet = PortSet::default(),
         /// Allowed clients.
         allow: Vec<AllowRule> = Vec::new(),
+    }
+}
+
+/// Declares the HTTP policy keys once and derives from them the resolved
+/// [`HttpSettings`], the `[proxy.http]` section ([`HttpConfig`], the default
+/// policy plus its routes) and [`HttpRoute`], where every policy key is an
+/// optional override. One list keeps the three from drifting apart.
+macro_rules! http_policy {
+    ( $( $(#[doc = $doc:literal])* $field:ident : $ty:ty = $default:expr, )* ) => {
+        /// One HTTP policy with every value resolved: the default policy, or
+        /// a route's overrides laid over it.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct HttpSettings { $( $(#[doc = $doc])* pub $field: $ty, )* }
+
+        impl Default for HttpSettings {
+            fn default() -> Self {
+                Self { $( $field: $default, )* }
+            }
+        }
+
+        impl HttpSettings {
+            /// The policy keys, shared by `[proxy.http]` and its routes.
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
+        }
+
+        section! {
+            /// HTTP policy for outbound requests: the default for every
+            /// destination, and `routes` for some of them. Timeouts and
+            /// retries apply to whole requests; budgets, breakers and limits
+            /// are kept per destination address (breakers per endpoint).
+            pub struct HttpConfig {
+                $( $(#[doc = $doc])* $field: $ty = $default, )*
+                /// Policies for some destinations, matched by `hosts`, `cidrs`
+                /// and `ports`; the first match wins, and keys a route leaves
+                /// out come from `[proxy.http]`.
+                routes: Vec<HttpRoute> = Vec::new(),
+            }
+        }
+
+        section! {
+            /// A policy for the requests it matches. Every match key given
+            /// must match (an empty one matches anything); every policy key
+            /// given overrides the one in `[proxy.http]`.
+            pub struct HttpRoute {
+                /// A label for logs and metrics; defaults to the route's position.
+                name: Option<String> = None,
+                /// Request authorities (`Host` or `:authority`, port ignored):
+                /// `api.shop.svc` or `*.shop.svc`.
+                hosts: Vec<HostPattern> = Vec::new(),
+                /// Original destination networks.
+                cidrs: Vec<IpNet> = Vec::new(),
+                /// Original destination ports.
+                ports: PortSet = PortSet::default(),
+                $( $(#[doc = $doc])* $field: Option<$ty> = None, )*
+            }
+        }
+
+        impl HttpConfig {
+            /// The default policy.
+            pub fn settings(&self) -> HttpSettings {
+                HttpSettings { $( $field: self.$field.clone(), )* }
+            }
+        }
+
+        impl HttpRoute {
+            /// This route's policy: its own keys laid over `base`.
+            pub fn settings_over(&self, base: &HttpSettings) -> HttpSettings {
+                HttpSettings {
+                    $( $field: self.$field.clone().unwrap_or_else(|| base.$field.clone()), )*
+                }
+            }
+
+            /// Which policy keys this route sets itself.
+            pub fn overrides(&self) -> Vec<&'static str> {
+                let mut out = Vec::new();
+                $( if self.$field.is_some() { out.push(stringify!($field)); } )*
+                out
+            }
+        }
+    };
+}
+
+// The reasoning behind each default is in the proxy's `policy` module docs;
+// the short version is beside each key.
+http_policy! {
+    /// Time from receiving a request to its response headers, across every
+    /// attempt and backoff; `0` for none. Off by default, as in Linkerd and
+    /// Istio: a transparent proxy must not cut requests the application
+    /// expects to be slow. It does not cover streaming the response body.
+    request_timeout: Duration = Duration::ZERO,
+    /// Time one attempt may wait for response headers before it is given
+    /// up (and retried under `5xx` or `gateway-error`); `0` for none.
+    per_try_timeout: Duration = Duration::ZERO,
+    /// When a failed attempt is retried: `connect-failure`, `refused-stream`,
+    /// `reset`, `gateway-error` (502, 503, 504), `5xx`, `grpc-unavailable`,
+    /// or status codes like `429`. The default retries only failures that
+    /// prove the server never saw the request, which is safe for any method.
+    /// Anything else may repeat a request the server already acted on.
+    retry_on: Vec<RetryCondition> = vec![RetryCondition::ConnectFailure, RetryCondition::RefusedStream],
+    /// Most tries per request, the first included; `1` never retries.
+    attempts: u32 = 2,
+    /// Backoff before the first retry; each retry doubles it, and a random
+    /// delay up to that value is waited (full jitter).
+    backoff_base: Duration = Duration::from_millis(25),
+    /// Longest backoff before one retry.
+    backoff_max: Duration = Duration::from_millis(250),
+    /// Largest request body kept for replay; a request whose body is larger
+    /// is streamed and never retried.
+    retry_buffer: ByteSize = ByteSize::kib(64),
+    /// Retries allowed per request over `budget_window`, on top of
+    /// `budget_min_per_second`: `0.2` lets retries add at most 20% load.
+    budget_ratio: f64 = 0.2,
+    /// Retries per second always allowed, so low-traffic destinations can retry.
+    budget_min_per_second: u32 = 10,
+    /// How far back requests and retries count towards the budget.
+    budget_window: Duration = Duration::from_secs(10),
+    /// Consecutive failures (connect errors, resets, timeouts, 502, 503,
+    /// 504) that open an endpoint's circuit breaker; `0` disables it.
+    breaker_failures: u32 = 5,
+    /// How long an endpoint is refused after its breaker first opens; each
+    /// reopening doubles it.
+    breaker_base_ejection: Duration = Duration::from_secs(5),
+    /// The longest an endpoint is refused in one ejection.
+    breaker_max_ejection: Duration = Duration::from_secs(60),
+    /// Connections open to one destination at once; `0` for no limit.
+    max_connections: u32 = 1024,
+    /// Requests to one destination waiting for a connection; `0` for no limit.
+    max_pending: u32 = 1024,
+    /// Requests to one destination in flight at once; `0` for no limit.
+    max_in_flight: u32 = 1024,
+}
+
+/// A rule an [`HttpSettings`] breaks: `keys` are the keys involved, the
+/// one to blame first.
+pub(crate) struct Broken {
+    pub keys: &'static [&'static str],
+    pub message: String,
+}
+
+impl HttpSettings {
+    /// Every rule these values break. `note(key)` is appended to a value
+    /// quoted in a message, to say where it came from.
+    pub(crate) fn broken(&self, note: impl Fn(&str) -> &'static str) -> Vec<Broken> {
+        let mut out = Vec::new();
+        let mut fail =
+            |keys: &'static [&'static str], message: String| out.push(Broken { keys, message });
+        let d = |key: &str, v: Duration| format!("{key} ({}{})", format_duration(v), note(key));
+        if self.attempts == 0 {
+            fail(
+                &["attempts"],
+                "must be at least 1 (the first try); 1 never retries".into(),
+            );
+        } else if self.attempts > 10 {
+            fail(
+                &["attempts"],
+                "at most 10; more only lengthens failures, and the retry budget is what limits load"
+                    .into(),
+            );
+        }
+        if self.backoff_base.is_zero() {
+            fail(
+                &["backoff_base"],
+                "must be greater than zero, or retries hit a failing destination back to back"
+                    .into(),
+            );
+        } else if self.backoff_base > self.backoff_max {
+            fail(
+                &["backoff_base", "backoff_max"],
+                format!(
+                    "{} is longer than {}",
+                    d("backoff_base", self.backoff_base),
+                    d("backoff_max", self.backoff_max)
+                ),
+            );
+        }
+        if !self.per_try_timeout.is_zero()
+            && !self.request_timeout.is_zero()
+            && self.per_try_timeout > self.request_timeout
+        {
+            fail(
+                &["per_try_timeout", "request_timeout"],
+                format!(
+                    "{} is longer than {}, so it could never fire",
+                    d("per_try_timeout", self.per_try_timeout),
+                    d("request_timeout", self.request_timeout)
+                ),
+            );
+        }
+        if self.retry_buffer > ByteSize::mib(16) {
+            fail(
+                &["retry_buffer"],
+                "at most 16MiB: every request in flight may hold this much memory".into(),
+            );
+        }
+        if !(0.0..=10.0).contains(&self.budget_ratio) {
+            fail(
+                &["budget_ratio"],
+                "must be from 0 to 10 (0.2 lets retries add 20% to the load)".into(),
+            );
+        }
+        if self.budget_window < Duration::from_secs(1)
+            || self.budget_window > Duration::from_secs(60)
+        {
+            fail(&["budget_window"], "must be from 1s to 60s".into());
+        }
+        if self.breaker_base_ejection.is_zero() {
+            fail(
+                &["breaker_base_ejection"],
+                "must be greater than zero".into(),
+            );
+        } else if self.breaker_base_ejection > self.breaker_max_ejection {
+            fail(
+                &["breaker_base_ejection", "breaker_max_ejection"],
+                format!(
+                    "{} is longer than {}",
+                    d("breaker_base_ejection", self.breaker_base_ejection),
+                    d("breaker_max_ejection", self.breaker_max_ejection)
+                ),
+            );
+        }
+        out
+    }
+}
+
+impl HttpConfig {
+    /// Every rule broken by the default policy or a route, as
+    /// `(path, message)`, with `prefix` the section's own path.
+    pub(crate) fn problems(&self, prefix: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let base = self.settings();
+        let base_broken = base.broken(|_| "");
+        for b in &base_broken {
+            out.push((format!("{prefix}.{}", b.keys[0]), b.message.clone()));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            let at = format!("{prefix}.routes[{i}]");
+            if route.hosts.is_empty() && route.cidrs.is_empty() && route.ports.is_empty() {
+                out.push((
+                    at.clone(),
+                    format!(
+                        "matches every request, hiding the routes after it; give it hosts, \
+                         cidrs or ports, or set these keys in [{prefix}] instead"
+                    ),
+                ));
+            }
+            let own = route.overrides();
+            let broken = route.settings_over(&base).broken(|k| {
+                if own.contains(&k) {
+                    ""
+                } else {
+                    ", from proxy.http"
+                }
+            });
+            // Blame the key the route set; a rule the defaults alone break
+            // was reported once above.
+            for b in broken {
+                if let Some(key) = b.keys.iter().find(|k| own.contains(k)) {
+                    out.push((format!("{at}.{key}"), b.message));
+                }
+            }
+        }
+        out
     }
 }
 

@@ -380,3 +380,190 @@ fn every_key_has_an_env_name_and_the_list_is_stable() {
         "two keys share an environment variable"
     );
 }
+
+#[test]
+fn http_policy_defaults_are_valid_and_conservative() {
+    let c = load(&Sources::default()).unwrap().config;
+    let h = c.proxy.http.settings();
+    assert_eq!(h, HttpSettings::default());
+    assert_eq!(h.attempts, 2);
+    assert_eq!(
+        h.retry_on,
+        [
+            RetryCondition::ConnectFailure,
+            RetryCondition::RefusedStream
+        ],
+        "by default only failures the server never saw are retried"
+    );
+    assert!(h.request_timeout.is_zero() && h.per_try_timeout.is_zero());
+    assert_eq!(h.retry_buffer, ByteSize::kib(64));
+    assert_eq!((h.budget_ratio, h.budget_min_per_second), (0.2, 10));
+    assert!(key_paths().contains(&"proxy.http.budget_ratio".to_string()));
+    assert!(key_paths().contains(&"proxy.http.routes".to_string()));
+    // The route section offers every policy key as an override.
+    for key in HttpSettings::KEYS {
+        assert!(HttpRoute::KEYS.contains(key), "{key} cannot be overridden");
+        assert!(HttpConfig::KEYS.contains(key), "{key} has no default");
+    }
+}
+
+#[test]
+fn http_routes_inherit_what_they_leave_out() {
+    let f = file(
+        r#"
+[proxy.http]
+attempts = 3
+retry_on = ["connect-failure", "gateway-error"]
+per_try_timeout = "2s"
+
+[[proxy.http.routes]]
+name = "payments"
+hosts = ["payments.shop.svc", "*.payments.svc"]
+retry_on = ["connect-failure"]
+attempts = 1
+
+[[proxy.http.routes]]
+cidrs = ["10.96.0.0/12"]
+ports = "80,8080"
+retry_on = ["5xx", 429, "grpc-unavailable"]
+max_in_flight = 0
+"#,
+    );
+    let c = load(&Sources {
+        file: Some(f.path().into()),
+        env: env(&[("LEGATE_PROXY_HTTP_BACKOFF_MAX", "1s")]),
+        ..Default::default()
+    })
+    .unwrap()
+    .config;
+    let http = &c.proxy.http;
+    let base = http.settings();
+    assert_eq!(base.attempts, 3);
+    assert_eq!(base.backoff_max, std::time::Duration::from_secs(1));
+    let pay = http.routes[0].settings_over(&base);
+    assert_eq!(pay.attempts, 1);
+    assert_eq!(pay.retry_on, [RetryCondition::ConnectFailure]);
+    assert_eq!(
+        pay.per_try_timeout,
+        std::time::Duration::from_secs(2),
+        "inherited"
+    );
+    assert_eq!(
+        pay.backoff_max,
+        std::time::Duration::from_secs(1),
+        "inherited from env"
+    );
+    assert_eq!(http.routes[0].hosts[1].to_string(), "*.payments.svc");
+    let svc = http.routes[1].settings_over(&base);
+    assert_eq!(
+        svc.retry_on,
+        [
+            RetryCondition::ServerError,
+            RetryCondition::Status(429),
+            RetryCondition::GrpcUnavailable
+        ]
+    );
+    assert_eq!((svc.max_in_flight, svc.attempts), (0, 3));
+    assert_eq!(http.routes[1].overrides(), ["retry_on", "max_in_flight"]);
+}
+
+#[test]
+fn http_policy_mistakes_are_reported_with_their_paths() {
+    let f = file(
+        r#"
+[proxy.http]
+retry_on = ["conect-failure", 200]
+attempts = 0
+budget_ratio = 11
+
+[[proxy.http.routes]]
+hosts = ["api.shop.svc:8080"]
+
+[[proxy.http.routes]]
+ports = "80"
+backoff_base = "2s"
+
+[[proxy.http.routes]]
+"#,
+    );
+    let errs = errors(&Sources {
+        file: Some(f.path().into()),
+        ..Default::default()
+    });
+    let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    let find = |path: &str| {
+        text.iter()
+            .find(|t| t.starts_with(&format!("{path}:")))
+            .unwrap_or_else(|| panic!("no error for {path} in {text:#?}"))
+    };
+    assert!(find("proxy.http.retry_on[0]").contains("did you mean `connect-failure`"));
+    assert!(find("proxy.http.retry_on[1]").contains("not an error"));
+    assert!(find("proxy.http.routes[0].hosts[0]").contains("match the port with `ports`"));
+    // Once values parse, the rules across them are checked.
+    let f2 = file(
+        r#"
+[proxy.http]
+attempts = 0
+budget_ratio = 11
+
+[[proxy.http.routes]]
+ports = "80"
+backoff_base = "2s"
+
+[[proxy.http.routes]]
+name = "everything"
+"#,
+    );
+    let errs = errors(&Sources {
+        file: Some(f2.path().into()),
+        ..Default::default()
+    });
+    let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "proxy.http.attempts",
+            "proxy.http.budget_ratio",
+            "proxy.http.routes[0].backoff_base",
+            "proxy.http.routes[1]",
+        ],
+        "{text:#?}"
+    );
+    assert!(text[0].contains("at least 1"), "{}", text[0]);
+    assert!(
+        text[2].contains("backoff_base (2s) is longer than backoff_max (250ms, from proxy.http)"),
+        "{}",
+        text[2]
+    );
+    assert!(
+        text[2].contains(&f2.path().display().to_string()),
+        "a route's error names the file that set it: {}",
+        text[2]
+    );
+    assert!(text[3].contains("matches every request"), "{}", text[3]);
+}
+
+#[test]
+fn a_route_is_blamed_for_the_side_of_a_rule_it_set() {
+    let errs = errors(&Sources {
+        env: env(&[(
+            "LEGATE_PROXY_HTTP_ROUTES",
+            r#"[{ ports = "80", backoff_max = "10ms", per_try_timeout = "5s", request_timeout = "1s" }]"#,
+        )]),
+        ..Default::default()
+    });
+    let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert_eq!(text.len(), 2, "{text:#?}");
+    assert!(
+        text[0].starts_with("proxy.http.routes[0].backoff_max: backoff_base (25ms, from proxy.http) is longer than backoff_max (10ms)"),
+        "{}",
+        text[0]
+    );
+    assert!(text[0].contains("LEGATE_PROXY_HTTP_ROUTES"), "{}", text[0]);
+    assert!(
+        text[1].starts_with("proxy.http.routes[0].per_try_timeout:"),
+        "{}",
+        text[1]
+    );
+}

@@ -599,6 +599,203 @@ text_scalar!(
     AllowRule => "authenticated, unauthenticated, a SPIFFE ID, or a prefix like spiffe://td/ns/shop/*",
 );
 
+/// A condition under which an HTTP request is retried, as written in
+/// `retry_on`: one of [`RetryCondition::WORDS`] or a status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RetryCondition {
+    /// `connect-failure`: no connection to the destination could be made,
+    /// so nothing was sent.
+    ConnectFailure,
+    /// `refused-stream`: HTTP/2 `REFUSED_STREAM`, or a `GOAWAY` that leaves
+    /// the stream unprocessed; the server guarantees it did nothing.
+    RefusedStream,
+    /// `reset`: the connection or stream broke after the request was sent
+    /// and before a response arrived.
+    Reset,
+    /// `gateway-error`: 502, 503 or 504, and a per-try timeout.
+    GatewayError,
+    /// `5xx`: any 500-599 response, and a per-try timeout.
+    ServerError,
+    /// `grpc-unavailable`: a gRPC response with `grpc-status: 14` in its headers.
+    GrpcUnavailable,
+    /// A status code: `429`, `409`.
+    Status(u16),
+}
+
+impl RetryCondition {
+    /// The conditions written as words.
+    pub const WORDS: &'static [&'static str] = &[
+        "connect-failure",
+        "refused-stream",
+        "reset",
+        "gateway-error",
+        "5xx",
+        "grpc-unavailable",
+    ];
+}
+
+impl FromStr for RetryCondition {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let word = s.trim().to_ascii_lowercase();
+        let c = match word.as_str() {
+            "connect-failure" => RetryCondition::ConnectFailure,
+            "refused-stream" => RetryCondition::RefusedStream,
+            "reset" => RetryCondition::Reset,
+            "gateway-error" => RetryCondition::GatewayError,
+            "5xx" => RetryCondition::ServerError,
+            "grpc-unavailable" => RetryCondition::GrpcUnavailable,
+            w if w.bytes().all(|b| b.is_ascii_digit()) => {
+                return match w.parse::<u16>() {
+                    // Only an error can be worth retrying: a 1xx-3xx is an
+                    // answer, and a 2xx retried would repeat a success.
+                    Ok(code @ 400..=599) => Ok(RetryCondition::Status(code)),
+                    _ => Err(format!(
+                        "status {w} is not an error; list codes from 400 to 599"
+                    )),
+                };
+            }
+            w => {
+                return Err(
+                    match crate::error::suggest(w, Self::WORDS.iter().copied()) {
+                        Some(m) => format!("did you mean `{m}`?"),
+                        None => format!("`{w}` is neither a condition nor a status code"),
+                    },
+                )
+            }
+        };
+        Ok(c)
+    }
+}
+
+impl fmt::Display for RetryCondition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let word = match self {
+            RetryCondition::ConnectFailure => "connect-failure",
+            RetryCondition::RefusedStream => "refused-stream",
+            RetryCondition::Reset => "reset",
+            RetryCondition::GatewayError => "gateway-error",
+            RetryCondition::ServerError => "5xx",
+            RetryCondition::GrpcUnavailable => "grpc-unavailable",
+            RetryCondition::Status(code) => return write!(f, "{code}"),
+        };
+        f.write_str(word)
+    }
+}
+
+impl Scalar for RetryCondition {
+    fn expected() -> String {
+        format!(
+            "one of {} or a status code from 400 to 599",
+            Self::WORDS.join(", ")
+        )
+    }
+    fn parse(v: &Value) -> Result<Self, Option<String>> {
+        match v {
+            Value::Integer(i) => i.to_string().parse().map_err(Some),
+            _ => as_text(v).ok_or(None)?.parse().map_err(Some),
+        }
+    }
+    fn encode(&self) -> Value {
+        match self {
+            RetryCondition::Status(code) => Value::Integer(i64::from(*code)),
+            other => Value::String(other.to_string()),
+        }
+    }
+}
+
+/// A request authority to match, without the port: `api.shop.svc` exactly,
+/// or `*.shop.svc` for every name under `shop.svc` (but not `shop.svc`
+/// itself). Matching ignores ASCII case and a trailing dot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    /// The whole name, lowercase, without a trailing dot.
+    Exact(String),
+    /// The suffix a name must end with, lowercase, starting with `.`.
+    Suffix(String),
+}
+
+impl HostPattern {
+    /// Whether `host` (no port) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        let host = host.strip_suffix('.').unwrap_or(host);
+        match self {
+            HostPattern::Exact(name) => host.eq_ignore_ascii_case(name),
+            HostPattern::Suffix(suffix) => {
+                host.len() > suffix.len()
+                    && host.is_char_boundary(host.len() - suffix.len())
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
+        }
+    }
+}
+
+impl FromStr for HostPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (wild, name) = match s.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        if name.is_empty() {
+            return Err(if wild {
+                "`*.` needs a domain after it, like *.example.com".into()
+            } else {
+                "the host is empty".into()
+            });
+        }
+        if name.contains('*') {
+            return Err("`*` is only allowed as a whole first label, like *.example.com".into());
+        }
+        if let Some(inner) = name.strip_prefix('[') {
+            // An IPv6 literal, as it appears in an authority.
+            let ok = !wild
+                && inner
+                    .strip_suffix(']')
+                    .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+            return if ok {
+                Ok(HostPattern::Exact(name))
+            } else {
+                Err("not an IPv6 address in brackets like [fd00::1]".into())
+            };
+        }
+        if name.contains(':') {
+            return Err("hosts are matched without the port; match the port with `ports`".into());
+        }
+        if name.split('.').any(str::is_empty) {
+            return Err("the name has an empty label ('..' or a leading '.')".into());
+        }
+        if let Some(c) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return Err(format!(
+                "`{c}` is not allowed in a host name; use letters, digits, '-', '_' and '.'"
+            ));
+        }
+        Ok(if wild {
+            HostPattern::Suffix(format!(".{name}"))
+        } else {
+            HostPattern::Exact(name)
+        })
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(name) => f.write_str(name),
+            HostPattern::Suffix(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+text_scalar!(
+    HostPattern => "a host like api.shop.svc or a wildcard like *.shop.svc",
+);
+
 scalar_field!(
     ByteSize,
     PortSet,
@@ -611,6 +808,8 @@ scalar_field!(
     Ipv6Mode,
     Backend,
     AllowRule,
+    RetryCondition,
+    HostPattern,
 );
 
 #[cfg(test)]
@@ -663,6 +862,57 @@ mod tests {
             "spiffe://example.org/a b",
         ] {
             assert!(bad.parse::<SpiffeId>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn retry_conditions_are_words_or_error_statuses() {
+        assert_eq!("gateway-error".parse(), Ok(RetryCondition::GatewayError));
+        assert_eq!(" 5XX ".parse(), Ok(RetryCondition::ServerError));
+        assert_eq!("429".parse(), Ok(RetryCondition::Status(429)));
+        let typo = "gateway_eror".parse::<RetryCondition>().unwrap_err();
+        assert!(typo.contains("did you mean `gateway-error`"), "{typo}");
+        assert!("200"
+            .parse::<RetryCondition>()
+            .unwrap_err()
+            .contains("not an error"));
+        assert!("70000".parse::<RetryCondition>().is_err());
+        assert!("sometimes".parse::<RetryCondition>().is_err());
+        for c in RetryCondition::WORDS {
+            let parsed: RetryCondition = c.parse().unwrap();
+            assert_eq!(parsed.to_string(), *c);
+        }
+        assert_eq!(
+            <RetryCondition as Scalar>::parse(&Value::Integer(503)),
+            Ok(RetryCondition::Status(503))
+        );
+    }
+
+    #[test]
+    fn host_patterns_match_names_and_suffixes() {
+        let exact: HostPattern = "API.Shop.svc.".parse().unwrap();
+        assert!(exact.matches("api.shop.svc") && exact.matches("api.SHOP.svc."));
+        assert!(!exact.matches("x.api.shop.svc"));
+        let wild: HostPattern = "*.shop.svc".parse().unwrap();
+        assert_eq!(wild.to_string(), "*.shop.svc");
+        assert!(wild.matches("api.shop.svc") && wild.matches("a.b.Shop.Svc"));
+        assert!(!wild.matches("shop.svc"), "the wildcard needs a label");
+        assert!(!wild.matches("xshop.svc"));
+        assert!(!wild.matches("é.shop.sv"), "non-ASCII never panics");
+        let v6: HostPattern = "[FD00::1]".parse().unwrap();
+        assert!(v6.matches("[fd00::1]"));
+        for (bad, why) in [
+            ("api.shop.svc:8080", "ports"),
+            ("*", "only allowed"),
+            ("*.", "needs a domain"),
+            ("api*.shop", "only allowed"),
+            ("a..b", "empty label"),
+            ("a b", "not allowed"),
+            ("[zz]", "IPv6"),
+            ("", "empty"),
+        ] {
+            let err = bad.parse::<HostPattern>().unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
         }
     }
 
