@@ -41,7 +41,7 @@ pub struct InitArgs {
     #[arg(long)]
     pub validate: bool,
 
-    /// Destination the validation connects to (repeatable); defaults to 192.0.2.1:9 and [2001:db8::1]:9
+    /// Destination the validation connects to (repeatable); defaults to 192.0.2.1:9, and 2001:db8::1 port 9 for IPv6
     #[arg(
         long = "validate-target",
         value_name = "ADDR:PORT",

@@ -3,7 +3,7 @@
 //!
 //! The work is split by what it touches:
 //!
-//! - [`plan`] turns configuration into the wanted `nat` rules and into the
+//! - [`plan`](mod@plan) turns configuration into the wanted `nat` rules and into the
 //!   `iptables-restore` input that installs them. It is pure, so every
 //!   choice about which rules exist is covered by golden tests.
 //! - [`state`] parses `iptables-save` into legate's part and everyone
