@@ -143,7 +143,8 @@ impl CaClient {
         self.get(api::PATH_HEALTH).await.map(|_| ())
     }
 
-    async fn get(&self, path: &str) -> Result<Bytes, ClientError> {
+    /// GETs any API path; for diagnostics.
+    pub async fn get(&self, path: &str) -> Result<Bytes, ClientError> {
         let req = Request::builder()
             .method(Method::GET)
             .uri(path)

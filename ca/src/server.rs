@@ -33,10 +33,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -537,27 +537,48 @@ impl Shared {
                 ),
             )
         };
-        if let Some(len) = req
+        let declared = req
             .headers()
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            if len > max as u64 {
-                return Err(too_large());
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > DRAIN_LIMIT as u64) {
+            // Far too large to be worth reading even to discard it.
+            return Err(too_large());
+        }
+        // Read up to the limit; past it, keep reading (and discarding) up to
+        // DRAIN_LIMIT so that the client, still writing, receives the 413
+        // instead of a connection reset. The request deadline still applies.
+        let mut body = req.into_body();
+        let mut buf = BytesMut::new();
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                Failure::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_request",
+                    format!("cannot read the body: {e}"),
+                )
+            })?;
+            if let Ok(data) = frame.into_data() {
+                total = total.saturating_add(data.len());
+                if total <= max {
+                    buf.extend_from_slice(&data);
+                } else if total > DRAIN_LIMIT {
+                    break;
+                }
             }
         }
-        match Limited::new(req.into_body(), max).collect().await {
-            Ok(c) => Ok(c.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-            Err(e) => Err(Failure::new(
-                StatusCode::BAD_REQUEST,
-                "malformed_request",
-                format!("cannot read the body: {e}"),
-            )),
+        if total > max {
+            return Err(too_large());
         }
+        Ok(buf.freeze())
     }
 }
+
+/// Bodies past `ca.max_body` are read and discarded up to this size, so the
+/// client hears why it was refused.
+const DRAIN_LIMIT: usize = 1024 * 1024;
 
 fn internal(detail: &str) -> Failure {
     Failure::new(

@@ -109,6 +109,9 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(LiveCert(creds.clone())));
     config.alpn_protocols = alpn;
+    // No resumption: see `build_client_config`.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Arc::new(config)
 }
 
@@ -160,6 +163,12 @@ fn build_client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(LiveCert(creds.clone())));
     config.alpn_protocols = alpn;
+    // No session resumption. A resumed session skips certificate
+    // verification and carries the identities of the first handshake: an
+    // expired certificate, one under a since-retired root, or (for the CA
+    // client) the absence of a certificate before bootstrap would ride the
+    // ticket. Mesh connections are pooled, so full handshakes are rare.
+    config.resumption = rustls::client::Resumption::disabled();
     Arc::new(config)
 }
 
@@ -181,6 +190,43 @@ pub fn peer_id(conn: &CommonState) -> Option<SpiffeId> {
     let leaf = conn.peer_certificates()?.first()?;
     let parsed = pki::parse_cert(leaf).ok()?;
     pki::spiffe_id(&parsed).ok()
+}
+
+/// Verifies an X509-SVID chain (leaf first) against `bundle` as a mesh
+/// peer would, for both client and server use, and returns its SPIFFE ID.
+/// For tools and tests; the TLS configs do this per handshake.
+pub fn verify_svid(
+    bundle: &Bundle,
+    chain: &[CertificateDer<'_>],
+    matcher: &PeerMatcher,
+    now: std::time::SystemTime,
+) -> Result<SpiffeId, rustls::Error> {
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    let now = UnixTime::since_unix_epoch(
+        now.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default(),
+    );
+    let algs = provider().signature_verification_algorithms;
+    verify_chain(
+        bundle,
+        leaf,
+        intermediates,
+        now,
+        webpki::KeyUsage::server_auth(),
+        matcher,
+        &algs,
+    )?;
+    verify_chain(
+        bundle,
+        leaf,
+        intermediates,
+        now,
+        webpki::KeyUsage::client_auth(),
+        matcher,
+        &algs,
+    )
 }
 
 /// Where the trust anchors come from.
