@@ -18,10 +18,9 @@
 //!   endpoint fail well before its own timeouts fire.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use nix::sys::socket::{getsockopt, sockopt};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -96,28 +95,10 @@ pub async fn connect(
 }
 
 /// The destination a captured connection was addressed to before the
-/// `REDIRECT` rule rewrote it, from conntrack via `SO_ORIGINAL_DST`
-/// (`IP6T_SO_ORIGINAL_DST` for IPv6). nix wraps the `getsockopt` call, so
-/// no `unsafe` is needed here.
+/// `REDIRECT` rule rewrote it. The interception crate owns this call, since
+/// it is the other half of the rules it installs.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
-    let local = stream.local_addr()?;
-    let to_io = |e: nix::Error| io::Error::from_raw_os_error(e as i32);
-    if local.is_ipv4() {
-        let sa = getsockopt(stream, sockopt::OriginalDst).map_err(to_io)?;
-        let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
-        Ok(SocketAddr::V4(SocketAddrV4::new(
-            ip,
-            u16::from_be(sa.sin_port),
-        )))
-    } else {
-        let sa = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(to_io)?;
-        let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
-        // An IPv4 client on a dual-stack socket shows up mapped; report it as IPv4.
-        Ok(match ip.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), u16::from_be(sa.sin6_port)),
-            None => SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sa.sin6_port), 0, 0)),
-        })
-    }
+    legate_init::orig_dst::original_dst(stream)
 }
 
 /// Closes a connection with a RST instead of a FIN, so that the client sees
