@@ -481,7 +481,10 @@ impl ResolvesClientCert for LiveCert {
         _root_hint_subjects: &[&[u8]],
         sigschemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        let creds = self.0.load()?;
+        // An expired certificate would only make the server abort the
+        // handshake; without one, a server with optional client auth (the
+        // CA) can still authenticate the request another way (a token).
+        let creds = self.0.load_valid()?;
         let key = creds.certified_key();
         // Send nothing rather than a certificate the server cannot check.
         key.key
@@ -491,6 +494,6 @@ impl ResolvesClientCert for LiveCert {
     }
 
     fn has_certs(&self) -> bool {
-        self.0.load().is_some()
+        self.0.load_valid().is_some()
     }
 }
