@@ -52,6 +52,10 @@ enum Command {
     /// Run and manage the certificate authority: init, serve, token, rotate, inspect, issue
     #[command(subcommand)]
     Ca(legate_ca::cli::CaCommand),
+    /// Install, check or remove the iptables rules that send a namespace's TCP through the proxy
+    Init(legate_init::cli::InitArgs),
+    /// Add the init container and sidecar to Kubernetes manifests: YAML from -f FILE or stdin, to stdout
+    Inject(legate_inject::cli::InjectArgs),
     /// Run the sidecar proxy: capture listeners, mTLS with the workload certificate, policy
     Proxy(crate::proxy_cmd::ProxyArgs),
     /// Wait until the local proxy is ready; for startup ordering and health checks
@@ -144,6 +148,26 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Config(ConfigCommand::Keys) => config_keys(),
         Command::Ca(cmd) => match prepare(&cli.global, cmd.config_overrides()) {
             Ok(loaded) => legate_ca::cli::run_blocking(cmd, &loaded.config),
+            Err(code) => code,
+        },
+        Command::Init(args) => match prepare(&cli.global, args.config_overrides()) {
+            Ok(loaded) => match legate_init::cli::run(&args, &loaded.config) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(code) => code,
+        },
+        Command::Inject(args) => match prepare(&cli.global, Vec::new()) {
+            Ok(loaded) => match legate_inject::cli::run(&args, &loaded.config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Err(code) => code,
         },
         Command::Proxy(args) => match prepare(&cli.global, args.config_overrides()) {
