@@ -1,0 +1,292 @@
+//! The `legate.dev/*` annotations a workload uses to tune its injection.
+//!
+//! Values are checked here, with the same parser `legate init` and
+//! `legate proxy` will apply to the environment variables they become, so
+//! a typo fails at `legate inject` time, naming the document and the
+//! annotation, rather than in a crash-looping pod.
+
+use legate_config::{FlagValue, LoadError, Problem, Sources};
+use saphyr::Mapping;
+
+use crate::node::{get, text};
+
+/// The prefix of every annotation legate reads or writes.
+pub const PREFIX: &str = "legate.dev/";
+/// `"false"` leaves the workload out of the mesh.
+pub const INJECT: &str = "legate.dev/inject";
+/// Set on injected pods to the injecting legate's version.
+pub const INJECTED: &str = "legate.dev/injected";
+
+/// An annotation that sets a configuration key in one of the containers.
+pub(crate) struct Setting {
+    pub annotation: &'static str,
+    /// The configuration key, checked by `legate_config`.
+    pub key: &'static str,
+    /// The environment variable the container gets.
+    pub env: &'static str,
+    pub container: Target,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    Init,
+    Proxy,
+}
+
+/// Every annotation that becomes configuration, in the order the
+/// environment variables are written.
+pub(crate) const SETTINGS: &[Setting] = &[
+    Setting {
+        annotation: "legate.dev/skip-inbound-ports",
+        key: "init.exclude_inbound_ports",
+        env: "LEGATE_INIT_EXCLUDE_INBOUND_PORTS",
+        container: Target::Init,
+    },
+    Setting {
+        annotation: "legate.dev/inbound-ports",
+        key: "init.include_inbound_ports",
+        env: "LEGATE_INIT_INCLUDE_INBOUND_PORTS",
+        container: Target::Init,
+    },
+    Setting {
+        annotation: "legate.dev/skip-outbound-ports",
+        key: "init.exclude_outbound_ports",
+        env: "LEGATE_INIT_EXCLUDE_OUTBOUND_PORTS",
+        container: Target::Init,
+    },
+    Setting {
+        annotation: "legate.dev/skip-outbound-cidrs",
+        key: "init.exclude_outbound_cidrs",
+        env: "LEGATE_INIT_EXCLUDE_OUTBOUND_CIDRS",
+        container: Target::Init,
+    },
+    Setting {
+        annotation: "legate.dev/mode",
+        key: "proxy.mode",
+        env: "LEGATE_PROXY_MODE",
+        container: Target::Proxy,
+    },
+    Setting {
+        annotation: "legate.dev/opaque-ports",
+        key: "proxy.opaque_ports",
+        env: "LEGATE_PROXY_OPAQUE_PORTS",
+        container: Target::Proxy,
+    },
+];
+
+/// Annotations that size the proxy container, with their defaults.
+pub(crate) const CPU_REQUEST: (&str, &str) = ("legate.dev/proxy-cpu-request", "50m");
+pub(crate) const MEMORY_REQUEST: (&str, &str) = ("legate.dev/proxy-memory-request", "32Mi");
+pub(crate) const MEMORY_LIMIT: (&str, &str) = ("legate.dev/proxy-memory-limit", "128Mi");
+
+/// Every annotation name legate knows, for spotting typos.
+pub(crate) fn known() -> impl Iterator<Item = &'static str> {
+    [
+        INJECT,
+        INJECTED,
+        CPU_REQUEST.0,
+        MEMORY_REQUEST.0,
+        MEMORY_LIMIT.0,
+    ]
+    .into_iter()
+    .chain(SETTINGS.iter().map(|s| s.annotation))
+}
+
+/// A bad annotation: its name and what is wrong.
+pub(crate) type Bad = (String, String);
+
+/// The workload's annotations: the pod template's, falling back to the
+/// workload's own for any the template does not set.
+pub(crate) struct Annotations<'a, 'i> {
+    pub pod: Option<&'a Mapping<'i>>,
+    pub workload: Option<&'a Mapping<'i>>,
+}
+
+impl Annotations<'_, '_> {
+    /// The value of an annotation. A value that is not a scalar is an error.
+    pub fn get(&self, name: &str) -> Result<Option<&str>, Bad> {
+        for m in [self.pod, self.workload].into_iter().flatten() {
+            if let Some(v) = get(m, name) {
+                return match text(v) {
+                    Some(s) => Ok(Some(s)),
+                    None => Err((name.to_owned(), "the value must be a string".into())),
+                };
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the workload opted out with `legate.dev/inject: "false"`.
+    pub fn opted_out(&self) -> Result<bool, Bad> {
+        match self.get(INJECT)? {
+            None => Ok(false),
+            Some(v) if v.eq_ignore_ascii_case("false") => Ok(true),
+            Some(v) if v.eq_ignore_ascii_case("true") => Ok(false),
+            Some(v) => Err((
+                INJECT.into(),
+                format!("{v:?} is neither \"true\" nor \"false\"; write \"false\" to leave the workload out of the mesh"),
+            )),
+        }
+    }
+
+    /// `legate.dev/` annotations that legate does not know, with the
+    /// closest known name.
+    pub fn unknown(&self) -> Option<Bad> {
+        for m in [self.pod, self.workload].into_iter().flatten() {
+            for k in m.keys().filter_map(text) {
+                if k.starts_with(PREFIX) && !known().any(|n| n == k) {
+                    let best = known()
+                        .min_by_key(|n| edit_distance(n, k))
+                        .unwrap_or(INJECT);
+                    return Some((
+                        k.to_owned(),
+                        format!("legate has no such annotation; did you mean {best}?"),
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// The configuration the annotations set, as `(setting, value)` pairs,
+    /// each value checked by the configuration parser.
+    pub fn settings(&self) -> Result<Vec<(&'static Setting, String)>, Bad> {
+        let mut out = Vec::new();
+        for s in SETTINGS {
+            let Some(value) = self.get(s.annotation)? else {
+                continue;
+            };
+            check(s, value).map_err(|m| (s.annotation.to_owned(), m))?;
+            out.push((s, value.to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// The proxy's resources: `(cpu request, memory request, memory limit)`.
+    pub fn resources(&self) -> Result<[String; 3], Bad> {
+        let one = |(name, default): (&str, &str)| -> Result<String, Bad> {
+            match self.get(name)? {
+                None => Ok(default.to_owned()),
+                Some(v) if is_quantity(v) => Ok(v.to_owned()),
+                Some(v) => Err((
+                    name.to_owned(),
+                    format!("{v:?} is not a Kubernetes quantity such as 100m, 0.5, 64Mi or 1Gi"),
+                )),
+            }
+        };
+        Ok([one(CPU_REQUEST)?, one(MEMORY_REQUEST)?, one(MEMORY_LIMIT)?])
+    }
+}
+
+/// Checks one value with `legate_config`, as the container will read it.
+fn check(s: &Setting, value: &str) -> Result<(), String> {
+    let sources = Sources {
+        flags: vec![FlagValue {
+            path: s.key.into(),
+            value: value.into(),
+            flag: s.annotation.into(),
+        }],
+        ..Default::default()
+    };
+    match legate_config::load(&sources) {
+        Ok(_) => Ok(()),
+        Err(LoadError::Invalid(errs)) => Err(errs
+            .0
+            .iter()
+            .map(|e| match &e.problem {
+                Problem::Invalid {
+                    value,
+                    expected,
+                    detail,
+                } => match detail {
+                    Some(d) => format!("invalid value {value}: {d}; expected {expected}"),
+                    None => format!("invalid value {value}; expected {expected}"),
+                },
+                Problem::Rule(r) => r.clone(),
+                Problem::Unknown { .. } => format!("{} is not a configuration key", e.path),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A Kubernetes resource quantity: a decimal number with an optional
+/// exponent or binary/decimal suffix (`100m`, `0.5`, `64Mi`, `1e3`).
+pub(crate) fn is_quantity(s: &str) -> bool {
+    let body = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let digits_end = body
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(body.len());
+    let (number, suffix) = body.split_at(digits_end);
+    let number_ok = !number.is_empty() && number != "." && number.matches('.').count() <= 1;
+    let suffix_ok = matches!(
+        suffix,
+        "" | "n"
+            | "u"
+            | "m"
+            | "k"
+            | "M"
+            | "G"
+            | "T"
+            | "P"
+            | "E"
+            | "Ki"
+            | "Mi"
+            | "Gi"
+            | "Ti"
+            | "Pi"
+            | "Ei"
+    ) || suffix
+        .strip_prefix(['e', 'E'])
+        .map(|e| e.strip_prefix(['+', '-']).unwrap_or(e))
+        .is_some_and(|e| !e.is_empty() && e.chars().all(|c| c.is_ascii_digit()));
+    number_ok && suffix_ok
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        for q in ["50m", "1", "0.5", "128Mi", "1Gi", "1e3", "+2"] {
+            assert!(is_quantity(q), "{q}");
+        }
+        for q in ["", "Mi", "50 m", "1.2.3", "64MB", "e3", "1e"] {
+            assert!(!is_quantity(q), "{q}");
+        }
+    }
+
+    #[test]
+    fn values_are_checked_like_the_environment() {
+        let mode = &SETTINGS[4];
+        assert!(check(mode, "strict").is_ok());
+        let e = check(mode, "strikt").unwrap_err();
+        assert!(e.contains("strict"), "{e}");
+        let cidrs = &SETTINGS[3];
+        assert!(check(cidrs, "10.0.0.0/8,fd00::/8").is_ok());
+        assert!(check(cidrs, "10.0.0.0/33").is_err());
+        assert!(check(&SETTINGS[0], "80,8000-8100").is_ok());
+        assert!(check(&SETTINGS[0], "eighty").is_err());
+    }
+
+    #[test]
+    fn typos_get_a_suggestion() {
+        assert_eq!(edit_distance("legate.dev/mode", "legate.dev/mod"), 1);
+    }
+}

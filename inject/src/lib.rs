@@ -1,0 +1,408 @@
+//! `legate inject`: adds legate's init container and sidecar to Kubernetes
+//! manifests. YAML in, YAML out, nothing else: no cluster access, no
+//! webhook, so the result can be reviewed, diffed and committed.
+//!
+//! ```text
+//! legate inject -f app.yaml | kubectl apply -f -
+//! ```
+//!
+//! Every document of a multi-document stream is handled on its own, in
+//! order:
+//!
+//! - a Pod, or the pod template of a Deployment, StatefulSet, DaemonSet,
+//!   ReplicaSet, ReplicationController, Job or CronJob (and the same kinds
+//!   inside a `kind: List`) gets the `legate-init` container, the
+//!   `legate-proxy` sidecar, their two volumes and the annotation
+//!   `legate.dev/injected: "<version>"` ([`pod`] says what they are);
+//! - a pod that already carries that annotation, or opts out with
+//!   `legate.dev/inject: "false"`, is left as it is, so running inject
+//!   twice gives the same output as running it once;
+//! - a pod with `hostNetwork: true` is refused: its iptables rules would
+//!   capture the node's traffic;
+//! - every other document (Services, ConfigMaps, partial objects such as
+//!   patches) is passed through.
+//!
+//! A document that is not changed is written back byte for byte, comments
+//! included ([`split`] explains how). A changed document is written back
+//! with its key order and the exact text of every scalar, and with the
+//! comments above it, but without the comments inside it; [`emit`] lists
+//! what is and is not kept.
+//!
+//! The annotations a workload can set are in [`annotations`].
+
+#![forbid(unsafe_code)]
+
+pub mod annotations;
+pub mod cli;
+mod emit;
+mod error;
+mod node;
+pub mod pod;
+mod split;
+
+use saphyr::{Mapping, Yaml, YamlLoader};
+use saphyr_parser::Parser;
+
+pub use error::{InjectError, Location};
+pub use pod::Options;
+
+use annotations::{Annotations, INJECTED};
+use node::{as_map, as_map_mut, as_seq, as_seq_mut, entry, get, get_mut, is_true, text};
+
+/// The version written into `legate.dev/injected` and the default image tag.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What happened to one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// The init container and sidecar were added.
+    Injected,
+    /// It already had `legate.dev/injected`; left as it is.
+    AlreadyInjected,
+    /// `legate.dev/inject: "false"`; left as it is.
+    OptedOut,
+    /// A kind with a pod template, but without a complete one (no
+    /// containers), such as a patch; left as it is.
+    Incomplete,
+    /// A kind without a pod template; passed through.
+    NoPodTemplate,
+}
+
+/// One object's outcome, for the operator's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub at: Location,
+    pub kind: String,
+    pub action: Action,
+}
+
+/// The rewritten stream and what was done to each object.
+#[derive(Debug, Clone)]
+pub struct Injected {
+    pub text: String,
+    pub reports: Vec<Report>,
+}
+
+/// Injects every pod in `input`, a stream of YAML documents.
+pub fn inject(input: &str, opts: &Options) -> Result<Injected, InjectError> {
+    let mut out = String::with_capacity(input.len() * 2);
+    let mut reports = Vec::new();
+    let mut index = 0;
+    for chunk in split::split(input) {
+        let Some(mut doc) = parse(&chunk, index + 1)? else {
+            out.push_str(chunk.text);
+            continue;
+        };
+        index += 1;
+        let line = chunk.first_line + split::content_line(chunk.text) - 1;
+        let at = Location {
+            document: index,
+            line,
+            what: describe(&doc),
+        };
+        let changed = if is_list(&doc) {
+            let mut changed = false;
+            if let Some(items) = as_map_mut(&mut doc)
+                .and_then(|m| get_mut(m, "items"))
+                .and_then(as_seq_mut)
+            {
+                for (i, item) in items.iter_mut().enumerate() {
+                    let at = Location {
+                        what: format!("List item {} ({})", i + 1, describe(item)),
+                        ..at.clone()
+                    };
+                    changed |= object(item, &at, opts, &mut reports)?;
+                }
+            }
+            changed
+        } else {
+            object(&mut doc, &at, opts, &mut reports)?
+        };
+        if changed {
+            out.push_str(&split::header(chunk.text));
+            emit::document(&doc, &mut out).map_err(|e| InjectError::Shape {
+                at: at.clone(),
+                message: format!("cannot be written back: {e}"),
+            })?;
+            if split::has_end_marker(chunk.text) {
+                out.push_str("...\n");
+            }
+        } else {
+            out.push_str(chunk.text);
+        }
+    }
+    Ok(Injected { text: out, reports })
+}
+
+/// Parses one piece of the stream; `None` when it holds no document (only
+/// comments, or an empty document).
+fn parse<'a>(chunk: &split::Chunk<'a>, document: usize) -> Result<Option<Yaml<'a>>, InjectError> {
+    let syntax = |e: &saphyr::ScanError| InjectError::Syntax {
+        document,
+        line: chunk.first_line + e.marker().line().saturating_sub(1),
+        column: e.marker().col() + 1,
+        message: e.info().to_owned(),
+    };
+    let mut loader: YamlLoader<'a, Yaml<'a>> = YamlLoader::default();
+    // Keep every scalar as written: see `node`.
+    loader.early_parse(false);
+    Parser::new_from_str(chunk.text)
+        .load(&mut loader, true)
+        .map_err(|e| syntax(&e))?;
+    if let Some(e) = loader.error() {
+        return Err(syntax(e));
+    }
+    let mut docs = loader.into_documents();
+    match docs.len() {
+        0 => Ok(None),
+        1 => Ok(Some(docs.remove(0)).filter(|d| !matches!(d, Yaml::BadValue))),
+        _ => Err(InjectError::Syntax {
+            document,
+            line: chunk.first_line,
+            column: 1,
+            message: "more than one document where one was expected; separate documents with a line holding only ---".into(),
+        }),
+    }
+}
+
+fn is_list(doc: &Yaml<'_>) -> bool {
+    as_map(doc)
+        .and_then(|m| get(m, "kind"))
+        .and_then(text)
+        .is_some_and(|k| k == "List")
+}
+
+/// `Deployment shop/web`, for messages.
+fn describe(doc: &Yaml<'_>) -> String {
+    let Some(m) = as_map(doc) else {
+        return "not a mapping".into();
+    };
+    let kind = get(m, "kind")
+        .and_then(text)
+        .unwrap_or("object without kind");
+    let meta = get(m, "metadata").and_then(as_map);
+    let field = |k: &str| meta.and_then(|meta| get(meta, k)).and_then(text);
+    match (field("namespace"), field("name").or(field("generateName"))) {
+        (Some(ns), Some(name)) => format!("{kind} {ns}/{name}"),
+        (None, Some(name)) => format!("{kind} {name}"),
+        _ => kind.to_owned(),
+    }
+}
+
+/// Where a kind keeps its pod template, or `None` for kinds without one.
+fn template_path(kind: &str) -> Option<&'static [&'static str]> {
+    match kind {
+        "Pod" => Some(&[]),
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "Job"
+        | "ReplicationController" => Some(&["spec", "template"]),
+        "CronJob" => Some(&["spec", "jobTemplate", "spec", "template"]),
+        _ => None,
+    }
+}
+
+fn annotations_of<'i>(m: &Mapping<'i>) -> Option<Mapping<'i>> {
+    get(m, "metadata")
+        .and_then(as_map)
+        .and_then(|meta| get(meta, "annotations"))
+        .and_then(as_map)
+        .cloned()
+}
+
+/// Injects one object; returns whether it changed.
+fn object(
+    doc: &mut Yaml<'_>,
+    at: &Location,
+    o: &Options,
+    reports: &mut Vec<Report>,
+) -> Result<bool, InjectError> {
+    let shape = |message: String| InjectError::Shape {
+        at: at.clone(),
+        message,
+    };
+    let kind = as_map(doc)
+        .and_then(|m| get(m, "kind"))
+        .and_then(text)
+        .unwrap_or_default()
+        .to_owned();
+    let mut report = |action| {
+        reports.push(Report {
+            at: at.clone(),
+            kind: kind.clone(),
+            action,
+        })
+    };
+    let Some(path) = template_path(&kind) else {
+        report(Action::NoPodTemplate);
+        return Ok(false);
+    };
+    let workload_annotations = as_map(doc).and_then(annotations_of);
+    let prefix: String = path.iter().map(|p| format!("{p}.")).collect();
+
+    // Find the pod template; a partial object (a patch) is left alone.
+    let mut t = &mut *doc;
+    for key in path {
+        match as_map_mut(t).and_then(|m| get_mut(m, key)) {
+            Some(next) => t = next,
+            None => {
+                report(Action::Incomplete);
+                return Ok(false);
+            }
+        }
+    }
+    let Some(template) = as_map_mut(t) else {
+        return Err(shape(format!(
+            "{} is not a mapping",
+            prefix.trim_end_matches('.')
+        )));
+    };
+    let Some(spec) = get(template, "spec").and_then(as_map) else {
+        report(Action::Incomplete);
+        return Ok(false);
+    };
+    let containers = match get(spec, "containers") {
+        None => {
+            report(Action::Incomplete);
+            return Ok(false);
+        }
+        Some(c) => {
+            as_seq(c).ok_or_else(|| shape(format!("{prefix}spec.containers is not a list")))?
+        }
+    };
+    if containers.is_empty() {
+        report(Action::Incomplete);
+        return Ok(false);
+    }
+    let first_container = containers
+        .first()
+        .and_then(as_map)
+        .and_then(|c| get(c, "name"))
+        .and_then(text)
+        .map(str::to_owned);
+
+    let pod_annotations = annotations_of(template);
+    let ann = Annotations {
+        pod: pod_annotations.as_ref(),
+        workload: workload_annotations.as_ref(),
+    };
+    let bad = |(annotation, message): annotations::Bad| InjectError::Annotation {
+        at: at.clone(),
+        annotation,
+        message,
+    };
+    if ann.opted_out().map_err(bad)? {
+        report(Action::OptedOut);
+        return Ok(false);
+    }
+    if pod_annotations
+        .as_ref()
+        .is_some_and(|m| get(m, INJECTED).is_some())
+    {
+        report(Action::AlreadyInjected);
+        return Ok(false);
+    }
+    if let Some(b) = ann.unknown() {
+        return Err(bad(b));
+    }
+    if get(spec, "hostNetwork").is_some_and(is_true) {
+        return Err(InjectError::HostNetwork { at: at.clone() });
+    }
+    let settings = ann.settings().map_err(bad)?;
+    let resources = ann.resources().map_err(bad)?;
+    check_names(spec, at, &prefix)?;
+
+    // Everything is checked; change the pod.
+    let meta = entry(template, "metadata", node::map([]), Some("spec"));
+    let meta = meta
+        .and_then(as_map_mut)
+        .ok_or_else(|| shape(format!("{prefix}metadata is not a mapping")))?;
+    let annotations = entry(meta, "annotations", node::map([]), None);
+    let annotations = annotations
+        .and_then(as_map_mut)
+        .ok_or_else(|| shape(format!("{prefix}metadata.annotations is not a mapping")))?;
+    annotations.insert(node::plain(INJECTED), node::string(o.version.as_str()));
+    if o.classic_sidecar {
+        // The proxy becomes the first container; keep `kubectl logs` and
+        // `kubectl exec` pointed at the application.
+        const DEFAULT: &str = "kubectl.kubernetes.io/default-container";
+        if let (None, Some(name)) = (get(annotations, DEFAULT), &first_container) {
+            annotations.insert(node::plain(DEFAULT), node::string(name.as_str()));
+        }
+    }
+
+    let spec = get_mut(template, "spec")
+        .and_then(as_map_mut)
+        .ok_or_else(|| shape(format!("{prefix}spec is not a mapping")))?;
+    let init = pod::init_container(o, &settings);
+    let proxy = pod::proxy_container(o, &settings, &resources);
+    let inits = entry(spec, "initContainers", node::seq([]), Some("containers"));
+    let inits = inits
+        .and_then(as_seq_mut)
+        .ok_or_else(|| shape(format!("{prefix}spec.initContainers is not a list")))?;
+    if o.classic_sidecar {
+        inits.insert(0, init);
+        let containers = get_mut(spec, "containers")
+            .and_then(as_seq_mut)
+            .ok_or_else(|| shape(format!("{prefix}spec.containers is not a list")))?;
+        containers.insert(0, proxy);
+    } else {
+        inits.insert(0, init);
+        inits.insert(1, proxy);
+    }
+    let volumes = entry(spec, "volumes", node::seq([]), None);
+    let volumes = volumes
+        .and_then(as_seq_mut)
+        .ok_or_else(|| shape(format!("{prefix}spec.volumes is not a list")))?;
+    volumes.extend(pod::volumes());
+    report(Action::Injected);
+    Ok(true)
+}
+
+/// Refuses a pod that already uses the names legate adds.
+fn check_names(spec: &Mapping<'_>, at: &Location, prefix: &str) -> Result<(), InjectError> {
+    let names = |key: &str| -> Vec<String> {
+        get(spec, key)
+            .and_then(as_seq)
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|c| as_map(c).and_then(|c| get(c, "name")).and_then(text))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for key in ["initContainers", "containers", "volumes"] {
+        if get(spec, key).is_some_and(|v| as_seq(v).is_none() && !node::is_null(v)) {
+            return Err(InjectError::Shape {
+                at: at.clone(),
+                message: format!("{prefix}spec.{key} is not a list"),
+            });
+        }
+    }
+    let containers = names("initContainers")
+        .into_iter()
+        .chain(names("containers"));
+    for name in containers {
+        if name == pod::INIT_NAME || name == pod::PROXY_NAME {
+            return Err(InjectError::Conflict {
+                at: at.clone(),
+                thing: "container",
+                name,
+            });
+        }
+    }
+    for name in names("volumes") {
+        if name == pod::TOKEN_VOLUME || name == pod::BUNDLE_VOLUME {
+            return Err(InjectError::Conflict {
+                at: at.clone(),
+                thing: "volume",
+                name,
+            });
+        }
+    }
+    Ok(())
+}
