@@ -10,8 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use legate_config::{InboundMode, SpiffeId};
@@ -21,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::detect::DETECT_TIMEOUT;
 use crate::detect::{detect, Protocol};
+use crate::policy::proxy_answer;
 use crate::pool::{Body, CONN_WINDOW, STREAM_WINDOW};
 use crate::relay::relay;
 use crate::socket;
@@ -155,22 +155,6 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
     }
 }
 
-/// An answer the proxy makes itself, marked so the peer can tell it apart
-/// from the application's.
-fn refuse(status: http::StatusCode, reason: impl Into<String>) -> http::Response<Body> {
-    let reason = reason.into();
-    let mut res = http::Response::new(
-        Full::new(Bytes::from(format!("{reason}\n")))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *res.status_mut() = status;
-    if let Ok(v) = http::HeaderValue::from_str(&reason) {
-        res.headers_mut().insert("legate-error", v);
-    }
-    res
-}
-
 /// One `CONNECT` stream from a peer proxy: authorize, connect to the
 /// application, then relay.
 async fn tunnel(
@@ -201,24 +185,27 @@ async fn tunnel(
         match target {
             Some(p) => p,
             None => {
-                return refuse(
+                return proxy_answer(
                     http::StatusCode::BAD_REQUEST,
                     "the request names no target port",
+                    false,
                 )
             }
         }
     };
     if port == cfg.inbound_port || port == cfg.outbound_port {
-        return refuse(
+        return proxy_answer(
             http::StatusCode::BAD_REQUEST,
-            format!("port {port} is the proxy's own; refusing a loop"),
+            &format!("port {port} is the proxy's own; refusing a loop"),
+            false,
         );
     }
     if !ctx.authz.allows(port, Some(&peer)) {
         warn!(client = %peer, server = %ctx.identity.local_id(), port, "refused by the port's authorization policy");
-        return refuse(
+        return proxy_answer(
             http::StatusCode::FORBIDDEN,
-            format!("{peer} is not allowed to reach port {port}"),
+            &format!("{peer} is not allowed to reach port {port}"),
+            false,
         );
     }
     if !plain_connect {
@@ -228,9 +215,10 @@ async fn tunnel(
         Ok(app) => app,
         Err(e) => {
             debug!(%client, port, error = %e, "application connect failed");
-            return refuse(
+            return proxy_answer(
                 http::StatusCode::BAD_GATEWAY,
-                format!("application port {port}: {e}"),
+                &format!("application port {port}: {e}"),
+                false,
             );
         }
     };

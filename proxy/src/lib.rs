@@ -22,6 +22,7 @@ pub mod detect;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod policy;
 pub mod pool;
 pub mod relay;
 pub mod router;

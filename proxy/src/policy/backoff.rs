@@ -64,7 +64,11 @@ mod tests {
         assert_eq!(ceilings, [25, 50, 100, 200, 250, 250]);
         assert_eq!(b.ceiling(0), 25 * MS, "retry 0 is treated as the first");
         assert_eq!(b.ceiling(u32::MAX), 250 * MS, "no overflow");
-        assert_eq!(Backoff::new(2 * MS, MS).ceiling(5), 2 * MS, "max below base");
+        assert_eq!(
+            Backoff::new(2 * MS, MS).ceiling(5),
+            2 * MS,
+            "max below base"
+        );
     }
 
     #[test]

@@ -383,12 +383,10 @@ impl Breakers {
         let breaker = self
             .map
             .get_or_insert_with(endpoint, || Breaker::new(self.settings));
-        breaker
-            .admit_at(now)
-            .map_err(|retry_after| BreakerOpen {
-                endpoint,
-                retry_after,
-            })
+        breaker.admit_at(now).map_err(|retry_after| BreakerOpen {
+            endpoint,
+            retry_after,
+        })
     }
 
     /// The breaker of an endpoint, if it has one yet.
@@ -407,7 +405,10 @@ mod tests {
     use super::*;
 
     const S: Duration = Duration::from_secs(1);
-    const EP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)), 80);
+    const EP: SocketAddr = SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)),
+        80,
+    );
 
     fn breakers() -> Breakers {
         Breakers::new(BreakerSettings {
@@ -440,7 +441,13 @@ mod tests {
         fail(&b, 1, now);
         assert_eq!(state(&b), BreakerState::Open);
         let err = b.admit_at(EP, now + S).unwrap_err();
-        assert_eq!(err, BreakerOpen { endpoint: EP, retry_after: 4 * S });
+        assert_eq!(
+            err,
+            BreakerOpen {
+                endpoint: EP,
+                retry_after: 4 * S
+            }
+        );
         let other: SocketAddr = "10.0.0.2:80".parse().unwrap();
         assert!(b.admit_at(other, now).is_ok(), "breakers are per endpoint");
     }
@@ -488,7 +495,7 @@ mod tests {
     fn the_ejection_count_resets_only_after_a_stable_period() {
         let b = breakers();
         let mut now = Instant::now();
-        let mut open_and_recover = |now: &mut Instant| {
+        let open_and_recover = |now: &mut Instant| {
             fail(&b, 3, *now);
             let open_for = b.admit_at(EP, *now).unwrap_err().retry_after;
             *now += open_for;
@@ -515,7 +522,9 @@ mod tests {
         // A request admitted before the breaker opened cannot close it.
         old.record_at(true, later);
         assert_eq!(state(&b), BreakerState::HalfOpen);
-        let probe = b.admit_at(EP, later).expect("the dropped probe's slot is free");
+        let probe = b
+            .admit_at(EP, later)
+            .expect("the dropped probe's slot is free");
         assert!(probe.is_probe());
         probe.record_at(false, later);
         assert_eq!(state(&b), BreakerState::Open);

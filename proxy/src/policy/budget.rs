@@ -57,7 +57,11 @@ impl RetryBudget {
         RetryBudget {
             start: Instant::now(),
             bucket_nanos: (window.as_nanos() / BUCKETS as u128).max(1) as u64,
-            ratio: if ratio.is_finite() { ratio.max(0.0) } else { 0.0 },
+            ratio: if ratio.is_finite() {
+                ratio.max(0.0)
+            } else {
+                0.0
+            },
             reserve: (f64::from(min_per_second) * window.as_secs_f64()).ceil() as u64,
             deposits: Default::default(),
             withdrawals: Default::default(),
@@ -185,7 +189,11 @@ mod tests {
         // window, so no ten consecutive seconds get more.
         for (i, w) in per_second.windows(10).enumerate() {
             let n: u32 = w.iter().sum();
-            assert!(n <= 300, "{n} retries in seconds {i}..{}: {per_second:?}", i + 10);
+            assert!(
+                n <= 300,
+                "{n} retries in seconds {i}..{}: {per_second:?}",
+                i + 10
+            );
         }
         // And the budget is used, not just refused: 30/s on average.
         let total: u32 = per_second.iter().sum();

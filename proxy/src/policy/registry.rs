@@ -25,8 +25,10 @@ pub(crate) trait Forgettable {
     fn forgettable(&self) -> bool;
 }
 
+type Shard<V> = Mutex<HashMap<SocketAddr, Arc<V>>>;
+
 pub(crate) struct Registry<V> {
-    shards: Box<[Mutex<HashMap<SocketAddr, Arc<V>>>]>,
+    shards: Box<[Shard<V>]>,
     hasher: RandomState,
 }
 
@@ -112,7 +114,10 @@ mod tests {
             r.get_or_insert_with(addr(i), || Entry(AtomicBool::new(true)));
         }
         assert!(r.len() <= CAPACITY + SHARDS, "bounded: {}", r.len());
-        assert!(Arc::ptr_eq(&r.get(addr(0)).unwrap(), &a), "held entries stay");
+        assert!(
+            Arc::ptr_eq(&r.get(addr(0)).unwrap(), &a),
+            "held entries stay"
+        );
         assert!(r.get(addr(1)).is_some(), "entries with state stay");
         drop(busy);
         let mut seen = 0;

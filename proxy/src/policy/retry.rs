@@ -98,10 +98,9 @@ impl Outcome {
             Outcome::Response {
                 status,
                 grpc_status,
-            } => Some(
-                !matches!(status.as_u16(), 502..=504)
-                    && grpc_status != Some(GRPC_UNAVAILABLE),
-            ),
+            } => {
+                Some(!matches!(status.as_u16(), 502..=504) && grpc_status != Some(GRPC_UNAVAILABLE))
+            }
         }
     }
 }
