@@ -90,7 +90,7 @@ pub fn check_csr(der: &[u8], authorized: &SpiffeId) -> Result<SubjectPublicKeyIn
         )));
     }
     let csr = match X509CertificationRequest::from_der(der) {
-        Ok((rest, csr)) if rest.is_empty() => csr,
+        Ok(([], csr)) => csr,
         Ok(_) => return Err(CsrError::Malformed("trailing bytes after the CSR".into())),
         Err(e) => return Err(CsrError::Malformed(e.to_string())),
     };

@@ -173,7 +173,7 @@ fn der_oid(arcs: &[u64]) -> Vec<u8> {
 /// Parses one DER certificate.
 pub(crate) fn parse_cert<'a>(der: &'a [u8]) -> Result<X509Certificate<'a>, String> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err("trailing bytes after the certificate".into()),
         Err(e) => Err(format!("not a valid X.509 certificate: {e}")),
     }

@@ -497,3 +497,169 @@ impl ResolvesClientCert for LiveCert {
         self.0.load_valid().is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credentials::Credentials;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa,
+        Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use std::time::{Duration, SystemTime};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Ca {
+        cert: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    fn ca(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let cert = p.self_signed(&key).unwrap().der().clone();
+        Ca {
+            issuer: Issuer::from_ca_cert_der(&cert, key).unwrap(),
+            cert,
+        }
+    }
+
+    fn creds(ca: &Ca, id: &str, bundle: &[&Ca]) -> Credentials {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = SystemTime::now();
+        p.not_before = crate::pki::offset_time(now - Duration::from_secs(60));
+        p.not_after = crate::pki::offset_time(now + Duration::from_secs(600));
+        let cert = p.signed_by(&key, &ca.issuer).unwrap().der().clone();
+        let bundle = Bundle::new(bundle.iter().map(|c| c.cert.clone()).collect()).unwrap();
+        Credentials::new(
+            vec![cert],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            Arc::new(bundle),
+        )
+        .unwrap()
+    }
+
+    /// One handshake with fixed configs; the server's verified client ID
+    /// and the client's verified server ID, or the error.
+    async fn handshake(
+        server: &Arc<ServerConfig>,
+        client: &Arc<ClientConfig>,
+    ) -> Result<(Option<SpiffeId>, Option<SpiffeId>), String> {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.clone());
+        let connector = tokio_rustls::TlsConnector::from(client.clone());
+        let srv = tokio::spawn(async move {
+            let mut s = acceptor.accept(a).await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 1];
+            s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            s.write_all(b"y").await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(peer_id(s.get_ref().1))
+        });
+        let cli = async {
+            let mut c = connector
+                .connect(mesh_server_name(), b)
+                .await
+                .map_err(|e| e.to_string())?;
+            c.write_all(b"x").await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 1];
+            c.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(peer_id(c.get_ref().1))
+        };
+        let c = cli.await;
+        let s = srv.await.map_err(|e| e.to_string())?;
+        match (s, c) {
+            (Ok(s), Ok(c)) => Ok((s, c)),
+            (s, c) => Err(format!("client: {c:?}; server: {s:?}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn swapped_credentials_apply_to_the_next_handshake_without_rebuilding() {
+        let (ca1, ca2) = (ca("one"), ca("two"));
+        let server = CredentialsHandle::with(creds(&ca1, "spiffe://td/server", &[&ca1]));
+        let client = CredentialsHandle::with(creds(&ca1, "spiffe://td/client", &[&ca1]));
+        let td: TrustDomain = "td".parse().unwrap();
+        let scfg = server_config(
+            &server,
+            ClientAuth::Required(PeerMatcher::TrustDomain(td.clone())),
+            vec![b"x".to_vec()],
+        );
+        let ccfg = client_config(
+            &client,
+            PeerMatcher::TrustDomain(td.clone()),
+            vec![b"x".to_vec()],
+        );
+        let (s, c) = handshake(&scfg, &ccfg).await.unwrap();
+        assert_eq!(s.unwrap().as_str(), "spiffe://td/client");
+        assert_eq!(c.unwrap().as_str(), "spiffe://td/server");
+
+        // The server renews under a new root; the client does not know it yet.
+        server.store(creds(&ca2, "spiffe://td/server2", &[&ca1, &ca2]));
+        let err = handshake(&scfg, &ccfg).await.unwrap_err();
+        assert!(err.contains("UnknownIssuer"), "{err}");
+        // The client's bundle gains the new root: the same configs now work.
+        let updated = client.load().unwrap().with_bundle(Arc::new(
+            Bundle::new(vec![ca1.cert.clone(), ca2.cert.clone()]).unwrap(),
+        ));
+        client.store(updated);
+        let (_, c) = handshake(&scfg, &ccfg).await.unwrap();
+        assert_eq!(c.unwrap().as_str(), "spiffe://td/server2");
+    }
+
+    #[tokio::test]
+    async fn identities_are_matched_and_client_auth_can_be_required() {
+        let ca = ca("one");
+        let td: TrustDomain = "td".parse().unwrap();
+        let server = CredentialsHandle::with(creds(&ca, "spiffe://td/server", &[&ca]));
+        let client = CredentialsHandle::with(creds(&ca, "spiffe://td/client", &[&ca]));
+        let required = server_config(
+            &server,
+            ClientAuth::Required(PeerMatcher::TrustDomain(td.clone())),
+            vec![],
+        );
+        let optional = server_config(
+            &server,
+            ClientAuth::Optional(PeerMatcher::TrustDomain(td.clone())),
+            vec![],
+        );
+
+        // Wrong exact identity, and a foreign trust domain, are refused.
+        let wrong = client_config(
+            &client,
+            PeerMatcher::Exact("spiffe://td/other".parse().unwrap()),
+            vec![],
+        );
+        assert!(handshake(&required, &wrong).await.is_err());
+        let foreign = CredentialsHandle::with(creds(&ca, "spiffe://elsewhere/client", &[&ca]));
+        let foreign_cfg = client_config(&foreign, PeerMatcher::TrustDomain(td.clone()), vec![]);
+        assert!(handshake(&required, &foreign_cfg).await.is_err());
+
+        // A client without a certificate: refused when required, anonymous
+        // when optional.
+        let anonymous = CredentialsHandle::new();
+        let anon_cfg = build_client_config(
+            &anonymous,
+            Trust::LiveOr(
+                anonymous.clone(),
+                Arc::new(Bundle::new(vec![ca.cert.clone()]).unwrap()),
+            ),
+            PeerMatcher::Exact("spiffe://td/server".parse().unwrap()),
+            vec![],
+        );
+        assert!(handshake(&required, &anon_cfg).await.is_err());
+        let (s, c) = handshake(&optional, &anon_cfg).await.unwrap();
+        assert_eq!((s, c.unwrap().as_str()), (None, "spiffe://td/server"));
+    }
+}
