@@ -394,6 +394,31 @@ async fn a_client_sending_one_byte_per_second_is_cut_off_while_others_are_served
         started.elapsed()
     });
 
+    // Slow client 3: one complete request, then an idle keep-alive
+    // connection that never sends the next one.
+    let idle_connector = connector.clone();
+    let idle = tokio::spawn(async move {
+        let tcp = TcpStream::connect(ca.addr).await.unwrap();
+        let mut s = idle_connector
+            .connect(tls::mesh_server_name(), tcp)
+            .await
+            .unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: ca\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let started = Instant::now();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(_)) => {}
+            }
+        }
+        started.elapsed()
+    });
+
     // Meanwhile, normal clients are served promptly.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let normal = bootstrap_client(ca.addr, dir.path());
@@ -414,6 +439,8 @@ async fn a_client_sending_one_byte_per_second_is_cut_off_while_others_are_served
     let (e1, e2) = (slow1.await.unwrap(), slow2.await.unwrap());
     assert!(e1 < Duration::from_secs(5), "slow request lasted {e1:?}");
     assert!(e2 < Duration::from_secs(5), "slow handshake lasted {e2:?}");
+    let e3 = idle.await.unwrap();
+    assert!(e3 < Duration::from_secs(5), "idle keep-alive lasted {e3:?}");
     normal.health().await.unwrap();
     ca.stop().await;
 }
