@@ -58,6 +58,8 @@ enum Command {
     Inject(legate_inject::cli::InjectArgs),
     /// Run the sidecar proxy: capture listeners, mTLS with the workload certificate, policy
     Proxy(crate::proxy_cmd::ProxyArgs),
+    /// Build a small mesh in network namespaces, send traffic through it and show what happened
+    Demo,
     /// Wait until the local proxy is ready; for startup ordering and health checks
     WaitReady(crate::wait_ready::WaitReadyArgs),
 }
@@ -174,6 +176,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Ok(loaded) => crate::proxy_cmd::run(loaded.config),
             Err(code) => code,
         },
+        Command::Demo => crate::demo::run(),
         Command::WaitReady(args) => match load_config(&cli.global, None, Vec::new()) {
             Ok(loaded) => crate::wait_ready::run(&args, &loaded.config),
             Err(code) => code,

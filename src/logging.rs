@@ -19,8 +19,11 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), LogError> {
             level: level.to_owned(),
             reason: e.to_string(),
         })?;
+    // Colour only for a person at a terminal; log collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     // A second init (only possible in tests) keeps the first subscriber.
     let _ = match format {

@@ -5,6 +5,7 @@
 //! over to the crate that owns the capability.
 
 mod cli;
+mod demo;
 mod identity;
 mod logging;
 mod proxy_cmd;

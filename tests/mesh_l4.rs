@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn secret(tag: &str) -> String {
-    format!("legate-secret-{tag}-{}", std::process::id())
-}
-
 /// A TCP server in `pod` that runs `serve` for each connection, on a thread.
 fn serve_tcp(pod: &legate_testbed::Pod, port: u16, serve: fn(TcpStream)) {
     let listener = pod
@@ -42,24 +38,8 @@ fn http_between_meshed_pods_is_mutual_tls_on_the_wire() {
     let server = mesh.meshed_pod("web", PodOptions::default());
     let client = mesh.meshed_pod("shop", PodOptions::default());
 
-    let site = shared_dir();
     let body = secret("http");
-    write_readable(&site.path().join("index.html"), body.as_bytes());
-    let _http = server
-        .pod
-        .command("python3")
-        .args(["-m", "http.server", "8080", "--bind", "0.0.0.0"])
-        .current_dir(site.path())
-        .uid(APP_UID)
-        .spawn()
-        .expect("http.server");
-    server
-        .pod
-        .wait_for_port(
-            SocketAddr::new(server.pod.ip().into(), 8080),
-            Duration::from_secs(10),
-        )
-        .unwrap();
+    let (_http, _site) = http_server(&server.pod, 8080, &body);
 
     let capture = server.pod.capture().expect("capture");
     let url = format!("http://{}:8080/index.html", server.pod.ip());
@@ -163,7 +143,7 @@ fn redis_between_meshed_pods_is_mutual_tls_on_the_wire() {
         !pcap.contains(value.as_bytes()),
         "the plaintext value crossed the wire"
     );
-    assert!(server.proxy.stderr().contains(&client.id()));
+    assert!(server.proxy.stderr().contains(client.id()));
 }
 
 #[test]
@@ -275,4 +255,122 @@ fn a_thousand_concurrent_connections_all_complete() {
         })
         .unwrap();
     assert_eq!(done, 1000);
+}
+
+/// A deterministic byte stream, so both ends can hash the same gigabyte
+/// without storing it.
+fn fill(buf: &mut [u8], state: &mut u64) {
+    for chunk in buf.chunks_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        let bytes = state.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+}
+
+#[test]
+fn one_gibibyte_arrives_with_an_identical_sha256() {
+    use sha2::{Digest, Sha256};
+    const TOTAL: usize = 1 << 30;
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("sink", PodOptions::default());
+    let client = mesh.meshed_pod("source", PodOptions::default());
+    serve_tcp(&server.pod, 9100, |mut conn| {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0usize;
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hasher.update(&buf[..n]);
+                    total += n;
+                }
+                Err(_) => return,
+            }
+        }
+        let digest = hasher.finalize();
+        let _ = conn.write_all(format!("{total} {digest:x}").as_bytes());
+    });
+    let dst = SocketAddr::new(server.pod.ip().into(), 9100);
+    let (sent, reply) = client
+        .pod
+        .run_in(move || {
+            let mut s = TcpStream::connect(dst).expect("connect");
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut state = 0x9e37_79b9_7f4a_7c15u64;
+            let mut sent = 0;
+            while sent < TOTAL {
+                fill(&mut buf, &mut state);
+                hasher.update(&buf);
+                s.write_all(&buf).expect("write");
+                sent += buf.len();
+            }
+            s.shutdown(Shutdown::Write).expect("half-close");
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).expect("digest");
+            (format!("{sent} {:x}", hasher.finalize()), reply)
+        })
+        .unwrap();
+    assert_eq!(reply, sent);
+}
+
+#[test]
+fn ipv6_between_meshed_pods_is_mutual_tls() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("web6", PodOptions::default());
+    let client = mesh.meshed_pod("shop6", PodOptions::default());
+    let body = secret("ipv6");
+    let (_srv, _site) = http_server(&server.pod, 8080, &body);
+    let capture = server.pod.capture().expect("capture");
+    let (ok, out, err) = curl(&client.pod, &["-g", &format!("http://[{}]:8080/", server.pod.ip6())]);
+    assert!(ok, "curl: {err}");
+    assert_eq!(out, body);
+    let pcap = capture.stop().unwrap();
+    assert!(pcap.contains(TLS13_SERVER_HELLO_VERSION));
+    assert!(!pcap.contains(body.as_bytes()));
+}
+
+#[test]
+fn transfers_survive_certificate_renewals() {
+    // Ten-second certificates renew at half-life, so a 25-second transfer
+    // crosses several renewals on both sides.
+    let mesh = Mesh::new(&["ca.cert_ttl=10s"]);
+    let server = mesh.meshed_pod("long", PodOptions::default());
+    let client = mesh.meshed_pod("stream", PodOptions::default());
+    serve_tcp(&server.pod, 9200, echo);
+    let dst = SocketAddr::new(server.pod.ip().into(), 9200);
+    let (echoed, fresh) = client
+        .pod
+        .run_in(move || {
+            let mut long = TcpStream::connect(dst).expect("connect");
+            long.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let start = Instant::now();
+            let (mut echoed, mut fresh) = (0, 0);
+            while start.elapsed() < Duration::from_secs(25) {
+                let msg = [0x5a; 1000];
+                long.write_all(&msg).expect("the long transfer broke");
+                let mut back = [0u8; 1000];
+                long.read_exact(&mut back).expect("the long transfer broke");
+                assert_eq!(back, msg);
+                echoed += 1;
+                // A new connection every so often must use the new certificate.
+                if echoed % 20 == 0 {
+                    let mut s = TcpStream::connect(dst).expect("new connection");
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    s.write_all(b"ping").expect("new connection write");
+                    let mut b = [0u8; 4];
+                    s.read_exact(&mut b).expect("new connection read");
+                    fresh += 1;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (echoed, fresh)
+        })
+        .unwrap();
+    assert!(echoed > 100 && fresh > 5, "{echoed} round trips, {fresh} new connections");
+    let log = client.proxy.stderr();
+    assert!(log.matches("renewed").count() >= 2 || log.matches("certificate").count() >= 3, "expected renewals in the log:\n{log}");
 }

@@ -101,6 +101,7 @@ mod bed;
 mod capture;
 mod cleanup;
 mod error;
+pub mod mesh;
 mod pod;
 mod process;
 mod sys;

@@ -1,264 +1,171 @@
-//! A small mesh for end-to-end tests: a test bed with a CA pod, and pods
-//! that run `legate init` and `legate proxy` the way an operator would,
-//! with real applications inside.
+//! Helpers for the end-to-end tests: the mesh harness from the test bed,
+//! bound to the `legate` binary under test, plus small applications.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::time::Duration;
 
-use legate_testbed::{Bed, Pod, Process};
+pub use legate_testbed::mesh::{
+    http_get, shared_dir, write_readable, MeshedPod, PodOptions, APP_UID, PROXY_UID,
+    TLS13_SERVER_HELLO_VERSION, TRUST_DOMAIN,
+};
+use legate_testbed::mesh::Legate;
+use legate_testbed::{Pod, Process};
 
-pub const TRUST_DOMAIN: &str = "legate.local";
-pub const PROXY_UID: u32 = 1337;
-pub const APP_UID: u32 = 1000;
-
-pub fn legate_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_legate")
+pub fn legate() -> Legate {
+    Legate::new(env!("CARGO_BIN_EXE_legate"))
 }
 
-/// A `legate` command in a pod, with none of the caller's LEGATE_* variables.
-pub fn legate(pod: &Pod) -> legate_testbed::PodCommand {
-    let mut cmd = pod.command(legate_bin());
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("LEGATE_")) {
-        cmd = cmd.env_remove(k);
+/// The test-bed mesh, failing the test with the reason when it cannot be built.
+pub struct Mesh(legate_testbed::mesh::Mesh);
+
+impl Deref for Mesh {
+    type Target = legate_testbed::mesh::Mesh;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
-    cmd
 }
 
-/// Runs a `legate` command to completion and returns its stdout.
-pub fn legate_ok(pod: &Pod, args: &[&str]) -> String {
-    let out = legate(pod).args(args).output().expect("run legate");
-    assert!(
-        out.status.success(),
-        "legate {args:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+pub struct Ca(legate_testbed::mesh::Ca);
+
+impl Deref for Ca {
+    type Target = legate_testbed::mesh::Ca;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
-/// A directory any uid can read, for files handed to processes that run as
-/// the proxy or application user.
-pub fn shared_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    dir
-}
-
-pub fn write_readable(path: &Path, contents: &[u8]) {
-    std::fs::write(path, contents).expect("write");
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-}
-
-/// Options for a meshed pod.
-#[derive(Clone, Default)]
-pub struct PodOptions {
-    /// Extra `--set key=value` for the proxy.
-    pub proxy_set: Vec<String>,
-    /// Extra `--set key=value` for `legate init`.
-    pub init_set: Vec<String>,
-    /// Use a token for this identity instead of the pod's own.
-    pub identity: Option<String>,
-}
-
-pub struct Mesh {
-    pub bed: Bed,
-    pub ca_pod: Pod,
-    pub ca_dir: tempfile::TempDir,
-    pub ca: Process,
-    files: tempfile::TempDir,
-}
-
-pub struct MeshedPod {
-    pub pod: Pod,
-    pub proxy: Process,
-    pub name: String,
-}
-
-impl MeshedPod {
-    pub fn id(&self) -> String {
-        format!("spiffe://{TRUST_DOMAIN}/{}", self.name)
+impl Ca {
+    pub fn start(bed: &legate_testbed::Bed, name: &str, set: &[&str]) -> Ca {
+        Ca(legate_testbed::mesh::Ca::start(&legate(), bed, name, set).expect("start a CA"))
     }
 }
 
 impl Mesh {
-    /// A bed with a running CA. `ca_set` adds `--set` options to the CA.
     pub fn new(ca_set: &[&str]) -> Mesh {
-        let bed = Bed::new().expect("test bed");
-        let ca_pod = bed.pod("ca").expect("ca pod");
-        let ca_dir = tempfile::tempdir().expect("ca dir");
-        let dir = ca_dir.path().to_str().expect("utf-8 path").to_owned();
-        legate_ok(
-            &ca_pod,
-            &["ca", "init", "--dir", &dir, "--trust-domain", TRUST_DOMAIN],
-        );
-        let mut args = vec!["ca", "serve", "--dir", &dir];
-        for s in ca_set {
-            args.extend(["--set", s]);
-        }
-        let ca = legate(&ca_pod).args(&args).spawn().expect("ca serve");
-        ca_pod
-            .wait_for_port(
-                SocketAddr::new(ca_pod.ip().into(), 15012),
-                Duration::from_secs(20),
-            )
-            .expect("CA listening");
-        Mesh {
-            bed,
-            ca_pod,
-            ca_dir,
-            ca,
-            files: shared_dir(),
-        }
+        Mesh(legate_testbed::mesh::Mesh::new(legate(), ca_set).expect("build the mesh"))
     }
-
-    pub fn ca_address(&self) -> String {
-        format!("{}:15012", self.ca_pod.ip())
-    }
-
-    /// A bootstrap token for `identity`.
-    pub fn token(&self, identity: &str) -> String {
-        let dir = self.ca_dir.path().to_str().expect("utf-8 path");
-        legate_ok(
-            &self.ca_pod,
-            &[
-                "ca",
-                "token",
-                "--dir",
-                dir,
-                "--identity",
-                identity,
-                "--ttl",
-                "10m",
-            ],
-        )
-        .trim()
-        .to_owned()
-    }
-
-    /// The trust bundle, as a file any uid can read.
-    pub fn bundle_file(&self) -> PathBuf {
-        let path = self.files.path().join("bundle.pem");
-        if !path.exists() {
-            let dir = self.ca_dir.path().to_str().expect("utf-8 path");
-            let pem = legate_ok(&self.ca_pod, &["ca", "bundle", "--dir", dir]);
-            write_readable(&path, pem.as_bytes());
-        }
-        path
-    }
-
-    /// A pod with no proxy.
     pub fn plain_pod(&self, name: &str) -> Pod {
-        self.bed.pod(name).expect("pod")
+        self.0.plain_pod(name).expect("plain pod")
     }
-
-    /// A pod with interception rules and a ready proxy.
     pub fn meshed_pod(&self, name: &str, opts: PodOptions) -> MeshedPod {
-        let pod = self.bed.pod(name).expect("pod");
-        let mut init = vec!["init".to_owned()];
-        for s in &opts.init_set {
-            init.extend(["--set".to_owned(), s.clone()]);
-        }
-        let init: Vec<&str> = init.iter().map(String::as_str).collect();
-        legate_ok(&pod, &init);
-        let proxy = self.start_proxy(&pod, name, &opts);
-        let meshed = MeshedPod {
-            pod,
-            proxy,
-            name: name.to_owned(),
-        };
-        wait_ready(&meshed);
-        meshed
+        self.0.meshed_pod(name, opts).expect("meshed pod")
     }
+    pub fn meshed_pod_of(&self, ca: &Ca, name: &str, opts: PodOptions) -> MeshedPod {
+        self.0.meshed_pod_of(&ca.0, name, opts).expect("meshed pod")
+    }
+}
 
-    /// Starts `legate proxy` in `pod` as the proxy user.
-    pub fn start_proxy(&self, pod: &Pod, name: &str, opts: &PodOptions) -> Process {
-        let identity = opts
-            .identity
-            .clone()
-            .unwrap_or_else(|| format!("spiffe://{TRUST_DOMAIN}/{name}"));
-        let token = self.files.path().join(format!("{name}.token"));
-        write_readable(&token, self.token(&identity).as_bytes());
-        let bundle = self.bundle_file();
-        let mut args: Vec<String> = [
-            "proxy",
-            "--name",
-            name,
-            "--ca",
-            &self.ca_address(),
-            "--ca-bundle",
-            bundle.to_str().expect("utf-8 path"),
-            "--token-file",
-            token.to_str().expect("utf-8 path"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if let Some(id) = &opts.identity {
-            args.extend(["--set".into(), format!("identity.id={id}")]);
-        }
-        for s in &opts.proxy_set {
-            args.extend(["--set".into(), s.clone()]);
-        }
-        legate(pod)
-            .args(&args)
-            .env("LEGATE_LOG", "info,legate_proxy=debug")
-            .uid(PROXY_UID)
-            .gid(PROXY_UID)
+/// Serves `body` as /index.html with python's http.server on `port`, as an
+/// ordinary user, and waits until it listens.
+pub fn http_server(pod: &Pod, port: u16, body: &str) -> (Process, tempfile::TempDir) {
+    let site = shared_dir().expect("site dir");
+    write_readable(&site.path().join("index.html"), body.as_bytes()).expect("index.html");
+    let process = pod
+        .command("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "::"])
+        .current_dir(site.path())
+        .uid(APP_UID)
+        .spawn()
+        .expect("http.server");
+    pod.wait_for_port(SocketAddr::new(pod.ip().into(), port), Duration::from_secs(10))
+        .expect("http.server listening");
+    (process, site)
+}
+
+/// Runs curl in `pod` as an ordinary user: (exit success, stdout, stderr).
+pub fn curl(pod: &Pod, args: &[&str]) -> (bool, String, String) {
+    let out = pod
+        .command("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .uid(APP_UID)
+        .output()
+        .expect("curl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A unique payload that can be searched for on the wire.
+pub fn secret(tag: &str) -> String {
+    format!("legate-secret-{tag}-{}", std::process::id())
+}
+
+/// The scriptable HTTP server (see `tests/apps/scripted_server.py`),
+/// running as an ordinary user in `pod` on `port`.
+pub struct Scripted {
+    pub process: Process,
+    _dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Scripted {
+    pub fn start(pod: &Pod, port: u16) -> Scripted {
+        let dir = shared_dir().expect("script dir");
+        let script = dir.path().join("scripted_server.py");
+        write_readable(&script, include_bytes!("../apps/scripted_server.py")).expect("script");
+        let process = pod
+            .command("python3")
+            .arg(&script)
+            .arg(port.to_string())
+            .uid(APP_UID)
             .spawn()
-            .expect("legate proxy")
+            .expect("scripted server");
+        pod.wait_for_port(SocketAddr::new(pod.ip().into(), port), Duration::from_secs(10))
+            .expect("scripted server listening");
+        Scripted { process, _dir: dir, port }
+    }
+
+    /// How many requests for `key` reached the application, asked over
+    /// loopback inside the server's pod so no proxy is involved.
+    pub fn count(&self, pod: &Pod, key: &str) -> u32 {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let path = format!("/count/{key}");
+        let (status, body) = pod.run_in(move || http_get(addr, &path)).unwrap().expect("count");
+        assert_eq!(status, 200);
+        body.trim().parse().expect("a count")
     }
 }
 
-/// Polls the proxy's `/ready` until it answers 200.
-pub fn wait_ready(m: &MeshedPod) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// An HTTP exchange as curl saw it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    }
+}
+
+/// curl with the response head: the last status line, headers and body.
+pub fn request(pod: &Pod, args: &[&str]) -> Reply {
+    let (ok, out, err) = curl(pod, &[&["-i"], args].concat());
+    assert!(ok, "curl {args:?}: {err}");
+    // Skip interim responses such as "100 Continue".
+    let mut rest = out.as_str();
     loop {
-        let ready = m
-            .pod
-            .run_in(|| {
-                http_get("127.0.0.1:15000".parse().unwrap(), "/ready").map(|(s, _)| s == 200)
-            })
-            .unwrap_or(Ok(false))
-            .unwrap_or(false);
-        if ready {
-            return;
+        let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        if (100..200).contains(&status) && status != 101 {
+            rest = body;
+            continue;
         }
-        assert!(
-            Instant::now() < deadline,
-            "proxy in {} never became ready; its log:\n{}",
-            m.name,
-            m.proxy.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+        return Reply {
+            status,
+            headers: head.to_owned(),
+            body: body.to_owned(),
+        };
     }
 }
-
-/// A minimal HTTP/1.1 GET: (status, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-/// The TLS 1.3 `supported_versions` extension as a ServerHello carries it.
-pub const TLS13_SERVER_HELLO_VERSION: &[u8] = &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04];

@@ -31,8 +31,6 @@ pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("legate-client-
 pub const TARGET_HEADER: HeaderName = HeaderName::from_static("legate-target");
 /// The HTTP version the client application spoke; proxy to proxy only.
 pub const PROTO_HEADER: HeaderName = HeaderName::from_static("legate-proto");
-/// Marks an answer the proxy made itself, with the reason.
-pub const ERROR_HEADER: HeaderName = HeaderName::from_static("legate-error");
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named by
 /// `Connection`, and the fixed set that only ever describe one connection.
@@ -121,6 +119,40 @@ pub fn absolute_uri(
         .path_and_query(path)
         .build()?;
     Ok(())
+}
+
+/// A body that holds something (a limit guard) until the body ends or is
+/// dropped, so that a request counts as in flight while its response
+/// streams.
+pub struct Held<B, T> {
+    inner: B,
+    _held: T,
+}
+
+impl<B, T> Held<B, T> {
+    pub fn new(inner: B, held: T) -> Self {
+        Held { inner, _held: held }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin, T: Unpin> hyper::body::Body for Held<B, T> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 pub fn empty() -> Body {

@@ -5,6 +5,12 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
+use tokio::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -13,9 +19,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::{absolute_uri, authority, boxed, empty, full, strip_hop_by_hop, upgrade_token};
-use super::{ERROR_HEADER, PROTO_HEADER, TARGET_HEADER};
+use super::{absolute_uri, authority, boxed, empty, full, strip_hop_by_hop, upgrade_token, Held};
+use super::{PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
+use crate::policy::{self, Failure, LimitKind, Limits, Next, Outcome};
 use crate::pool::{Body, Sender, TunnelError};
 use crate::relay::relay;
 use crate::router::Route;
@@ -55,14 +62,9 @@ pub(crate) async fn serve(
     }
 }
 
-/// An answer the proxy makes itself.
+/// An answer the proxy makes itself, for a request that is not gRPC.
 pub fn proxy_answer(status: StatusCode, reason: &str) -> Response<Body> {
-    let mut res = Response::new(full(format!("legate: {reason}\n")));
-    *res.status_mut() = status;
-    if let Ok(v) = HeaderValue::from_str(reason) {
-        res.headers_mut().insert(ERROR_HEADER, v);
-    }
-    res
+    policy::proxy_answer(status, reason, false)
 }
 
 fn proto_name(v: Version) -> &'static str {
@@ -80,24 +82,30 @@ fn to_app(res: Response<Incoming>) -> Response<Body> {
     Response::from_parts(parts, boxed(body))
 }
 
+/// Why one attempt produced no response.
+enum AttemptError {
+    /// A failure the retry policy and the breaker judge.
+    Failed(Failure),
+    /// The proxy will not try at all; this is the answer.
+    Answer(Response<Body>),
+}
+
 /// A stream to the destination's proxy, or `None` when the destination
-/// turned out to have none (the request then goes direct), or the answer
-/// to give the application when the mesh cannot carry the request.
-async fn mesh_sender(ctx: &Shared, dst: SocketAddr) -> Result<Option<Sender>, Response<Body>> {
+/// turned out to have none (the request then goes direct).
+async fn mesh_sender(ctx: &Shared, dst: SocketAddr, grpc: bool) -> Result<Option<Sender>, AttemptError> {
     let Route::Mesh { key, probe } = ctx.router.route(dst) else {
         return Ok(None);
     };
     let cfg = &ctx.config.proxy;
     if !ctx.identity.is_ready()
-        && tokio::time::timeout(cfg.handshake_timeout, ctx.identity.ready())
-            .await
-            .is_err()
+        && tokio::time::timeout(cfg.handshake_timeout, ctx.identity.ready()).await.is_err()
     {
         warn!(%dst, "no workload certificate yet; refusing instead of sending plaintext");
-        return Err(proxy_answer(
+        return Err(AttemptError::Answer(policy::proxy_answer(
             StatusCode::SERVICE_UNAVAILABLE,
-            "no workload certificate yet",
-        ));
+            "no_certificate",
+            grpc,
+        )));
     }
     match ctx.pool.sender(&key).await {
         Ok(s) => {
@@ -115,8 +123,113 @@ async fn mesh_sender(ctx: &Shared, dst: SocketAddr) -> Result<Option<Sender>, Re
                 ctx.router.forget(dst.ip());
             }
             warn!(%dst, reason = e.reason(), error = %e, "mesh connection failed");
-            Err(proxy_answer(StatusCode::BAD_GATEWAY, e.reason()))
+            Err(AttemptError::Failed(Failure::Connect))
         }
+    }
+}
+
+/// Whether an HTTP/2 error means the server refused the stream unseen.
+fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// One attempt: over the mesh or direct, within `timeout`.
+async fn attempt(
+    ctx: &Shared,
+    dst: SocketAddr,
+    mut parts: http::request::Parts,
+    body: Body,
+    limits: &Arc<Limits>,
+    timeout: Option<Duration>,
+    grpc: bool,
+) -> Result<Response<Incoming>, AttemptError> {
+    let send = async {
+        let pending = limits
+            .acquire(LimitKind::Pending)
+            .map_err(|e| AttemptError::Answer(e.answer(grpc)))?;
+        let sender = mesh_sender(ctx, dst, grpc).await?;
+        drop(pending);
+        match sender {
+            Some(sender) => {
+                let app_version = parts.version;
+                parts.version = Version::HTTP_2;
+                parts.headers.remove(header::HOST);
+                parts.headers.insert(TARGET_HEADER, header_value(dst));
+                parts.headers.insert(PROTO_HEADER, HeaderValue::from_static(proto_name(app_version)));
+                sender.send(Request::from_parts(parts, body)).await.map_err(|e| {
+                    debug!(%dst, error = %e, "request over the mesh failed");
+                    let refused = matches!(&e, TunnelError::Http { source, .. } if refused_stream(source));
+                    AttemptError::Failed(if refused { Failure::RefusedStream } else { Failure::Reset })
+                })
+            }
+            None => {
+                let client = ctx.clients.get(&[dst], parts.version == Version::HTTP_2);
+                client.request(Request::from_parts(parts, body)).await.map_err(|e| {
+                    debug!(%dst, error = %e, "direct request failed");
+                    AttemptError::Failed(if e.is_connect() {
+                        Failure::Connect
+                    } else if std::error::Error::source(&e).is_some_and(refused_stream) {
+                        Failure::RefusedStream
+                    } else {
+                        Failure::Reset
+                    })
+                })
+            }
+        }
+    };
+    match timeout {
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .unwrap_or(Err(AttemptError::Failed(Failure::PerTryTimeout))),
+        None => send.await,
+    }
+}
+
+/// A request body that can be sent more than once when it is small: a
+/// known length within the policy's retry buffer is read before the first
+/// attempt. Anything else streams through untouched (and cannot be
+/// retried): waiting for the end of a body of unknown length could hold a
+/// streaming call, such as a gRPC stream, forever.
+enum RequestBody {
+    Replayable(Option<Bytes>),
+    Streaming(Option<Body>),
+}
+
+impl RequestBody {
+    async fn read(body: Incoming, headers: &http::HeaderMap, limit: usize, may_retry: bool) -> Result<Self, ()> {
+        if body.is_end_stream() {
+            return Ok(RequestBody::Replayable(None));
+        }
+        let length = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        match length {
+            Some(n) if may_retry && n <= limit => {
+                let collected = http_body_util::Limited::new(body, limit).collect().await.map_err(drop)?;
+                Ok(RequestBody::Replayable(Some(collected.to_bytes())))
+            }
+            _ => Ok(RequestBody::Streaming(Some(boxed(body)))),
+        }
+    }
+
+    fn attempt(&mut self) -> Body {
+        match self {
+            RequestBody::Replayable(None) => empty(),
+            RequestBody::Replayable(Some(b)) => full(b.clone()),
+            RequestBody::Streaming(b) => b.take().unwrap_or_else(empty),
+        }
+    }
+
+    fn is_replayable(&self) -> bool {
+        matches!(self, RequestBody::Replayable(_))
     }
 }
 
@@ -124,51 +237,66 @@ async fn handle(ctx: Arc<Shared>, req: Request<Incoming>, dst: SocketAddr) -> Re
     if let Some(token) = upgrade_token(&req) {
         return upgrade(ctx, req, dst, token).await;
     }
-    let version = req.version();
+    let grpc = policy::is_grpc(req.headers());
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(TARGET_HEADER);
     parts.headers.remove(PROTO_HEADER);
     let Some(auth) = authority(&parts).or_else(|| dst.to_string().parse().ok()) else {
-        return proxy_answer(StatusCode::BAD_REQUEST, "request has no usable Host");
+        return policy::proxy_answer(StatusCode::BAD_REQUEST, "request has no usable Host", grpc);
     };
     if absolute_uri(&mut parts, &auth).is_err() {
-        return proxy_answer(StatusCode::BAD_REQUEST, "request target is not a valid URI");
+        return policy::proxy_answer(StatusCode::BAD_REQUEST, "request target is not a valid URI", grpc);
     }
-    let body = boxed(body);
-    let sender = match mesh_sender(&ctx, dst).await {
-        Ok(s) => s,
-        Err(answer) => return answer,
+
+    let policy = ctx.policies.policy_for(dst, Some(auth.as_str())).clone();
+    let dest = policy.destination(dst);
+    let in_flight = match dest.limits.acquire(LimitKind::InFlight) {
+        Ok(g) => g,
+        Err(e) => return e.answer(grpc),
     };
-    match sender {
-        Some(sender) => {
-            parts.version = Version::HTTP_2;
-            parts.headers.remove(header::HOST);
-            parts.headers.insert(TARGET_HEADER, header_value(dst));
-            parts
-                .headers
-                .insert(PROTO_HEADER, HeaderValue::from_static(proto_name(version)));
-            match sender.send(Request::from_parts(parts, body)).await {
-                Ok(res) => to_app(res),
-                Err(e) => {
-                    debug!(%dst, error = %e, "request over the mesh failed");
-                    proxy_answer(StatusCode::BAD_GATEWAY, e.reason())
-                }
+    let may_retry = policy.retry.attempts > 1 && policy::retry::can_replay(&parts.method, true);
+    let mut body = match RequestBody::read(body, &parts.headers, policy.retry_buffer, may_retry).await {
+        Ok(b) => b,
+        Err(()) => return policy::proxy_answer(StatusCode::BAD_REQUEST, "request body could not be read", grpc),
+    };
+    let mut retries = policy.retries(&dest, &parts.method);
+    loop {
+        let permit = match policy.breakers.admit(dst) {
+            Ok(p) => p,
+            Err(e) => return e.answer(grpc),
+        };
+        let timeout = retries.attempt_timeout(Instant::now());
+        let result = attempt(&ctx, dst, parts.clone(), body.attempt(), &dest.limits, timeout, grpc).await;
+        let outcome = match &result {
+            Ok(res) => Outcome::response(res.status(), res.headers()),
+            Err(AttemptError::Failed(f)) => Outcome::Failed(*f),
+            Err(AttemptError::Answer(_)) => {
+                drop(permit);
+                let Err(AttemptError::Answer(answer)) = result else { unreachable!() };
+                return answer;
             }
-        }
-        None => {
-            let client = ctx.clients.get(&[dst], version == Version::HTTP_2);
-            match client.request(Request::from_parts(parts, body)).await {
-                Ok(res) => to_app(res),
-                Err(e) => {
-                    debug!(%dst, error = %e, "direct request failed");
-                    let reason = if e.is_connect() {
-                        "connect_failed"
-                    } else {
-                        "upstream_error"
-                    };
-                    proxy_answer(StatusCode::BAD_GATEWAY, reason)
+        };
+        permit.record_outcome(&outcome);
+        match retries.next(&outcome, body.is_replayable(), Instant::now()) {
+            Next::Retry(delay) => {
+                debug!(%dst, attempt = retries.attempts(), ?outcome, ?delay, "retrying");
+                drop(result);
+                tokio::time::sleep(delay).await;
+            }
+            Next::Stop(stop) => {
+                if retries.attempts() > 1 {
+                    debug!(%dst, attempts = retries.attempts(), stop = stop.as_str(), "retries ended");
                 }
+                return match result {
+                    Ok(res) => {
+                        let (mut head, body) = to_app(res).into_parts();
+                        head.headers.remove(TARGET_HEADER);
+                        Response::from_parts(head, Held::new(body, in_flight).boxed())
+                    }
+                    Err(AttemptError::Failed(f)) => f.answer(grpc),
+                    Err(AttemptError::Answer(a)) => a,
+                };
             }
         }
     }
@@ -188,9 +316,10 @@ async fn upgrade(
 ) -> Response<Body> {
     let from_app = hyper::upgrade::on(&mut req);
     let idle = ctx.config.proxy.idle_timeout;
-    let sender = match mesh_sender(&ctx, dst).await {
+    let sender = match mesh_sender(&ctx, dst, false).await {
         Ok(s) => s,
-        Err(answer) => return answer,
+        Err(AttemptError::Failed(f)) => return f.answer(false),
+        Err(AttemptError::Answer(answer)) => return answer,
     };
     let Some(sender) = sender else {
         let connector = crate::http::client::FixedConnector::new(

@@ -26,8 +26,9 @@
 //! The defaults lean towards changing nothing the application can see, the
 //! way a transparent proxy should: no timeouts; one retry, and only of a
 //! request the server provably never saw (a failed connect, a refused
-//! stream); breakers that trip on gateway failures, not on application
-//! errors; limits high enough that only a runaway client meets them. Each
+//! stream); breakers that trip on runs of server errors and failed
+//! connections, never on client errors; limits high enough that only a
+//! runaway client meets them. Each
 //! module explains its own defaults.
 
 pub mod answer;

@@ -83,14 +83,15 @@ impl Outcome {
 
     /// What the attempt says about the endpoint's health, for its circuit
     /// breaker: `Some(false)` for connection failures, resets, timeouts,
-    /// 502, 503, 504 and gRPC UNAVAILABLE; `None` (neither) for a refused
-    /// stream, which only says the server is at its stream limit; and
-    /// `Some(true)` for every other response.
+    /// any 5xx and gRPC UNAVAILABLE; `None` (neither) for a refused stream,
+    /// which only says the server is at its stream limit; and `Some(true)`
+    /// for every other response.
     ///
-    /// A 500 counts as a success on purpose. It is the application's answer
-    /// to one request, and a transparent proxy has nowhere else to send the
-    /// traffic: ejecting the only endpoint because one kind of request keeps
-    /// failing would turn that into an outage for every caller.
+    /// Every 5xx counts, as Envoy's consecutive-5xx outlier detection does:
+    /// an endpoint answering nothing but server errors is failing, whether
+    /// its own code or its gateway says so, and shedding load from it for
+    /// a growing ejection time is what lets it recover. A 4xx is the
+    /// client's mistake and says nothing about the endpoint.
     pub fn health(&self) -> Option<bool> {
         match *self {
             Outcome::Failed(Failure::RefusedStream) => None,
@@ -98,9 +99,7 @@ impl Outcome {
             Outcome::Response {
                 status,
                 grpc_status,
-            } => {
-                Some(!matches!(status.as_u16(), 502..=504) && grpc_status != Some(GRPC_UNAVAILABLE))
-            }
+            } => Some(!status.is_server_error() && grpc_status != Some(GRPC_UNAVAILABLE)),
         }
     }
 }
@@ -422,16 +421,16 @@ mod tests {
     }
 
     #[test]
-    fn health_counts_gateway_failures_not_application_errors() {
+    fn health_counts_server_errors_not_client_errors() {
         for f in [Failure::Connect, Failure::Reset, Failure::PerTryTimeout] {
             assert_eq!(Outcome::Failed(f).health(), Some(false), "{f:?}");
         }
         assert_eq!(Outcome::Failed(Failure::RefusedStream).health(), None);
-        for code in [502, 503, 504] {
+        for code in [500, 501, 502, 503, 504] {
             assert_eq!(status(code).health(), Some(false), "{code}");
         }
         assert_eq!(grpc(14).health(), Some(false));
-        for code in [200, 404, 429, 500, 501] {
+        for code in [200, 301, 404, 429] {
             assert_eq!(status(code).health(), Some(true), "{code}");
         }
         assert_eq!(grpc(13).health(), Some(true));

@@ -1,0 +1,252 @@
+//! The mesh at L7, end to end: retries, budgets, timeouts, breakers and
+//! limits applied by the client's proxy, HTTP semantics preserved across
+//! the HTTP/2 hop between proxies, and the client identity header.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::*;
+
+const PORT: u16 = 8080;
+
+/// A mesh with a scripted server in pod `server` and a meshed client whose
+/// proxy gets `client_set`.
+fn setup(client_set: &[&str]) -> (Mesh, MeshedPod, MeshedPod, Scripted) {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("server", PodOptions::default());
+    let client = mesh.meshed_pod(
+        "client",
+        PodOptions {
+            proxy_set: client_set.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        },
+    );
+    let app = Scripted::start(&server.pod, PORT);
+    (mesh, server, client, app)
+}
+
+fn url(server: &MeshedPod, path: &str) -> String {
+    format!("http://{}:{PORT}{path}", server.pod.ip())
+}
+
+#[test]
+fn failures_within_the_retry_policy_are_retried() {
+    let (_mesh, server, client, app) = setup(&[
+        "proxy.http.retry_on=5xx",
+        "proxy.http.attempts=3",
+        "proxy.http.breaker_failures=0",
+    ]);
+    let r = request(&client.pod, &[&url(&server, "/fail/2/a")]);
+    assert_eq!((r.status, r.body.trim()), (200, "ok after 3"));
+    assert_eq!(app.count(&server.pod, "a"), 3, "the server saw every attempt");
+
+    // More failures than attempts: the application's own last answer comes back.
+    let r = request(&client.pod, &[&url(&server, "/fail/5/b")]);
+    assert_eq!(r.status, 500);
+    assert_eq!(r.header("legate-error"), None, "the 500 is the application's");
+    assert_eq!(app.count(&server.pod, "b"), 3);
+}
+
+#[test]
+fn the_budget_caps_retries_under_sustained_failure() {
+    let (_mesh, server, client, app) = setup(&[
+        "proxy.http.retry_on=5xx",
+        "proxy.http.attempts=3",
+        "proxy.http.budget_ratio=0.2",
+        "proxy.http.budget_min_per_second=1",
+        "proxy.http.budget_window=10s",
+        "proxy.http.breaker_failures=0",
+    ]);
+    let requests = 50;
+    for _ in 0..requests {
+        let r = request(&client.pod, &[&url(&server, "/always500/c")]);
+        assert_eq!(r.status, 500);
+    }
+    let seen = app.count(&server.pod, "c");
+    // Without a budget: 150 attempts. With it: 50 requests, at most 20% of
+    // them in retries, plus the minimum of 1/s over the 10 s window.
+    assert!(seen > requests, "some retries happened: {seen}");
+    assert!(seen <= requests + requests / 5 + 10, "the budget let {seen} attempts through");
+}
+
+#[test]
+fn a_per_try_timeout_cuts_a_slow_attempt_and_the_retry_succeeds() {
+    let (_mesh, server, client, app) = setup(&[
+        "proxy.http.retry_on=gateway-error",
+        "proxy.http.attempts=2",
+        "proxy.http.per_try_timeout=500ms",
+    ]);
+    let r = request(&client.pod, &[&url(&server, "/slowfirst/d/3")]);
+    assert_eq!((r.status, r.body.trim()), (200, "attempt 2"));
+    assert_eq!(app.count(&server.pod, "d"), 2);
+}
+
+#[test]
+fn a_request_timeout_answers_504_from_the_proxy() {
+    let (_mesh, server, client, _app) = setup(&["proxy.http.request_timeout=300ms"]);
+    let r = request(&client.pod, &[&url(&server, "/sleep/2/e")]);
+    assert_eq!(r.status, 504);
+    assert!(r.header("legate-error").is_some(), "{r:?}");
+}
+
+#[test]
+fn a_small_post_is_retried_with_its_body_intact_and_a_large_one_is_streamed_once() {
+    let (_mesh, server, client, app) = setup(&["proxy.http.retry_on=5xx", "proxy.http.attempts=3"]);
+    let files = shared_dir().unwrap();
+    let small: Vec<u8> = (0..1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let small_path = files.path().join("small");
+    write_readable(&small_path, &small).unwrap();
+    let r = request(
+        &client.pod,
+        &["--data-binary", &format!("@{}", small_path.display()), &url(&server, "/echo/1/f")],
+    );
+    use sha2::Digest;
+    let want = format!("1024 {:x}", sha2::Sha256::digest(&small));
+    assert_eq!((r.status, r.body.as_str()), (200, want.as_str()));
+    assert_eq!(app.count(&server.pod, "f"), 2, "retried once, body intact");
+
+    let large: Vec<u8> = (0..10 << 20).map(|i: u32| (i % 253) as u8).collect();
+    let large_path = files.path().join("large");
+    write_readable(&large_path, &large).unwrap();
+    let r = request(
+        &client.pod,
+        &["--data-binary", &format!("@{}", large_path.display()), &url(&server, "/echo/1/g")],
+    );
+    assert_eq!(r.status, 503, "the first answer comes back: a 10 MiB body is not kept for a retry");
+    assert_eq!(app.count(&server.pod, "g"), 1);
+}
+
+#[test]
+fn the_breaker_opens_answers_503_itself_and_recovers_half_open() {
+    let (_mesh, server, client, app) = setup(&[
+        "proxy.http.breaker_failures=3",
+        "proxy.http.breaker_base_ejection=2s",
+        "proxy.http.attempts=1",
+    ]);
+    for _ in 0..3 {
+        assert_eq!(request(&client.pod, &[&url(&server, "/fail/3/h")]).status, 500);
+    }
+    let r = request(&client.pod, &[&url(&server, "/fail/3/h")]);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("legate-error").as_deref(), Some("breaker_open"));
+    assert_eq!(app.count(&server.pod, "h"), 3, "an open breaker does not touch the server");
+
+    std::thread::sleep(Duration::from_millis(2200));
+    let r = request(&client.pod, &[&url(&server, "/fail/3/h")]);
+    assert_eq!(r.status, 200, "the half-open probe reaches the healed server");
+    let r = request(&client.pod, &[&url(&server, "/fail/3/h")]);
+    assert_eq!(r.status, 200, "and the breaker is closed again");
+    assert_eq!(app.count(&server.pod, "h"), 5);
+}
+
+#[test]
+fn a_limit_on_requests_in_flight_rejects_the_excess_at_once() {
+    let (_mesh, server, client, _app) = setup(&["proxy.http.max_in_flight=2"]);
+    let slow = url(&server, "/sleep/3/i");
+    let pods: Vec<_> = (0..2)
+        .map(|_| {
+            let pod = client.pod.command("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &slow]);
+            pod.uid(APP_UID).spawn().expect("slow curl")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    let start = std::time::Instant::now();
+    let r = request(&client.pod, &[&url(&server, "/ok/j")]);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("legate-error").as_deref(), Some("max_in_flight"));
+    assert!(start.elapsed() < Duration::from_secs(2), "rejected without queueing");
+    for mut p in pods {
+        p.wait_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(p.stdout(), "200");
+    }
+}
+
+#[test]
+fn the_server_app_gets_the_verified_client_identity_and_never_a_forged_one() {
+    let (mesh, server, client, _app) = setup(&[]);
+    let forged = "legate-client-id: spiffe://legate.local/admin";
+    let r = request(&client.pod, &["-H", forged, &url(&server, "/headers")]);
+    assert_eq!(r.status, 200);
+    let headers: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(headers["legate-client-id"], client.id(), "{headers}");
+    assert!(!headers.to_string().contains("admin"));
+    assert!(headers.get("legate-target").is_none() && headers.get("legate-proto").is_none());
+
+    let outsider = mesh.plain_pod("outsider");
+    let r = request(&outsider, &["-H", forged, &url(&server, "/headers")]);
+    let headers: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert!(headers.get("legate-client-id").is_none(), "a client outside the mesh forged it: {headers}");
+}
+
+#[test]
+fn http_semantics_survive_the_hop_between_proxies() {
+    let (_mesh, server, client, _app) = setup(&[]);
+    // The Host header arrives as the client sent it.
+    let r = request(&client.pod, &["-H", "Host: shop.example:8080", &url(&server, "/headers")]);
+    let headers: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(headers["host"], "shop.example:8080");
+
+    // A chunked upload arrives whole.
+    let r = request(
+        &client.pod,
+        &["-H", "Transfer-Encoding: chunked", "--data-binary", "chunked body", &url(&server, "/sink/k")],
+    );
+    use sha2::Digest;
+    assert_eq!(r.body, format!("12 {:x}", sha2::Sha256::digest(b"chunked body")));
+
+    // A chunked response with a trailer keeps the trailer.
+    let (ok, out, err) = curl(&client.pod, &["--raw", "-H", "TE: trailers", &url(&server, "/trailers")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("first piece,") && out.contains("second piece"), "{out}");
+    assert!(out.to_ascii_lowercase().contains("x-checksum: 12345"), "the trailer was lost: {out:?}");
+
+    // Expect: 100-continue is honoured.
+    let r = request(
+        &client.pod,
+        &["-H", "Expect: 100-continue", "--data-binary", "after continue", &url(&server, "/sink/l")],
+    );
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn a_websocket_echo_round_trips_through_the_mesh() {
+    let (_mesh, server, client, _app) = setup(&[]);
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let echoed = client
+        .pod
+        .run_in(move || -> std::io::Result<Vec<u8>> {
+            let mut s = TcpStream::connect(dst)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(
+                s,
+                "GET /ws HTTP/1.1\r\nHost: {dst}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )?;
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte)?;
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_string();
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+            let payload = b"hello through the mesh";
+            let mask = [1u8, 2, 3, 4];
+            let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+            frame.extend_from_slice(&mask);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+            s.write_all(&frame)?;
+            let mut reply = [0u8; 2];
+            s.read_exact(&mut reply)?;
+            let mut body = vec![0u8; usize::from(reply[1] & 0x7f)];
+            s.read_exact(&mut body)?;
+            Ok(body)
+        })
+        .unwrap()
+        .expect("websocket exchange");
+    assert_eq!(echoed, b"hello through the mesh");
+}

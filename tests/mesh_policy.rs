@@ -1,0 +1,113 @@
+//! Who talks to whom, and in what: meshed and non-meshed pods, permissive
+//! and strict servers, per-port authorization and foreign certificates.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn meshed_to_non_meshed_works_in_plaintext() {
+    let mesh = Mesh::new(&[]);
+    let client = mesh.meshed_pod("client", PodOptions::default());
+    let legacy = mesh.plain_pod("legacy");
+    let body = secret("plain");
+    let (_srv, _site) = http_server(&legacy, 8080, &body);
+    let capture = legacy.capture().expect("capture");
+    let (ok, out, err) = curl(&client.pod, &[&format!("http://{}:8080/", legacy.ip())]);
+    assert!(ok, "curl: {err}");
+    assert_eq!(out, body);
+    let pcap = capture.stop().unwrap();
+    assert!(pcap.contains(body.as_bytes()), "a destination without a proxy gets the bytes as they are");
+    assert!(!pcap.contains(b"legate/h2"));
+}
+
+#[test]
+fn non_meshed_client_reaches_a_permissive_server_and_is_refused_by_a_strict_one() {
+    let mesh = Mesh::new(&[]);
+    let permissive = mesh.meshed_pod("open", PodOptions::default());
+    let strict = mesh.meshed_pod(
+        "locked",
+        PodOptions {
+            proxy_set: vec!["proxy.mode=strict".into()],
+            ..Default::default()
+        },
+    );
+    let outsider = mesh.plain_pod("outsider");
+    let (_a, _sa) = http_server(&permissive.pod, 8080, "open door");
+    let (_b, _sb) = http_server(&strict.pod, 8080, "locked door");
+
+    let (ok, out, err) = curl(&outsider, &[&format!("http://{}:8080/", permissive.pod.ip())]);
+    assert!(ok && out == "open door", "permissive: {err}");
+    let (ok, _, err) = curl(&outsider, &[&format!("http://{}:8080/", strict.pod.ip())]);
+    assert!(!ok, "a strict server let a client outside the mesh in");
+    assert!(err.contains("reset") || err.contains("Empty reply") || err.contains("Recv failure"), "{err}");
+    assert!(strict.proxy.stderr().contains("strict"), "the refusal is logged with the reason");
+
+    // A meshed client still gets in.
+    let client = mesh.meshed_pod("friend", PodOptions::default());
+    let (ok, out, err) = curl(&client.pod, &[&format!("http://{}:8080/", strict.pod.ip())]);
+    assert!(ok && out == "locked door", "meshed client to strict server: {err}");
+}
+
+#[test]
+fn an_identity_outside_the_ports_policy_is_refused_and_logged() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod(
+        "vault",
+        PodOptions {
+            proxy_set: vec![format!(
+                "proxy.authz=[{{ ports = \"8080\", allow = [\"spiffe://{TRUST_DOMAIN}/teller\"] }}]"
+            )],
+            ..Default::default()
+        },
+    );
+    let (_srv, _site) = http_server(&server.pod, 8080, "gold");
+    let teller = mesh.meshed_pod("teller", PodOptions::default());
+    let robber = mesh.meshed_pod("robber", PodOptions::default());
+    let url = format!("http://{}:8080/", server.pod.ip());
+
+    let (ok, out, err) = curl(&teller.pod, &[&url]);
+    assert!(ok && out == "gold", "allowed identity: {err}");
+
+    let (_, out, _) = curl(&robber.pod, &["-i", &url]);
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(out.to_ascii_lowercase().contains("legate-error:"), "the proxy marks its own answer: {out}");
+    let log = server.proxy.stderr();
+    assert!(
+        log.lines().any(|l| l.contains("authorization policy") && l.contains(robber.id()) && l.contains(server.id())),
+        "the refusal names both identities:\n{log}"
+    );
+
+    // Opaque TCP to the same port is refused too.
+    let robber_pod = &robber.pod;
+    let dst = std::net::SocketAddr::new(server.pod.ip().into(), 8080);
+    let got = robber_pod
+        .run_in(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(dst)?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            s.write_all(b"\x00\x01not http\r\n")?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).map(|_| buf)
+        })
+        .unwrap();
+    assert!(got.map(|b| b.is_empty()).unwrap_or(true), "opaque bytes got through the policy");
+}
+
+#[test]
+fn a_peer_with_a_certificate_from_another_ca_is_refused() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("bank", PodOptions::default());
+    let (_srv, _site) = http_server(&server.pod, 8080, "accounts");
+    let rogue_ca = Ca::start(&mesh.bed, "rogue-ca", &[]);
+    let rogue = mesh.meshed_pod_of(&rogue_ca, "rogue", PodOptions::default());
+    let capture = server.pod.capture().expect("capture");
+
+    let (_, out, _) = curl(&rogue.pod, &["-i", &format!("http://{}:8080/", server.pod.ip())]);
+    assert!(!out.contains("accounts"), "a foreign certificate was accepted: {out}");
+    assert!(out.starts_with("HTTP/1.1 502"), "the client's proxy answers for the failed handshake: {out}");
+    let log = rogue.proxy.stderr();
+    assert!(log.contains("handshake"), "the client proxy says why:\n{log}");
+    let pcap = capture.stop().unwrap();
+    assert!(!pcap.contains(b"GET / HTTP"), "no plaintext fallback");
+}
