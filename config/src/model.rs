@@ -520,8 +520,17 @@ section! {
         include_outbound_cidrs: Vec<IpNet> = Vec::new(),
         /// Inbound ports left alone (the admin port always is).
         exclude_inbound_ports: PortSet = PortSet::default(),
-        /// When set, only these inbound ports are captured.
+        /// When set, only these inbound ports are captured. Under `legate
+        /// run` nothing is captured inbound unless ports are listed here.
         include_inbound_ports: PortSet = PortSet::default(),
+        /// Whether inbound connections are captured at all; `false` installs
+        /// no PREROUTING rules, for a workload that only makes connections.
+        capture_inbound: bool = true,
+        /// The supplementary group `legate run` gives the command it wraps;
+        /// only sockets of processes in this group are captured. Must differ
+        /// from `proxy.gid`. `legate init` captures the whole namespace and
+        /// ignores it.
+        capture_group: u32 = 1339,
         /// `auto`, `on` or `off`.
         ipv6: Ipv6Mode = Ipv6Mode::Auto,
         /// `auto`, `nft` or `legacy`.

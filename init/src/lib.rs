@@ -15,7 +15,7 @@
 //!   module, missing privileges).
 //! - [`netns`] runs all of this inside another network namespace.
 //! - [`ops`] puts them together: [`apply`], [`cleanup`], [`check`] and
-//!   [`dry_run`].
+//!   [`dry_run`], and [`installed`] reports what a namespace already holds.
 //! - [`validate()`] proves that a real connection is captured, and
 //!   [`orig_dst`] reads a redirected connection's original destination.
 //! - [`cli`] is the `legate init` subcommand.
@@ -42,7 +42,9 @@ pub mod validate;
 
 pub use error::InitError;
 pub use iptables::Engine;
-pub use ops::{apply, check, cleanup, dry_run, CheckReport, DryRun, Options, Report};
+pub use ops::{
+    apply, check, cleanup, dry_run, installed, CheckReport, DryRun, Installed, Options, Report,
+};
 pub use orig_dst::original_dst;
-pub use plan::{plan, Family, Plan, Ruleset};
+pub use plan::{plan, plan_scoped, Family, Plan, Ruleset, Scope};
 pub use validate::{validate, ValidateOptions, Validated};

@@ -14,7 +14,7 @@ use crate::backend::{choose, none_usable, probe_all, Probe};
 use crate::error::InitError;
 use crate::iptables::{has_net_admin, restore, save, Engine};
 use crate::netns::within;
-use crate::plan::{transition, Family, Plan, Ruleset};
+use crate::plan::{transition, Family, Plan, Ruleset, Scope};
 use crate::state::{diff, parse_save, DiffLine};
 
 /// Where and how the operations run.
@@ -225,25 +225,31 @@ pub fn apply(plan: &Plan, opts: &Options) -> Result<Report, InitError> {
     })
 }
 
+/// The backends that hold legate's rules: with `Backend::Auto` every
+/// usable one, otherwise the one asked for.
+fn holding_legate(backend: Backend) -> Result<Vec<Probe>, InitError> {
+    let probes = match backend {
+        Backend::Auto => {
+            let (usable, unusable) = probe_all()?;
+            if usable.is_empty() {
+                return Err(none_usable(unusable));
+            }
+            usable
+        }
+        _ => vec![choose(backend)?.probe],
+    };
+    Ok(probes.into_iter().filter(Probe::holds_legate).collect())
+}
+
 /// Removes every chain and jump legate installed, and nothing else. With
 /// `Backend::Auto` every backend holding legate's rules is cleaned, so a
 /// stale copy left in the other backend goes too.
 pub fn cleanup(opts: &Options) -> Result<Vec<Report>, InitError> {
     within(opts.netns.as_deref(), || {
         require_net_admin("removing the interception rules")?;
-        let probes = match opts.backend {
-            Backend::Auto => {
-                let (usable, unusable) = probe_all()?;
-                if usable.is_empty() {
-                    return Err(none_usable(unusable));
-                }
-                usable
-            }
-            _ => vec![choose(opts.backend)?.probe],
-        };
         let mut reports = Vec::new();
-        for probe in probes.iter().filter(|p| p.holds_legate()) {
-            let steps = steps(probe, None, opts.ipv6)?;
+        for probe in holding_legate(opts.backend)? {
+            let steps = steps(&probe, None, opts.ipv6)?;
             reports.push(Report {
                 engine: probe.engine,
                 reason: "it holds legate's chains".into(),
@@ -251,6 +257,43 @@ pub fn cleanup(opts: &Options) -> Result<Vec<Report>, InitError> {
             });
         }
         Ok(reports)
+    })
+}
+
+/// legate's rules as one backend holds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub engine: Engine,
+    /// Each family that could be read and holds something of legate's.
+    pub families: Vec<(Family, Ruleset)>,
+}
+
+impl Installed {
+    /// Who installed these rules: [`Scope::Namespace`] for `legate init`,
+    /// [`Scope::Group`] for `legate run`. Read from the first family with
+    /// an outbound chain.
+    pub fn scope(&self) -> Option<Scope> {
+        self.families.iter().find_map(|(_, r)| Scope::of(r))
+    }
+}
+
+/// What legate has installed in the namespace, one entry per backend that
+/// holds any of its chains or jumps; empty when there is nothing. Changes
+/// nothing.
+pub fn installed(opts: &Options) -> Result<Vec<Installed>, InitError> {
+    within(opts.netns.as_deref(), || {
+        require_net_admin("reading the interception rules")?;
+        Ok(holding_legate(opts.backend)?
+            .iter()
+            .map(|p| Installed {
+                engine: p.engine,
+                families: Family::ALL
+                    .iter()
+                    .filter_map(|f| p.family(*f).map(|saved| (*f, saved.legate.clone())))
+                    .filter(|(_, r)| !r.is_empty())
+                    .collect(),
+            })
+            .collect())
     })
 }
 

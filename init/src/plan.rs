@@ -16,15 +16,32 @@
 //! OUTPUT      -p tcp -> LEGATE_OUTPUT
 //!   -o lo                    RETURN   traffic that stays inside the pod
 //!   uid-owner / gid-owner    RETURN   the proxy's own connections (loop safety)
+//!   [not in capture group]   RETURN   only with Scope::Group (`legate run`)
 //!   excluded ports, CIDRs    RETURN
 //!   [included CIDRs]         -> LEGATE_REDIRECT_OUT   (or everything, when none are listed)
 //! LEGATE_REDIRECT_OUT        REDIRECT --to-ports <outbound_port>
 //!
-//! PREROUTING  -p tcp -> LEGATE_PREROUTING
+//! PREROUTING  -p tcp -> LEGATE_PREROUTING             (absent when inbound is not captured)
 //!   admin port, excluded     RETURN
 //!   [included ports]         -> LEGATE_REDIRECT_IN    (or everything, when none are listed)
 //! LEGATE_REDIRECT_IN         REDIRECT --to-ports <inbound_port>
 //! ```
+//!
+//! # Whose traffic: the scope
+//!
+//! In a pod ([`Scope::Namespace`], `legate init`) every process but the
+//! proxy is the workload, so the whole namespace is captured. On a plain
+//! host ([`Scope::Group`], `legate run`) only one process tree is: it gets
+//! one extra supplementary group (`init.capture_group`), and one more rule
+//! returns every socket whose owner is not in that group, as primary or
+//! supplementary group (`-m owner ! --gid-owner G --suppl-groups`). Inbound,
+//! a host has ports of its own (ssh above all), so in this scope only the
+//! ports in `init.include_inbound_ports` are captured, and with none listed
+//! there are no PREROUTING rules at all. In either scope
+//! `init.capture_inbound = false` leaves inbound alone.
+//!
+//! The group rule doubles as a marker: [`Scope::of`] tells from installed
+//! rules whether `legate init` or `legate run` put them there.
 //!
 //! **Connections that stay inside the pod are not captured.** Every packet
 //! routed out of the loopback device is exempt: `127.0.0.0/8`, `::1`, and
@@ -172,14 +189,73 @@ impl Plan {
     }
 }
 
-/// Builds the plan from the configuration. Every value is checked here, so
-/// a bad port or network is reported before anything is changed.
+/// Whose connections the outbound rules capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every process of the namespace except the proxy: a pod, `legate init`.
+    Namespace,
+    /// Only processes that have this gid as primary or supplementary group:
+    /// one process tree on a plain host, `legate run`. Inbound is captured
+    /// only on the ports `init.include_inbound_ports` lists.
+    Group(u32),
+}
+
+impl Scope {
+    /// The scope installed rules were planned with, read from the group
+    /// rule in [`OUTPUT_CHAIN`]; `None` when legate has no chain there.
+    pub fn of(installed: &Ruleset) -> Option<Scope> {
+        let rules = installed.chains.get(OUTPUT_CHAIN)?;
+        let group = rules.iter().find_map(|r| {
+            r.strip_prefix("-m owner ! --gid-owner ")?
+                .strip_suffix(" --suppl-groups -j RETURN")?
+                .parse()
+                .ok()
+        });
+        Some(group.map_or(Scope::Namespace, Scope::Group))
+    }
+}
+
+/// Builds the plan for a pod ([`Scope::Namespace`]) from the
+/// configuration. Every value is checked here, so a bad port or network is
+/// reported before anything is changed.
 pub fn plan(init: &InitConfig, proxy: &ProxyConfig) -> Result<Plan, InitError> {
+    plan_scoped(init, proxy, Scope::Namespace)
+}
+
+/// Builds the plan for the given scope; see the module documentation.
+pub fn plan_scoped(
+    init: &InitConfig,
+    proxy: &ProxyConfig,
+    scope: Scope,
+) -> Result<Plan, InitError> {
     check_inputs(init, proxy)?;
+    if let Scope::Group(gid) = scope {
+        check_group(gid, proxy)?;
+    }
     Ok(Plan {
-        v4: family_rules(Family::V4, init, proxy),
-        v6: family_rules(Family::V6, init, proxy),
+        v4: family_rules(Family::V4, init, proxy, scope),
+        v6: family_rules(Family::V6, init, proxy, scope),
     })
+}
+
+fn check_group(gid: u32, proxy: &ProxyConfig) -> Result<(), InitError> {
+    if gid == 0 {
+        return Err(InitError::config(
+            "init.capture_group",
+            "0 is the root group, so every process of group root on the host would be captured; \
+             pick a gid no one uses (default 1339)",
+        ));
+    }
+    if gid == proxy.gid {
+        return Err(InitError::config(
+            "init.capture_group",
+            format!(
+                "{gid} is also proxy.gid, whose traffic is exempt from capture, so nothing \
+                 would be captured; pick another gid (default 1339)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_inputs(init: &InitConfig, proxy: &ProxyConfig) -> Result<(), InitError> {
@@ -280,7 +356,7 @@ fn dest(net: &IpNet) -> String {
     }
 }
 
-fn family_rules(family: Family, init: &InitConfig, proxy: &ProxyConfig) -> Ruleset {
+fn family_rules(family: Family, init: &InitConfig, proxy: &ProxyConfig, scope: Scope) -> Ruleset {
     let mut r = Ruleset::default();
 
     // Outbound.
@@ -293,6 +369,15 @@ fn family_rules(family: Family, init: &InitConfig, proxy: &ProxyConfig) -> Rules
         OUTPUT_CHAIN,
         format!("-m owner --gid-owner {} -j RETURN", proxy.gid),
     );
+    if let Scope::Group(gid) = scope {
+        // `--suppl-groups` makes `--gid-owner` match the supplementary
+        // groups as well as the primary one; iptables-save prints the
+        // negation before `--gid-owner`, as written here.
+        r.push(
+            OUTPUT_CHAIN,
+            format!("-m owner ! --gid-owner {gid} --suppl-groups -j RETURN"),
+        );
+    }
     for &(lo, hi) in init.exclude_outbound_ports.ranges() {
         r.push(OUTPUT_CHAIN, format!("{} -j RETURN", dport(lo, hi)));
     }
@@ -324,8 +409,25 @@ fn family_rules(family: Family, init: &InitConfig, proxy: &ProxyConfig) -> Rules
         format!("-p tcp -j REDIRECT --to-ports {}", proxy.outbound_port),
     );
 
-    // Inbound. The admin port comes first and always returns, so health
-    // checks and metrics scrapes keep working whatever the lists say.
+    // Only TCP enters legate's chains; UDP (DNS above all) is never touched.
+    r.jumps.push(Jump {
+        from: "OUTPUT".into(),
+        spec: format!("-p tcp -j {OUTPUT_CHAIN}"),
+    });
+
+    // Inbound: on a plain host only the ports listed, and none by default.
+    let inbound = init.capture_inbound
+        && !(matches!(scope, Scope::Group(_)) && init.include_inbound_ports.is_empty());
+    if inbound {
+        inbound_rules(&mut r, init, proxy);
+    }
+    r.sort_jumps();
+    r
+}
+
+fn inbound_rules(r: &mut Ruleset, init: &InitConfig, proxy: &ProxyConfig) {
+    // The admin port comes first and always returns, so health checks and
+    // metrics scrapes keep working whatever the lists say.
     let admin = proxy.admin_listen.port();
     r.push(
         PREROUTING_CHAIN,
@@ -348,18 +450,10 @@ fn family_rules(family: Family, init: &InitConfig, proxy: &ProxyConfig) -> Rules
         REDIRECT_IN_CHAIN,
         format!("-p tcp -j REDIRECT --to-ports {}", proxy.inbound_port),
     );
-
-    // Only TCP enters legate's chains; UDP (DNS above all) is never touched.
-    r.jumps.push(Jump {
-        from: "OUTPUT".into(),
-        spec: format!("-p tcp -j {OUTPUT_CHAIN}"),
-    });
     r.jumps.push(Jump {
         from: "PREROUTING".into(),
         spec: format!("-p tcp -j {PREROUTING_CHAIN}"),
     });
-    r.sort_jumps();
-    r
 }
 
 /// The `iptables-restore --noflush` input that turns `have` into `want`
@@ -507,6 +601,74 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("init.exclude_inbound_ports"));
+    }
+
+    #[test]
+    fn group_scope_captures_only_the_group_and_no_inbound_by_default() {
+        let (i, p) = cfg();
+        let plan = plan_scoped(&i, &p, Scope::Group(1339)).unwrap();
+        let out = &plan.v4.chains[OUTPUT_CHAIN];
+        let group = "-m owner ! --gid-owner 1339 --suppl-groups -j RETURN".to_string();
+        let at = out.iter().position(|r| *r == group).expect("group rule");
+        let proxy_gid = out
+            .iter()
+            .position(|r| r == "-m owner --gid-owner 1337 -j RETURN")
+            .unwrap();
+        assert!(proxy_gid < at, "the proxy is exempt before the group test");
+        assert_eq!(out.last().unwrap(), "-j LEGATE_REDIRECT_OUT");
+        assert!(!plan.v4.chains.contains_key(PREROUTING_CHAIN));
+        assert!(!plan.v4.chains.contains_key(REDIRECT_IN_CHAIN));
+        assert!(plan.v4.jumps.iter().all(|j| j.from == "OUTPUT"));
+        assert_eq!(Scope::of(&plan.v4), Some(Scope::Group(1339)));
+        assert_eq!(Scope::of(&plan.v6), Some(Scope::Group(1339)));
+
+        let (mut i, p) = cfg();
+        i.include_inbound_ports = PortSet::single(8080);
+        let plan = plan_scoped(&i, &p, Scope::Group(1339)).unwrap();
+        assert_eq!(
+            plan.v4.chains[PREROUTING_CHAIN],
+            [
+                "-p tcp -m tcp --dport 15000 -j RETURN",
+                "-p tcp -m tcp --dport 8080 -j LEGATE_REDIRECT_IN"
+            ]
+        );
+    }
+
+    #[test]
+    fn scope_is_read_back_from_installed_rules() {
+        let (i, p) = cfg();
+        assert_eq!(Scope::of(&plan(&i, &p).unwrap().v4), Some(Scope::Namespace));
+        assert_eq!(Scope::of(&Ruleset::default()), None);
+    }
+
+    #[test]
+    fn inbound_can_be_left_alone_in_a_pod() {
+        let (mut i, p) = cfg();
+        i.capture_inbound = false;
+        i.include_inbound_ports = PortSet::single(8080);
+        let plan = plan(&i, &p).unwrap();
+        assert!(!plan.v4.chains.contains_key(PREROUTING_CHAIN));
+        assert_eq!(plan.v4.jumps.len(), 1);
+        assert!(plan.v4.chains.contains_key(OUTPUT_CHAIN));
+    }
+
+    #[test]
+    fn a_capture_group_that_would_capture_nothing_or_everything_is_refused() {
+        let (i, p) = cfg();
+        let e = plan_scoped(&i, &p, Scope::Group(1337))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("init.capture_group") && e.contains("proxy.gid"),
+            "{e}"
+        );
+        let e = plan_scoped(&i, &p, Scope::Group(0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("init.capture_group") && e.contains("root"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -13,10 +13,10 @@ use legate_config::{Backend, Ipv6Mode};
 use legate_init::ops::Change;
 use legate_init::state::DiffLine;
 use legate_init::{
-    apply, check, cleanup, dry_run, original_dst, plan, validate, Engine, Family, InitError,
-    ValidateOptions,
+    apply, check, cleanup, dry_run, installed, original_dst, plan, plan_scoped, validate, Engine,
+    Family, InitError, Scope, ValidateOptions,
 };
-use legate_testbed::Bed;
+use legate_testbed::{Bed, Pod, Process};
 
 /// An address in the bed's range where nothing lives.
 const NOWHERE_V4: &str = "10.200.0.9";
@@ -155,6 +155,103 @@ fn capture_nft() {
 #[test]
 fn capture_legacy() {
     capture(Engine::Legacy);
+}
+
+/// `legate run`'s scope: only sockets of processes in the capture group,
+/// as primary or supplementary group, are captured, and nothing inbound
+/// unless ports are listed. The installed rules read back exactly as
+/// planned (so `--check` and a second apply see no difference), tell their
+/// scope, and clean up to what was there before.
+fn group_scope(engine: Engine) {
+    let bed = Bed::new().expect("test bed");
+    let host = bed.pod("host").expect("pod");
+    let other = bed.pod("other").expect("pod");
+    add_foreign_rules(&host, engine);
+    let before = saved(&host, engine);
+    let o = opts(&host, backend(engine));
+    let cfg = config(&[]);
+    let plan = plan_scoped(&cfg.init, &cfg.proxy, Scope::Group(1339)).expect("plan");
+    apply(&plan, &o).expect("apply");
+    let again = apply(&plan, &o).expect("second apply");
+    assert!(
+        again.families.iter().all(|(_, c)| *c == Change::Unchanged),
+        "iptables-save prints the group rule as planned: {again}"
+    );
+    assert!(check(&plan, &o).expect("check").is_ok());
+    let found = installed(&o).expect("installed");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].scope(), Some(Scope::Group(1339)));
+
+    let outbound = [
+        listen(&host, "127.0.0.1:15001"),
+        listen(&host, "[::1]:15001"),
+    ];
+    let inbound = listen(&host, "[::]:15006");
+    let host8080 = listen(&host, "[::]:8080");
+    let other80 = listen(&other, "[::]:80");
+    for (i, v6) in [false, true].into_iter().enumerate() {
+        let fam = if v6 { "IPv6" } else { "IPv4" };
+        let (other_ip, host_ip): (IpAddr, IpAddr) = if v6 {
+            (other.ip6().into(), host.ip6().into())
+        } else {
+            (other.ip().into(), host.ip().into())
+        };
+        let dst = sock(other_ip, 80);
+        let out = &outbound[i];
+
+        // In the group as a supplementary group, or as the primary one.
+        let _c = connect_with_groups(&host, 1000, 1000, "1339", dst);
+        let conn = lands(out, &format!("{fam} supplementary capture group"));
+        assert_eq!(original_dst(&conn).expect("SO_ORIGINAL_DST"), dst);
+        let _c = connect_as(&host, 1000, Some(1339), dst);
+        lands(out, &format!("{fam} primary capture group"));
+
+        // Everyone else on the host goes direct, root included.
+        let _c = connect_with_groups(&host, 1000, 1000, "20,30", dst);
+        lands(&other80, &format!("{fam} other groups"));
+        let _c = connect_as(&host, 0, None, dst);
+        lands(&other80, &format!("{fam} root"));
+        nothing_on(out, &format!("{fam} outbound port"));
+
+        // Nothing inbound is captured without listed ports.
+        let _c = connect_as(&other, 1000, None, sock(host_ip, 8080));
+        lands(&host8080, &format!("{fam} inbound 8080"));
+        nothing_on(&inbound, &format!("{fam} inbound port"));
+    }
+
+    assert_eq!(cleanup(&o).expect("cleanup").len(), 1);
+    assert_eq!(saved(&host, engine), before);
+}
+
+/// Connects like [`connect_as`], with exactly these supplementary groups.
+fn connect_with_groups(pod: &Pod, uid: u32, gid: u32, groups: &str, addr: SocketAddr) -> Process {
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/{} && printf x >&3 && sleep 30",
+        addr.ip(),
+        addr.port()
+    );
+    pod.command("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            &format!("--groups={groups}"),
+            "bash",
+            "-c",
+            &script,
+        ])
+        .current_dir("/")
+        .spawn()
+        .expect("spawn client")
+}
+
+#[test]
+fn group_scope_nft() {
+    group_scope(Engine::Nft);
+}
+
+#[test]
+fn group_scope_legacy() {
+    group_scope(Engine::Legacy);
 }
 
 /// Apply twice, check, repair, clean up: the tables always end where they

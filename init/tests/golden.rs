@@ -9,11 +9,19 @@
 use std::path::PathBuf;
 
 use legate_config::{load, FlagValue, Sources};
-use legate_init::plan::{plan, transition, Ruleset};
+use legate_init::plan::{plan_scoped, transition, Ruleset, Scope};
+
+/// How a golden file's plan is scoped: a pod's (`legate init`) or one
+/// process tree's on a plain host (`legate run`, with `init.capture_group`).
+#[derive(Clone, Copy)]
+enum For {
+    Pod,
+    Run,
+}
 
 /// The restore input for both families, from configuration keys given as
 /// `key=value`, through the same loader the CLI uses.
-fn render(settings: &[&str]) -> String {
+fn render(settings: &[&str], scope: For) -> String {
     let flags = settings
         .iter()
         .map(|kv| {
@@ -30,7 +38,12 @@ fn render(settings: &[&str]) -> String {
         ..Sources::default()
     })
     .expect("test configuration loads");
-    let plan = plan(&loaded.config.init, &loaded.config.proxy).expect("plan");
+    let init = &loaded.config.init;
+    let scope = match scope {
+        For::Pod => Scope::Namespace,
+        For::Run => Scope::Group(init.capture_group),
+    };
+    let plan = plan_scoped(init, &loaded.config.proxy, scope).expect("plan");
     let mut out = String::new();
     for (name, rules) in [("IPv4", &plan.v4), ("IPv6", &plan.v6)] {
         out.push_str(&format!("# {name}\n"));
@@ -40,10 +53,14 @@ fn render(settings: &[&str]) -> String {
 }
 
 fn golden(name: &str, settings: &[&str]) {
+    golden_for(name, settings, For::Pod);
+}
+
+fn golden_for(name: &str, settings: &[&str], scope: For) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
         .join(format!("{name}.rules"));
-    let actual = render(settings);
+    let actual = render(settings, scope);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, &actual).expect("write golden file");
         return;
@@ -120,6 +137,46 @@ fn custom_uid_and_ports() {
             "proxy.inbound_port=16006",
             "proxy.admin_listen=127.0.0.1:16000",
         ],
+    );
+}
+
+#[test]
+fn pod_without_inbound_capture() {
+    // A client-only workload: no PREROUTING rules at all.
+    golden("no_inbound", &["init.capture_inbound=false"]);
+}
+
+#[test]
+fn run_outbound_only() {
+    // `legate run` without --inbound-ports: only the capture group's
+    // outbound TCP, and nothing inbound, so the host's own ports (ssh)
+    // are never touched.
+    golden_for("run_outbound_only", &[], For::Run);
+}
+
+#[test]
+fn run_with_inbound_ports() {
+    golden_for(
+        "run_with_inbound_ports",
+        &[
+            "init.capture_group=2500",
+            "init.include_inbound_ports=8080,9000-9001",
+            "init.exclude_outbound_cidrs=169.254.169.254/32",
+        ],
+        For::Run,
+    );
+}
+
+#[test]
+fn run_with_inbound_capture_off() {
+    // capture_inbound = false wins over a port list.
+    golden_for(
+        "run_outbound_only",
+        &[
+            "init.include_inbound_ports=8080",
+            "init.capture_inbound=false",
+        ],
+        For::Run,
     );
 }
 
