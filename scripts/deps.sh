@@ -14,10 +14,13 @@ tcpdump tcpdump packet-captures
 curl curl HTTP-client
 openssl openssl certificate-checks
 pgrep procps process-checks
+python3 python3 test-applications
 "
 groups[test]="
 redis-server redis-server a-real-TCP-server
 redis-cli redis-tools a-real-TCP-client
+h2load nghttp2-client HTTP/2-load
+nghttpd nghttp2-server an-HTTP/2-server
 "
 groups[demo]=""
 groups[bench]="
@@ -25,6 +28,7 @@ wrk wrk HTTP/1.1-load
 h2load nghttp2-client HTTP/2-load
 nginx nginx comparison-proxy
 haproxy haproxy comparison-proxy
+iperf3 iperf3 L4-throughput
 "
 
 want=${1:-test}
@@ -38,6 +42,12 @@ while read -r cmd pkg why; do
     need+=("$pkg")
   fi
 done <<<"$lines"
+
+# gRPC tests run Debian's python3 with its grpcio module.
+if [ "$want" != demo ] && ! /usr/bin/python3 -c 'import grpc' >/dev/null 2>&1; then
+  echo "legate: installing python3-grpcio (for the gRPC tests)" >&2
+  need+=(python3-grpcio)
+fi
 
 # nginx's stream module is a separate package on Debian.
 if [ "$want" = bench ] && [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then

@@ -41,12 +41,20 @@ fn failures_within_the_retry_policy_are_retried() {
     ]);
     let r = request(&client.pod, &[&url(&server, "/fail/2/a")]);
     assert_eq!((r.status, r.body.trim()), (200, "ok after 3"));
-    assert_eq!(app.count(&server.pod, "a"), 3, "the server saw every attempt");
+    assert_eq!(
+        app.count(&server.pod, "a"),
+        3,
+        "the server saw every attempt"
+    );
 
     // More failures than attempts: the application's own last answer comes back.
     let r = request(&client.pod, &[&url(&server, "/fail/5/b")]);
     assert_eq!(r.status, 500);
-    assert_eq!(r.header("legate-error"), None, "the 500 is the application's");
+    assert_eq!(
+        r.header("legate-error"),
+        None,
+        "the 500 is the application's"
+    );
     assert_eq!(app.count(&server.pod, "b"), 3);
 }
 
@@ -69,7 +77,10 @@ fn the_budget_caps_retries_under_sustained_failure() {
     // Without a budget: 150 attempts. With it: 50 requests, at most 20% of
     // them in retries, plus the minimum of 1/s over the 10 s window.
     assert!(seen > requests, "some retries happened: {seen}");
-    assert!(seen <= requests + requests / 5 + 10, "the budget let {seen} attempts through");
+    assert!(
+        seen <= requests + requests / 5 + 10,
+        "the budget let {seen} attempts through"
+    );
 }
 
 #[test]
@@ -101,7 +112,11 @@ fn a_small_post_is_retried_with_its_body_intact_and_a_large_one_is_streamed_once
     write_readable(&small_path, &small).unwrap();
     let r = request(
         &client.pod,
-        &["--data-binary", &format!("@{}", small_path.display()), &url(&server, "/echo/1/f")],
+        &[
+            "--data-binary",
+            &format!("@{}", small_path.display()),
+            &url(&server, "/echo/1/f"),
+        ],
     );
     use sha2::Digest;
     let want = format!("1024 {:x}", sha2::Sha256::digest(&small));
@@ -113,9 +128,16 @@ fn a_small_post_is_retried_with_its_body_intact_and_a_large_one_is_streamed_once
     write_readable(&large_path, &large).unwrap();
     let r = request(
         &client.pod,
-        &["--data-binary", &format!("@{}", large_path.display()), &url(&server, "/echo/1/g")],
+        &[
+            "--data-binary",
+            &format!("@{}", large_path.display()),
+            &url(&server, "/echo/1/g"),
+        ],
     );
-    assert_eq!(r.status, 503, "the first answer comes back: a 10 MiB body is not kept for a retry");
+    assert_eq!(
+        r.status, 503,
+        "the first answer comes back: a 10 MiB body is not kept for a retry"
+    );
     assert_eq!(app.count(&server.pod, "g"), 1);
 }
 
@@ -127,16 +149,26 @@ fn the_breaker_opens_answers_503_itself_and_recovers_half_open() {
         "proxy.http.attempts=1",
     ]);
     for _ in 0..3 {
-        assert_eq!(request(&client.pod, &[&url(&server, "/fail/3/h")]).status, 500);
+        assert_eq!(
+            request(&client.pod, &[&url(&server, "/fail/3/h")]).status,
+            500
+        );
     }
     let r = request(&client.pod, &[&url(&server, "/fail/3/h")]);
     assert_eq!(r.status, 503);
     assert_eq!(r.header("legate-error").as_deref(), Some("breaker_open"));
-    assert_eq!(app.count(&server.pod, "h"), 3, "an open breaker does not touch the server");
+    assert_eq!(
+        app.count(&server.pod, "h"),
+        3,
+        "an open breaker does not touch the server"
+    );
 
     std::thread::sleep(Duration::from_millis(2200));
     let r = request(&client.pod, &[&url(&server, "/fail/3/h")]);
-    assert_eq!(r.status, 200, "the half-open probe reaches the healed server");
+    assert_eq!(
+        r.status, 200,
+        "the half-open probe reaches the healed server"
+    );
     let r = request(&client.pod, &[&url(&server, "/fail/3/h")]);
     assert_eq!(r.status, 200, "and the breaker is closed again");
     assert_eq!(app.count(&server.pod, "h"), 5);
@@ -148,7 +180,14 @@ fn a_limit_on_requests_in_flight_rejects_the_excess_at_once() {
     let slow = url(&server, "/sleep/3/i");
     let pods: Vec<_> = (0..2)
         .map(|_| {
-            let pod = client.pod.command("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &slow]);
+            let pod = client.pod.command("curl").args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &slow,
+            ]);
             pod.uid(APP_UID).spawn().expect("slow curl")
         })
         .collect();
@@ -157,7 +196,10 @@ fn a_limit_on_requests_in_flight_rejects_the_excess_at_once() {
     let r = request(&client.pod, &[&url(&server, "/ok/j")]);
     assert_eq!(r.status, 503);
     assert_eq!(r.header("legate-error").as_deref(), Some("max_in_flight"));
-    assert!(start.elapsed() < Duration::from_secs(2), "rejected without queueing");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "rejected without queueing"
+    );
     for mut p in pods {
         p.wait_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(p.stdout(), "200");
@@ -178,35 +220,65 @@ fn the_server_app_gets_the_verified_client_identity_and_never_a_forged_one() {
     let outsider = mesh.plain_pod("outsider");
     let r = request(&outsider, &["-H", forged, &url(&server, "/headers")]);
     let headers: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-    assert!(headers.get("legate-client-id").is_none(), "a client outside the mesh forged it: {headers}");
+    assert!(
+        headers.get("legate-client-id").is_none(),
+        "a client outside the mesh forged it: {headers}"
+    );
 }
 
 #[test]
 fn http_semantics_survive_the_hop_between_proxies() {
     let (_mesh, server, client, _app) = setup(&[]);
     // The Host header arrives as the client sent it.
-    let r = request(&client.pod, &["-H", "Host: shop.example:8080", &url(&server, "/headers")]);
+    let r = request(
+        &client.pod,
+        &["-H", "Host: shop.example:8080", &url(&server, "/headers")],
+    );
     let headers: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(headers["host"], "shop.example:8080");
 
     // A chunked upload arrives whole.
     let r = request(
         &client.pod,
-        &["-H", "Transfer-Encoding: chunked", "--data-binary", "chunked body", &url(&server, "/sink/k")],
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "chunked body",
+            &url(&server, "/sink/k"),
+        ],
     );
     use sha2::Digest;
-    assert_eq!(r.body, format!("12 {:x}", sha2::Sha256::digest(b"chunked body")));
+    assert_eq!(
+        r.body,
+        format!("12 {:x}", sha2::Sha256::digest(b"chunked body"))
+    );
 
     // A chunked response with a trailer keeps the trailer.
-    let (ok, out, err) = curl(&client.pod, &["--raw", "-H", "TE: trailers", &url(&server, "/trailers")]);
+    let (ok, out, err) = curl(
+        &client.pod,
+        &["--raw", "-H", "TE: trailers", &url(&server, "/trailers")],
+    );
     assert!(ok, "{err}");
-    assert!(out.contains("first piece,") && out.contains("second piece"), "{out}");
-    assert!(out.to_ascii_lowercase().contains("x-checksum: 12345"), "the trailer was lost: {out:?}");
+    assert!(
+        out.contains("first piece,") && out.contains("second piece"),
+        "{out}"
+    );
+    assert!(
+        out.to_ascii_lowercase().contains("x-checksum: 12345"),
+        "the trailer was lost: {out:?}"
+    );
 
     // Expect: 100-continue is honoured.
     let r = request(
         &client.pod,
-        &["-H", "Expect: 100-continue", "--data-binary", "after continue", &url(&server, "/sink/l")],
+        &[
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            "after continue",
+            &url(&server, "/sink/l"),
+        ],
     );
     assert_eq!(r.status, 200);
 }
@@ -249,4 +321,163 @@ fn a_websocket_echo_round_trips_through_the_mesh() {
         .unwrap()
         .expect("websocket exchange");
     assert_eq!(echoed, b"hello through the mesh");
+}
+
+/// Runs `tests/apps/grpc_echo.py` in `pod` with `args`, as an ordinary user.
+fn grpc_echo(
+    pod: &legate_testbed::Pod,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> legate_testbed::PodCommand {
+    let script = dir.join("grpc_echo.py");
+    if !script.exists() {
+        write_readable(&script, include_bytes!("apps/grpc_echo.py")).unwrap();
+    }
+    pod.command("/usr/bin/python3")
+        .arg(&script)
+        .args(args)
+        .uid(APP_UID)
+}
+
+#[test]
+fn grpc_unary_streaming_and_errors_work_through_the_mesh() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("grpc-server", PodOptions::default());
+    let client = mesh.meshed_pod("grpc-client", PodOptions::default());
+    let dir = shared_dir().unwrap();
+    let _srv = grpc_echo(&server.pod, dir.path(), &["serve", "50051"])
+        .spawn()
+        .expect("grpc server");
+    server
+        .pod
+        .wait_for_port(
+            SocketAddr::new(server.pod.ip().into(), 50051),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let target = format!("{}:50051", server.pod.ip());
+    let run = |args: &[&str]| {
+        let out = grpc_echo(&client.pod, dir.path(), args)
+            .output()
+            .expect("grpc client");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(run(&["unary", &target, "hello grpc"]).0, "hello grpc");
+    assert_eq!(
+        run(&["chat", &target, "one", "two", "three"]).0,
+        "re:one\nre:two\nre:three"
+    );
+    assert_eq!(
+        run(&["fail", &target]).0,
+        "NOT_FOUND",
+        "the application's grpc-status arrives"
+    );
+
+    // Nothing listens on this port: the server's proxy answers in gRPC terms.
+    let (code, details) = run(&["unary", &format!("{}:50052", server.pod.ip()), "x"]);
+    assert_eq!(code, "UNAVAILABLE", "{details}");
+    assert!(details.contains("connect"), "{details}");
+}
+
+#[test]
+fn h2load_through_the_mesh_completes_without_errors() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("h2-server", PodOptions::default());
+    let client = mesh.meshed_pod("h2-client", PodOptions::default());
+    let site = shared_dir().unwrap();
+    write_readable(&site.path().join("index.html"), &[b'x'; 2048]).unwrap();
+    let _nghttpd = server
+        .pod
+        .command("nghttpd")
+        .args(["--no-tls", "-d"])
+        .arg(site.path())
+        .arg("8443")
+        .uid(APP_UID)
+        .spawn()
+        .expect("nghttpd (apt-get install nghttp2-server)");
+    server
+        .pod
+        .wait_for_port(
+            SocketAddr::new(server.pod.ip().into(), 8443),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let out = client
+        .pod
+        .command("h2load")
+        .args(["-n", "2000", "-c", "8", "-m", "10"])
+        .arg(format!("http://{}:8443/index.html", server.pod.ip()))
+        .uid(APP_UID)
+        .output()
+        .expect("h2load (apt-get install nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or_default();
+    assert_eq!(
+        summary, "requests: 2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed, 0 errored, 0 timeout",
+        "{text}"
+    );
+    assert!(text.contains("status codes: 2000 2xx"), "{text}");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_gibibyte_upload_streams_with_bounded_proxy_memory() {
+    let (_mesh, server, client, _app) = setup(&[]);
+    let upload = client
+        .pod
+        .command("bash")
+        .args([
+            "-c",
+            &format!(
+                "head -c 1073741824 /dev/zero | curl -sS --max-time 300 -T - -X POST {}",
+                url(&server, "/sink/big")
+            ),
+        ])
+        .uid(APP_UID);
+    let mut upload = upload.spawn().expect("upload");
+    let (client_pid, server_pid) = (client.proxy.pid(), server.proxy.pid());
+    let mut peak = (0, 0);
+    while upload.try_wait().unwrap().is_none() {
+        peak = (
+            peak.0.max(rss_kib(client_pid)),
+            peak.1.max(rss_kib(server_pid)),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        upload.stdout(),
+        "1073741824 49bc20df15e412a64472421e13fe86ff1c5165e18b2afccf160d4dc19fe68a14",
+        "{}",
+        upload.stderr()
+    );
+    println!(
+        "peak proxy RSS during a 1 GiB upload: client {} KiB, server {} KiB",
+        peak.0, peak.1
+    );
+    assert!(
+        peak.0 < 64 * 1024 && peak.1 < 64 * 1024,
+        "proxy memory grew with the body: {peak:?} KiB"
+    );
 }

@@ -78,13 +78,15 @@ async fn forward(
     port: u16,
     h2: bool,
 ) -> Response<Body> {
+    let grpc = crate::policy::is_grpc(&parts.headers);
+    let answer = |status, reason| crate::policy::proxy_answer(status, reason, grpc);
     let Some(auth) =
         authority(&parts).or_else(|| SocketAddr::new(ip, port).to_string().parse().ok())
     else {
-        return proxy_answer(StatusCode::BAD_REQUEST, "request has no usable Host");
+        return answer(StatusCode::BAD_REQUEST, "request has no usable Host");
     };
     if absolute_uri(&mut parts, &auth).is_err() {
-        return proxy_answer(StatusCode::BAD_REQUEST, "request target is not a valid URI");
+        return answer(StatusCode::BAD_REQUEST, "request target is not a valid URI");
     }
     if h2 {
         parts.version = Version::HTTP_2;
@@ -109,7 +111,7 @@ async fn forward(
             } else {
                 "application_error"
             };
-            proxy_answer(StatusCode::BAD_GATEWAY, reason)
+            answer(StatusCode::BAD_GATEWAY, reason)
         }
     }
 }
