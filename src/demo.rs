@@ -39,7 +39,8 @@ fn tool(name: &str, package: &str) -> Result<(), String> {
 
 fn http_server(pod: &Pod, port: u16, body: &str) -> Result<(Process, tempfile::TempDir), String> {
     let site = mesh::shared_dir().map_err(|e| e.to_string())?;
-    mesh::write_readable(&site.path().join("index.html"), body.as_bytes()).map_err(|e| e.to_string())?;
+    mesh::write_readable(&site.path().join("index.html"), body.as_bytes())
+        .map_err(|e| e.to_string())?;
     let process = pod
         .command("python3")
         .args(["-m", "http.server", &port.to_string(), "--bind", "0.0.0.0"])
@@ -47,8 +48,11 @@ fn http_server(pod: &Pod, port: u16, body: &str) -> Result<(Process, tempfile::T
         .uid(APP_UID)
         .spawn()
         .map_err(|e| e.to_string())?;
-    pod.wait_for_port(SocketAddr::new(pod.ip().into(), port), Duration::from_secs(10))
-        .map_err(|e| e.to_string())?;
+    pod.wait_for_port(
+        SocketAddr::new(pod.ip().into(), port),
+        Duration::from_secs(10),
+    )
+    .map_err(|e| e.to_string())?;
     Ok((process, site))
 }
 
@@ -67,7 +71,12 @@ fn curl(pod: &Pod, url: &str) -> (String, String) {
         }
         Ok(out) => {
             let err = String::from_utf8_lossy(&out.stderr);
-            let reason = err.lines().next().unwrap_or("failed").trim_start_matches("curl: ").to_owned();
+            let reason = err
+                .lines()
+                .next()
+                .unwrap_or("failed")
+                .trim_start_matches("curl: ")
+                .to_owned();
             (format!("refused ({reason})"), String::new())
         }
         Err(e) => (format!("could not run curl: {e}"), String::new()),
@@ -81,7 +90,11 @@ fn peers_seen(m: &MeshedPod) -> Vec<String> {
         .stderr()
         .lines()
         .filter(|l| l.contains("accepted mesh connection"))
-        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("peer=")).map(str::to_owned))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("peer="))
+                .map(str::to_owned)
+        })
         .collect();
     ids.sort();
     ids.dedup();
@@ -94,7 +107,8 @@ fn meshed(mesh: &Mesh, name: &str, set: &[String]) -> Result<MeshedPod, String> 
         log: Some("info".into()),
         ..Default::default()
     };
-    mesh.meshed_pod(name, opts).map_err(|e| format!("pod {name}: {e}"))
+    mesh.meshed_pod(name, opts)
+        .map_err(|e| format!("pod {name}: {e}"))
 }
 
 pub fn run() -> ExitCode {
@@ -111,10 +125,13 @@ pub fn run() -> ExitCode {
 fn demo() -> Result<bool, String> {
     tool("curl", "curl")?;
     tool("python3", "python3")?;
-    let bin: PathBuf = std::env::current_exe().map_err(|e| format!("cannot find the legate binary: {e}"))?;
+    let bin: PathBuf =
+        std::env::current_exe().map_err(|e| format!("cannot find the legate binary: {e}"))?;
     let legate = Legate::new(bin);
 
-    println!("legate demo: building a mesh in network namespaces (nothing touches the host network)\n");
+    println!(
+        "legate demo: building a mesh in network namespaces (nothing touches the host network)\n"
+    );
     let mesh = Mesh::new(legate.clone(), &[]).map_err(|e| e.to_string())?;
     let web = meshed(&mesh, "web", &[])?;
     let shop = meshed(&mesh, "shop", &[])?;
@@ -123,13 +140,22 @@ fn demo() -> Result<bool, String> {
         "vault",
         &[
             "proxy.mode=strict".into(),
-            format!("proxy.authz=[{{ ports = \"8080\", allow = [\"spiffe://{TRUST_DOMAIN}/shop\"] }}]"),
+            format!(
+                "proxy.authz=[{{ ports = \"8080\", allow = [\"spiffe://{TRUST_DOMAIN}/shop\"] }}]"
+            ),
         ],
     )?;
     let legacy = mesh.plain_pod("legacy").map_err(|e| e.to_string())?;
     let rogue_ca = Ca::start(&legate, &mesh.bed, "rogue-ca", &[]).map_err(|e| e.to_string())?;
     let rogue = mesh
-        .meshed_pod_of(&rogue_ca, "rogue", PodOptions { log: Some("info".into()), ..Default::default() })
+        .meshed_pod_of(
+            &rogue_ca,
+            "rogue",
+            PodOptions {
+                log: Some("info".into()),
+                ..Default::default()
+            },
+        )
         .map_err(|e| format!("pod rogue: {e}"))?;
 
     let page = "hello from web, over mutual TLS";
@@ -138,7 +164,12 @@ fn demo() -> Result<bool, String> {
     let (_legacy_srv, _s3) = http_server(&legacy, 8080, "hello from legacy, no proxy here")?;
 
     println!("  {:<8} {:<12} {:<44} role", "pod", "address", "identity");
-    println!("  {:<8} {:<12} {:<44} CA: legate ca serve on :15012", "ca", mesh.ca.pod.ip(), "-");
+    println!(
+        "  {:<8} {:<12} {:<44} CA: legate ca serve on :15012",
+        "ca",
+        mesh.ca.pod.ip(),
+        "-"
+    );
     for (m, role) in [
         (&web, "http.server :8080, legate init + proxy (permissive)"),
         (&shop, "curl, legate init + proxy"),
@@ -147,7 +178,12 @@ fn demo() -> Result<bool, String> {
     ] {
         println!("  {:<8} {:<12} {:<44} {role}", m.name, m.pod.ip(), m.id());
     }
-    println!("  {:<8} {:<12} {:<44} curl and http.server :8080, no proxy\n", "legacy", legacy.ip(), "-");
+    println!(
+        "  {:<8} {:<12} {:<44} curl and http.server :8080, no proxy\n",
+        "legacy",
+        legacy.ip(),
+        "-"
+    );
 
     let url = |p: &Pod| format!("http://{}:8080/", p.ip());
     let mut outcomes = Vec::new();
@@ -165,8 +201,16 @@ fn demo() -> Result<bool, String> {
         seen: format!(
             "{status}, {} bytes; wire: {}{}",
             body.len(),
-            if tls13 { "TLS 1.3 with ALPN legate/h2" } else { "no mesh TLS seen" },
-            if leaked { ", PLAINTEXT SEEN" } else { ", payload never in the clear" }
+            if tls13 {
+                "TLS 1.3 with ALPN legate/h2"
+            } else {
+                "no mesh TLS seen"
+            },
+            if leaked {
+                ", PLAINTEXT SEEN"
+            } else {
+                ", payload never in the clear"
+            }
         ),
         ok,
     });
@@ -174,18 +218,28 @@ fn demo() -> Result<bool, String> {
     outcomes.push(Outcome {
         scene: "web's proxy: who called?",
         expected: "spiffe://legate.local/shop",
-        seen: if peers.is_empty() { "no mesh client logged".into() } else { peers.join(", ") },
+        seen: if peers.is_empty() {
+            "no mesh client logged".into()
+        } else {
+            peers.join(", ")
+        },
         ok: peers.iter().any(|p| p == shop.id()),
     });
 
     // 2. A client outside the mesh to a permissive server.
     let capture = web.pod.capture().map_err(|e| e.to_string())?;
     let (status, _) = curl(&legacy, &url(&web.pod));
-    let plain = capture.stop().map_err(|e| e.to_string())?.contains(page.as_bytes());
+    let plain = capture
+        .stop()
+        .map_err(|e| e.to_string())?
+        .contains(page.as_bytes());
     outcomes.push(Outcome {
         scene: "legacy -> web (permissive)",
         expected: "HTTP 200 in plaintext",
-        seen: format!("{status}{}", if plain { ", plaintext on the wire" } else { "" }),
+        seen: format!(
+            "{status}{}",
+            if plain { ", plaintext on the wire" } else { "" }
+        ),
         ok: status == "HTTP 200" && plain,
     });
 
@@ -235,14 +289,26 @@ fn demo() -> Result<bool, String> {
     outcomes.push(Outcome {
         scene: "rogue -> web (foreign CA)",
         expected: "refused: the handshake fails",
-        seen: format!("{status}{}", if why.is_empty() { String::new() } else { format!("; rogue's proxy: {why}") }),
+        seen: format!(
+            "{status}{}",
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!("; rogue's proxy: {why}")
+            }
+        ),
         ok: status == "HTTP 502",
     });
 
     let mut all_ok = true;
     for (i, o) in outcomes.iter().enumerate() {
         all_ok &= o.ok;
-        println!("{}. {:<34} {}", i + 1, o.scene, if o.ok { "ok" } else { "UNEXPECTED" });
+        println!(
+            "{}. {:<34} {}",
+            i + 1,
+            o.scene,
+            if o.ok { "ok" } else { "UNEXPECTED" }
+        );
         println!("   expected: {}", o.expected);
         println!("   seen:     {}", o.seen);
     }

@@ -11,8 +11,15 @@ fn the_demo_runs_every_scene_and_cleans_up() {
         .output()
         .expect("run legate demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("all 8 checks behaved as expected"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("all 8 checks behaved as expected"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("UNEXPECTED"), "{stdout}");
     let prefix = stdout
         .lines()

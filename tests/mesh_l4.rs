@@ -325,7 +325,10 @@ fn ipv6_between_meshed_pods_is_mutual_tls() {
     let body = secret("ipv6");
     let (_srv, _site) = http_server(&server.pod, 8080, &body);
     let capture = server.pod.capture().expect("capture");
-    let (ok, out, err) = curl(&client.pod, &["-g", &format!("http://[{}]:8080/", server.pod.ip6())]);
+    let (ok, out, err) = curl(
+        &client.pod,
+        &["-g", &format!("http://[{}]:8080/", server.pod.ip6())],
+    );
     assert!(ok, "curl: {err}");
     assert_eq!(out, body);
     let pcap = capture.stop().unwrap();
@@ -370,7 +373,13 @@ fn transfers_survive_certificate_renewals() {
             (echoed, fresh)
         })
         .unwrap();
-    assert!(echoed > 100 && fresh > 5, "{echoed} round trips, {fresh} new connections");
+    assert!(
+        echoed > 100 && fresh > 5,
+        "{echoed} round trips, {fresh} new connections"
+    );
     let log = client.proxy.stderr();
-    assert!(log.matches("renewed").count() >= 2 || log.matches("certificate").count() >= 3, "expected renewals in the log:\n{log}");
+    assert!(
+        log.matches("renewed").count() >= 2 || log.matches("certificate").count() >= 3,
+        "expected renewals in the log:\n{log}"
+    );
 }

@@ -17,7 +17,10 @@ fn meshed_to_non_meshed_works_in_plaintext() {
     assert!(ok, "curl: {err}");
     assert_eq!(out, body);
     let pcap = capture.stop().unwrap();
-    assert!(pcap.contains(body.as_bytes()), "a destination without a proxy gets the bytes as they are");
+    assert!(
+        pcap.contains(body.as_bytes()),
+        "a destination without a proxy gets the bytes as they are"
+    );
     assert!(!pcap.contains(b"legate/h2"));
 }
 
@@ -36,17 +39,29 @@ fn non_meshed_client_reaches_a_permissive_server_and_is_refused_by_a_strict_one(
     let (_a, _sa) = http_server(&permissive.pod, 8080, "open door");
     let (_b, _sb) = http_server(&strict.pod, 8080, "locked door");
 
-    let (ok, out, err) = curl(&outsider, &[&format!("http://{}:8080/", permissive.pod.ip())]);
+    let (ok, out, err) = curl(
+        &outsider,
+        &[&format!("http://{}:8080/", permissive.pod.ip())],
+    );
     assert!(ok && out == "open door", "permissive: {err}");
     let (ok, _, err) = curl(&outsider, &[&format!("http://{}:8080/", strict.pod.ip())]);
     assert!(!ok, "a strict server let a client outside the mesh in");
-    assert!(err.contains("reset") || err.contains("Empty reply") || err.contains("Recv failure"), "{err}");
-    assert!(strict.proxy.stderr().contains("strict"), "the refusal is logged with the reason");
+    assert!(
+        err.contains("reset") || err.contains("Empty reply") || err.contains("Recv failure"),
+        "{err}"
+    );
+    assert!(
+        strict.proxy.stderr().contains("strict"),
+        "the refusal is logged with the reason"
+    );
 
     // A meshed client still gets in.
     let client = mesh.meshed_pod("friend", PodOptions::default());
     let (ok, out, err) = curl(&client.pod, &[&format!("http://{}:8080/", strict.pod.ip())]);
-    assert!(ok && out == "locked door", "meshed client to strict server: {err}");
+    assert!(
+        ok && out == "locked door",
+        "meshed client to strict server: {err}"
+    );
 }
 
 #[test]
@@ -71,10 +86,15 @@ fn an_identity_outside_the_ports_policy_is_refused_and_logged() {
 
     let (_, out, _) = curl(&robber.pod, &["-i", &url]);
     assert!(out.starts_with("HTTP/1.1 403"), "{out}");
-    assert!(out.to_ascii_lowercase().contains("legate-error:"), "the proxy marks its own answer: {out}");
+    assert!(
+        out.to_ascii_lowercase().contains("legate-error:"),
+        "the proxy marks its own answer: {out}"
+    );
     let log = server.proxy.stderr();
     assert!(
-        log.lines().any(|l| l.contains("authorization policy") && l.contains(robber.id()) && l.contains(server.id())),
+        log.lines().any(|l| l.contains("authorization policy")
+            && l.contains(robber.id())
+            && l.contains(server.id())),
         "the refusal names both identities:\n{log}"
     );
 
@@ -91,7 +111,10 @@ fn an_identity_outside_the_ports_policy_is_refused_and_logged() {
             s.read_to_end(&mut buf).map(|_| buf)
         })
         .unwrap();
-    assert!(got.map(|b| b.is_empty()).unwrap_or(true), "opaque bytes got through the policy");
+    assert!(
+        got.map(|b| b.is_empty()).unwrap_or(true),
+        "opaque bytes got through the policy"
+    );
 }
 
 #[test]
@@ -103,11 +126,23 @@ fn a_peer_with_a_certificate_from_another_ca_is_refused() {
     let rogue = mesh.meshed_pod_of(&rogue_ca, "rogue", PodOptions::default());
     let capture = server.pod.capture().expect("capture");
 
-    let (_, out, _) = curl(&rogue.pod, &["-i", &format!("http://{}:8080/", server.pod.ip())]);
-    assert!(!out.contains("accounts"), "a foreign certificate was accepted: {out}");
-    assert!(out.starts_with("HTTP/1.1 502"), "the client's proxy answers for the failed handshake: {out}");
+    let (_, out, _) = curl(
+        &rogue.pod,
+        &["-i", &format!("http://{}:8080/", server.pod.ip())],
+    );
+    assert!(
+        !out.contains("accounts"),
+        "a foreign certificate was accepted: {out}"
+    );
+    assert!(
+        out.starts_with("HTTP/1.1 502"),
+        "the client's proxy answers for the failed handshake: {out}"
+    );
     let log = rogue.proxy.stderr();
-    assert!(log.contains("handshake"), "the client proxy says why:\n{log}");
+    assert!(
+        log.contains("handshake"),
+        "the client proxy says why:\n{log}"
+    );
     let pcap = capture.stop().unwrap();
     assert!(!pcap.contains(b"GET / HTTP"), "no plaintext fallback");
 }

@@ -31,7 +31,8 @@ pub fn shared_dir() -> Result<tempfile::TempDir> {
 
 /// Writes a file any uid can read.
 pub fn write_readable(path: &Path, contents: &[u8]) -> Result<()> {
-    std::fs::write(path, contents).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    std::fs::write(path, contents)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
         .map_err(|e| Error::io(format!("making {} readable", path.display()), e))
 }
@@ -102,7 +103,10 @@ impl Ca {
         let pod = bed.pod(name)?;
         let dir = tempfile::tempdir().map_err(|e| Error::io("creating the CA directory", e))?;
         let d = utf8(dir.path())?.to_owned();
-        legate.run(&pod, &["ca", "init", "--dir", &d, "--trust-domain", TRUST_DOMAIN])?;
+        legate.run(
+            &pod,
+            &["ca", "init", "--dir", &d, "--trust-domain", TRUST_DOMAIN],
+        )?;
         let mut args = vec!["ca", "serve", "--dir", &d];
         for s in set {
             args.extend(["--set", s]);
@@ -126,7 +130,16 @@ impl Ca {
     /// A bootstrap token for `identity`.
     pub fn token(&self, identity: &str) -> Result<String> {
         let dir = utf8(self.dir.path())?;
-        let args = ["ca", "token", "--dir", dir, "--identity", identity, "--ttl", "10m"];
+        let args = [
+            "ca",
+            "token",
+            "--dir",
+            dir,
+            "--identity",
+            identity,
+            "--ttl",
+            "10m",
+        ];
         Ok(self.legate.run(&self.pod, &args)?.trim().to_owned())
     }
 
@@ -145,7 +158,10 @@ impl Ca {
     pub fn bundle_file(&self) -> Result<PathBuf> {
         let path = self.files.path().join("bundle.pem");
         if !path.exists() {
-            let pem = self.legate.run(&self.pod, &["ca", "bundle", "--dir", utf8(self.dir.path())?])?;
+            let pem = self.legate.run(
+                &self.pod,
+                &["ca", "bundle", "--dir", utf8(self.dir.path())?],
+            )?;
             write_readable(&path, pem.as_bytes())?;
         }
         Ok(path)
@@ -241,7 +257,14 @@ impl Mesh {
         Ok(meshed)
     }
 
-    fn start_proxy(&self, ca: &Ca, pod: &Pod, name: &str, identity: &str, opts: &PodOptions) -> Result<Process> {
+    fn start_proxy(
+        &self,
+        ca: &Ca,
+        pod: &Pod,
+        name: &str,
+        identity: &str,
+        opts: &PodOptions,
+    ) -> Result<Process> {
         let token = ca.token_file(identity)?;
         let bundle = ca.bundle_file()?;
         let address = ca.address();
@@ -266,7 +289,10 @@ impl Mesh {
         self.legate
             .command(pod)
             .args(&args)
-            .env("LEGATE_LOG", opts.log.as_deref().unwrap_or("info,legate_proxy=debug"))
+            .env(
+                "LEGATE_LOG",
+                opts.log.as_deref().unwrap_or("info,legate_proxy=debug"),
+            )
             .uid(PROXY_UID)
             .gid(PROXY_UID)
             .spawn()
@@ -278,13 +304,19 @@ pub fn wait_ready(m: &MeshedPod) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
     loop {
-        let ready = m.pod.run_in(move || matches!(http_get(admin, "/ready"), Ok((200, _))))?;
+        let ready = m
+            .pod
+            .run_in(move || matches!(http_get(admin, "/ready"), Ok((200, _))))?;
         if ready {
             return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(Error::Timeout {
-                what: format!("the proxy in pod {} to become ready; its log:\n{}", m.name, m.proxy.stderr()),
+                what: format!(
+                    "the proxy in pod {} to become ready; its log:\n{}",
+                    m.name,
+                    m.proxy.stderr()
+                ),
                 after: READY_TIMEOUT,
             });
         }
@@ -297,10 +329,17 @@ pub fn wait_ready(m: &MeshedPod) -> Result<()> {
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
-    let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let body = resp
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())

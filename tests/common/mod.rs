@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::ops::Deref;
 use std::time::Duration;
 
+use legate_testbed::mesh::Legate;
 pub use legate_testbed::mesh::{
     http_get, shared_dir, write_readable, MeshedPod, PodOptions, APP_UID, PROXY_UID,
     TLS13_SERVER_HELLO_VERSION, TRUST_DOMAIN,
 };
-use legate_testbed::mesh::Legate;
 use legate_testbed::{Pod, Process};
 
 pub fn legate() -> Legate {
@@ -70,8 +70,11 @@ pub fn http_server(pod: &Pod, port: u16, body: &str) -> (Process, tempfile::Temp
         .uid(APP_UID)
         .spawn()
         .expect("http.server");
-    pod.wait_for_port(SocketAddr::new(pod.ip().into(), port), Duration::from_secs(10))
-        .expect("http.server listening");
+    pod.wait_for_port(
+        SocketAddr::new(pod.ip().into(), port),
+        Duration::from_secs(10),
+    )
+    .expect("http.server listening");
     (process, site)
 }
 
@@ -116,9 +119,16 @@ impl Scripted {
             .uid(APP_UID)
             .spawn()
             .expect("scripted server");
-        pod.wait_for_port(SocketAddr::new(pod.ip().into(), port), Duration::from_secs(10))
-            .expect("scripted server listening");
-        Scripted { process, _dir: dir, port }
+        pod.wait_for_port(
+            SocketAddr::new(pod.ip().into(), port),
+            Duration::from_secs(10),
+        )
+        .expect("scripted server listening");
+        Scripted {
+            process,
+            _dir: dir,
+            port,
+        }
     }
 
     /// How many requests for `key` reached the application, asked over
@@ -126,7 +136,10 @@ impl Scripted {
     pub fn count(&self, pod: &Pod, key: &str) -> u32 {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let path = format!("/count/{key}");
-        let (status, body) = pod.run_in(move || http_get(addr, &path)).unwrap().expect("count");
+        let (status, body) = pod
+            .run_in(move || http_get(addr, &path))
+            .unwrap()
+            .expect("count");
         assert_eq!(status, 200);
         body.trim().parse().expect("a count")
     }
@@ -144,7 +157,9 @@ impl Reply {
     pub fn header(&self, name: &str) -> Option<String> {
         self.headers.lines().find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
         })
     }
 }
@@ -157,7 +172,11 @@ pub fn request(pod: &Pod, args: &[&str]) -> Reply {
     let mut rest = out.as_str();
     loop {
         let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
-        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         if (100..200).contains(&status) && status != 101 {
             rest = body;
             continue;

@@ -92,13 +92,19 @@ enum AttemptError {
 
 /// A stream to the destination's proxy, or `None` when the destination
 /// turned out to have none (the request then goes direct).
-async fn mesh_sender(ctx: &Shared, dst: SocketAddr, grpc: bool) -> Result<Option<Sender>, AttemptError> {
+async fn mesh_sender(
+    ctx: &Shared,
+    dst: SocketAddr,
+    grpc: bool,
+) -> Result<Option<Sender>, AttemptError> {
     let Route::Mesh { key, probe } = ctx.router.route(dst) else {
         return Ok(None);
     };
     let cfg = &ctx.config.proxy;
     if !ctx.identity.is_ready()
-        && tokio::time::timeout(cfg.handshake_timeout, ctx.identity.ready()).await.is_err()
+        && tokio::time::timeout(cfg.handshake_timeout, ctx.identity.ready())
+            .await
+            .is_err()
     {
         warn!(%dst, "no workload certificate yet; refusing instead of sending plaintext");
         return Err(AttemptError::Answer(policy::proxy_answer(
@@ -162,7 +168,10 @@ async fn attempt(
                 parts.version = Version::HTTP_2;
                 parts.headers.remove(header::HOST);
                 parts.headers.insert(TARGET_HEADER, header_value(dst));
-                parts.headers.insert(PROTO_HEADER, HeaderValue::from_static(proto_name(app_version)));
+                parts.headers.insert(
+                    PROTO_HEADER,
+                    HeaderValue::from_static(proto_name(app_version)),
+                );
                 sender.send(Request::from_parts(parts, body)).await.map_err(|e| {
                     debug!(%dst, error = %e, "request over the mesh failed");
                     let refused = matches!(&e, TunnelError::Http { source, .. } if refused_stream(source));
@@ -171,16 +180,19 @@ async fn attempt(
             }
             None => {
                 let client = ctx.clients.get(&[dst], parts.version == Version::HTTP_2);
-                client.request(Request::from_parts(parts, body)).await.map_err(|e| {
-                    debug!(%dst, error = %e, "direct request failed");
-                    AttemptError::Failed(if e.is_connect() {
-                        Failure::Connect
-                    } else if std::error::Error::source(&e).is_some_and(refused_stream) {
-                        Failure::RefusedStream
-                    } else {
-                        Failure::Reset
+                client
+                    .request(Request::from_parts(parts, body))
+                    .await
+                    .map_err(|e| {
+                        debug!(%dst, error = %e, "direct request failed");
+                        AttemptError::Failed(if e.is_connect() {
+                            Failure::Connect
+                        } else if std::error::Error::source(&e).is_some_and(refused_stream) {
+                            Failure::RefusedStream
+                        } else {
+                            Failure::Reset
+                        })
                     })
-                })
             }
         }
     };
@@ -203,7 +215,12 @@ enum RequestBody {
 }
 
 impl RequestBody {
-    async fn read(body: Incoming, headers: &http::HeaderMap, limit: usize, may_retry: bool) -> Result<Self, ()> {
+    async fn read(
+        body: Incoming,
+        headers: &http::HeaderMap,
+        limit: usize,
+        may_retry: bool,
+    ) -> Result<Self, ()> {
         if body.is_end_stream() {
             return Ok(RequestBody::Replayable(None));
         }
@@ -213,7 +230,10 @@ impl RequestBody {
             .and_then(|v| v.parse::<usize>().ok());
         match length {
             Some(n) if may_retry && n <= limit => {
-                let collected = http_body_util::Limited::new(body, limit).collect().await.map_err(drop)?;
+                let collected = http_body_util::Limited::new(body, limit)
+                    .collect()
+                    .await
+                    .map_err(drop)?;
                 Ok(RequestBody::Replayable(Some(collected.to_bytes())))
             }
             _ => Ok(RequestBody::Streaming(Some(boxed(body)))),
@@ -246,7 +266,11 @@ async fn handle(ctx: Arc<Shared>, req: Request<Incoming>, dst: SocketAddr) -> Re
         return policy::proxy_answer(StatusCode::BAD_REQUEST, "request has no usable Host", grpc);
     };
     if absolute_uri(&mut parts, &auth).is_err() {
-        return policy::proxy_answer(StatusCode::BAD_REQUEST, "request target is not a valid URI", grpc);
+        return policy::proxy_answer(
+            StatusCode::BAD_REQUEST,
+            "request target is not a valid URI",
+            grpc,
+        );
     }
 
     let policy = ctx.policies.policy_for(dst, Some(auth.as_str())).clone();
@@ -256,10 +280,17 @@ async fn handle(ctx: Arc<Shared>, req: Request<Incoming>, dst: SocketAddr) -> Re
         Err(e) => return e.answer(grpc),
     };
     let may_retry = policy.retry.attempts > 1 && policy::retry::can_replay(&parts.method, true);
-    let mut body = match RequestBody::read(body, &parts.headers, policy.retry_buffer, may_retry).await {
-        Ok(b) => b,
-        Err(()) => return policy::proxy_answer(StatusCode::BAD_REQUEST, "request body could not be read", grpc),
-    };
+    let mut body =
+        match RequestBody::read(body, &parts.headers, policy.retry_buffer, may_retry).await {
+            Ok(b) => b,
+            Err(()) => {
+                return policy::proxy_answer(
+                    StatusCode::BAD_REQUEST,
+                    "request body could not be read",
+                    grpc,
+                )
+            }
+        };
     let mut retries = policy.retries(&dest, &parts.method);
     loop {
         let permit = match policy.breakers.admit(dst) {
@@ -267,13 +298,24 @@ async fn handle(ctx: Arc<Shared>, req: Request<Incoming>, dst: SocketAddr) -> Re
             Err(e) => return e.answer(grpc),
         };
         let timeout = retries.attempt_timeout(Instant::now());
-        let result = attempt(&ctx, dst, parts.clone(), body.attempt(), &dest.limits, timeout, grpc).await;
+        let result = attempt(
+            &ctx,
+            dst,
+            parts.clone(),
+            body.attempt(),
+            &dest.limits,
+            timeout,
+            grpc,
+        )
+        .await;
         let outcome = match &result {
             Ok(res) => Outcome::response(res.status(), res.headers()),
             Err(AttemptError::Failed(f)) => Outcome::Failed(*f),
             Err(AttemptError::Answer(_)) => {
                 drop(permit);
-                let Err(AttemptError::Answer(answer)) = result else { unreachable!() };
+                let Err(AttemptError::Answer(answer)) = result else {
+                    unreachable!()
+                };
                 return answer;
             }
         };
