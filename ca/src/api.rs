@@ -2,7 +2,8 @@
 //! the client.
 //!
 //! - `POST /v1/certificate` with [`IssueRequest`]; authenticate with
-//!   `Authorization: Bearer <bootstrap token>`, or over mTLS with the
+//!   `Authorization: Bearer <bootstrap or Kubernetes ServiceAccount token>`
+//!   (see [`crate::kubernetes`]), or over mTLS with the
 //!   current certificate (renewal). Answers [`IssueResponse`].
 //! - `GET /v1/bundle`: the trust bundle as PEM; no authentication.
 //! - `GET /healthz`: `{"status": "ok"}`.

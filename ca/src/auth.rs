@@ -7,13 +7,17 @@
 //! - [`BootstrapTokens`]: `Authorization: Bearer legate1...` minted by
 //!   `legate ca token` (see [`crate::token`]);
 //! - [`Renewal`]: the client's current certificate, already verified by
-//!   the TLS layer against the bundle; it may renew only its own identity.
+//!   the TLS layer against the bundle; it may renew only its own identity;
+//! - [`TokenReviews`](crate::kubernetes::TokenReviews): a Kubernetes
+//!   ServiceAccount token (a JWT in the same `Authorization` header),
+//!   checked by the API server's TokenReview; `system:serviceaccount:<ns>:<sa>`
+//!   becomes `spiffe://<td>/ns/<ns>/sa/<sa>`. The trait is async for that
+//!   call.
 //!
-//! Kubernetes ServiceAccount tokens (TokenReview) slot in as a third
-//! implementation: it would recognise a JWT bearer token (three base64url
-//! parts, not starting with `legate1.`), send it to the API server's
-//! TokenReview endpoint, and map `system:serviceaccount:<ns>:<sa>` to
-//! `spiffe://<td>/ns/<ns>/sa/<sa>`. The trait is async for that call.
+//! Order matters only for bearer tokens: when the Kubernetes method is on
+//! it comes first and claims JWTs; [`BootstrapTokens`] takes everything
+//! else, and answers a JWT (the Kubernetes method being off) with an error
+//! that says so.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,6 +27,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use legate_config::SpiffeId;
 
+use crate::kubernetes::{self, KubernetesError};
 use crate::token::{TokenError, TokenKey};
 
 /// What an authenticator sees of a request.
@@ -39,7 +44,7 @@ pub struct AuthRequest<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authenticated {
     pub id: SpiffeId,
-    /// The method, for logs: `token`, `renewal`.
+    /// The method, for logs: `token`, `renewal`, `kubernetes`.
     pub method: &'static str,
 }
 
@@ -53,6 +58,8 @@ pub enum AuthError {
     Token(#[from] TokenError),
     #[error("{0}")]
     Rejected(String),
+    #[error(transparent)]
+    Kubernetes(#[from] KubernetesError),
 }
 
 impl AuthError {
@@ -64,6 +71,16 @@ impl AuthError {
             AuthError::Token(TokenError::BadSignature) => "token_invalid",
             AuthError::Token(_) => "token_malformed",
             AuthError::Rejected(_) => "unauthenticated",
+            AuthError::Kubernetes(e) => e.code(),
+        }
+    }
+
+    /// The HTTP status of the refusal: 401, except where the Kubernetes
+    /// method says otherwise (503 when the API server is the problem).
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            AuthError::Kubernetes(e) => e.status(),
+            _ => http::StatusCode::UNAUTHORIZED,
         }
     }
 }
@@ -97,6 +114,9 @@ impl Authenticator for BootstrapTokens {
             let Some(token) = req.bearer else {
                 return Ok(None);
             };
+            if kubernetes::looks_like_jwt(token) {
+                return Err(KubernetesError::Disabled.into());
+            }
             let id = self.key.load().verify(token, SystemTime::now())?;
             Ok(Some(Authenticated {
                 id,

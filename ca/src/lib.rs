@@ -9,9 +9,9 @@
 //!   brought by the operator), root rotation and retirement.
 //! - [`issuer`]: what a certificate signing request may ask for, and the
 //!   certificates the CA signs.
-//! - [`token`] and [`auth`]: who may ask for which identity: bootstrap
-//!   tokens, renewal with the current certificate, and a slot for
-//!   Kubernetes ServiceAccount tokens.
+//! - [`token`], [`kubernetes`] and [`auth`]: who may ask for which
+//!   identity: bootstrap tokens, renewal with the current certificate, and
+//!   Kubernetes ServiceAccount tokens checked with TokenReview.
 //! - [`server`]: the HTTPS API (`legate ca serve`).
 //! - [`client`] and [`manager`]: the workload side: fetch a certificate,
 //!   renew it at half-life, keep the trust bundle fresh.
@@ -31,6 +31,7 @@ mod error;
 mod files;
 pub mod inspect;
 pub mod issuer;
+pub mod kubernetes;
 pub mod manager;
 mod pki;
 pub mod server;

@@ -11,9 +11,11 @@
 //!   skew, so half of `notAfter - notBefore` would renew early, and by more
 //!   the shorter the lifetime.
 //! - Renewal authenticates with the current certificate over mTLS; the
-//!   bootstrap token (`identity.token`, or `identity.token_file`, re-read
-//!   every time so a rotated token is picked up) is only used when there is
-//!   no valid certificate, or when the CA refuses the certificate.
+//!   token (`identity.token`, or `identity.token_file`, re-read every time
+//!   so a rotated token is picked up: in Kubernetes it is the projected
+//!   ServiceAccount token, which the kubelet replaces well before it
+//!   expires) is only used when there is no valid certificate, or when the
+//!   CA refuses the certificate.
 //! - On failure, retry with exponential backoff and full jitter (so that
 //!   workloads do not stampede a CA that comes back), capped at a quarter
 //!   of the time the current certificate has left, so several attempts fit

@@ -53,6 +53,7 @@ use crate::api::{self, ApiError, IssueRequest, IssueResponse};
 use crate::auth::{self, AuthError, AuthRequest, Authenticator, BootstrapTokens, Renewal};
 use crate::credentials::{Credentials, CredentialsHandle};
 use crate::issuer::{self, CsrError};
+use crate::kubernetes::{KubernetesOptions, TokenReviews};
 use crate::store::{Authority, Stamp};
 use crate::tls::{self, ClientAuth, PeerMatcher};
 use crate::token::TokenKey;
@@ -92,6 +93,14 @@ impl Server {
         let authority = Authority::load(dir)?;
         let tokens = Arc::new(ArcSwap::from_pointee(authority.token_key().clone()));
         let td = authority.trust_domain().clone();
+        // Kubernetes first: it claims only JWTs, which the bootstrap method
+        // would refuse as malformed.
+        let mut authenticators: Vec<Box<dyn Authenticator>> = Vec::new();
+        if let Some(opts) = KubernetesOptions::from_config(cfg)? {
+            authenticators.push(Box::new(TokenReviews::new(opts, td.clone())?));
+        }
+        authenticators.push(Box::new(BootstrapTokens::new(tokens.clone())));
+        authenticators.push(Box::new(Renewal));
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
             cfg: cfg.clone(),
@@ -99,12 +108,8 @@ impl Server {
             reloading: Mutex::new(()),
             creds: CredentialsHandle::new(),
             server_cert: Mutex::new((Instant::now(), 0)),
-            tokens: tokens.clone(),
-            authenticators: vec![
-                Box::new(BootstrapTokens::new(tokens)),
-                Box::new(Renewal),
-                // A Kubernetes TokenReview authenticator goes here.
-            ],
+            tokens,
+            authenticators,
         });
         shared.renew_server_cert()?;
         let server_config = tls::server_config(
@@ -304,7 +309,7 @@ impl Failure {
 
 impl From<AuthError> for Failure {
     fn from(e: AuthError) -> Self {
-        Failure::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
+        Failure::new(e.status(), e.code(), e.to_string())
     }
 }
 

@@ -356,7 +356,43 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
     if ca.max_body.0 < 1024 {
         rule("ca.max_body", "must be at least 1KiB to hold a CSR".into());
     }
+    if let Some(api) = &ca.kubernetes_api {
+        if let Err(msg) = check_https_url(api) {
+            rule("ca.kubernetes_api", msg);
+        }
+    }
+    let audience = ca.token_audience.as_str();
+    if audience.is_empty()
+        || audience
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        rule(
+            "ca.token_audience",
+            "must be one non-empty word without spaces, the audience of the pods' projected ServiceAccount token (default legate)".into(),
+        );
+    }
     errs
+}
+
+/// `https://host[:port][/path]`: the Kubernetes API is only spoken to over
+/// TLS, since every request carries a bearer token.
+fn check_https_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err(format!(
+            "{url:?} must start with https:// (the CA sends its token with every review)"
+        ));
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty()
+        || authority.contains('@')
+        || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{url:?} is not a URL like https://kubernetes.default.svc or https://10.96.0.1:443"
+        ));
+    }
+    Ok(())
 }
 
 impl Config {

@@ -561,5 +561,16 @@ section! {
         request_timeout: Duration = Duration::from_secs(10),
         /// Extra DNS names in the CA API's certificate, such as a Kubernetes Service name.
         dns_names: Vec<String> = Vec::new(),
+        /// The Kubernetes API server that checks ServiceAccount tokens
+        /// (TokenReview), as an `https://` URL. When unset, the API server
+        /// of the cluster the CA runs in (`https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`),
+        /// and outside a cluster the method is off.
+        kubernetes_api: Option<String> = None,
+        /// PEM roots that verify the Kubernetes API server's certificate.
+        kubernetes_ca_file: PathBuf = PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"),
+        /// The CA's own token for the Kubernetes API, re-read for every review (it rotates).
+        kubernetes_token_file: PathBuf = PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+        /// The audience a workload's ServiceAccount token must be minted for.
+        token_audience: String = "legate".into(),
     }
 }

@@ -342,6 +342,61 @@ fn syntax_errors_name_the_file_and_line() {
 }
 
 #[test]
+fn kubernetes_token_review_keys() {
+    let c = load(&Sources::default()).unwrap().config;
+    assert_eq!(
+        c.ca.kubernetes_api, None,
+        "in-cluster default, decided at serve time"
+    );
+    assert_eq!(
+        c.ca.kubernetes_ca_file,
+        PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+    );
+    assert_eq!(
+        c.ca.kubernetes_token_file,
+        PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    );
+    assert_eq!(c.ca.token_audience, "legate");
+
+    let c = load(&Sources {
+        env: env(&[
+            ("LEGATE_CA_KUBERNETES_API", "https://10.96.0.1:443"),
+            ("LEGATE_CA_TOKEN_AUDIENCE", "mesh"),
+        ]),
+        ..Default::default()
+    })
+    .unwrap()
+    .config;
+    assert_eq!(
+        c.ca.kubernetes_api.as_deref(),
+        Some("https://10.96.0.1:443")
+    );
+    assert_eq!(c.ca.token_audience, "mesh");
+
+    let errs = errors(&Sources {
+        flags: vec![
+            flag("ca.kubernetes_api", "http://10.96.0.1"),
+            flag("ca.token_audience", "two words"),
+        ],
+        ..Default::default()
+    });
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["ca.kubernetes_api", "ca.token_audience"],
+        "{errs:?}"
+    );
+    assert!(errs[0].to_string().contains("https://"), "{}", errs[0]);
+    for bad in ["https://", "https:///x", "https://user@host", "https://a b"] {
+        let errs = errors(&Sources {
+            flags: vec![flag("ca.kubernetes_api", bad)],
+            ..Default::default()
+        });
+        assert_eq!(errs[0].path, "ca.kubernetes_api", "{bad}: {errs:?}");
+    }
+}
+
+#[test]
 fn workload_identity_forms() {
     let mut id = IdentityConfig::default();
     assert!(id.workload_id().unwrap_err().contains("identity.name"));
