@@ -383,3 +383,43 @@ fn transfers_survive_certificate_renewals() {
         "expected renewals in the log:\n{log}"
     );
 }
+
+#[test]
+fn idle_pooled_connections_are_closed() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("idle-srv", PodOptions::default());
+    let client = mesh.meshed_pod(
+        "idle-cli",
+        PodOptions {
+            proxy_set: vec!["proxy.pool_idle_timeout=1s".into()],
+            ..Default::default()
+        },
+    );
+    serve_tcp(&server.pod, 9300, echo);
+    let dst = SocketAddr::new(server.pod.ip().into(), 9300);
+    let mesh_conns = || {
+        client
+            .pod
+            .exec(["ss", "-Htn", "state", "established", "dport", "= :15006"])
+            .unwrap()
+            .lines()
+            .count()
+    };
+    client
+        .pod
+        .run_in(move || {
+            let mut s = TcpStream::connect(dst).unwrap();
+            s.write_all(b"x").unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).unwrap();
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        mesh_conns(),
+        1,
+        "the mesh connection stays pooled after the stream"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(mesh_conns(), 0, "an idle pooled connection is closed");
+}

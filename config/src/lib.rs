@@ -278,6 +278,14 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
             rule(&format!("proxy.{name}"), "must be greater than zero".into());
         }
     }
+    for (name, v) in [
+        ("pool_max_connections", p.pool_max_connections),
+        ("pool_max_streams", p.pool_max_streams),
+    ] {
+        if v == 0 {
+            rule(&format!("proxy.{name}"), "must be at least 1".into());
+        }
+    }
     for (i, d) in p.destinations.iter().enumerate() {
         if d.mode == DestinationMode::Plaintext && d.identity.is_some() {
             rule(

@@ -209,6 +209,12 @@ section! {
             parsed("192.168.0.0/16"),
             parsed("fc00::/7"),
         ],
+        /// Most mTLS connections kept to one peer proxy.
+        pool_max_connections: u32 = 4,
+        /// Streams on one pooled connection before another is opened.
+        pool_max_streams: u32 = 100,
+        /// A pooled connection carrying no streams for this long is closed.
+        pool_idle_timeout: Duration = Duration::from_secs(90),
         /// How long the result of checking a destination for a proxy is kept.
         probe_ttl: Duration = Duration::from_secs(30),
         /// Ports whose traffic skips protocol detection.

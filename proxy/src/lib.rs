@@ -170,6 +170,9 @@ impl Proxy {
                     connect_timeout: p.connect_timeout,
                     handshake_timeout: p.handshake_timeout,
                     keepalive: p.tcp_keepalive,
+                    max_connections: p.pool_max_connections as usize,
+                    max_streams: p.pool_max_streams as usize,
+                    idle_timeout: p.pool_idle_timeout,
                 },
             ),
             authz: inbound::Authz::new(&config),
@@ -215,6 +218,22 @@ impl Proxy {
             tasks.spawn(accept_loop(shared.clone(), l, Direction::Inbound));
         }
         let admin_task = tokio::spawn(admin::serve(shared.clone(), admin));
+        let sweeper = {
+            let shared = shared.clone();
+            let p = &shared.config.proxy;
+            // Often enough that a short idle timeout is honoured closely.
+            let every = (p.pool_idle_timeout / 2).clamp(
+                std::time::Duration::from_millis(100),
+                std::time::Duration::from_secs(10),
+            );
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    shared.pool.sweep();
+                }
+            })
+        };
         info!(id = %shared.identity.local_id(), "proxy started");
 
         shutdown.await;
@@ -238,6 +257,7 @@ impl Proxy {
             );
         }
         admin_task.abort();
+        sweeper.abort();
     }
 }
 

@@ -4,13 +4,17 @@
 //! `CONNECT` stream on a TLS 1.3 connection shared with other application
 //! connections to the same peer. Opening a stream costs a few frames, not a
 //! TCP and TLS handshake, which is what makes new connections cheap. A peer
-//! gets up to [`MAX_CONNS_PER_PEER`] connections; a new one is opened when
-//! every existing one carries [`STREAMS_PER_CONN`] streams, so that one
-//! busy peer is spread over several TCP connections and CPU cores.
+//! gets up to `proxy.pool_max_connections` connections; a new one is
+//! opened when every existing one carries `proxy.pool_max_streams` streams,
+//! so that one busy peer is spread over several TCP connections and CPU
+//! cores. A connection without streams for `proxy.pool_idle_timeout` is
+//! closed. After a failed connect or handshake, a peer is not dialled again
+//! until a backoff (50 ms doubling to 5 s, with jitter) has passed: callers
+//! meanwhile fail at once instead of each paying a timeout.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +24,7 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use legate_config::SpiffeId;
 use rustls::pki_types::ServerName;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
@@ -29,10 +34,9 @@ use crate::tls::{Identity, MESH_ALPN};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
-/// Upper bound on connections to one peer proxy.
-pub const MAX_CONNS_PER_PEER: usize = 4;
-/// Streams per connection before another connection is opened.
-pub const STREAMS_PER_CONN: usize = 100;
+/// First and longest wait before a failed peer is dialled again.
+const BACKOFF_BASE: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// HTTP/2 flow-control windows. A stream may have 1 MiB in flight, enough to
 /// keep a fast link busy; a connection 8 MiB, so a few bulk streams do not
 /// starve the others.
@@ -50,6 +54,14 @@ pub enum TunnelError {
     HandshakeTimeout { addr: SocketAddr, timeout: Duration },
     #[error("the peer at {addr} did not agree to the mesh protocol; it may be a TLS server that is not a legate proxy")]
     NotMesh { addr: SocketAddr },
+    #[error(
+        "the peer proxy at {addr} failed a moment ago ({last}); not dialling it again for {wait:?}"
+    )]
+    Backoff {
+        addr: SocketAddr,
+        last: String,
+        wait: Duration,
+    },
     #[error("HTTP/2 with the peer proxy at {addr} failed: {source}")]
     Http {
         addr: SocketAddr,
@@ -73,6 +85,7 @@ impl TunnelError {
             TunnelError::Handshake { .. } => "handshake_failed",
             TunnelError::HandshakeTimeout { .. } => "handshake_timeout",
             TunnelError::NotMesh { .. } => "not_mesh",
+            TunnelError::Backoff { .. } => "reconnect_backoff",
             TunnelError::Http { .. } => "http2_error",
             TunnelError::Refused { .. } => "refused_by_peer",
         }
@@ -92,19 +105,59 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub keepalive: Duration,
+    /// Connections to one peer proxy, at most.
+    pub max_connections: usize,
+    /// Streams on a connection before another is opened.
+    pub max_streams: usize,
+    /// A connection without streams for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 struct Conn {
     send: SendRequest<Body>,
-    streams: Arc<AtomicUsize>,
+    streams: Arc<Streams>,
     peer: Option<SpiffeId>,
+}
+
+/// A connection's open streams, and since when it has had none.
+struct Streams {
+    open: AtomicUsize,
+    /// Milliseconds since the pool's epoch when the last stream closed.
+    idle_since: AtomicU64,
+    epoch: Instant,
+}
+
+impl Streams {
+    fn new(epoch: Instant) -> Self {
+        Streams {
+            open: AtomicUsize::new(1),
+            idle_since: AtomicU64::new(0),
+            epoch,
+        }
+    }
+
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        if self.open.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since.load(Ordering::Relaxed));
+        Some(now.saturating_duration_since(self.epoch + since))
+    }
+}
+
+#[derive(Default)]
+struct PeerState {
+    conns: Vec<Conn>,
+    /// Consecutive failed opens, and when the next may be tried.
+    failures: u32,
+    retry_at: Option<(Instant, String)>,
 }
 
 #[derive(Default)]
 struct Peer {
     /// Held while choosing or opening a connection, so a burst of new
     /// application connections opens one TLS connection, not hundreds.
-    conns: tokio::sync::Mutex<Vec<Conn>>,
+    state: tokio::sync::Mutex<PeerState>,
 }
 
 /// The pool of connections to peer proxies.
@@ -112,6 +165,7 @@ pub struct Pool {
     identity: Identity,
     settings: PoolSettings,
     peers: Mutex<HashMap<PeerKey, Arc<Peer>>>,
+    epoch: Instant,
 }
 
 /// A stream to the peer proxy's side of the tunnel. Counts against its
@@ -204,11 +258,14 @@ pub async fn upgrade_ok(
         .map_err(|source| TunnelError::Http { addr: dial, source })
 }
 
-struct StreamGuard(Arc<AtomicUsize>);
+struct StreamGuard(Arc<Streams>);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let s = &self.0;
+        s.idle_since
+            .store(s.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        s.open.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -218,7 +275,26 @@ impl Pool {
             identity,
             settings,
             peers: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
         }
+    }
+
+    /// Closes connections idle longer than the idle timeout and forgets
+    /// peers with nothing left. Called periodically by the proxy.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let idle = self.settings.idle_timeout;
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.retain(|_, peer| {
+            // A peer busy opening a connection is left for the next sweep.
+            let Ok(mut state) = peer.state.try_lock() else {
+                return true;
+            };
+            state.conns.retain(|c| {
+                !c.send.is_closed() && c.streams.idle_for(now).is_none_or(|d| d < idle)
+            });
+            !state.conns.is_empty() || state.retry_at.as_ref().is_some_and(|(at, _)| *at > now)
+        });
     }
 
     /// A stream slot on a connection to the peer at `key.dial`, opening
@@ -248,27 +324,53 @@ impl Pool {
         &self,
         peer: &Peer,
         key: &PeerKey,
-    ) -> Result<(SendRequest<Body>, Arc<AtomicUsize>, Option<SpiffeId>), TunnelError> {
-        let mut conns = peer.conns.lock().await;
-        conns.retain(|c| !c.send.is_closed());
-        let best = conns
+    ) -> Result<(SendRequest<Body>, Arc<Streams>, Option<SpiffeId>), TunnelError> {
+        let s = &self.settings;
+        let mut state = peer.state.lock().await;
+        state.conns.retain(|c| !c.send.is_closed());
+        let best = state
+            .conns
             .iter()
-            .min_by_key(|c| c.streams.load(Ordering::Relaxed));
+            .min_by_key(|c| c.streams.open.load(Ordering::Relaxed));
         if let Some(c) = best {
-            let load = c.streams.load(Ordering::Relaxed);
-            if load < STREAMS_PER_CONN || conns.len() >= MAX_CONNS_PER_PEER {
-                c.streams.fetch_add(1, Ordering::Relaxed);
+            let load = c.streams.open.load(Ordering::Relaxed);
+            if load < s.max_streams || state.conns.len() >= s.max_connections {
+                c.streams.open.fetch_add(1, Ordering::AcqRel);
                 return Ok((c.send.clone(), c.streams.clone(), c.peer.clone()));
             }
         }
-        let (send, peer_id) = self.open(key).await?;
-        let streams = Arc::new(AtomicUsize::new(1));
-        conns.push(Conn {
-            send: send.clone(),
-            streams: streams.clone(),
-            peer: peer_id.clone(),
-        });
-        Ok((send, streams, peer_id))
+        let now = Instant::now();
+        if let Some((at, last)) = &state.retry_at {
+            if *at > now {
+                return Err(TunnelError::Backoff {
+                    addr: key.dial,
+                    last: last.clone(),
+                    wait: *at - now,
+                });
+            }
+        }
+        match self.open(key).await {
+            Ok((send, peer_id)) => {
+                state.failures = 0;
+                state.retry_at = None;
+                let streams = Arc::new(Streams::new(self.epoch));
+                state.conns.push(Conn {
+                    send: send.clone(),
+                    streams: streams.clone(),
+                    peer: peer_id.clone(),
+                });
+                Ok((send, streams, peer_id))
+            }
+            Err(e) => {
+                state.failures = state.failures.saturating_add(1);
+                let ceiling = BACKOFF_BASE
+                    .saturating_mul(1 << state.failures.min(16).saturating_sub(1))
+                    .min(BACKOFF_MAX);
+                let wait = ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                state.retry_at = Some((Instant::now() + wait, e.reason().to_owned()));
+                Err(e)
+            }
+        }
     }
 
     /// TCP connect, mTLS handshake and HTTP/2 handshake to a peer proxy.
@@ -326,7 +428,77 @@ impl Pool {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers
             .values()
-            .map(|p| p.conns.try_lock().map(|c| c.len()).unwrap_or(0))
+            .map(|p| p.state.try_lock().map(|s| s.conns.len()).unwrap_or(0))
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Never consulted: these tests fail before any TLS.
+    struct NoIdentity;
+
+    impl crate::tls::MeshIdentity for NoIdentity {
+        fn local_id(&self) -> SpiffeId {
+            unreachable!()
+        }
+        fn trust_domain(&self) -> legate_config::TrustDomain {
+            unreachable!()
+        }
+        fn server_config(&self) -> Arc<rustls::ServerConfig> {
+            unreachable!()
+        }
+        fn client_config(&self, _: Option<&SpiffeId>) -> Arc<rustls::ClientConfig> {
+            unreachable!()
+        }
+        fn peer_id(&self, _: &rustls::CommonState) -> Option<SpiffeId> {
+            unreachable!()
+        }
+        fn ready(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+            unreachable!()
+        }
+        fn is_ready(&self) -> bool {
+            unreachable!()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_failed_is_not_dialled_again_until_its_backoff_passes() {
+        // A port nobody listens on: the connect is refused at once.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dial = closed.local_addr().unwrap();
+        drop(closed);
+        let pool = Pool::new(
+            Arc::new(NoIdentity),
+            PoolSettings {
+                connect_timeout: Duration::from_secs(1),
+                handshake_timeout: Duration::from_secs(1),
+                keepalive: Duration::from_secs(60),
+                max_connections: 4,
+                max_streams: 100,
+                idle_timeout: Duration::from_secs(90),
+            },
+        );
+        let key = PeerKey {
+            dial,
+            identity: None,
+        };
+        let first = pool.sender(&key).await.err().unwrap();
+        assert!(matches!(first, TunnelError::Connect(_)), "{first}");
+        let second = pool.sender(&key).await.err().unwrap();
+        assert!(matches!(second, TunnelError::Backoff { .. }), "{second}");
+        assert!(second.to_string().contains("connect_refused"), "{second}");
+        tokio::time::sleep(BACKOFF_BASE).await;
+        let third = pool.sender(&key).await.err().unwrap();
+        assert!(
+            matches!(third, TunnelError::Connect(_)),
+            "dialled again after the backoff: {third}"
+        );
+        // The sweep forgets the peer once its backoff is over and it has no connections.
+        tokio::time::sleep(BACKOFF_BASE * 2).await;
+        pool.sweep();
+        assert!(pool.peers.lock().unwrap().is_empty());
     }
 }
