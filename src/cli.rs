@@ -58,6 +58,8 @@ enum Command {
     Inject(legate_inject::cli::InjectArgs),
     /// Run the sidecar proxy: capture listeners, mTLS with the workload certificate, policy
     Proxy(crate::proxy_cmd::ProxyArgs),
+    /// Mesh one process on a plain host: its TCP goes through a proxy while it runs
+    Run(crate::run::RunArgs),
     /// Build a small mesh in network namespaces, send traffic through it and show what happened
     Demo,
     /// Wait until the local proxy is ready; for startup ordering and health checks
@@ -174,6 +176,10 @@ pub fn run(cli: Cli) -> ExitCode {
         },
         Command::Proxy(args) => match prepare(&cli.global, args.config_overrides()) {
             Ok(loaded) => crate::proxy_cmd::run(loaded.config),
+            Err(code) => code,
+        },
+        Command::Run(args) => match prepare(&cli.global, args.config_overrides()) {
+            Ok(loaded) => crate::run::run(args, loaded.config),
             Err(code) => code,
         },
         Command::Demo => crate::demo::run(),

@@ -9,6 +9,7 @@ mod demo;
 mod identity;
 mod logging;
 mod proxy_cmd;
+mod run;
 mod wait_ready;
 
 use std::process::ExitCode;

@@ -25,7 +25,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// One `GET /ready`; true on a 200 answer.
-fn ready(addr: SocketAddr) -> bool {
+pub(crate) fn ready(addr: SocketAddr) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
         return false;
     };
