@@ -41,7 +41,7 @@ pub mod token;
 
 pub use credentials::{Bundle, Credentials, CredentialsHandle};
 pub use error::CaError;
-pub use manager::{IdentityManager, ManagerOptions};
+pub use manager::{IdentityManager, ManagerOptions, RenewalStats};
 pub use tls::{ClientAuth, PeerMatcher};
 
 use legate_config::{SpiffeId, TrustDomain};

@@ -27,6 +27,7 @@
 //!   a workload must verify.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -119,11 +120,32 @@ const CERT_FILE: &str = "cert.pem";
 const KEY_FILE: &str = "key.pem";
 const BUNDLE_FILE: &str = "bundle.pem";
 
+/// What the renewal loop has done so far, for metrics: certificates
+/// obtained (the first included) and attempts that failed.
+#[derive(Debug, Default)]
+pub struct RenewalStats {
+    renewals: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl RenewalStats {
+    /// Certificates obtained by [`IdentityManager::run`].
+    pub fn renewals(&self) -> u64 {
+        self.renewals.load(Ordering::Relaxed)
+    }
+
+    /// Attempts by [`IdentityManager::run`] that got no certificate.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
 /// Obtains and renews the workload's certificate.
 pub struct IdentityManager {
     opts: ManagerOptions,
     handle: CredentialsHandle,
     client: CaClient,
+    stats: Arc<RenewalStats>,
 }
 
 impl IdentityManager {
@@ -165,6 +187,7 @@ impl IdentityManager {
             opts,
             handle,
             client,
+            stats: Arc::default(),
         })
     }
 
@@ -175,6 +198,11 @@ impl IdentityManager {
 
     pub fn client(&self) -> &CaClient {
         &self.client
+    }
+
+    /// Counts of renewals and failed attempts, shared with the running loop.
+    pub fn stats(&self) -> Arc<RenewalStats> {
+        self.stats.clone()
     }
 
     /// Starts [`run`](Self::run) on the current runtime.
@@ -300,6 +328,7 @@ impl IdentityManager {
             }
             match self.fetch().await {
                 Ok(c) => {
+                    self.stats.renewals.fetch_add(1, Ordering::Relaxed);
                     backoff.reset();
                     renew_at = renewal_time(&c);
                     next_bundle = Instant::now() + self.opts.bundle_refresh;
@@ -310,6 +339,7 @@ impl IdentityManager {
                     );
                 }
                 Err(e) => {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     let left = self
                         .handle
                         .load()

@@ -60,6 +60,7 @@ async fn with_the_ca_down_the_client_keeps_its_certificate_retries_and_recovers(
     let addr = ca.addr;
     let m = manager(addr, dir.path(), &id("web"));
     let handle = m.handle();
+    let stats = m.stats();
     let task = tokio::spawn(m.run());
     let first = tokio::time::timeout(Duration::from_secs(5), handle.ready())
         .await
@@ -116,6 +117,14 @@ async fn with_the_ca_down_the_client_keeps_its_certificate_retries_and_recovers(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The counters behind the renewal metrics saw it all (the count follows
+    // the new certificate by a moment).
+    let counted = Instant::now();
+    while stats.renewals() < 2 && counted.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stats.renewals(), 2, "the first certificate and the renewal");
+    assert!(stats.failures() >= 3, "failures: {}", stats.failures());
     task.abort();
     ca.stop().await;
 }
