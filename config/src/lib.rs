@@ -320,6 +320,23 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
         rule(&path, msg);
     }
 
+    for (path, v) in [
+        ("log.access_sample", c.log.access_sample),
+        ("telemetry.trace_sample", c.telemetry.trace_sample),
+    ] {
+        if !(0.0..=1.0).contains(&v) {
+            rule(path, "must be from 0 to 1 (0.1 keeps one in ten)".into());
+        }
+    }
+    if let Some(endpoint) = &c.telemetry.otlp_endpoint {
+        if !endpoint.starts_with("http://") {
+            rule(
+                "telemetry.otlp_endpoint",
+                format!("{endpoint:?} must be an http:// URL of an OTLP/HTTP receiver, such as http://otel-collector:4318 (HTTPS is not supported; run the collector as a local agent)"),
+            );
+        }
+    }
+
     let id = &c.identity;
     if let Some(explicit) = &id.id {
         if explicit.trust_domain() != id.trust_domain.as_str() {

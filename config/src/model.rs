@@ -116,6 +116,8 @@ section! {
         init: InitConfig = InitConfig::default(),
         /// The certificate authority.
         ca: CaConfig = CaConfig::default(),
+        /// Traces.
+        telemetry: TelemetryConfig = TelemetryConfig::default(),
     }
 }
 
@@ -126,6 +128,29 @@ section! {
         level: String = "info".into(),
         /// `text` for people, `json` for log pipelines.
         format: LogFormat = LogFormat::Text,
+        /// Access logs, one JSON line per connection and per HTTP request
+        /// on stdout: `off` or `on`. Reloadable, and switchable at runtime
+        /// through the admin server.
+        access: AccessLogMode = AccessLogMode::Off,
+        /// The fraction of connections and requests logged when access
+        /// logs are on, from 0 to 1.
+        access_sample: f64 = 1.0,
+        /// Whether access logs and trace spans carry request paths and
+        /// query strings, which may hold personal data or secrets.
+        access_paths: bool = false,
+    }
+}
+
+section! {
+    /// Distributed tracing.
+    pub struct TelemetryConfig {
+        /// An OTLP/HTTP collector for traces, such as
+        /// `http://otel-collector:4318` (`/v1/traces` is added when the URL
+        /// has no path); traces are off when unset.
+        otlp_endpoint: Option<String> = None,
+        /// The fraction of new traces recorded, from 0 to 1; a request that
+        /// arrives with a `traceparent` follows its caller's decision.
+        trace_sample: f64 = 1.0,
     }
 }
 

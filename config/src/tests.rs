@@ -622,3 +622,34 @@ fn a_route_is_blamed_for_the_side_of_a_rule_it_set() {
         text[1]
     );
 }
+
+#[test]
+fn observability_keys_have_safe_defaults_and_checked_ranges() {
+    let c = Config::default();
+    assert_eq!(c.log.access, AccessLogMode::Off, "access logs are opt-in");
+    assert!(!c.log.access_paths, "paths are opt-in");
+    assert_eq!(c.telemetry.otlp_endpoint, None, "traces are opt-in");
+    let bad = Sources {
+        flags: vec![
+            flag("log.access_sample", "1.5"),
+            flag("telemetry.otlp_endpoint", "https://collector:4318"),
+            flag("telemetry.trace_sample", "-1"),
+        ],
+        ..Default::default()
+    };
+    let text = load(&bad).unwrap_err().to_string();
+    for key in ["log.access_sample", "telemetry.otlp_endpoint", "telemetry.trace_sample"] {
+        assert!(text.contains(key), "{key} not reported:\n{text}");
+    }
+    let good = Sources {
+        flags: vec![
+            flag("log.access", "on"),
+            flag("log.access_sample", "0.25"),
+            flag("telemetry.otlp_endpoint", "http://collector:4318"),
+        ],
+        ..Default::default()
+    };
+    let c = load(&good).unwrap().config;
+    assert_eq!(c.log.access, AccessLogMode::On);
+    assert_eq!(c.log.access_sample, 0.25);
+}

@@ -488,6 +488,14 @@ word_enum!(
 );
 
 word_enum!(
+    /// Whether access logs are written.
+    pub enum AccessLogMode {
+        Off => "off",
+        On => "on",
+    }
+);
+
+word_enum!(
     /// Whether inbound plaintext from clients outside the mesh is accepted.
     pub enum InboundMode {
         /// Mesh clients get mTLS; others pass through in plaintext.
@@ -803,6 +811,7 @@ scalar_field!(
     SpiffeId,
     Secret,
     LogFormat,
+    AccessLogMode,
     InboundMode,
     DestinationMode,
     Ipv6Mode,
