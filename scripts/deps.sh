@@ -21,6 +21,7 @@ redis-server redis-server a-real-TCP-server
 redis-cli redis-tools a-real-TCP-client
 h2load nghttp2-client HTTP/2-load
 nghttpd nghttp2-server an-HTTP/2-server
+promtool prometheus checking-the-metrics-format
 "
 groups[demo]=""
 groups[bench]="

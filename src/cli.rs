@@ -109,12 +109,12 @@ impl GlobalArgs {
     }
 }
 
-/// Loads the layered configuration, printing every problem on failure.
-fn load_config(
+/// Where the configuration comes from: the file, the environment and flags.
+fn sources(
     global: &GlobalArgs,
     file: Option<PathBuf>,
     extra: Vec<FlagValue>,
-) -> Result<Loaded, ExitCode> {
+) -> Result<Sources, ExitCode> {
     let mut sources = Sources::from_process_env(file.or_else(|| global.config.clone()));
     sources.flags = match global.overrides() {
         Ok(f) => f,
@@ -125,6 +125,16 @@ fn load_config(
     };
     // Subcommand flags are more specific than the global --set.
     sources.flags.extend(extra);
+    Ok(sources)
+}
+
+/// Loads the layered configuration, printing every problem on failure.
+fn load_config(
+    global: &GlobalArgs,
+    file: Option<PathBuf>,
+    extra: Vec<FlagValue>,
+) -> Result<Loaded, ExitCode> {
+    let sources = sources(global, file, extra)?;
     legate_config::load(&sources).map_err(|e| {
         eprint!("error: {e}");
         if !e.to_string().ends_with('\n') {
@@ -175,7 +185,11 @@ pub fn run(cli: Cli) -> ExitCode {
             Err(code) => code,
         },
         Command::Proxy(args) => match prepare(&cli.global, args.config_overrides()) {
-            Ok(loaded) => crate::proxy_cmd::run(loaded.config),
+            Ok(loaded) => match sources(&cli.global, None, args.config_overrides()) {
+                // The same sources again on reload.
+                Ok(sources) => crate::proxy_cmd::run(loaded.config, sources),
+                Err(code) => code,
+            },
             Err(code) => code,
         },
         Command::Run(args) => match prepare(&cli.global, args.config_overrides()) {

@@ -8,9 +8,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use legate_ca::{ClientAuth, CredentialsHandle, PeerMatcher};
+use legate_ca::{ClientAuth, CredentialsHandle, PeerMatcher, RenewalStats};
 use legate_config::{SpiffeId, TrustDomain};
-use legate_proxy::{MeshIdentity, MESH_ALPN};
+use legate_proxy::{IdentityStatus, MeshIdentity, MESH_ALPN};
 use rustls::{ClientConfig, ServerConfig};
 
 /// The workload identity as the proxy sees it.
@@ -22,6 +22,8 @@ pub struct CaIdentity {
     /// One client config per accepted-peer rule; there are as many as
     /// destination rules with an identity, plus one.
     clients: Mutex<HashMap<Option<SpiffeId>, Arc<ClientConfig>>>,
+    /// The renewal loop's counts, for metrics.
+    stats: Option<Arc<RenewalStats>>,
 }
 
 impl CaIdentity {
@@ -37,8 +39,25 @@ impl CaIdentity {
             trust_domain,
             server,
             clients: Mutex::new(HashMap::new()),
+            stats: None,
         }
     }
+
+    /// Reports the renewal loop's counts in [`MeshIdentity::status`].
+    pub fn with_stats(mut self, stats: Arc<RenewalStats>) -> Self {
+        self.stats = Some(stats);
+        self
+    }
+}
+
+/// The PEM blocks of a bundle, one per root.
+fn pem_blocks(pem: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    pem.split_inclusive(END)
+        .map(str::trim)
+        .filter(|b| b.ends_with(END))
+        .map(|b| format!("{b}\n"))
+        .collect()
 }
 
 impl MeshIdentity for CaIdentity {
@@ -86,5 +105,34 @@ impl MeshIdentity for CaIdentity {
 
     fn is_ready(&self) -> bool {
         self.creds.load_valid().is_some()
+    }
+
+    fn status(&self) -> IdentityStatus {
+        let creds = self.creds.load();
+        IdentityStatus {
+            id: Some(self.local.clone()),
+            not_before: creds.as_ref().map(|c| c.not_before()),
+            not_after: creds.as_ref().map(|c| c.not_after()),
+            roots: creds
+                .as_ref()
+                .map(|c| pem_blocks(&c.bundle().to_pem()))
+                .unwrap_or_default(),
+            renewals: self.stats.as_ref().map_or(0, |s| s.renewals()),
+            renewal_failures: self.stats.as_ref().map_or(0, |s| s.failures()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bundle_splits_into_its_roots() {
+        let pem = "-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n";
+        let roots = pem_blocks(pem);
+        assert_eq!(roots.len(), 2);
+        assert!(roots[1].starts_with("-----BEGIN") && roots[1].contains("BBB"));
+        assert!(pem_blocks("").is_empty());
     }
 }

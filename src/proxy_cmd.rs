@@ -1,18 +1,26 @@
 //! `legate proxy`: the sidecar. Obtains the workload certificate from the
-//! CA, keeps it renewed, and runs the data plane until SIGTERM or SIGINT,
-//! then drains.
+//! CA, keeps it renewed, and runs the data plane until SIGTERM, SIGINT or
+//! the admin server's `POST /shutdown`, then drains and exits 0.
+//!
+//! SIGHUP, or a change to the configuration file (checked every second),
+//! reloads the configuration from the same sources it was first read
+//! from. A valid one replaces the policy in force (see
+//! `legate_proxy::Shared::reload`) and the log level; an invalid one is
+//! refused, every error logged, and the running configuration stays.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use clap::Args;
 use legate_ca::{IdentityManager, ManagerOptions};
-use legate_config::{Config, FlagValue};
-use legate_proxy::Proxy;
-use tracing::{error, info};
+use legate_config::{Config, FlagValue, Sources};
+use legate_proxy::{Hooks, Proxy, Shared};
+use tracing::{error, info, warn};
 
 use crate::identity::CaIdentity;
+use crate::logging;
 
 /// Flags of `legate proxy`; each sets the configuration key it names.
 #[derive(Debug, Args)]
@@ -73,7 +81,101 @@ async fn stop_signal() {
     }
 }
 
-pub fn run(config: Config) -> ExitCode {
+/// The file's modification time and length, to notice a change.
+fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Reloads on SIGHUP and when the configuration file changes.
+async fn reload_loop(shared: Arc<Shared>, sources: Sources, mut level: String) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let file = sources.file.clone();
+    let mut seen = file.as_deref().and_then(stamp);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let why = tokio::select! {
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => "SIGHUP",
+            _ = tick.tick() => {
+                let now = file.as_deref().and_then(stamp);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "the configuration file changed"
+            }
+        };
+        let loaded = tokio::task::spawn_blocking({
+            let sources = sources.clone();
+            move || legate_config::load(&sources)
+        })
+        .await;
+        let config = match loaded {
+            Ok(Ok(l)) => l.config,
+            Ok(Err(e)) => {
+                error!("{why}: configuration reload refused; the running configuration stays in force. {e}");
+                shared.reload_failed();
+                continue;
+            }
+            Err(e) => {
+                error!("{why}: configuration reload failed: {e}");
+                shared.reload_failed();
+                continue;
+            }
+        };
+        if let Err(e) = logging::validate_filter(&config.log.level) {
+            error!("{why}: configuration reload refused; the running configuration stays in force. {e}");
+            shared.reload_failed();
+            continue;
+        }
+        let new_level = config.log.level.clone();
+        let restart = shared.reload(config);
+        if new_level != level {
+            match logging::set_level(&new_level) {
+                Ok(()) => level = new_level,
+                Err(e) => warn!("{e}"),
+            }
+        }
+        info!("{why}: configuration reloaded");
+        if !restart.is_empty() {
+            warn!(
+                keys = %restart.join(", "),
+                "these settings changed but only take effect after a restart"
+            );
+        }
+    }
+}
+
+/// Starts exporting traces when `telemetry.otlp_endpoint` is set.
+fn start_tracing(
+    config: &Config,
+    service: &str,
+) -> Result<Option<legate_proxy::telemetry::Tracing>, ExitCode> {
+    let Some(endpoint) = &config.telemetry.otlp_endpoint else {
+        return Ok(None);
+    };
+    match legate_proxy::telemetry::Tracing::start(
+        endpoint,
+        config.telemetry.trace_sample,
+        service,
+        tokio::runtime::Handle::current(),
+    ) {
+        Ok(t) => {
+            info!(%endpoint, "exporting traces over OTLP/HTTP");
+            Ok(Some(t))
+        }
+        Err(e) => {
+            error!("{e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Runs the proxy. `sources` are what the configuration was loaded from,
+/// read again on reload.
+pub fn run(config: Config, sources: Sources) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,7 +186,7 @@ pub fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let config = Arc::new(config);
         let opts = match ManagerOptions::from_config(&config.identity) {
             Ok(o) => o,
@@ -101,21 +203,42 @@ pub fn run(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let stats = manager.stats();
         let (creds, renewals) = manager.spawn();
-        let identity = Arc::new(CaIdentity::new(
-            creds,
-            local,
-            config.identity.trust_domain.clone(),
-        ));
-        let proxy = match Proxy::bind(config, identity) {
+        let tracing = match start_tracing(&config, local.as_str()) {
+            Ok(t) => t,
+            Err(code) => return code,
+        };
+        let identity = Arc::new(
+            CaIdentity::new(creds, local, config.identity.trust_domain.clone()).with_stats(stats),
+        );
+        let hooks = Hooks {
+            set_log_level: Some(Box::new(|level: &str| {
+                logging::set_level(level).map_err(|e| e.to_string())
+            })),
+            tracing,
+            access_log: None,
+        };
+        let level = config.log.level.clone();
+        let proxy = match Proxy::bind_with(config, identity, hooks) {
             Ok(p) => p,
             Err(e) => {
                 error!("{e}");
                 return ExitCode::FAILURE;
             }
         };
+        let shared = proxy.shared().clone();
+        let reloads = tokio::spawn(reload_loop(shared.clone(), sources, level));
         proxy.run(stop_signal()).await;
+        reloads.abort();
         renewals.abort();
+        if let Some(t) = shared.tracing_handle().cloned() {
+            // Send what is queued, but never hold the exit for long.
+            let _ = tokio::task::spawn_blocking(move || t.shutdown(Duration::from_secs(2))).await;
+        }
+        info!("drained; exiting");
         ExitCode::SUCCESS
-    })
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }

@@ -20,10 +20,12 @@ use tracing::{debug, info, warn};
 
 use crate::detect::DETECT_TIMEOUT;
 use crate::detect::{detect, Protocol};
+use crate::metrics::{protocol_label, Detected, Direction, TlsFailure};
 use crate::policy::proxy_answer;
 use crate::pool::{Body, CONN_WINDOW, STREAM_WINDOW};
 use crate::relay::relay;
 use crate::socket;
+use crate::telemetry::conn::{ConnMeter, Metered};
 use crate::tls::MESH_ALPN;
 use crate::Shared;
 
@@ -44,9 +46,12 @@ pub(crate) async fn handle(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr
         }
     };
     let proto = if cfg.opaque_ports.contains(dst.port()) {
+        ctx.metrics.detected(Direction::Inbound, Detected::Skipped);
         Protocol::Opaque
     } else {
-        detect(&sock).await
+        let p = detect(&sock).await;
+        ctx.metrics.detected(Direction::Inbound, p.into());
+        p
     };
     if proto == Protocol::Opaque && is_mesh_hello(&sock, cfg.handshake_timeout).await {
         serve_mesh(ctx, sock, client, dst).await;
@@ -115,23 +120,42 @@ fn offers_mesh_alpn(record: &[u8]) -> bool {
 
 async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: SocketAddr) {
     let cfg = &ctx.config.proxy;
+    let meter = ConnMeter::new(
+        ctx.metrics.clone(),
+        &ctx.access,
+        Direction::Inbound,
+        client,
+        dst,
+        || ctx.identity.local_id(),
+        "mtls",
+    );
     let acceptor = TlsAcceptor::from(ctx.identity.server_config());
+    let sock = Metered::new(sock, meter.clone());
+    let failed = |f: TlsFailure, reason: &'static str| {
+        ctx.metrics.tls_handshake(Direction::Inbound, Err(f));
+        meter.fail(reason);
+    };
     let tls = match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(sock)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             warn!(%client, reason = "handshake_failed", error = %e, "mTLS handshake from a peer proxy failed");
+            failed(TlsFailure::HandshakeFailed, "handshake_failed");
             return;
         }
         Err(_) => {
             warn!(%client, reason = "handshake_timeout", "mTLS handshake from a peer proxy timed out");
+            failed(TlsFailure::HandshakeTimeout, "handshake_timeout");
             return;
         }
     };
     let peer = ctx.identity.peer_id(tls.get_ref().1);
     let Some(peer) = peer else {
         warn!(%client, "peer proxy presented no SPIFFE identity; closing");
+        failed(TlsFailure::NoIdentity, "no_identity");
         return;
     };
+    ctx.metrics.tls_handshake(Direction::Inbound, Ok(()));
+    meter.set_peer(Some(&peer));
     info!(%client, peer = %peer, "accepted mesh connection");
     let svc_ctx = ctx.clone();
     let svc_peer = peer.clone();
@@ -140,16 +164,18 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
         let peer = svc_peer.clone();
         async move { Ok::<_, std::convert::Infallible>(tunnel(ctx, req, client, dst, peer).await) }
     });
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
-        .max_concurrent_streams(1024)
-        .enable_connect_protocol()
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
+    let served = crate::serve_draining!(
+        ctx,
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .max_concurrent_streams(1024)
+            .enable_connect_protocol()
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .serve_connection(TokioIo::new(tls), service)
+    );
     if let Err(e) = served {
         debug!(%client, peer = %peer, error = %e, "mesh connection ended");
     }
@@ -193,14 +219,16 @@ async fn tunnel(
             }
         }
     };
-    if port == cfg.inbound_port || port == cfg.outbound_port {
+    // The admin port too: reached through the tunnel, a peer's request
+    // would come from localhost, where the admin server trusts its callers.
+    if port == cfg.inbound_port || port == cfg.outbound_port || port == cfg.admin_listen.port() {
         return proxy_answer(
             http::StatusCode::BAD_REQUEST,
             &format!("port {port} is the proxy's own; refusing a loop"),
             false,
         );
     }
-    if !ctx.authz.allows(port, Some(&peer)) {
+    if !ctx.live().authz.allows(port, Some(&peer)) {
         warn!(client = %peer, server = %ctx.identity.local_id(), port, "refused by the port's authorization policy");
         return proxy_answer(
             http::StatusCode::FORBIDDEN,
@@ -209,7 +237,7 @@ async fn tunnel(
         );
     }
     if !plain_connect {
-        return crate::http::inbound::from_peer(ctx.clone(), req, dst.ip(), port, &peer).await;
+        return crate::http::inbound::from_peer(ctx.clone(), req, client, dst, port, &peer).await;
     }
     let app = match connect_app(&ctx, dst.ip(), port).await {
         Ok(app) => app,
@@ -251,33 +279,48 @@ async fn plaintext(
     proto: Protocol,
 ) {
     let cfg = &ctx.config.proxy;
+    let meter = ConnMeter::new(
+        ctx.metrics.clone(),
+        &ctx.access,
+        Direction::Inbound,
+        client,
+        dst,
+        || ctx.identity.local_id(),
+        protocol_label(proto),
+    );
+    meter.set_peer(None);
     if cfg.mode == InboundMode::Strict {
         warn!(%client, port = dst.port(), "refusing a client outside the mesh: proxy.mode is strict");
+        meter.fail("strict_mode");
         socket::reset(sock);
         return;
     }
-    if dst.port() == cfg.inbound_port {
-        debug!(%client, "plaintext on the mesh port itself; closing");
+    if dst.port() == cfg.inbound_port || dst.port() == cfg.admin_listen.port() {
+        debug!(%client, "plaintext to the proxy's own port; closing");
+        meter.fail("plaintext_on_mesh_port");
         socket::reset(sock);
         return;
     }
-    if !ctx.authz.allows(dst.port(), None) {
+    if !ctx.live().authz.allows(dst.port(), None) {
         warn!(%client, server = %ctx.identity.local_id(), port = dst.port(), "refused an unauthenticated client: the port's policy does not allow it");
+        meter.fail("unauthorized");
         socket::reset(sock);
         return;
     }
     if proto != Protocol::Opaque {
-        crate::http::inbound::serve_plain(ctx, sock, client, dst, proto).await;
+        crate::http::inbound::serve_plain(ctx, sock, client, dst, proto, meter).await;
         return;
     }
     let app = match connect_app(&ctx, dst.ip(), dst.port()).await {
         Ok(app) => app,
         Err(e) => {
             debug!(%client, port = dst.port(), error = %e, "application connect failed");
+            meter.fail("application_connect_failed");
             socket::reset(sock);
             return;
         }
     };
+    let sock = Metered::new(sock, meter.clone());
     match relay(sock, app, cfg.idle_timeout).await {
         Ok(t) => {
             debug!(%client, port = dst.port(), sent = t.sent, received = t.received, "plaintext inbound connection closed")

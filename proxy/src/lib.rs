@@ -15,32 +15,139 @@
 //!
 //! Bytes are moved by [`relay`], which keeps backpressure, carries
 //! half-closes across and closes idle connections. The admin server
-//! ([`admin`]) reports liveness and readiness.
+//! ([`admin`]) reports liveness and readiness, serves [`metrics`], the
+//! effective configuration and the identity, and takes shutdown and log
+//! level requests from localhost. [`access`] writes access logs and
+//! [`telemetry`] traces.
+//!
+//! **Lifecycle.** [`Proxy::run`] serves until its shutdown future resolves
+//! (SIGTERM) or the admin server is asked to shut down. It then reports not
+//! ready, stops accepting, asks every HTTP connection to finish gracefully
+//! (HTTP/1.1 closes after the response in flight, HTTP/2 sends GOAWAY) and
+//! waits up to `proxy.drain_grace` for connections to end.
+//!
+//! **Reload.** The policy parts of the configuration (HTTP policy,
+//! destination rules, authorization, access-log settings) live in a
+//! [`Live`] value behind an `ArcSwap`, read once per connection or request.
+//! [`Shared::reload`] swaps in a new one; connections and requests already
+//! under way keep the one they started with, so nothing established is
+//! dropped. Everything else (listeners, identity, timeouts) needs a restart.
 
+pub mod access;
 pub mod admin;
 pub mod detect;
 pub mod http;
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod pool;
 pub mod relay;
 pub mod router;
 pub mod socket;
+pub mod telemetry;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use legate_config::Config;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
-pub use tls::{Identity, MeshIdentity, MESH_ALPN};
+pub use tls::{Identity, IdentityStatus, MeshIdentity, MESH_ALPN};
+
+/// Serves a hyper server connection to its end; once the proxy starts to
+/// drain, asks it to finish gracefully (after the request in flight for
+/// HTTP/1.1, with GOAWAY for HTTP/2).
+macro_rules! serve_draining {
+    ($shared:expr, $conn:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        let drained = $shared.drained();
+        tokio::pin!(drained);
+        tokio::select! {
+            res = conn.as_mut() => res,
+            _ = &mut drained => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+pub(crate) use serve_draining;
+
+/// Changes the log filter at runtime.
+pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What the binary hands the proxy besides its configuration.
+#[derive(Default)]
+pub struct Hooks {
+    /// Backs `PUT /log-level` on the admin server.
+    pub set_log_level: Option<LogLevelSetter>,
+    /// Traces; off when `None`.
+    pub tracing: Option<telemetry::Tracing>,
+    /// Where access logs go; stdout when `None`.
+    pub access_log: Option<Arc<access::AccessLog>>,
+}
+
+/// The reloadable part of the configuration, with what is built from it.
+pub struct Live {
+    /// The whole configuration last loaded, for `/config`.
+    pub(crate) config: Arc<Config>,
+    pub(crate) router: Arc<router::Router>,
+    pub(crate) authz: inbound::Authz,
+    pub(crate) policies: policy::PolicySet,
+    /// Metrics of each policy, by name.
+    routes: HashMap<String, Arc<metrics::RouteStats>>,
+}
+
+impl Live {
+    fn new(config: Arc<Config>, old: Option<&Live>, metrics: &metrics::Metrics) -> Self {
+        let p = &config.proxy;
+        let router = match old {
+            // Keep the probe cache unless the rules it depends on changed.
+            Some(o)
+                if o.config.proxy.destinations == p.destinations
+                    && o.config.proxy.mesh_networks == p.mesh_networks =>
+            {
+                o.router.clone()
+            }
+            _ => Arc::new(router::Router::new(
+                p.destinations.clone(),
+                p.mesh_networks.clone(),
+                p.inbound_port,
+                p.probe_ttl,
+            )),
+        };
+        let policies = match old {
+            Some(o) => o.policies.reload(&config),
+            None => policy::PolicySet::new(&config),
+        };
+        let routes = policies
+            .policies()
+            .map(|p| (p.name().to_owned(), metrics.route(p.name())))
+            .collect();
+        Live {
+            authz: inbound::Authz::new(&config),
+            router,
+            policies,
+            routes,
+            config,
+        }
+    }
+
+    /// The metrics of the policy named `name`.
+    pub(crate) fn route_stats(&self, name: &str) -> Option<Arc<metrics::RouteStats>> {
+        self.routes.get(name).cloned()
+    }
+}
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -56,15 +163,21 @@ pub enum ProxyError {
 
 /// State every connection handler shares.
 pub struct Shared {
+    /// The configuration the proxy started with: listeners, timeouts and
+    /// the rest of what a reload does not change.
     pub(crate) config: Arc<Config>,
     pub(crate) identity: Identity,
-    pub(crate) router: router::Router,
     pub(crate) pool: pool::Pool,
-    pub(crate) authz: inbound::Authz,
     pub(crate) clients: http::client::Clients,
-    pub(crate) policies: policy::PolicySet,
+    live: ArcSwap<Live>,
+    pub(crate) metrics: Arc<metrics::Metrics>,
+    pub(crate) access: Arc<access::AccessLog>,
+    pub(crate) tracing: Option<telemetry::Tracing>,
+    set_log_level: Option<LogLevelSetter>,
     local_addrs: Vec<IpAddr>,
     draining: AtomicBool,
+    drain: watch::Sender<bool>,
+    shutdown: Notify,
     active: AtomicUsize,
     idle: Notify,
 }
@@ -82,7 +195,9 @@ impl Shared {
             || self.local_addrs.contains(&dst.ip()))
     }
 
-    /// Whether the proxy is ready to carry mesh traffic.
+    /// Whether the proxy is ready to carry mesh traffic: a certificate is
+    /// in hand (the listeners are bound before the proxy runs), and it is
+    /// not draining.
     pub fn is_ready(&self) -> bool {
         self.identity.is_ready() && !self.draining.load(Ordering::Relaxed)
     }
@@ -96,6 +211,109 @@ impl Shared {
     pub fn active_connections(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
+
+    /// The policy in force now. Hold it for one connection or request.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Applies a reloaded configuration: policy, destination rules,
+    /// authorization and access-log settings change at once for new
+    /// connections and requests. Returns the keys that changed but only
+    /// take effect after a restart.
+    pub fn reload(&self, config: Config) -> Vec<&'static str> {
+        let old = self.live.load_full();
+        let restart = needs_restart(&self.config, &config);
+        self.access.configure(&config.log);
+        let live = Live::new(Arc::new(config), Some(&old), &self.metrics);
+        self.live.store(Arc::new(live));
+        self.metrics.reloaded(true);
+        restart
+    }
+
+    /// Counts a reload that was refused because the new configuration is
+    /// invalid.
+    pub fn reload_failed(&self) {
+        self.metrics.reloaded(false);
+    }
+
+    /// Asks [`Proxy::run`] to drain and return, as SIGTERM does.
+    pub fn request_shutdown(&self) {
+        self.shutdown.notify_one();
+    }
+
+    /// The trace exporter, when tracing is on.
+    pub fn tracing_handle(&self) -> Option<&telemetry::Tracing> {
+        self.tracing.as_ref()
+    }
+
+    /// Whether the proxy has started to drain.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the proxy starts to drain.
+    pub(crate) fn drained(&self) -> impl Future<Output = ()> + 'static {
+        let mut rx = self.drain.subscribe();
+        async move {
+            let _ = rx.wait_for(|d| *d).await;
+        }
+    }
+
+    /// The metrics text, as `/metrics` serves it.
+    pub fn render_metrics(&self) -> String {
+        let live = self.live();
+        let status = self.identity.status();
+        let cert = metrics::CertStatus {
+            not_after: status.not_after,
+            renewals: status.renewals,
+            renewal_failures: status.renewal_failures,
+        };
+        let pool = metrics::PoolStatus {
+            connections: self.pool.open_connections(),
+            handshakes: self.pool.handshakes(),
+        };
+        self.metrics
+            .render(live.policies.policies().cloned().collect(), pool, cert)
+    }
+
+    pub(crate) fn set_log_level(&self, filter: &str) -> Result<(), String> {
+        match &self.set_log_level {
+            Some(set) => set(filter),
+            None => Err("this proxy cannot change its log level at runtime".into()),
+        }
+    }
+}
+
+/// Keys outside the reloadable policy whose values differ.
+fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&running.proxy, &new.proxy);
+    let mut out = Vec::new();
+    let mut check = |key: &'static str, same: bool| {
+        if !same {
+            out.push(key);
+        }
+    };
+    check("proxy.outbound_port", a.outbound_port == b.outbound_port);
+    check("proxy.inbound_port", a.inbound_port == b.inbound_port);
+    check("proxy.admin_listen", a.admin_listen == b.admin_listen);
+    check("proxy.mode", a.mode == b.mode);
+    check(
+        "proxy.connect_timeout",
+        a.connect_timeout == b.connect_timeout,
+    );
+    check(
+        "proxy.handshake_timeout",
+        a.handshake_timeout == b.handshake_timeout,
+    );
+    check("proxy.idle_timeout", a.idle_timeout == b.idle_timeout);
+    check("proxy.tcp_keepalive", a.tcp_keepalive == b.tcp_keepalive);
+    check("proxy.drain_grace", a.drain_grace == b.drain_grace);
+    check("proxy.probe_ttl", a.probe_ttl == b.probe_ttl);
+    check("proxy.opaque_ports", a.opaque_ports == b.opaque_ports);
+    check("identity", running.identity == new.identity);
+    check("telemetry", running.telemetry == new.telemetry);
+    out
 }
 
 /// Counts a connection as active until dropped.
@@ -141,6 +359,15 @@ fn bind_pair(
 impl Proxy {
     /// Binds the outbound, inbound and admin listeners.
     pub fn bind(config: Arc<Config>, identity: Identity) -> Result<Self, ProxyError> {
+        Self::bind_with(config, identity, Hooks::default())
+    }
+
+    /// [`bind`](Self::bind), with what only the binary can provide.
+    pub fn bind_with(
+        config: Arc<Config>,
+        identity: Identity,
+        hooks: Hooks,
+    ) -> Result<Self, ProxyError> {
         let p = &config.proxy;
         let outbound = bind_pair(
             SocketAddr::new(Ipv4Addr::LOCALHOST.into(), p.outbound_port),
@@ -157,13 +384,12 @@ impl Proxy {
             key: "proxy.admin_listen",
             source,
         })?;
+        let metrics = Arc::new(metrics::Metrics::new());
+        let access = hooks
+            .access_log
+            .unwrap_or_else(|| Arc::new(access::AccessLog::stdout(&config.log, metrics.clone())));
+        let live = Live::new(config.clone(), None, &metrics);
         let shared = Arc::new(Shared {
-            router: router::Router::new(
-                p.destinations.clone(),
-                p.mesh_networks.clone(),
-                p.inbound_port,
-                p.probe_ttl,
-            ),
             pool: pool::Pool::new(
                 identity.clone(),
                 pool::PoolSettings {
@@ -175,11 +401,16 @@ impl Proxy {
                     idle_timeout: p.pool_idle_timeout,
                 },
             ),
-            authz: inbound::Authz::new(&config),
             clients: http::client::Clients::new(p.connect_timeout, p.tcp_keepalive),
-            policies: policy::PolicySet::new(&config),
+            live: ArcSwap::from_pointee(live),
+            metrics,
+            access,
+            tracing: hooks.tracing,
+            set_log_level: hooks.set_log_level,
             local_addrs: socket::local_addresses(),
             draining: AtomicBool::new(false),
+            drain: watch::Sender::new(false),
+            shutdown: Notify::new(),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
             identity,
@@ -236,9 +467,17 @@ impl Proxy {
         };
         info!(id = %shared.identity.local_id(), "proxy started");
 
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            _ = shared.shutdown.notified() => info!("shutdown requested through the admin server"),
+        }
         shared.draining.store(true, Ordering::Relaxed);
+        shared.metrics.set_draining();
         tasks.abort_all();
+        // Let the accept loops go (and their listeners close) before the
+        // HTTP connections are told to finish.
+        while tasks.join_next().await.is_some() {}
+        shared.drain.send_replace(true);
         let grace = shared.config.proxy.drain_grace;
         info!(active = shared.active_connections(), ?grace, "draining");
         let drained = async {
@@ -261,11 +500,7 @@ impl Proxy {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Direction {
-    Outbound,
-    Inbound,
-}
+use metrics::Direction;
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, dir: Direction) {
     loop {

@@ -8,10 +8,12 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::detect::{detect, Protocol};
+use crate::metrics::{protocol_label, Detected, Direction};
 use crate::pool::TunnelError;
 use crate::relay::relay;
 use crate::router::Route;
 use crate::socket;
+use crate::telemetry::conn::{ConnMeter, Metered};
 use crate::Shared;
 
 /// Handles one captured outbound connection to the end.
@@ -32,21 +34,35 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
         return;
     }
     let proto = if cfg.opaque_ports.contains(dst.port()) {
+        ctx.metrics.detected(Direction::Outbound, Detected::Skipped);
         Protocol::Opaque
     } else {
-        detect(&app).await
+        let p = detect(&app).await;
+        ctx.metrics.detected(Direction::Outbound, p.into());
+        p
     };
+    let meter = ConnMeter::new(
+        ctx.metrics.clone(),
+        &ctx.access,
+        Direction::Outbound,
+        client,
+        dst,
+        || ctx.identity.local_id(),
+        protocol_label(proto),
+    );
     if proto != Protocol::Opaque {
-        crate::http::outbound::serve(ctx, app, client, dst, proto).await;
+        crate::http::outbound::serve(ctx, app, client, dst, proto, meter).await;
         return;
     }
-    match ctx.router.route(dst) {
-        Route::Passthrough => passthrough(&ctx, app, client, dst).await,
+    let live = ctx.live();
+    match live.router.route(dst) {
+        Route::Passthrough => passthrough(&ctx, app, client, dst, &meter).await,
         Route::Mesh { key, probe } => {
             if !ctx.identity.is_ready() {
                 let wait = tokio::time::timeout(cfg.handshake_timeout, ctx.identity.ready());
                 if wait.await.is_err() {
                     warn!(%client, %dst, "no workload certificate yet, so no mTLS is possible; refusing instead of sending plaintext (is the CA reachable?)");
+                    meter.fail("no_certificate");
                     socket::reset(app);
                     return;
                 }
@@ -54,9 +70,11 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
             match ctx.pool.tunnel(&key, dst).await {
                 Ok(tunnel) => {
                     if probe {
-                        ctx.router.learn(dst.ip(), true);
+                        live.router.learn(dst.ip(), true);
                     }
                     let peer = tunnel.peer.clone();
+                    meter.set_peer(peer.as_ref());
+                    let app = Metered::new(app, meter.clone());
                     match relay(app, tunnel.io, cfg.idle_timeout).await {
                         Ok(t) => {
                             debug!(%client, %dst, peer = ?peer.as_ref().map(|p| p.as_str()), sent = t.sent, received = t.received, "mesh connection closed")
@@ -66,15 +84,17 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
                 }
                 Err(TunnelError::Connect(e)) if probe => {
                     debug!(%dst, error = %e, "no proxy answers at the destination; using plaintext");
-                    ctx.router.learn(dst.ip(), false);
-                    passthrough(&ctx, app, client, dst).await;
+                    live.router.learn(dst.ip(), false);
+                    passthrough(&ctx, app, client, dst, &meter).await;
                 }
                 Err(e) => {
                     if matches!(e, TunnelError::Connect(_)) {
                         // The peer proxy may be gone; check again next time.
-                        ctx.router.forget(dst.ip());
+                        live.router.forget(dst.ip());
                     }
+
                     warn!(%client, %dst, reason = e.reason(), error = %e, "mesh connection failed; closing the application's connection");
+                    meter.fail(e.reason());
                     socket::reset(app);
                 }
             }
@@ -82,16 +102,25 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
     }
 }
 
-async fn passthrough(ctx: &Shared, app: TcpStream, client: SocketAddr, dst: SocketAddr) {
+async fn passthrough(
+    ctx: &Shared,
+    app: TcpStream,
+    client: SocketAddr,
+    dst: SocketAddr,
+    meter: &std::sync::Arc<ConnMeter>,
+) {
     let cfg = &ctx.config.proxy;
+    meter.set_peer(None);
     let upstream = match socket::connect(dst, cfg.connect_timeout, cfg.tcp_keepalive).await {
         Ok(s) => s,
         Err(e) => {
             debug!(%client, %dst, error = %e, "plaintext connect failed");
+            meter.fail("connect_failed");
             socket::reset(app);
             return;
         }
     };
+    let app = Metered::new(app, meter.clone());
     match relay(app, upstream, cfg.idle_timeout).await {
         Ok(t) => {
             debug!(%client, %dst, sent = t.sent, received = t.received, "plaintext connection closed")

@@ -166,6 +166,15 @@ pub struct Pool {
     settings: PoolSettings,
     peers: Mutex<HashMap<PeerKey, Arc<Peer>>>,
     epoch: Instant,
+    handshakes: Handshakes,
+}
+
+/// mTLS handshakes with peer proxies, for metrics: completed, and failed by
+/// reason (`handshake_failed`, `handshake_timeout`, `not_mesh`).
+#[derive(Debug, Default)]
+struct Handshakes {
+    ok: AtomicU64,
+    failed: [AtomicU64; 3],
 }
 
 /// A stream to the peer proxy's side of the tunnel. Counts against its
@@ -276,7 +285,18 @@ impl Pool {
             settings,
             peers: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
+            handshakes: Handshakes::default(),
         }
+    }
+
+    /// mTLS handshakes so far: completed, and failed as
+    /// `[handshake_failed, handshake_timeout, not_mesh]`.
+    pub fn handshakes(&self) -> (u64, [u64; 3]) {
+        let h = &self.handshakes;
+        (
+            h.ok.load(Ordering::Relaxed),
+            [0, 1, 2].map(|i| h.failed[i].load(Ordering::Relaxed)),
+        )
     }
 
     /// Closes connections idle longer than the idle timeout and forgets
@@ -387,18 +407,26 @@ impl Pool {
             TlsConnector::from(config).connect(name, tcp),
         )
         .await
-        .map_err(|_| TunnelError::HandshakeTimeout {
-            addr: key.dial,
-            timeout: s.handshake_timeout,
+        .map_err(|_| {
+            self.handshakes.failed[1].fetch_add(1, Ordering::Relaxed);
+            TunnelError::HandshakeTimeout {
+                addr: key.dial,
+                timeout: s.handshake_timeout,
+            }
         })?
-        .map_err(|e| TunnelError::Handshake {
-            addr: key.dial,
-            reason: e.to_string(),
+        .map_err(|e| {
+            self.handshakes.failed[0].fetch_add(1, Ordering::Relaxed);
+            TunnelError::Handshake {
+                addr: key.dial,
+                reason: e.to_string(),
+            }
         })?;
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(MESH_ALPN) {
+            self.handshakes.failed[2].fetch_add(1, Ordering::Relaxed);
             return Err(TunnelError::NotMesh { addr: key.dial });
         }
+        self.handshakes.ok.fetch_add(1, Ordering::Relaxed);
         let peer_id = self.identity.peer_id(session);
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())

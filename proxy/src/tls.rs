@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use legate_config::{SpiffeId, TrustDomain};
 
@@ -36,6 +37,30 @@ pub trait MeshIdentity: Send + Sync + 'static {
     fn ready(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
     /// Whether a certificate is held now.
     fn is_ready(&self) -> bool;
+    /// The certificate in use and the trust bundle, for the admin server's
+    /// `/identity` and the certificate metrics.
+    fn status(&self) -> IdentityStatus {
+        IdentityStatus {
+            id: Some(self.local_id()),
+            ..IdentityStatus::default()
+        }
+    }
+}
+
+/// The identity as operators inspect it.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityStatus {
+    /// This workload's SPIFFE ID.
+    pub id: Option<SpiffeId>,
+    /// Validity of the certificate in use; `None` before the first.
+    pub not_before: Option<SystemTime>,
+    pub not_after: Option<SystemTime>,
+    /// The trust bundle's roots, as PEM.
+    pub roots: Vec<String>,
+    /// Certificates obtained so far, the first included.
+    pub renewals: u64,
+    /// Attempts to obtain one that failed.
+    pub renewal_failures: u64,
 }
 
 /// Shared handle to the identity.

@@ -179,6 +179,9 @@ pub struct PodOptions {
     pub identity: Option<String>,
     /// The proxy's log filter; `info,legate_proxy=debug` when unset.
     pub log: Option<String>,
+    /// A configuration file for the proxy (`--config`), which it watches
+    /// and reloads; `--set` values still override it.
+    pub config: Option<PathBuf>,
 }
 
 /// A pod with interception rules and a ready proxy.
@@ -285,6 +288,9 @@ impl Mesh {
         }
         for s in &opts.proxy_set {
             args.extend(["--set", s]);
+        }
+        if let Some(file) = &opts.config {
+            args.extend(["--config", utf8(file)?]);
         }
         self.legate
             .command(pod)

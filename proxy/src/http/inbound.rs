@@ -20,7 +20,10 @@ use super::outbound::{finish_upgrade, join_upgrades, proxy_answer};
 use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token};
 use super::{CLIENT_ID_HEADER, PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
+use crate::metrics::Direction;
 use crate::pool::Body;
+use crate::telemetry::conn::{ConnMeter, Metered};
+use crate::telemetry::request::{Observation, Seen};
 use crate::Shared;
 
 /// Where the application may listen: localhost first, then the address the
@@ -120,6 +123,32 @@ async fn forward(
 /// application port it is for, already authorized for `peer`.
 pub(crate) async fn from_peer(
     ctx: Arc<Shared>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    dst: SocketAddr,
+    port: u16,
+    peer: &SpiffeId,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let obs = Observation::start(&ctx, Direction::Inbound, &mut parts, client, dst);
+    let res = from_peer_inner(
+        ctx.clone(),
+        Request::from_parts(parts, body),
+        dst.ip(),
+        port,
+        peer,
+    )
+    .await;
+    let seen = Seen {
+        route: Some(ctx.metrics.port(port)),
+        peer: Some(peer.clone()),
+        ..Seen::default()
+    };
+    obs.finish(&ctx, res, seen)
+}
+
+async fn from_peer_inner(
+    ctx: Arc<Shared>,
     mut req: Request<Incoming>,
     ip: IpAddr,
     port: u16,
@@ -196,11 +225,17 @@ pub(crate) async fn serve_plain(
     client: SocketAddr,
     dst: SocketAddr,
     proto: Protocol,
+    meter: Arc<ConnMeter>,
 ) {
     let svc_ctx = ctx.clone();
-    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+    let route = ctx.metrics.port(dst.port());
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = svc_ctx.clone();
+        let route = route.clone();
         async move {
+            let (mut parts, body) = req.into_parts();
+            let obs = Observation::start(&ctx, Direction::Inbound, &mut parts, client, dst);
+            let mut req = Request::from_parts(parts, body);
             req.headers_mut().remove(CLIENT_ID_HEADER);
             req.headers_mut().remove(TARGET_HEADER);
             req.headers_mut().remove(PROTO_HEADER);
@@ -223,23 +258,31 @@ pub(crate) async fn serve_plain(
                 let (parts, body) = req.into_parts();
                 forward(&ctx, parts, boxed(body), dst.ip(), dst.port(), h2).await
             };
-            Ok::<_, Infallible>(res)
+            let seen = Seen {
+                route: Some(route),
+                ..Seen::default()
+            };
+            Ok::<_, Infallible>(obs.finish(&ctx, res, seen))
         }
     });
-    let io = TokioIo::new(sock);
+    let io = TokioIo::new(Metered::new(sock, meter));
     let served = match proto {
         Protocol::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .serve_connection(io, svc)
-                .await
+            crate::serve_draining!(
+                ctx,
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .serve_connection(io, svc)
+            )
         }
         _ => {
-            hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .serve_connection(io, svc)
-                .with_upgrades()
-                .await
+            crate::serve_draining!(
+                ctx,
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(io, svc)
+                    .with_upgrades()
+            )
         }
     };
     if let Err(e) = served {

@@ -22,10 +22,13 @@ use tracing::{debug, warn};
 use super::{absolute_uri, authority, boxed, empty, full, strip_hop_by_hop, upgrade_token, Held};
 use super::{PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
-use crate::policy::{self, Failure, LimitKind, Limits, Next, Outcome};
+use crate::metrics::Direction;
+use crate::policy::{self, Failure, LimitKind, Limits, Next, Outcome, Stop};
 use crate::pool::{Body, Sender, TunnelError};
 use crate::relay::relay;
-use crate::router::Route;
+use crate::router::{Route, Router};
+use crate::telemetry::conn::{ConnMeter, Metered};
+use crate::telemetry::request::{Observation, Seen};
 use crate::Shared;
 
 /// Serves the application's HTTP connection until it closes.
@@ -35,26 +38,33 @@ pub(crate) async fn serve(
     client: SocketAddr,
     dst: SocketAddr,
     proto: Protocol,
+    meter: Arc<ConnMeter>,
 ) {
     let svc_ctx = ctx.clone();
+    let svc_meter = meter.clone();
     let svc = hyper::service::service_fn(move |req| {
         let ctx = svc_ctx.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, req, dst).await) }
+        let meter = svc_meter.clone();
+        async move { Ok::<_, Infallible>(handle(ctx, req, client, dst, &meter).await) }
     });
-    let io = TokioIo::new(app);
+    let io = TokioIo::new(Metered::new(app, meter));
     let served = match proto {
         Protocol::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .serve_connection(io, svc)
-                .await
+            crate::serve_draining!(
+                ctx,
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .serve_connection(io, svc)
+            )
         }
         _ => {
-            hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .serve_connection(io, svc)
-                .with_upgrades()
-                .await
+            crate::serve_draining!(
+                ctx,
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(io, svc)
+                    .with_upgrades()
+            )
         }
     };
     if let Err(e) = served {
@@ -94,10 +104,11 @@ enum AttemptError {
 /// turned out to have none (the request then goes direct).
 async fn mesh_sender(
     ctx: &Shared,
+    router: &Router,
     dst: SocketAddr,
     grpc: bool,
 ) -> Result<Option<Sender>, AttemptError> {
-    let Route::Mesh { key, probe } = ctx.router.route(dst) else {
+    let Route::Mesh { key, probe } = router.route(dst) else {
         return Ok(None);
     };
     let cfg = &ctx.config.proxy;
@@ -116,18 +127,19 @@ async fn mesh_sender(
     match ctx.pool.sender(&key).await {
         Ok(s) => {
             if probe {
-                ctx.router.learn(dst.ip(), true);
+                router.learn(dst.ip(), true);
             }
             Ok(Some(s))
         }
         Err(TunnelError::Connect(_)) if probe => {
-            ctx.router.learn(dst.ip(), false);
+            router.learn(dst.ip(), false);
             Ok(None)
         }
         Err(e) => {
             if matches!(e, TunnelError::Connect(_)) {
-                ctx.router.forget(dst.ip());
+                router.forget(dst.ip());
             }
+
             warn!(%dst, reason = e.reason(), error = %e, "mesh connection failed");
             Err(AttemptError::Failed(Failure::Connect))
         }
@@ -146,22 +158,31 @@ fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// One attempt: over the mesh or direct, within `timeout`.
+/// One attempt: over the mesh or direct, within `timeout`. Records in
+/// `seen` how the request was carried.
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     ctx: &Shared,
+    router: &Router,
     dst: SocketAddr,
     mut parts: http::request::Parts,
     body: Body,
     limits: &Arc<Limits>,
     timeout: Option<Duration>,
     grpc: bool,
+    seen: &mut Seen,
 ) -> Result<Response<Incoming>, AttemptError> {
     let send = async {
-        let pending = limits
-            .acquire(LimitKind::Pending)
-            .map_err(|e| AttemptError::Answer(e.answer(grpc)))?;
-        let sender = mesh_sender(ctx, dst, grpc).await?;
+        let pending = limits.acquire(LimitKind::Pending).map_err(|e| {
+            if let Some(r) = &seen.route {
+                r.limit_rejected(e.kind);
+            }
+            AttemptError::Answer(e.answer(grpc))
+        })?;
+        let sender = mesh_sender(ctx, router, dst, grpc).await?;
         drop(pending);
+        seen.peer = sender.as_ref().and_then(|s| s.peer.clone());
+        seen.carried = Some(seen.peer.clone());
         match sender {
             Some(sender) => {
                 let app_version = parts.version;
@@ -253,9 +274,40 @@ impl RequestBody {
     }
 }
 
-async fn handle(ctx: Arc<Shared>, req: Request<Incoming>, dst: SocketAddr) -> Response<Body> {
+/// One request from the application: observed (metrics, span, access
+/// log) around [`route_request`].
+async fn handle(
+    ctx: Arc<Shared>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    dst: SocketAddr,
+    meter: &ConnMeter,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let obs = Observation::start(&ctx, Direction::Outbound, &mut parts, client, dst);
+    let mut seen = Seen::default();
+    let res = route_request(
+        ctx.clone(),
+        Request::from_parts(parts, body),
+        dst,
+        &mut seen,
+    )
+    .await;
+    if let Some(peer) = &seen.carried {
+        meter.set_peer(peer.as_ref());
+    }
+    obs.finish(&ctx, res, seen)
+}
+
+async fn route_request(
+    ctx: Arc<Shared>,
+    req: Request<Incoming>,
+    dst: SocketAddr,
+    seen: &mut Seen,
+) -> Response<Body> {
+    let live = ctx.live();
     if let Some(token) = upgrade_token(&req) {
-        return upgrade(ctx, req, dst, token).await;
+        return upgrade(ctx, &live.router, req, dst, token, seen).await;
     }
     let grpc = policy::is_grpc(req.headers());
     let (mut parts, body) = req.into_parts();
@@ -273,11 +325,17 @@ async fn handle(ctx: Arc<Shared>, req: Request<Incoming>, dst: SocketAddr) -> Re
         );
     }
 
-    let policy = ctx.policies.policy_for(dst, Some(auth.as_str())).clone();
+    let policy = live.policies.policy_for(dst, Some(auth.as_str())).clone();
+    seen.route = live.route_stats(policy.name());
     let dest = policy.destination(dst);
     let in_flight = match dest.limits.acquire(LimitKind::InFlight) {
         Ok(g) => g,
-        Err(e) => return e.answer(grpc),
+        Err(e) => {
+            if let Some(r) = &seen.route {
+                r.limit_rejected(e.kind);
+            }
+            return e.answer(grpc);
+        }
     };
     let may_retry = policy.retry.attempts > 1 && policy::retry::can_replay(&parts.method, true);
     let mut body =
@@ -295,17 +353,24 @@ async fn handle(ctx: Arc<Shared>, req: Request<Incoming>, dst: SocketAddr) -> Re
     loop {
         let permit = match policy.breakers.admit(dst) {
             Ok(p) => p,
-            Err(e) => return e.answer(grpc),
+            Err(e) => {
+                if let Some(r) = &seen.route {
+                    r.breaker_refused();
+                }
+                return e.answer(grpc);
+            }
         };
         let timeout = retries.attempt_timeout(Instant::now());
         let result = attempt(
             &ctx,
+            &live.router,
             dst,
             parts.clone(),
             body.attempt(),
             &dest.limits,
             timeout,
             grpc,
+            seen,
         )
         .await;
         let outcome = match &result {
@@ -322,11 +387,22 @@ async fn handle(ctx: Arc<Shared>, req: Request<Incoming>, dst: SocketAddr) -> Re
         permit.record_outcome(&outcome);
         match retries.next(&outcome, body.is_replayable(), Instant::now()) {
             Next::Retry(delay) => {
+                if let Some(r) = &seen.route {
+                    r.retried();
+                }
+                seen.retries += 1;
                 debug!(%dst, attempt = retries.attempts(), ?outcome, ?delay, "retrying");
                 drop(result);
                 tokio::time::sleep(delay).await;
             }
             Next::Stop(stop) => {
+                if let Some(r) = &seen.route {
+                    match stop {
+                        Stop::BudgetExhausted => r.budget_exhausted(),
+                        Stop::Final if retries.attempts() > 1 => r.retry_succeeded(),
+                        _ => {}
+                    }
+                }
                 if retries.attempts() > 1 {
                     debug!(%dst, attempts = retries.attempts(), stop = stop.as_str(), "retries ended");
                 }
@@ -352,17 +428,21 @@ fn header_value(addr: SocketAddr) -> HeaderValue {
 /// tunnel once the server agrees.
 async fn upgrade(
     ctx: Arc<Shared>,
+    router: &Router,
     mut req: Request<Incoming>,
     dst: SocketAddr,
     token: HeaderValue,
+    seen: &mut Seen,
 ) -> Response<Body> {
     let from_app = hyper::upgrade::on(&mut req);
     let idle = ctx.config.proxy.idle_timeout;
-    let sender = match mesh_sender(&ctx, dst, false).await {
+    let sender = match mesh_sender(&ctx, router, dst, false).await {
         Ok(s) => s,
         Err(AttemptError::Failed(f)) => return f.answer(false),
         Err(AttemptError::Answer(answer)) => return answer,
     };
+    seen.peer = sender.as_ref().and_then(|s| s.peer.clone());
+    seen.carried = Some(seen.peer.clone());
     let Some(sender) = sender else {
         let connector = crate::http::client::FixedConnector::new(
             vec![dst],

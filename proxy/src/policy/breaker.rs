@@ -104,6 +104,9 @@ pub struct Breaker {
     failures: AtomicU32,
     transitions: AtomicU64,
     ejections: AtomicU64,
+    /// Transitions of every breaker of the policy, by the state entered;
+    /// outlives this breaker when it is forgotten, for metrics.
+    totals: Arc<[AtomicU64; 3]>,
     inner: Mutex<Inner>,
 }
 
@@ -118,8 +121,9 @@ struct Inner {
 }
 
 impl Breaker {
-    fn new(settings: BreakerSettings) -> Self {
+    fn new(settings: BreakerSettings, totals: Arc<[AtomicU64; 3]>) -> Self {
         Breaker {
+            totals,
             settings,
             mode: AtomicU8::new(CLOSED),
             generation: AtomicU64::new(0),
@@ -169,6 +173,7 @@ impl Breaker {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.mode.store(mode, Ordering::Release);
         self.transitions.fetch_add(1, Ordering::Relaxed);
+        self.totals[usize::from(mode.min(HALF_OPEN))].fetch_add(1, Ordering::Relaxed);
     }
 
     fn admit_at(self: &Arc<Self>, now: Instant) -> Result<Permit, Duration> {
@@ -357,6 +362,7 @@ pub struct BreakerOpen {
 pub struct Breakers {
     settings: BreakerSettings,
     map: Registry<Breaker>,
+    totals: Arc<[AtomicU64; 3]>,
 }
 
 impl Breakers {
@@ -364,7 +370,15 @@ impl Breakers {
         Breakers {
             settings,
             map: Registry::new(),
+            totals: Arc::default(),
         }
+    }
+
+    /// Transitions of all these breakers so far, by the state entered:
+    /// closed, open, half-open. Unlike a sum over [`Breaker::transitions`],
+    /// it never goes back when an idle breaker is forgotten.
+    pub fn transitions_into(&self) -> [u64; 3] {
+        [0, 1, 2].map(|i| self.totals[i].load(Ordering::Relaxed))
     }
 
     pub fn settings(&self) -> &BreakerSettings {
@@ -380,9 +394,9 @@ impl Breakers {
         if self.settings.failures == 0 {
             return Ok(Permit::unchecked());
         }
-        let breaker = self
-            .map
-            .get_or_insert_with(endpoint, || Breaker::new(self.settings));
+        let breaker = self.map.get_or_insert_with(endpoint, || {
+            Breaker::new(self.settings, self.totals.clone())
+        });
         breaker.admit_at(now).map_err(|retry_after| BreakerOpen {
             endpoint,
             retry_after,
@@ -440,6 +454,7 @@ mod tests {
         assert_eq!(b.get(EP).unwrap().consecutive_failures(), 2);
         fail(&b, 1, now);
         assert_eq!(state(&b), BreakerState::Open);
+        assert_eq!(b.transitions_into(), [0, 1, 0], "counted for metrics");
         let err = b.admit_at(EP, now + S).unwrap_err();
         assert_eq!(
             err,

@@ -60,6 +60,8 @@ use registry::{Forgettable, Registry};
 /// One policy, with the state it keeps per destination and endpoint.
 pub struct HttpPolicy {
     name: String,
+    /// What the policy was made from, to tell on a reload whether it changed.
+    settings: HttpSettings,
     /// Time to the response headers over all attempts; `None` for no limit.
     pub request_timeout: Option<Duration>,
     /// Time one attempt may wait for response headers; `None` for no limit.
@@ -96,6 +98,7 @@ impl HttpPolicy {
     pub fn new(name: impl Into<String>, s: &HttpSettings) -> Self {
         HttpPolicy {
             name: name.into(),
+            settings: s.clone(),
             request_timeout: nonzero(s.request_timeout),
             per_try_timeout: nonzero(s.per_try_timeout),
             retry: RetryPolicy {
@@ -212,6 +215,28 @@ pub struct PolicySet {
 
 impl PolicySet {
     pub fn new(config: &Config) -> Self {
+        Self::reusing(config, None)
+    }
+
+    /// The policies of a reloaded `config`. A policy whose name and
+    /// settings did not change is carried over from `self` with its state
+    /// (retry budgets, breakers, limits held by requests in flight), so a
+    /// reload that touches one route leaves the others undisturbed.
+    pub fn reload(&self, config: &Config) -> Self {
+        Self::reusing(config, Some(self))
+    }
+
+    fn reusing(config: &Config, old: Option<&PolicySet>) -> Self {
+        let reuse = |name: &str, settings: &HttpSettings| {
+            old.and_then(|o| {
+                o.policies()
+                    .find(|p| p.name == name && p.settings == *settings)
+                    .cloned()
+            })
+        };
+        let make = |name: String, settings: HttpSettings| {
+            reuse(&name, &settings).unwrap_or_else(|| Arc::new(HttpPolicy::new(name, &settings)))
+        };
         let http = &config.proxy.http;
         let base = http.settings();
         let routes = http
@@ -225,12 +250,12 @@ impl PolicySet {
                     cidrs: r.cidrs.clone(),
                     ports: r.ports.clone(),
                 };
-                (m, Arc::new(HttpPolicy::new(name, &r.settings_over(&base))))
+                (m, make(name, r.settings_over(&base)))
             })
             .collect();
         PolicySet {
             routes,
-            default: Arc::new(HttpPolicy::new("default", &base)),
+            default: make("default".into(), base),
         }
     }
 
@@ -333,6 +358,34 @@ mod tests {
         let default = s.policy_for("10.0.0.1:80".parse().unwrap(), Some("web"));
         assert_eq!(default.retry.attempts, 3);
         assert_eq!(default.retry_buffer, 64 * 1024);
+    }
+
+    #[test]
+    fn a_reload_keeps_the_state_of_unchanged_policies() {
+        let mut c = Config::default();
+        c.proxy.http.routes = vec![
+            route("api", &["api"], &[], ""),
+            route("web", &["web"], &[], ""),
+        ];
+        let old = PolicySet::new(&c);
+        c.proxy.http.routes[1].attempts = Some(3);
+        let new = old.reload(&c);
+        let dst: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let (a0, a1) = (
+            old.policy_for(dst, Some("api")),
+            new.policy_for(dst, Some("api")),
+        );
+        assert!(Arc::ptr_eq(a0, a1), "unchanged: same budgets and breakers");
+        let (w0, w1) = (
+            old.policy_for(dst, Some("web")),
+            new.policy_for(dst, Some("web")),
+        );
+        assert!(!Arc::ptr_eq(w0, w1), "changed: new state");
+        assert_eq!(w1.retry.attempts, 3);
+        assert!(Arc::ptr_eq(
+            old.policy_for(dst, None),
+            new.policy_for(dst, None)
+        ));
     }
 
     #[test]

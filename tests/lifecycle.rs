@@ -1,0 +1,261 @@
+//! The proxy's lifecycle: draining on SIGTERM and on the admin server's
+//! shutdown, and configuration reloads that change policy without
+//! dropping established connections.
+
+mod common;
+mod obs_support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use legate_testbed::Signal;
+use obs_support::*;
+
+const PORT: u16 = 8080;
+const ECHO_PORT: u16 = 9100;
+
+/// Echoes every line back.
+const ECHO: &str = r#"
+import socket, sys, threading
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", int(sys.argv[1])))
+s.listen(16)
+def serve(c):
+    f = c.makefile("rb")
+    for line in f:
+        c.sendall(line)
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Waits until the proxy has counted `n` reloads with this result.
+fn wait_reloads(client: &MeshedPod, result: &str, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(&client.pod);
+        if metric(&text, "legate_config_reloads_total", &[("result", result)]) >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {result} reload:\n{}",
+            client.proxy.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight_refuses_new_connections_and_exits_zero() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("server", PodOptions::default());
+    let mut client = mesh.meshed_pod(
+        "client",
+        PodOptions {
+            proxy_set: vec!["proxy.drain_grace=8s".into()],
+            ..Default::default()
+        },
+    );
+    let _app = Scripted::start(&server.pod, PORT);
+    let base = format!("http://{}:{PORT}", server.pod.ip());
+
+    // A request that takes 3 s, and an idle keep-alive connection.
+    let mut long = client
+        .pod
+        .command("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("{base}/sleep/3/long"),
+        ])
+        .uid(APP_UID)
+        .spawn()
+        .expect("curl");
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let mut idle = client
+        .pod
+        .run_in(move || -> std::io::Result<TcpStream> {
+            let mut s = TcpStream::connect(dst)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(s, "GET /ok/idle HTTP/1.1\r\nHost: {dst}\r\n\r\n")?;
+            Ok(s)
+        })
+        .unwrap()
+        .expect("keep-alive connection");
+    let mut first = [0u8; 12];
+    std::io::Read::read_exact(&mut idle, &mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    std::thread::sleep(Duration::from_millis(700));
+
+    let term = Instant::now();
+    client.proxy.signal(Signal::SIGTERM).unwrap();
+    // Readiness drops at once, and nothing accepts any more.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (status, _) = admin(&client.pod, "GET", "/ready", "");
+        if status == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready while draining");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, _, err) = curl(
+        &client.pod,
+        &["--max-time", "3", &format!("{base}/ok/late")],
+    );
+    assert!(!ok, "a new connection was served while draining");
+    assert!(
+        err.contains("(7)") || err.contains("refused") || err.contains("reset"),
+        "curl could not connect: {err}"
+    );
+
+    // The idle keep-alive connection is closed by the proxy, not left to
+    // hold the drain open.
+    let mut rest = Vec::new();
+    let closed = std::io::Read::read_to_end(&mut idle, &mut rest);
+    assert!(
+        closed.is_ok(),
+        "the idle connection was closed cleanly: {closed:?}"
+    );
+
+    // The request in flight completes.
+    let status = long.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(status.success());
+    assert_eq!(long.stdout(), "200");
+
+    let exit = client.proxy.wait_timeout(Duration::from_secs(8)).unwrap();
+    assert!(
+        exit.success(),
+        "the proxy exits 0: {exit:?}\n{}",
+        client.proxy.stderr()
+    );
+    assert!(
+        term.elapsed() < Duration::from_secs(8),
+        "within the grace period"
+    );
+    assert!(
+        term.elapsed() < Duration::from_secs(6),
+        "it does not wait for idle connections: {:?}",
+        term.elapsed()
+    );
+    assert!(client.proxy.stderr().contains("draining"));
+}
+
+#[test]
+fn a_reload_changes_retries_for_new_requests_keeps_connections_and_refuses_bad_files() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("server", PodOptions::default());
+    let files = shared_dir().unwrap();
+    let config = files.path().join("legate.toml");
+    let write_config = |text: &str| {
+        // Replace atomically, as an editor or a ConfigMap update does.
+        let tmp = files.path().join("legate.toml.new");
+        write_readable(&tmp, text.as_bytes()).unwrap();
+        std::fs::rename(&tmp, &config).unwrap();
+    };
+    write_config("[proxy.http]\nretry_on = [\"5xx\"]\nattempts = 1\nbreaker_failures = 0\n");
+    let mut client = mesh.meshed_pod(
+        "client",
+        PodOptions {
+            config: Some(config.clone()),
+            ..Default::default()
+        },
+    );
+    let app = Scripted::start(&server.pod, PORT);
+    let dir = shared_dir().unwrap();
+    let echo = dir.path().join("echo.py");
+    write_readable(&echo, ECHO.as_bytes()).unwrap();
+    let _echo = server
+        .pod
+        .command("python3")
+        .arg(&echo)
+        .arg(ECHO_PORT.to_string())
+        .uid(APP_UID)
+        .spawn()
+        .expect("echo server");
+    let echo_addr = SocketAddr::new(server.pod.ip().into(), ECHO_PORT);
+    server
+        .pod
+        .wait_for_port(echo_addr, Duration::from_secs(10))
+        .unwrap();
+    let url = |path: &str| format!("http://{}:{PORT}{path}", server.pod.ip());
+
+    // No retries yet.
+    assert_eq!(request(&client.pod, &[&url("/fail/1/a")]).status, 500);
+    assert_eq!(app.count(&server.pod, "a"), 1);
+
+    // A long-lived connection, open across the reloads.
+    let conn = client
+        .pod
+        .run_in(move || -> std::io::Result<TcpStream> {
+            let s = TcpStream::connect(echo_addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(s)
+        })
+        .unwrap()
+        .expect("connect to the echo server");
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut writer = conn;
+    let mut echo_line = |text: &str| {
+        writer.write_all(format!("{text}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(
+            line,
+            format!("{text}\n"),
+            "the long-lived connection still flows"
+        );
+    };
+    echo_line("before");
+
+    // The file changes: three attempts from now on.
+    write_config("[proxy.http]\nretry_on = [\"5xx\"]\nattempts = 3\nbreaker_failures = 0\n");
+    wait_reloads(&client, "ok", 1.0);
+    let r = request(&client.pod, &[&url("/fail/1/b")]);
+    assert_eq!((r.status, r.body.trim()), (200, "ok after 2"));
+    assert_eq!(app.count(&server.pod, "b"), 2);
+    echo_line("after the reload");
+
+    // A broken file is refused, logged, and changes nothing.
+    write_config("[proxy.http]\nretry_on = [\"5xx\"]\nattempts = 0\n");
+    wait_reloads(&client, "error", 1.0);
+    let log = client.proxy.stderr();
+    assert!(log.contains("reload refused"), "{log}");
+    assert!(
+        log.contains("proxy.http.attempts"),
+        "the error names the key:\n{log}"
+    );
+    let r = request(&client.pod, &[&url("/fail/1/c")]);
+    assert_eq!(r.status, 200, "the old policy stays in force");
+    assert_eq!(app.count(&server.pod, "c"), 2);
+    echo_line("after the refused reload");
+
+    // SIGHUP reloads too (the file is fixed first, back to no retries).
+    write_config("[proxy.http]\nretry_on = [\"5xx\"]\nattempts = 1\nbreaker_failures = 0\n");
+    wait_reloads(&client, "ok", 2.0);
+    client.proxy.signal(Signal::SIGHUP).unwrap();
+    wait_reloads(&client, "ok", 3.0);
+    assert_eq!(request(&client.pod, &[&url("/fail/1/d")]).status, 500);
+    assert_eq!(app.count(&server.pod, "d"), 1);
+    echo_line("after SIGHUP");
+    let (_, config) = admin(&client.pod, "GET", "/config", "");
+    assert!(config.contains("attempts = 1"), "{config}");
+
+    drop(reader);
+    drop(writer);
+
+    // POST /shutdown from localhost drains and exits 0, like SIGTERM.
+    let (status, body) = admin(&client.pod, "POST", "/shutdown", "");
+    assert_eq!(status, 202, "{body}");
+    let exit = client.proxy.wait_timeout(Duration::from_secs(30)).unwrap();
+    assert!(exit.success(), "{exit:?}\n{}", client.proxy.stderr());
+    assert!(client.proxy.stderr().contains("shutdown requested"));
+}

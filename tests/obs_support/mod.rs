@@ -1,0 +1,263 @@
+//! Helpers for the observability tests: the admin server, metrics text,
+//! promtool, and a small OTLP/HTTP receiver that records spans.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use legate_testbed::Pod;
+
+/// The admin server as seen from inside its pod.
+pub const ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15000);
+
+/// One HTTP/1.1 request from the calling thread's namespace: (status, body).
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A request to the proxy's admin server from inside `pod`, over loopback.
+pub fn admin(pod: &Pod, method: &str, path: &str, body: &str) -> (u16, String) {
+    let (m, p, b) = (method.to_owned(), path.to_owned(), body.to_owned());
+    pod.run_in(move || http(ADMIN, &m, &p, &b))
+        .expect("enter the pod")
+        .expect("admin request")
+}
+
+/// `/metrics` of the proxy in `pod`.
+pub fn scrape(pod: &Pod) -> String {
+    let (status, body) = admin(pod, "GET", "/metrics", "");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The value of the sample `name{labels}` (every label given must match;
+/// others may be present), or 0 when there is none.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if n != name {
+                return None;
+            }
+            let set = rest.trim_end_matches('}');
+            labels
+                .iter()
+                .all(|(k, v)| set.split(',').any(|kv| kv == format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// Runs `promtool check metrics` on the text; panics with its report.
+pub fn promtool_check(text: &str) {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/deps.sh test installs it)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A span as the receiver got it.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: String,
+    pub name: String,
+    /// 2 server, 3 client (OTLP's SpanKind).
+    pub kind: i32,
+    pub service: String,
+    pub attributes: Vec<(String, String)>,
+}
+
+impl Span {
+    pub fn attr(&self, key: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn value_text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// A real OTLP/HTTP receiver (protobuf), listening in a pod, recording
+/// every span it is sent.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    spans: Arc<Mutex<Vec<Span>>>,
+    requests: Arc<Mutex<u32>>,
+}
+
+impl Receiver {
+    pub fn start(pod: &Pod, port: u16) -> Receiver {
+        let addr = SocketAddr::new(pod.ip().into(), port);
+        let listener = pod
+            .run_in(move || TcpListener::bind(addr))
+            .expect("enter the pod")
+            .expect("bind the receiver");
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let requests = Arc::new(Mutex::new(0));
+        let (s, r) = (spans.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (s, r) = (s.clone(), r.clone());
+                std::thread::spawn(move || serve(conn, &s, &r));
+            }
+        });
+        Receiver {
+            addr,
+            spans,
+            requests,
+        }
+    }
+
+    pub fn spans(&self) -> Vec<Span> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds for the spans received.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&[Span]) -> bool) -> Vec<Span> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let spans = self.spans();
+            if pred(&spans) {
+                return spans;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within 15 s; got {spans:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn serve(conn: TcpStream, spans: &Mutex<Vec<Span>>, requests: &Mutex<u32>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut w = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut length = 0usize;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        *requests.lock().unwrap() += 1;
+        if let Ok(req) = ExportTraceServiceRequest::decode(body.as_slice()) {
+            let mut got = spans.lock().unwrap();
+            for rs in req.resource_spans {
+                let service = rs
+                    .resource
+                    .as_ref()
+                    .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                    .map(|a| value_text(&a.value))
+                    .unwrap_or_default();
+                for ss in rs.scope_spans {
+                    for sp in ss.spans {
+                        got.push(Span {
+                            trace_id: hex(&sp.trace_id),
+                            span_id: hex(&sp.span_id),
+                            parent_span_id: hex(&sp.parent_span_id),
+                            name: sp.name.clone(),
+                            kind: sp.kind,
+                            service: service.clone(),
+                            attributes: sp
+                                .attributes
+                                .iter()
+                                .map(|a| (a.key.clone(), value_text(&a.value)))
+                                .collect(),
+                        });
+                    }
+                }
+            }
+        }
+        let head =
+            "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n";
+        if w.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
