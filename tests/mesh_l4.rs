@@ -77,7 +77,7 @@ fn http_between_meshed_pods_is_mutual_tls_on_the_wire() {
 
     let log = server.proxy.stderr();
     assert!(
-        log.contains(&client.id()),
+        log.contains(client.id()),
         "server proxy log lacks the client identity:\n{log}"
     );
 }
