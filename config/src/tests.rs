@@ -638,7 +638,11 @@ fn observability_keys_have_safe_defaults_and_checked_ranges() {
         ..Default::default()
     };
     let text = load(&bad).unwrap_err().to_string();
-    for key in ["log.access_sample", "telemetry.otlp_endpoint", "telemetry.trace_sample"] {
+    for key in [
+        "log.access_sample",
+        "telemetry.otlp_endpoint",
+        "telemetry.trace_sample",
+    ] {
         assert!(text.contains(key), "{key} not reported:\n{text}");
     }
     let good = Sources {
