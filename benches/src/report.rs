@@ -1,0 +1,480 @@
+//! The tables: what ran where, the numbers of every peer from the same run,
+//! and whether legate met its targets.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use crate::parse::HttpLoad;
+use crate::run::{host_output, Cost};
+
+/// Where and with what the numbers were made.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub date: String,
+    pub command: String,
+    pub cpus: String,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub memory: String,
+    pub versions: Vec<(&'static str, String)>,
+}
+
+impl Context {
+    pub fn collect(legate: &Path, date: String, command: String) -> Context {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or("unknown".into(), |(_, m)| m.trim().to_owned());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or("unknown".into(), |kb| {
+                format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0)
+            });
+        let first = |program: &str, args: &[&str]| {
+            host_output(program, args)
+                .and_then(|o| o.lines().next().map(str::to_owned))
+                .unwrap_or_else(|| "unknown".into())
+        };
+        let legate_version = std::process::Command::new(legate)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        let commit = first("git", &["describe", "--always", "--dirty", "--abbrev=12"]);
+        Context {
+            date,
+            command,
+            cpus: std::thread::available_parallelism().map_or("unknown".into(), |n| n.to_string()),
+            cpu_model,
+            kernel: first("uname", &["-r"]),
+            memory,
+            versions: vec![
+                ("legate", format!("{legate_version}, commit {commit}")),
+                ("nginx", first("nginx", &["-v"])),
+                ("HAProxy", first("haproxy", &["-v"])),
+                ("iperf3", first("iperf3", &["--version"])),
+                ("wrk", first("wrk", &["-v"])),
+                ("h2load", first("h2load", &["--version"])),
+            ],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct L4Row {
+    pub peer: &'static str,
+    /// (connections, Gbit/s, cost)
+    pub throughput: Vec<(usize, f64, Cost)>,
+    pub cps: f64,
+    pub cps_errors: u64,
+    pub cps_cost: Cost,
+    pub pp_p50_us: f64,
+    pub pp_p99_us: f64,
+    pub pp_p999_us: f64,
+    pub pp_count: u64,
+    pub pp_cost: Cost,
+    /// (client side, server side) RSS just before and while holding the
+    /// connections.
+    pub rss_before_hold: Option<(u64, u64)>,
+    pub rss_hold: Option<(u64, u64)>,
+}
+
+impl L4Row {
+    fn gbps(&self, conns: usize) -> Option<f64> {
+        self.throughput.iter().find(|t| t.0 == conns).map(|t| t.1)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpRow {
+    pub peer: &'static str,
+    pub proto: &'static str,
+    pub load: HttpLoad,
+    pub cost: Cost,
+}
+
+pub struct Report {
+    pub ctx: Context,
+    pub idle_fresh: Vec<(String, u64)>,
+    pub idle_after: Vec<(String, u64)>,
+    pub l4: Vec<L4Row>,
+    pub http: Vec<HttpRow>,
+    pub notes: Vec<String>,
+    /// Connections held for the memory measurement.
+    pub hold: usize,
+    /// The most CPU other processes used during any kept run, in cores.
+    pub max_foreign: f64,
+    /// Length of each measured run.
+    pub seconds: u64,
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / MIB)
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.2}", us / 1000.0)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+impl Report {
+    pub fn new(ctx: Context) -> Report {
+        Report {
+            ctx,
+            idle_fresh: Vec::new(),
+            idle_after: Vec::new(),
+            l4: Vec::new(),
+            http: Vec::new(),
+            notes: Vec::new(),
+            hold: 1000,
+            max_foreign: 0.0,
+            seconds: 10,
+        }
+    }
+
+    pub fn l4_mut(&mut self, peer: &'static str) -> &mut L4Row {
+        if let Some(i) = self.l4.iter().position(|r| r.peer == peer) {
+            return &mut self.l4[i];
+        }
+        self.l4.push(L4Row {
+            peer,
+            ..L4Row::default()
+        });
+        self.l4.last_mut().expect("just pushed")
+    }
+
+    fn l4_row(&self, peer: &str) -> Option<&L4Row> {
+        self.l4.iter().find(|r| r.peer == peer)
+    }
+
+    fn http_row(&self, peer: &str, proto: &str) -> Option<&HttpRow> {
+        self.http
+            .iter()
+            .find(|r| r.peer == peer && r.proto == proto)
+    }
+
+    fn idle(list: &[(String, u64)], label: &str) -> Option<u64> {
+        list.iter().find(|(l, _)| l == label).map(|(_, b)| *b)
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let c = &self.ctx;
+        let _ = writeln!(o, "### Run of {}\n", c.date);
+        let _ = writeln!(o, "- command: `{}`", c.command);
+        let _ = writeln!(
+            o,
+            "- machine: {} CPUs ({}), kernel {}, {} memory",
+            c.cpus, c.cpu_model, c.kernel, c.memory
+        );
+        for (name, v) in &c.versions {
+            let _ = writeln!(o, "- {name}: {v}");
+        }
+        let _ = writeln!(
+            o,
+            "- nothing pinned: load generator, applications and both proxies of a pair share all CPUs"
+        );
+        let _ = writeln!(
+            o,
+            "- other processes on the machine used at most {:.2} cores during any measured run",
+            self.max_foreign
+        );
+        if !self.l4.is_empty() {
+            self.render_l4(&mut o);
+        }
+        self.render_memory(&mut o);
+        if !self.http.is_empty() {
+            self.render_http(&mut o);
+        }
+        self.render_targets(&mut o);
+        if !self.notes.is_empty() {
+            let _ = writeln!(o, "\nNotes from the run:\n");
+            for n in &self.notes {
+                let _ = writeln!(o, "- {n}");
+            }
+        }
+        o
+    }
+
+    fn render_l4(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "\n#### L4: bulk throughput (iperf3), new connections, 64-byte ping-pong\n"
+        );
+        let _ = writeln!(
+            o,
+            "| peer | 1 conn Gbit/s | 8 conns Gbit/s | new conns/s | ping-pong p50 µs | p99 µs | p99.9 µs |"
+        );
+        let _ = writeln!(o, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for r in &self.l4 {
+            let g = |n| r.gbps(n).map_or("-".into(), |g| format!("{g:.2}"));
+            let errors = if r.cps_errors > 0 {
+                format!(" ({} failed)", r.cps_errors)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {:.0}{errors} | {:.1} | {:.1} | {:.1} |",
+                r.peer,
+                g(1),
+                g(8),
+                r.cps,
+                r.pp_p50_us,
+                r.pp_p99_us,
+                r.pp_p999_us
+            );
+        }
+        let _ = writeln!(
+            o,
+            "\nCPU during each L4 run, in cores (1.00 = one core busy): client-side proxy / server-side proxy; the whole machine's busy share; cores other users of the machine took meanwhile.\n"
+        );
+        let _ = writeln!(o, "| peer | 1 conn | 8 conns | new conns | ping-pong |");
+        let _ = writeln!(o, "| --- | --- | --- | --- | --- |");
+        let cell = |c: &Cost, proxied: bool| {
+            let machine = format!(
+                "machine {:.0}%, others {:.2}",
+                c.machine_busy * 100.0,
+                c.foreign_cores
+            );
+            if proxied {
+                format!("{:.2} / {:.2} ({machine})", c.client_cores, c.server_cores)
+            } else {
+                machine
+            }
+        };
+        for r in &self.l4 {
+            let proxied = r.peer != "direct";
+            let t = |n| {
+                r.throughput
+                    .iter()
+                    .find(|t| t.0 == n)
+                    .map_or("-".into(), |t| cell(&t.2, proxied))
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} |",
+                r.peer,
+                t(1),
+                t(8),
+                cell(&r.cps_cost, proxied),
+                cell(&r.pp_cost, proxied)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "\nProxy CPU per unit of work, both sides together: what a proxy costs, and less sensitive than rates to other load on the machine.\n"
+        );
+        let _ = writeln!(
+            o,
+            "| peer | core-ms per GB, 1 conn | core-ms per GB, 8 conns | µs per new connection | µs per ping-pong round trip |"
+        );
+        let _ = writeln!(o, "| --- | ---: | ---: | ---: | ---: |");
+        for r in self.l4.iter().filter(|r| r.peer != "direct") {
+            let per_gb = |n| {
+                r.throughput
+                    .iter()
+                    .find(|t| t.0 == n)
+                    .map_or("-".into(), |t| {
+                        let cores = t.2.client_cores + t.2.server_cores;
+                        format!("{:.0}", cores / (t.1 / 8.0) * 1e3)
+                    })
+            };
+            let per = |cores: f64, per_sec: f64| {
+                if per_sec > 0.0 {
+                    format!("{:.0}", cores / per_sec * 1e6)
+                } else {
+                    "-".into()
+                }
+            };
+            let rt_per_sec = r.pp_count as f64 / self.seconds as f64;
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} |",
+                r.peer,
+                per_gb(1),
+                per_gb(8),
+                per(r.cps_cost.client_cores + r.cps_cost.server_cores, r.cps),
+                per(r.pp_cost.client_cores + r.pp_cost.server_cores, rt_per_sec),
+            );
+        }
+    }
+
+    fn render_memory(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "\n#### Proxy memory: VmRSS in MiB, per proxy process (nginx: master plus workers)\n"
+        );
+        let _ = writeln!(
+            o,
+            "| proxy | idle at start | before holding | holding {} conns | idle at end |",
+            self.hold
+        );
+        let _ = writeln!(o, "| --- | ---: | ---: | ---: | ---: |");
+        for (label, fresh) in &self.idle_fresh {
+            let (peer, side) = label.rsplit_once(' ').unwrap_or((label, ""));
+            let held = self.l4_row(peer).and_then(|r| {
+                let pick = |p: (u64, u64)| if side == "client" { p.0 } else { p.1 };
+                Some((pick(r.rss_before_hold?), pick(r.rss_hold?)))
+            });
+            let (before, held) = held.map_or(("-".into(), "-".into()), |(b, h)| (mib(b), mib(h)));
+            let after = Self::idle(&self.idle_after, label).map_or("-".into(), mib);
+            let _ = writeln!(
+                o,
+                "| {label} | {} | {before} | {held} | {after} |",
+                mib(*fresh)
+            );
+        }
+    }
+
+    fn render_http(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "\n#### HTTP: wrk -t2 -c50 (HTTP/1.1 keep-alive), h2load -c10 -m10 -t1 (HTTP/2), 256-byte page from nginx\n"
+        );
+        let _ = writeln!(
+            o,
+            "CPU in cores over the run, peak VmRSS in MiB; client-side / server-side proxy.\n"
+        );
+        let _ = writeln!(
+            o,
+            "| peer | protocol | req/s | p50 ms | p99 ms | errors | proxy CPU | µs CPU per req | proxy RSS | machine busy | others |"
+        );
+        let _ = writeln!(
+            o,
+            "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: |"
+        );
+        for r in &self.http {
+            let (cpu, per_req, rss) = if r.peer == "direct" {
+                ("-".to_owned(), "-".to_owned(), "-".to_owned())
+            } else {
+                let cores = r.cost.client_cores + r.cost.server_cores;
+                (
+                    format!("{:.2} / {:.2}", r.cost.client_cores, r.cost.server_cores),
+                    format!("{:.0}", cores / r.load.rps * 1e6),
+                    format!("{} / {}", mib(r.cost.client_rss), mib(r.cost.server_rss)),
+                )
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {:.0} | {} | {} | {} | {cpu} | {per_req} | {rss} | {:.0}% | {:.2} |",
+                r.peer,
+                r.proto,
+                r.load.rps,
+                ms(r.load.p50_us),
+                ms(r.load.p99_us),
+                r.load.errors,
+                r.cost.machine_busy * 100.0,
+                r.cost.foreign_cores
+            );
+        }
+    }
+
+    fn render_targets(&self, o: &mut String) {
+        let mut rows: Vec<(String, String, String, bool)> = Vec::new();
+        if let (Some(l), Some(n)) = (self.l4_row("legate"), self.l4_row("nginx-stream")) {
+            for conns in [1, 8] {
+                if let (Some(lg), Some(ng)) = (l.gbps(conns), n.gbps(conns)) {
+                    rows.push((
+                        format!("L4 throughput, {conns} conn(s) ≥ nginx stream pair"),
+                        format!("{lg:.2} Gbit/s"),
+                        format!("{ng:.2} Gbit/s"),
+                        lg >= ng,
+                    ));
+                }
+            }
+            rows.push((
+                "new connections/s ≥ 5 × nginx stream pair".into(),
+                format!("{:.0}/s", l.cps),
+                format!("5 × {:.0} = {:.0}/s", n.cps, 5.0 * n.cps),
+                l.cps >= 5.0 * n.cps,
+            ));
+        }
+        for side in ["client", "server"] {
+            let label = format!("legate {side}");
+            if let Some(b) = Self::idle(&self.idle_fresh, &label) {
+                rows.push((
+                    format!("RSS idle ≤ 10 MB, {side}-side proxy"),
+                    format!("{} MiB", mib(b)),
+                    "10 MB".into(),
+                    b as f64 <= 10e6,
+                ));
+            }
+            if let Some(h) = self.l4_row("legate").and_then(|r| r.rss_hold) {
+                let b = if side == "client" { h.0 } else { h.1 };
+                rows.push((
+                    format!(
+                        "RSS with {} connections ≤ 30 MB, {side}-side proxy",
+                        self.hold
+                    ),
+                    format!("{} MiB", mib(b)),
+                    "30 MB".into(),
+                    b as f64 <= 30e6,
+                ));
+            }
+        }
+        for proto in ["HTTP/1.1", "HTTP/2"] {
+            let Some(l) = self.http_row("legate", proto) else {
+                continue;
+            };
+            let (Some(n), Some(h)) = (
+                self.http_row("nginx-http", proto),
+                self.http_row("haproxy", proto),
+            ) else {
+                continue;
+            };
+            let best = n.load.rps.max(h.load.rps);
+            rows.push((
+                format!("{proto} req/s ≥ the faster of nginx and HAProxy"),
+                format!("{:.0}", l.load.rps),
+                format!("nginx {:.0}, HAProxy {:.0}", n.load.rps, h.load.rps),
+                l.load.rps >= best,
+            ));
+            let low = n.load.p99_us.min(h.load.p99_us);
+            rows.push((
+                format!("{proto} p99 ≤ nginx's and HAProxy's"),
+                format!("{} ms", ms(l.load.p99_us)),
+                format!(
+                    "nginx {} ms, HAProxy {} ms",
+                    ms(n.load.p99_us),
+                    ms(h.load.p99_us)
+                ),
+                l.load.p99_us <= low,
+            ));
+            let peak = l.cost.client_rss.max(l.cost.server_rss);
+            rows.push((
+                format!("{proto} RSS under load ≤ 20 MB, each proxy"),
+                format!(
+                    "{} / {} MiB",
+                    mib(l.cost.client_rss),
+                    mib(l.cost.server_rss)
+                ),
+                "20 MB".into(),
+                peak as f64 <= 20e6,
+            ));
+        }
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(o, "\n#### Targets (MB = 10^6 bytes, MiB = 2^20 bytes)\n");
+        let _ = writeln!(o, "| target | legate | reference | verdict |");
+        let _ = writeln!(o, "| --- | --- | --- | --- |");
+        for (t, l, r, met) in rows {
+            let _ = writeln!(o, "| {t} | {l} | {r} | {} |", verdict(met));
+        }
+    }
+}
