@@ -9,10 +9,11 @@
 //! admin server can switch logging on and off at runtime.
 //!
 //! Lines are formatted on the request path only when one is logged, and
-//! handed to a dedicated writer thread through a bounded queue: a slow
-//! stdout (a full pipe, a stalled log shipper) never blocks traffic. When
-//! the queue is full the line is dropped and counted in
-//! `legate_access_log_dropped_total`.
+//! appended to a shared buffer that a dedicated thread writes out every
+//! [`FLUSH_EVERY`]: one write for many lines, and no wakeup per line. A
+//! slow stdout (a full pipe, a stalled log shipper) never blocks traffic:
+//! when the buffer holds [`MAX_BUFFER`] bytes new lines are dropped and
+//! counted in `legate_access_log_dropped_total`.
 //!
 //! A connection line:
 //!
@@ -31,16 +32,17 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use legate_config::{AccessLogMode, LogConfig};
 
 use crate::metrics::Metrics;
 
-/// Lines queued for the writer before new ones are dropped.
-const QUEUE: usize = 8192;
+/// How often the writer thread writes out what has been logged.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// Bytes waiting for the writer before new lines are dropped.
+pub const MAX_BUFFER: usize = 8 << 20;
 /// The sample rate is kept in parts per million.
 const MILLION: u32 = 1_000_000;
 
@@ -49,7 +51,8 @@ pub struct AccessLog {
     enabled: AtomicBool,
     sample_ppm: AtomicU32,
     paths: AtomicBool,
-    tx: SyncSender<String>,
+    pending: Arc<Mutex<Vec<u8>>>,
+    local_id: OnceLock<Arc<str>>,
     metrics: Arc<Metrics>,
 }
 
@@ -76,10 +79,11 @@ impl AccessLog {
         metrics: Arc<Metrics>,
         open: impl FnOnce() -> Box<dyn Write + Send> + Send + 'static,
     ) -> Self {
-        let (tx, rx) = sync_channel(QUEUE);
+        let pending = Arc::new(Mutex::new(Vec::with_capacity(64 * 1024)));
+        let weak = Arc::downgrade(&pending);
         let spawned = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(rx, open()));
+            .spawn(move || write_lines(weak, open()));
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start the access log writer; access logs are lost");
         }
@@ -87,7 +91,8 @@ impl AccessLog {
             enabled: AtomicBool::new(false),
             sample_ppm: AtomicU32::new(MILLION),
             paths: AtomicBool::new(false),
-            tx,
+            pending,
+            local_id: OnceLock::new(),
             metrics,
         };
         log.configure(cfg);
@@ -135,27 +140,45 @@ impl AccessLog {
         ppm >= MILLION || rand::random_range(0..MILLION) < ppm
     }
 
+    /// Sets this workload's SPIFFE ID, which every line carries; once.
+    pub fn set_local_id(&self, id: &str) {
+        let _ = self.local_id.set(Arc::from(id));
+    }
+
+    /// This workload's SPIFFE ID, if set.
+    pub fn local_id(&self) -> Option<&str> {
+        self.local_id.get().map(|s| &**s)
+    }
+
     /// Queues a finished line; drops it when the writer is behind.
     pub fn emit(&self, line: String) {
-        match self.tx.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.metrics.access_dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.len() + line.len() > MAX_BUFFER {
+            drop(pending);
+            self.metrics.access_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
         }
+        pending.extend_from_slice(line.as_bytes());
     }
 }
 
-fn write_lines(rx: Receiver<String>, out: Box<dyn Write + Send>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(line) = rx.recv() {
-        let _ = out.write_all(line.as_bytes());
-        // Flush whenever the queue runs dry, so lines appear promptly
-        // without a write per line under load.
-        while let Ok(more) = rx.try_recv() {
-            let _ = out.write_all(more.as_bytes());
+/// Writes out the buffer every [`FLUSH_EVERY`], until the log is dropped.
+fn write_lines(pending: Weak<Mutex<Vec<u8>>>, mut out: Box<dyn Write + Send>) {
+    let mut batch = Vec::with_capacity(64 * 1024);
+    loop {
+        std::thread::sleep(FLUSH_EVERY);
+        let Some(shared) = pending.upgrade() else {
+            return;
+        };
+        {
+            let mut p = shared.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::swap(&mut *p, &mut batch);
         }
-        let _ = out.flush();
+        drop(shared);
+        if !batch.is_empty() {
+            let _ = out.write_all(&batch).and_then(|()| out.flush());
+            batch.clear();
+        }
     }
 }
 
@@ -188,8 +211,11 @@ impl Line {
         self
     }
 
+    /// A value whose text needs no escaping, such as an address.
     pub fn display(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Self {
-        self.str(key, &value.to_string())
+        self.key(key);
+        let _ = std::fmt::write(&mut self.buf, format_args!("\"{value}\""));
+        self
     }
 
     pub fn opt_str(&mut self, key: &str, value: Option<&str>) -> &mut Self {

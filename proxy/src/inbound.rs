@@ -126,7 +126,6 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
         Direction::Inbound,
         client,
         dst,
-        || ctx.identity.local_id(),
         "mtls",
     );
     let acceptor = TlsAcceptor::from(ctx.identity.server_config());
@@ -285,7 +284,6 @@ async fn plaintext(
         Direction::Inbound,
         client,
         dst,
-        || ctx.identity.local_id(),
         protocol_label(proto),
     );
     meter.set_peer(None);

@@ -388,6 +388,7 @@ impl Proxy {
         let access = hooks
             .access_log
             .unwrap_or_else(|| Arc::new(access::AccessLog::stdout(&config.log, metrics.clone())));
+        access.set_local_id(identity.local_id().as_str());
         let live = Live::new(config.clone(), None, &metrics);
         let shared = Arc::new(Shared {
             pool: pool::Pool::new(

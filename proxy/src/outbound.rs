@@ -47,7 +47,6 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
         Direction::Outbound,
         client,
         dst,
-        || ctx.identity.local_id(),
         protocol_label(proto),
     );
     if proto != Protocol::Opaque {

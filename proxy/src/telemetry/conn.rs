@@ -32,7 +32,6 @@ struct LogFields {
     time: SystemTime,
     client: SocketAddr,
     dst: SocketAddr,
-    local_id: SpiffeId,
     protocol: &'static str,
     read: AtomicU64,
     written: AtomicU64,
@@ -54,14 +53,12 @@ pub struct ConnMeter {
 impl ConnMeter {
     /// A meter for a connection from `client` to `dst`. `protocol` is what
     /// detection found: `tcp`, `http1`, `h2` or `mtls` (a peer proxy).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         metrics: Arc<Metrics>,
         access: &Arc<AccessLog>,
         dir: Direction,
         client: SocketAddr,
         dst: SocketAddr,
-        local_id: impl FnOnce() -> SpiffeId,
         protocol: &'static str,
     ) -> Arc<Self> {
         let log = access.sampled().then(|| LogFields {
@@ -69,7 +66,6 @@ impl ConnMeter {
             time: SystemTime::now(),
             client,
             dst,
-            local_id: local_id(),
             protocol,
             read: AtomicU64::new(0),
             written: AtomicU64::new(0),
@@ -162,7 +158,7 @@ impl Drop for ConnMeter {
         }
         let Some(log) = &self.log else { return };
         let peer = self.peer.get().cloned().flatten();
-        let local = Some(log.local_id.as_str());
+        let local = log.access.local_id();
         let remote = peer.as_ref().map(SpiffeId::as_str);
         let (source_id, destination_id) = match self.dir {
             Direction::Outbound => (local, remote),

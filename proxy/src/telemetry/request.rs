@@ -157,7 +157,6 @@ impl Observation {
         let Some(fields) = self.log else {
             return res;
         };
-        let local = ctx.identity.local_id();
         let (parts, body) = res.into_parts();
         let logged = Logged {
             inner: body,
@@ -170,7 +169,6 @@ impl Observation {
                 status,
                 retries: seen.retries,
                 peer: seen.peer,
-                local,
                 error,
             }),
         };
@@ -193,14 +191,13 @@ struct Pending {
     status: StatusCode,
     retries: u32,
     peer: Option<SpiffeId>,
-    local: SpiffeId,
     error: Option<String>,
 }
 
 impl Pending {
     fn emit(self, response_bytes: u64) {
         let f = &self.fields;
-        let local = Some(self.local.as_str());
+        let local = self.ctx_access.local_id();
         let remote = self.peer.as_ref().map(SpiffeId::as_str);
         let (source_id, destination_id) = match self.dir {
             Direction::Outbound => (local, remote),
