@@ -236,6 +236,8 @@ pub fn run(config: Config, sources: Sources) -> ExitCode {
             // Send what is queued, but never hold the exit for long.
             let _ = tokio::task::spawn_blocking(move || t.shutdown(Duration::from_secs(2))).await;
         }
+        let access = shared.access_log().clone();
+        let _ = tokio::task::spawn_blocking(move || access.flush(Duration::from_millis(500))).await;
         info!("drained; exiting");
         ExitCode::SUCCESS
     });

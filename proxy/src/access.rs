@@ -150,6 +150,25 @@ impl AccessLog {
         self.local_id.get().map(|s| &**s)
     }
 
+    /// Waits, up to `timeout`, for the writer to take what is queued; for
+    /// an orderly exit, so that the last lines are not lost.
+    pub fn flush(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            let empty = self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
+            if empty {
+                // Taken by the writer; give it a moment to write it out.
+                std::thread::sleep(Duration::from_millis(10));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Queues a finished line; drops it when the writer is behind.
     pub fn emit(&self, line: String) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());

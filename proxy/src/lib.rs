@@ -242,6 +242,11 @@ impl Shared {
         self.shutdown.notify_one();
     }
 
+    /// The access log.
+    pub fn access_log(&self) -> &Arc<access::AccessLog> {
+        &self.access
+    }
+
     /// The trace exporter, when tracing is on.
     pub fn tracing_handle(&self) -> Option<&telemetry::Tracing> {
         self.tracing.as_ref()
