@@ -7,7 +7,7 @@
 #
 # Extra arguments go to legate-bench, for example:
 #   scripts/bench.sh --suite l4 --seconds 5
-#   scripts/bench.sh --peers legate --profile /tmp/prof   (needs linux-perf)
+#   scripts/bench.sh --peers legate --profile prof   (needs linux-perf)
 #   scripts/bench.sh --help
 set -euo pipefail
 source "$(dirname "$0")/root.sh"

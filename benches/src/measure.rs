@@ -86,6 +86,20 @@ fn cpu_of(pid: u32) -> Option<f64> {
     Some(ticks as f64 / clock_ticks())
 }
 
+/// The file-backed part of the group's RSS (`RssFile`: program text and
+/// libraries), in bytes; the rest is the proxy's own memory.
+pub fn rss_file(group: &ProcGroup) -> u64 {
+    group
+        .pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with("RssFile:"))?;
+            Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+        })
+        .sum()
+}
+
 pub fn rss_of(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::path::Path;
 
 use crate::parse::HttpLoad;
-use crate::run::{host_output, Cost};
+use crate::run::{host_output, Cost, Counted};
 
 /// Where and with what the numbers were made.
 #[derive(Debug, Clone)]
@@ -101,6 +101,8 @@ pub struct HttpRow {
 pub struct Report {
     pub ctx: Context,
     pub idle_fresh: Vec<(String, u64)>,
+    /// The file-backed part (program text, libraries) of `idle_fresh`.
+    pub idle_file: Vec<(String, u64)>,
     pub idle_after: Vec<(String, u64)>,
     pub l4: Vec<L4Row>,
     pub http: Vec<HttpRow>,
@@ -136,6 +138,7 @@ impl Report {
         Report {
             ctx,
             idle_fresh: Vec::new(),
+            idle_file: Vec::new(),
             idle_after: Vec::new(),
             l4: Vec::new(),
             http: Vec::new(),
@@ -200,6 +203,7 @@ impl Report {
         if !self.http.is_empty() {
             self.render_http(&mut o);
         }
+        self.render_counts(&mut o);
         self.render_targets(&mut o);
         if !self.notes.is_empty() {
             let _ = writeln!(o, "\nNotes from the run:\n");
@@ -321,10 +325,10 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "| proxy | idle at start | before holding | holding {} conns | idle at end |",
+            "| proxy | idle at start | of which file-backed | before holding | holding {} conns | idle at end |",
             self.hold
         );
-        let _ = writeln!(o, "| --- | ---: | ---: | ---: | ---: |");
+        let _ = writeln!(o, "| --- | ---: | ---: | ---: | ---: | ---: |");
         for (label, fresh) in &self.idle_fresh {
             let (peer, side) = label.rsplit_once(' ').unwrap_or((label, ""));
             let held = self.l4_row(peer).and_then(|r| {
@@ -333,9 +337,10 @@ impl Report {
             });
             let (before, held) = held.map_or(("-".into(), "-".into()), |(b, h)| (mib(b), mib(h)));
             let after = Self::idle(&self.idle_after, label).map_or("-".into(), mib);
+            let file = Self::idle(&self.idle_file, label).map_or("-".into(), mib);
             let _ = writeln!(
                 o,
-                "| {label} | {} | {before} | {held} | {after} |",
+                "| {label} | {} | {file} | {before} | {held} | {after} |",
                 mib(*fresh)
             );
         }
@@ -381,6 +386,51 @@ impl Report {
                 r.cost.machine_busy * 100.0,
                 r.cost.foreign_cores
             );
+        }
+    }
+
+    /// System calls and context switches per unit of work, when the run
+    /// counted them (`--count`).
+    fn render_counts(&self, o: &mut String) {
+        let per = |c: &Option<[Counted; 2]>, units: f64| -> Option<String> {
+            let [a, b] = (*c)?;
+            if units <= 0.0 {
+                return None;
+            }
+            Some(format!(
+                "{:.1} / {:.1} | {:.1} / {:.1}",
+                a.syscalls as f64 / units,
+                b.syscalls as f64 / units,
+                a.context_switches as f64 / units,
+                b.context_switches as f64 / units
+            ))
+        };
+        let secs = self.seconds as f64;
+        let mut rows = Vec::new();
+        for r in &self.l4 {
+            if let Some(x) = per(&r.cps_cost.counts, r.cps * secs) {
+                rows.push(format!("| {} | new connection | {x} |", r.peer));
+            }
+            if let Some(x) = per(&r.pp_cost.counts, r.pp_count as f64) {
+                rows.push(format!("| {} | ping-pong round trip | {x} |", r.peer));
+            }
+        }
+        for r in &self.http {
+            if let Some(x) = per(&r.cost.counts, r.load.rps * secs) {
+                rows.push(format!("| {} | {} request | {x} |", r.peer, r.proto));
+            }
+        }
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            o,
+            "\n#### Kernel crossings per unit of work (perf stat; client-side / server-side proxy)\n"
+        );
+        let _ = writeln!(o, "| peer | per | system calls | context switches |");
+        let _ = writeln!(o, "| --- | --- | ---: | ---: |");
+        for row in rows {
+            let _ = writeln!(o, "{row}");
         }
     }
 

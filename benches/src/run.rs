@@ -96,6 +96,11 @@ pub struct RunArgs {
     /// files, more overhead), to see who calls the hot functions.
     #[arg(long, requires = "profile")]
     profile_call_graph: bool,
+    /// Count each proxy's system calls and context switches with
+    /// `perf stat` during every measured run, and report them per unit of
+    /// work (needs linux-perf).
+    #[arg(long)]
+    count: bool,
 }
 
 /// One way from the client app to the server app, and the processes that
@@ -130,6 +135,15 @@ pub struct Cost {
     pub machine_busy: f64,
     /// Cores other users of the machine took meanwhile.
     pub foreign_cores: f64,
+    /// With `--count`: system calls and context switches of each side.
+    pub counts: Option<[Counted; 2]>,
+}
+
+/// Kernel crossings of one proxy side during a run, from `perf stat`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counted {
+    pub syscalls: u64,
+    pub context_switches: u64,
 }
 
 pub struct Bench {
@@ -173,6 +187,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     report.hold = bench.args.hold;
     report.seconds = bench.args.seconds;
     report.idle_fresh = bench.idle_rss();
+    report.idle_file = bench
+        .all_groups
+        .iter()
+        .map(|g| (g.label.clone(), measure::rss_file(g)))
+        .collect();
     let suite = bench.args.suite;
     if matches!(suite, Suite::L4 | Suite::All) {
         bench.l4(&mut report)?;
@@ -654,7 +673,7 @@ impl Bench {
         report: &mut Report,
         mut f: impl FnMut() -> Result<T>,
     ) -> Result<(T, Cost)> {
-        let mut best: Option<(T, Costs)> = None;
+        let mut best: Option<(T, Costs, Option<[Counted; 2]>)> = None;
         let attempts = self.args.attempts.max(1);
         for attempt in 1..=attempts {
             let waited =
@@ -675,14 +694,25 @@ impl Bench {
                 }
                 _ => Vec::new(),
             };
+            let stats = match (&peer.proxies, self.args.count) {
+                (Some((c, s)), true) => Some([PerfStat::start(c)?, PerfStat::start(s)?]),
+                _ => None,
+            };
             let (out, costs) = measure::during(&self.all_groups, &mut f);
             for p in perf {
                 p.finish()?;
             }
+            let counts = match stats {
+                Some([c, s]) => Some([c.finish()?, s.finish()?]),
+                None => None,
+            };
             let out = out?;
             let foreign = costs.foreign_cores;
-            if best.as_ref().is_none_or(|(_, b)| foreign < b.foreign_cores) {
-                best = Some((out, costs));
+            if best
+                .as_ref()
+                .is_none_or(|(_, b, _)| foreign < b.foreign_cores)
+            {
+                best = Some((out, costs, counts));
             }
             if foreign <= BUSY_CORES {
                 break;
@@ -692,7 +722,7 @@ impl Bench {
                 peer.name
             );
         }
-        let (out, costs) = best.expect("at least one attempt");
+        let (out, costs, counts) = best.expect("at least one attempt");
         if costs.foreign_cores > BUSY_CORES {
             report.notes.push(format!(
                 "{what} of {}: other processes on the machine used {:.2} cores during the best of {attempts} attempts; treat it with care",
@@ -709,7 +739,9 @@ impl Bench {
                 ));
             }
         }
-        Ok((out, cost_of(peer, &costs)))
+        let mut cost = cost_of(peer, &costs);
+        cost.counts = counts;
+        Ok((out, cost))
     }
 
     fn client_tool(&self, args: &[String]) -> PodCommand {
@@ -945,6 +977,71 @@ impl Bench {
     }
 }
 
+/// `perf stat` counting system calls and context switches of a proxy (all
+/// its processes and threads) while a measurement runs.
+struct PerfStat {
+    child: std::process::Child,
+    out: tempfile::NamedTempFile,
+}
+
+impl PerfStat {
+    fn start(group: &ProcGroup) -> Result<PerfStat> {
+        let out = tempfile::NamedTempFile::new()?;
+        let pids: Vec<String> = group.pids().iter().map(u32::to_string).collect();
+        let child =
+            std::process::Command::new(which("perf").ok_or("perf is missing (linux-perf)")?)
+                .args([
+                    "stat",
+                    "-x",
+                    ",",
+                    "-e",
+                    "raw_syscalls:sys_enter,context-switches",
+                ])
+                .args(["-p", &pids.join(","), "-o"])
+                .arg(out.path())
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+        // perf attaches asynchronously; give it a moment before the load.
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(PerfStat { child, out })
+    }
+
+    fn finish(mut self) -> Result<Counted> {
+        stop_child(&mut self.child, "perf stat")?;
+        let text = std::fs::read_to_string(self.out.path())?;
+        let count = |event: &str| -> u64 {
+            text.lines()
+                .find(|l| l.contains(event))
+                .and_then(|l| l.split(',').next()?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(Counted {
+            syscalls: count("raw_syscalls:sys_enter"),
+            context_switches: count("context-switches"),
+        })
+    }
+}
+
+/// Stops a `perf` child with SIGINT, as Ctrl-C would, so it writes out
+/// what it has; kills it if it does not stop within 30 s.
+fn stop_child(child: &mut std::process::Child, what: &str) -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGINT);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{what} did not stop").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// `perf record` of one process while a measurement runs, summarised with
 /// `perf report` into `<dir>/<name>.txt` when it ends.
 struct Perf {
@@ -975,18 +1072,7 @@ impl Perf {
     }
 
     fn finish(mut self) -> Result<()> {
-        use nix::sys::signal::{kill, Signal};
-        use nix::unistd::Pid;
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return Err("perf record did not stop".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        stop_child(&mut self.child, "perf record")?;
         let report = std::process::Command::new(which("perf").ok_or("perf is missing")?)
             .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol"])
             .args(["--percent-limit", "0.5", "-i"])
