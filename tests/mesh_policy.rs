@@ -3,6 +3,10 @@
 
 mod common;
 
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
 use common::*;
 
 #[test]
@@ -145,4 +149,71 @@ fn a_peer_with_a_certificate_from_another_ca_is_refused() {
     );
     let pcap = capture.stop().unwrap();
     assert!(!pcap.contains(b"GET / HTTP"), "no plaintext fallback");
+}
+
+/// A peer can name any port in its tunnel to the mesh port, so the server's
+/// proxy forwards to localhost only on ports its rules capture. On a port
+/// left out of the capture, the mesh reaches what the network reaches: a
+/// service bound to the pod IP or all addresses, never one bound to
+/// localhost alone. A captured port still reaches an application that
+/// listens on localhost only.
+#[test]
+fn a_peer_reaches_localhost_only_services_on_captured_ports_alone() {
+    let mesh = Mesh::new(&[]);
+    let skip = "init.exclude_inbound_ports=9000-9002".to_owned();
+    let server = mesh.meshed_pod(
+        "vault",
+        PodOptions {
+            init_set: vec![skip.clone()],
+            proxy_set: vec![skip],
+            ..Default::default()
+        },
+    );
+    let client = mesh.meshed_pod("visitor", PodOptions::default());
+    let localhost: IpAddr = Ipv4Addr::LOCALHOST.into();
+    let hidden = secret("localhost-only");
+    let (_a, _sa) = http_server_on(&server.pod, localhost, 8080, "captured app");
+    let (_b, _sb) = http_server_on(&server.pod, localhost, 9000, &hidden);
+    let (_c, _sc) = http_server(&server.pod, 9001, "public on an uncaptured port");
+    // A server-first service on localhost: the tunnel is opaque TCP.
+    let banner = server
+        .pod
+        .run_in(|| TcpListener::bind("127.0.0.1:9002"))
+        .unwrap()
+        .expect("bind 127.0.0.1:9002");
+    banner.set_nonblocking(true).unwrap();
+
+    let url = |port: u16| format!("http://{}:{port}/", server.pod.ip());
+    let (ok, out, err) = curl(&client.pod, &[&url(8080)]);
+    assert!(ok && out == "captured app", "captured port: {err}");
+    let (ok, out, err) = curl(&client.pod, &[&url(9001)]);
+    assert!(
+        ok && out == "public on an uncaptured port",
+        "uncaptured port, public service: {err}"
+    );
+    let (_, out, _) = curl(&client.pod, &["-i", &url(9000)]);
+    assert!(
+        !out.contains(&hidden),
+        "a peer reached a localhost-only service on an uncaptured port"
+    );
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+
+    let dst = SocketAddr::new(server.pod.ip().into(), 9002);
+    let got = client
+        .pod
+        .run_in(move || {
+            let mut s = TcpStream::connect(dst)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).map(|_| buf)
+        })
+        .unwrap();
+    assert!(
+        got.map(|b| b.is_empty()).unwrap_or(true),
+        "opaque bytes came back from a localhost-only port"
+    );
+    assert!(
+        banner.accept().is_err(),
+        "the localhost-only listener was reached through the mesh"
+    );
 }

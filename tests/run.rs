@@ -253,6 +253,39 @@ fn wrapped_process_is_mutual_tls_and_the_rest_of_the_host_is_not_captured() {
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&out.stdout), plain_body);
 
+    // A meshed peer can tunnel to any port of the host's proxy, but never
+    // to a service the host keeps on localhost: no inbound port is
+    // captured, so the proxy dials only the host's own address.
+    let private = host
+        .run_in(|| TcpListener::bind("127.0.0.1:6000"))
+        .unwrap()
+        .expect("bind 127.0.0.1:6000");
+    private.set_nonblocking(true).unwrap();
+    let dst = SocketAddr::new(host.ip().into(), 6000);
+    let got = server
+        .pod
+        .run_in(move || {
+            use std::io::Read;
+            let mut s = std::net::TcpStream::connect(dst)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).map(|_| buf)
+        })
+        .unwrap();
+    assert!(got.map(|b| b.is_empty()).unwrap_or(true));
+    assert!(
+        private.accept().is_err(),
+        "a peer reached the host's localhost-only service through the mesh"
+    );
+    assert!(
+        server
+            .proxy
+            .stderr()
+            .contains(&format!("{}:15006", host.ip())),
+        "the peer's proxy never tunnelled to the host's proxy:\n{}",
+        server.proxy.stderr()
+    );
+
     std::fs::write(&stop, b"").unwrap();
     let status = status_of(&mut wrapped);
     assert_eq!(status.code(), Some(0), "{}", wrapped.stderr());

@@ -569,6 +569,19 @@ section! {
     }
 }
 
+impl InitConfig {
+    /// Whether `legate init` redirects inbound connections to `port` to the
+    /// proxy; `admin_port` never is. The proxy asks the same question to
+    /// decide whether a peer may be forwarded to localhost, so both must
+    /// read the same settings.
+    pub fn captures_inbound(&self, port: u16, admin_port: u16) -> bool {
+        self.capture_inbound
+            && port != admin_port
+            && !self.exclude_inbound_ports.contains(port)
+            && (self.include_inbound_ports.is_empty() || self.include_inbound_ports.contains(port))
+    }
+}
+
 section! {
     /// The certificate authority.
     pub struct CaConfig {

@@ -657,3 +657,17 @@ fn observability_keys_have_safe_defaults_and_checked_ranges() {
     assert_eq!(c.log.access, AccessLogMode::On);
     assert_eq!(c.log.access_sample, 0.25);
 }
+
+#[test]
+fn inbound_capture_follows_the_lists_and_spares_the_admin_port() {
+    let mut init = InitConfig::default();
+    assert!(init.captures_inbound(8080, 15020));
+    assert!(!init.captures_inbound(15020, 15020));
+    init.exclude_inbound_ports = PortSet::single(9000);
+    assert!(!init.captures_inbound(9000, 15020));
+    init.include_inbound_ports = PortSet::new([(8000, 8999)]);
+    assert!(init.captures_inbound(8080, 15020));
+    assert!(!init.captures_inbound(7000, 15020));
+    init.capture_inbound = false;
+    assert!(!init.captures_inbound(8080, 15020));
+}

@@ -31,6 +31,17 @@ pub(crate) struct Setting {
 pub(crate) enum Target {
     Init,
     Proxy,
+    /// Both containers. The inbound capture lists are: the proxy forwards
+    /// a peer to localhost only on ports the rules capture, so it has to
+    /// know which ones they are.
+    Both,
+}
+
+impl Target {
+    /// Whether a setting for `self` goes into `container`'s environment.
+    pub(crate) fn reaches(self, container: Target) -> bool {
+        self == container || self == Target::Both
+    }
 }
 
 /// Every annotation that becomes configuration, in the order the
@@ -40,13 +51,13 @@ pub(crate) const SETTINGS: &[Setting] = &[
         annotation: "legate.dev/skip-inbound-ports",
         key: "init.exclude_inbound_ports",
         env: "LEGATE_INIT_EXCLUDE_INBOUND_PORTS",
-        container: Target::Init,
+        container: Target::Both,
     },
     Setting {
         annotation: "legate.dev/inbound-ports",
         key: "init.include_inbound_ports",
         env: "LEGATE_INIT_INCLUDE_INBOUND_PORTS",
-        container: Target::Init,
+        container: Target::Both,
     },
     Setting {
         annotation: "legate.dev/skip-outbound-ports",

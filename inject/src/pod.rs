@@ -111,7 +111,7 @@ fn http_probe<'i>(path: &str, port: u16, extra: Vec<(&'static str, Yaml<'i>)>) -
 fn settings_env<'i>(settings: &[(&'static Setting, String)], target: Target) -> Vec<Yaml<'i>> {
     settings
         .iter()
-        .filter(|(s, _)| s.container == target)
+        .filter(|(s, _)| s.container.reaches(target))
         .map(|(s, v)| env(s.env, v))
         .collect()
 }

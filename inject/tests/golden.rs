@@ -311,6 +311,20 @@ fn annotations_are_honoured() {
 
     let docs = Yaml::load_from_str(&out).unwrap();
     let proxy = &docs[0]["spec"]["template"]["spec"]["initContainers"][1];
+    // The proxy reads the inbound capture lists too: it forwards a peer to
+    // localhost only on ports the rules capture.
+    let proxy_vars: Vec<&str> = proxy["env"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for var in [
+        "LEGATE_INIT_EXCLUDE_INBOUND_PORTS",
+        "LEGATE_INIT_INCLUDE_INBOUND_PORTS",
+    ] {
+        assert!(proxy_vars.contains(&var), "{var} not given to the proxy");
+    }
     assert_eq!(proxy["resources"]["requests"]["cpu"].as_str(), Some("100m"));
     assert_eq!(
         proxy["resources"]["requests"]["memory"].as_str(),

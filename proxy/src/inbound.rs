@@ -13,7 +13,7 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use legate_config::{InboundMode, SpiffeId};
+use legate_config::{Config, InboundMode, SpiffeId};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -24,7 +24,7 @@ use crate::metrics::{protocol_label, Detected, Direction, TlsFailure};
 use crate::policy::proxy_answer;
 use crate::pool::{Body, CONN_WINDOW, STREAM_WINDOW};
 use crate::relay::relay;
-use crate::socket;
+use crate::socket::{self, Targets};
 use crate::telemetry::conn::{ConnMeter, Metered};
 use crate::tls::MESH_ALPN;
 use crate::Shared;
@@ -329,29 +329,51 @@ async fn plaintext(
     }
 }
 
-/// Connects to the application on localhost, or on the address the client
-/// used when the application listens only there.
+/// Connects to the application; [`app_targets`] says where.
 async fn connect_app(
     ctx: &Shared,
     ip: IpAddr,
     port: u16,
 ) -> Result<TcpStream, socket::ConnectError> {
     let cfg = &ctx.config.proxy;
+    let targets = app_targets(&ctx.config, ip, port);
+    socket::connect_first(&targets, cfg.connect_timeout, cfg.tcp_keepalive).await
+}
+
+/// Where the application serving `port` may listen, in the order tried.
+/// `ip` is the address the client used.
+///
+/// On a port the rules capture, localhost comes first and the client's
+/// address second, for applications bound only to the pod IP. Forwarding
+/// there to localhost exposes nothing new: any client that can reach the
+/// port already lands on the proxy.
+///
+/// A port the rules do not capture is reached from the network only on
+/// the address itself, never on localhost, and the mesh must not widen
+/// that. A peer that dials the mesh port can name any port, so without
+/// this rule it could reach a service the host bound to 127.0.0.1 only
+/// (on a plain host under `legate run`, which captures no inbound port
+/// unless told to, that is every local service).
+pub(crate) fn app_targets(config: &Config, ip: IpAddr, port: u16) -> Targets {
+    let own = SocketAddr::new(ip, port);
+    if ip.is_loopback() {
+        return Targets::one(own);
+    }
+    if !config
+        .init
+        .captures_inbound(port, config.proxy.admin_listen.port())
+    {
+        return Targets::one(own);
+    }
     let loopback = match ip {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
     };
     let local = SocketAddr::new(loopback, port);
-    match socket::connect(local, cfg.connect_timeout, cfg.tcp_keepalive).await {
-        Err(e) if e.is_refused() && !ip.is_loopback() && ip != loopback => {
-            socket::connect(
-                SocketAddr::new(ip, port),
-                cfg.connect_timeout,
-                cfg.tcp_keepalive,
-            )
-            .await
-        }
-        other => other,
+    if ip.is_unspecified() {
+        Targets::one(local)
+    } else {
+        Targets::two(local, own)
     }
 }
 

@@ -94,6 +94,56 @@ pub async fn connect(
     }
 }
 
+/// One or two addresses for the same service, tried in order: the second
+/// only when the first refuses. Small and `Copy`, so that naming a target
+/// on the request path never allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Targets {
+    addrs: [SocketAddr; 2],
+    len: u8,
+}
+
+impl Targets {
+    pub fn one(addr: SocketAddr) -> Self {
+        Targets {
+            addrs: [addr; 2],
+            len: 1,
+        }
+    }
+
+    pub fn two(first: SocketAddr, then: SocketAddr) -> Self {
+        Targets {
+            addrs: [first, then],
+            len: 2,
+        }
+    }
+
+    pub fn as_slice(&self) -> &[SocketAddr] {
+        &self.addrs[..usize::from(self.len)]
+    }
+}
+
+/// Connects to the first of `targets` that accepts; a timeout or any error
+/// but a refusal ends the attempt at once, since the next address would
+/// only add its own timeout.
+pub async fn connect_first(
+    targets: &Targets,
+    timeout: Duration,
+    keepalive: Duration,
+) -> Result<TcpStream, ConnectError> {
+    let (last, first) = match targets.as_slice().split_last() {
+        Some(split) => split,
+        None => unreachable!("Targets holds one or two addresses"),
+    };
+    for &addr in first {
+        match connect(addr, timeout, keepalive).await {
+            Err(e) if e.is_refused() => {}
+            other => return other,
+        }
+    }
+    connect(*last, timeout, keepalive).await
+}
+
 /// The destination a captured connection was addressed to before the
 /// `REDIRECT` rule rewrote it. The interception crate owns this call, since
 /// it is the other half of the rules it installs.

@@ -285,7 +285,12 @@ fn wrap(args: RunArgs, config: Config) -> Result<u8, RunError> {
             proxy_uid: config.proxy.uid,
         });
     }
-    let (config, id) = resolve_identity(config, &program)?;
+    let (mut config, id) = resolve_identity(config, &program)?;
+    // On a host no inbound port is captured unless listed. The proxy reads
+    // this too: it forwards a peer to localhost only on captured ports.
+    if config.init.include_inbound_ports.is_empty() {
+        config.init.capture_inbound = false;
+    }
     let plan: Plan = plan_scoped(
         &config.init,
         &config.proxy,

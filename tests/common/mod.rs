@@ -3,7 +3,7 @@
 
 #![allow(dead_code, unused_imports)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::ops::Deref;
 use std::time::Duration;
 
@@ -61,20 +61,33 @@ impl Mesh {
 /// Serves `body` as /index.html with python's http.server on `port`, as an
 /// ordinary user, and waits until it listens.
 pub fn http_server(pod: &Pod, port: u16, body: &str) -> (Process, tempfile::TempDir) {
+    http_server_on(pod, IpAddr::V6(Ipv6Addr::UNSPECIFIED), port, body)
+}
+
+/// Like [`http_server`], bound to `bind` only (`::` is every address).
+pub fn http_server_on(
+    pod: &Pod,
+    bind: IpAddr,
+    port: u16,
+    body: &str,
+) -> (Process, tempfile::TempDir) {
     let site = shared_dir().expect("site dir");
     write_readable(&site.path().join("index.html"), body.as_bytes()).expect("index.html");
     let process = pod
         .command("python3")
-        .args(["-m", "http.server", &port.to_string(), "--bind", "::"])
+        .args(["-m", "http.server", &port.to_string(), "--bind"])
+        .arg(bind.to_string())
         .current_dir(site.path())
         .uid(APP_UID)
         .spawn()
         .expect("http.server");
-    pod.wait_for_port(
-        SocketAddr::new(pod.ip().into(), port),
-        Duration::from_secs(10),
-    )
-    .expect("http.server listening");
+    let reach = if bind.is_unspecified() {
+        pod.ip().into()
+    } else {
+        bind
+    };
+    pod.wait_for_port(SocketAddr::new(reach, port), Duration::from_secs(10))
+        .expect("http.server listening");
     (process, site)
 }
 

@@ -8,9 +8,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,20 +18,20 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::pool::Body;
-use crate::socket::{self, ConnectError};
+use crate::socket::{self, ConnectError, Targets};
 
 /// Dials its addresses in order, moving to the next only when one refuses.
 #[derive(Clone)]
 pub struct FixedConnector {
-    targets: Arc<[SocketAddr]>,
+    targets: Targets,
     connect_timeout: Duration,
     keepalive: Duration,
 }
 
 impl FixedConnector {
-    pub fn new(targets: Vec<SocketAddr>, connect_timeout: Duration, keepalive: Duration) -> Self {
+    pub fn new(targets: Targets, connect_timeout: Duration, keepalive: Duration) -> Self {
         FixedConnector {
-            targets: targets.into(),
+            targets,
             connect_timeout,
             keepalive,
         }
@@ -40,21 +39,7 @@ impl FixedConnector {
 
     /// Connects to the first address that accepts.
     pub async fn dial(&self) -> Result<TcpStream, ConnectError> {
-        let mut last = None;
-        for (i, &target) in self.targets.iter().enumerate() {
-            match socket::connect(target, self.connect_timeout, self.keepalive).await {
-                Ok(s) => return Ok(s),
-                Err(e) if e.is_refused() && i + 1 < self.targets.len() => last = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| ConnectError::Io {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "no address to connect to",
-            ),
-        }))
+        socket::connect_first(&self.targets, self.connect_timeout, self.keepalive).await
     }
 }
 
@@ -79,7 +64,7 @@ pub type HttpClient = Client<FixedConnector, Body>;
 pub struct Clients {
     connect_timeout: Duration,
     keepalive: Duration,
-    clients: Mutex<HashMap<(Vec<SocketAddr>, bool), HttpClient>>,
+    clients: Mutex<HashMap<(Targets, bool), HttpClient>>,
 }
 
 /// More distinct destinations than this and the idle clients are dropped,
@@ -97,15 +82,15 @@ impl Clients {
 
     /// The client for `targets`, speaking HTTP/2 with prior knowledge when
     /// `h2`, else HTTP/1.1.
-    pub fn get(&self, targets: &[SocketAddr], h2: bool) -> HttpClient {
+    pub fn get(&self, targets: Targets, h2: bool) -> HttpClient {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(&(targets.to_vec(), h2)) {
+        if let Some(c) = clients.get(&(targets, h2)) {
             return c.clone();
         }
         if clients.len() >= MAX_CLIENTS {
             clients.clear();
         }
-        let connector = FixedConnector::new(targets.to_vec(), self.connect_timeout, self.keepalive);
+        let connector = FixedConnector::new(targets, self.connect_timeout, self.keepalive);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -113,7 +98,7 @@ impl Clients {
             .pool_max_idle_per_host(64)
             .http2_only(h2)
             .build(connector);
-        clients.insert((targets.to_vec(), h2), client.clone());
+        clients.insert((targets, h2), client.clone());
         client
     }
 }

@@ -3,7 +3,7 @@
 //! with the HTTP version the client spoke.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
@@ -20,25 +20,12 @@ use super::outbound::{finish_upgrade, join_upgrades, proxy_answer};
 use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token};
 use super::{CLIENT_ID_HEADER, PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
+use crate::inbound::app_targets;
 use crate::metrics::Direction;
 use crate::pool::Body;
 use crate::telemetry::conn::{ConnMeter, Metered};
 use crate::telemetry::request::{Observation, Seen};
 use crate::Shared;
-
-/// Where the application may listen: localhost first, then the address the
-/// client used, for applications bound only to the pod IP.
-fn app_targets(ip: IpAddr, port: u16) -> Vec<SocketAddr> {
-    let loopback = match ip {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-    };
-    let mut t = vec![SocketAddr::new(loopback, port)];
-    if !ip.is_loopback() && !ip.is_unspecified() {
-        t.push(SocketAddr::new(ip, port));
-    }
-    t
-}
 
 fn response_to_client(res: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = res.into_parts();
@@ -104,7 +91,7 @@ async fn forward(
             }
         }
     }
-    let client = ctx.clients.get(&app_targets(ip, port), h2);
+    let client = ctx.clients.get(app_targets(&ctx.config, ip, port), h2);
     match client.request(Request::from_parts(parts, body)).await {
         Ok(res) => response_to_client(res),
         Err(e) => {
@@ -194,7 +181,7 @@ async fn from_peer_inner(
                 parts.headers.insert(header::HOST, v);
             }
             let connector = FixedConnector::new(
-                app_targets(ip, port),
+                app_targets(&ctx.config, ip, port),
                 ctx.config.proxy.connect_timeout,
                 ctx.config.proxy.tcp_keepalive,
             );
@@ -242,7 +229,7 @@ pub(crate) async fn serve_plain(
             let res = if upgrade_token(&req).is_some() {
                 let from_client = hyper::upgrade::on(&mut req);
                 let connector = FixedConnector::new(
-                    app_targets(dst.ip(), dst.port()),
+                    app_targets(&ctx.config, dst.ip(), dst.port()),
                     ctx.config.proxy.connect_timeout,
                     ctx.config.proxy.tcp_keepalive,
                 );

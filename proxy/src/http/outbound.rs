@@ -27,6 +27,7 @@ use crate::policy::{self, Failure, LimitKind, Limits, Next, Outcome, Stop};
 use crate::pool::{Body, Sender, TunnelError};
 use crate::relay::relay;
 use crate::router::{Route, Router};
+use crate::socket::Targets;
 use crate::telemetry::conn::{ConnMeter, Metered};
 use crate::telemetry::request::{Observation, Seen};
 use crate::Shared;
@@ -200,7 +201,9 @@ async fn attempt(
                 })
             }
             None => {
-                let client = ctx.clients.get(&[dst], parts.version == Version::HTTP_2);
+                let client = ctx
+                    .clients
+                    .get(Targets::one(dst), parts.version == Version::HTTP_2);
                 client
                     .request(Request::from_parts(parts, body))
                     .await
@@ -445,7 +448,7 @@ async fn upgrade(
     seen.carried = Some(seen.peer.clone());
     let Some(sender) = sender else {
         let connector = crate::http::client::FixedConnector::new(
-            vec![dst],
+            Targets::one(dst),
             ctx.config.proxy.connect_timeout,
             ctx.config.proxy.tcp_keepalive,
         );
