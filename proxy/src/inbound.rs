@@ -60,6 +60,31 @@ pub(crate) async fn handle(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr
     }
 }
 
+/// Streams one peer proxy may have open on a connection.
+const MAX_STREAMS: u32 = 1024;
+
+/// The HTTP/2 server for connections from peer proxies.
+fn mesh_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_concurrent_streams(MAX_STREAMS)
+        // h2 closes a connection on which more than 20 streams were reset
+        // before the server took them up (a guard against the "rapid
+        // reset" flood). Between proxies that is ordinary: an application
+        // that drops many requests at once (wrk ending a run, a client
+        // timing out a burst) makes its proxy cancel all those streams, and
+        // the GOAWAY would then fail every other request on the pooled
+        // connection. The peer is authenticated, and the count stays
+        // bounded by the streams it may open.
+        .max_pending_accept_reset_streams(MAX_STREAMS as usize)
+        .enable_connect_protocol()
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    b
+}
+
 /// Peeks at the first TLS record and reports whether it is a ClientHello
 /// offering the mesh protocol.
 async fn is_mesh_hello(sock: &TcpStream, patience: Duration) -> bool {
@@ -165,15 +190,7 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
     });
     let served = crate::serve_draining!(
         ctx,
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONN_WINDOW)
-            .max_concurrent_streams(1024)
-            .enable_connect_protocol()
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .serve_connection(TokioIo::new(tls), service)
+        mesh_server().serve_connection(TokioIo::new(tls), service)
     );
     if let Err(e) = served {
         debug!(%client, peer = %peer, error = %e, "mesh connection ended");
@@ -414,6 +431,45 @@ impl Authz {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that cancels a burst of streams the server has not taken up
+    /// yet keeps its connection, and the requests after it are served.
+    #[tokio::test]
+    async fn a_burst_of_cancelled_streams_does_not_close_the_connection() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let service = hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                bytes::Bytes,
+            >::new()))
+        });
+        let server = tokio::spawn(mesh_server().serve_connection(TokioIo::new(server_io), service));
+        let (mut client, conn) = h2::client::handshake(client_io).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let request = || {
+            http::Request::builder()
+                .uri("http://app/")
+                .body(())
+                .unwrap()
+        };
+        // Opened and cancelled without yielding, so that the server reads
+        // every HEADERS and its RST_STREAM in one go.
+        for _ in 0..100 {
+            let (response, _) = client.send_request(request(), true).unwrap();
+            drop(response);
+        }
+        tokio::task::yield_now().await;
+        for _ in 0..3 {
+            let (response, _) = client.send_request(request(), true).unwrap();
+            let response = tokio::time::timeout(Duration::from_secs(5), response)
+                .await
+                .expect("an answer")
+                .expect("the connection stays open after the burst");
+            assert_eq!(response.status(), http::StatusCode::OK);
+        }
+        drop(client);
+        conn.abort();
+        server.abort();
+    }
 
     #[test]
     fn authorization_defaults_and_policies() {
