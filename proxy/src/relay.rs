@@ -8,18 +8,18 @@
 //! timeout is closed.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// Per-direction buffer. 16 KiB is one full TLS record, so a TLS side is
-/// written in whole records, while a thousand idle connections still cost
-/// only 32 MiB at most (buffers are allocated on first use by tokio).
+/// Largest read. 16 KiB is one full TLS record, so a TLS side is written
+/// in whole records.
 const BUF_SIZE: usize = 16 * 1024;
 
 /// Bytes moved by a finished relay.
@@ -59,21 +59,122 @@ where
         start,
         last: activity.clone(),
     };
-    let copy =
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, BUF_SIZE, BUF_SIZE);
+    let mut up = Pipe::default();
+    let mut down = Pipe::default();
+    let copy = std::future::poll_fn(|cx| {
+        let sent = up.poll_copy(cx, &mut client, &mut server)?;
+        let received = down.poll_copy(cx, &mut server, &mut client)?;
+        match (sent, received) {
+            (Poll::Ready(sent), Poll::Ready(received)) => {
+                Poll::Ready(Ok::<_, io::Error>(Transferred { sent, received }))
+            }
+            _ => Poll::Pending,
+        }
+    });
     tokio::pin!(copy);
     loop {
         let last = Duration::from_millis(activity.load(Ordering::Relaxed));
         let deadline = start + last + idle;
         tokio::select! {
-            res = &mut copy => {
-                let (sent, received) = res?;
-                return Ok(Transferred { sent, received });
-            }
+            res = &mut copy => return Ok(res?),
             _ = tokio::time::sleep_until(deadline) => {
                 let seen = Duration::from_millis(activity.load(Ordering::Relaxed));
                 if seen == last {
                     return Err(RelayError::Idle(idle));
+                }
+            }
+        }
+    }
+}
+
+/// One direction of a relay.
+///
+/// Reads land in a buffer on the stack and are written straight on. Only
+/// bytes the writer cannot take at once are kept on the heap, and that
+/// buffer is freed as soon as it is drained and the reader has nothing
+/// more. An idle connection therefore holds no buffer at all: a thousand
+/// open connections cost their sockets and tasks, not 32 MiB of copies
+/// waiting for data that may never come.
+#[derive(Default)]
+struct Pipe {
+    held: Vec<u8>,
+    /// The part of `held` not yet written.
+    at: usize,
+    eof: bool,
+    /// Set once the writer has been shut down: this direction is over.
+    done: bool,
+    unflushed: bool,
+    moved: u64,
+}
+
+impl Pipe {
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.done {
+            return Poll::Ready(Ok(self.moved));
+        }
+        loop {
+            while self.at < self.held.len() {
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.held[self.at..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.at += n;
+                self.moved += n as u64;
+                self.unflushed = true;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(self.moved));
+            }
+            let mut stack = [MaybeUninit::<u8>::uninit(); BUF_SIZE];
+            let mut buf = ReadBuf::uninit(&mut stack);
+            match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Nothing to read and nothing held: give the buffer back
+                    // and push out whatever the writer still buffers.
+                    self.held = Vec::new();
+                    self.at = 0;
+                    if self.unflushed {
+                        ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+            let data = buf.filled();
+            if data.is_empty() {
+                self.eof = true;
+                continue;
+            }
+            let mut off = 0;
+            while off < data.len() {
+                match Pin::new(&mut *writer).poll_write(cx, &data[off..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        off += n;
+                        self.moved += n as u64;
+                        self.unflushed = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // The writer is full and will wake us; keep the rest.
+                        self.held.clear();
+                        self.held.extend_from_slice(&data[off..]);
+                        self.at = 0;
+                        return Poll::Pending;
+                    }
                 }
             }
         }
@@ -161,6 +262,67 @@ mod tests {
                 received: 23
             }
         );
+    }
+
+    /// A writer slower than the reader: most bytes go through the held
+    /// buffer, and they arrive complete and in order.
+    #[tokio::test]
+    async fn a_slow_writer_gets_every_byte_in_order() {
+        let (mut client_app, client_proxy) = tokio::io::duplex(100_000);
+        let (server_proxy, mut server_app) = tokio::io::duplex(100);
+        let relay = tokio::spawn(relay(client_proxy, server_proxy, Duration::from_secs(5)));
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client_app.write_all(&sent).await.unwrap();
+            client_app.shutdown().await.unwrap();
+            client_app
+        });
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 37];
+        loop {
+            let n = server_app.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert!(got == data, "bytes lost or reordered");
+        drop(server_app);
+        drop(writer.await.unwrap());
+        assert_eq!(relay.await.unwrap().unwrap().sent, 1_000_000);
+    }
+
+    /// Once the writer has caught up and the reader has nothing, a
+    /// direction holds no buffer.
+    #[tokio::test]
+    async fn an_idle_direction_holds_no_buffer() {
+        let (mut app, mut reader) = tokio::io::duplex(1 << 20);
+        let (mut writer, mut far) = tokio::io::duplex(10);
+        let mut pipe = Pipe::default();
+        app.write_all(&[1u8; 5000]).await.unwrap();
+        let poll = std::future::poll_fn(|cx| {
+            let _ = pipe.poll_copy(cx, &mut reader, &mut writer);
+            Poll::Ready(())
+        });
+        poll.await;
+        assert!(
+            pipe.held.capacity() > 0,
+            "the writer was full: bytes are held"
+        );
+        let mut got = vec![0u8; 5000];
+        let drain = async {
+            far.read_exact(&mut got).await.unwrap();
+        };
+        let copy = std::future::poll_fn(|cx| match pipe.poll_copy(cx, &mut reader, &mut writer) {
+            Poll::Ready(r) => Poll::Ready(r.map(|_| ())),
+            Poll::Pending if pipe.moved == 5000 => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        });
+        let (_, copied) = tokio::join!(drain, copy);
+        copied.unwrap();
+        assert_eq!(got, vec![1u8; 5000]);
+        assert_eq!(pipe.held.capacity(), 0, "an idle direction kept its buffer");
     }
 
     #[tokio::test(start_paused = true)]
