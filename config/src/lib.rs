@@ -278,6 +278,15 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
             rule(&format!("proxy.{name}"), "must be greater than zero".into());
         }
     }
+    if !(1..=256).contains(&p.workers) {
+        rule(
+            "proxy.workers",
+            format!(
+                "{} threads is out of range; use 1 to 256 (about one per core the proxy may use)",
+                p.workers
+            ),
+        );
+    }
     for (name, v) in [
         ("pool_max_connections", p.pool_max_connections),
         ("pool_max_streams", p.pool_max_streams),

@@ -671,3 +671,19 @@ fn inbound_capture_follows_the_lists_and_spares_the_admin_port() {
     init.capture_inbound = false;
     assert!(!init.captures_inbound(8080, 15020));
 }
+
+#[test]
+fn workers_must_be_a_sensible_thread_count() {
+    let bad = Sources {
+        flags: vec![flag("proxy.workers", "0")],
+        ..Default::default()
+    };
+    let text = load(&bad).unwrap_err().to_string();
+    assert!(text.contains("proxy.workers"), "{text}");
+    assert!(text.contains("1 to 256"), "{text}");
+    let good = Sources {
+        flags: vec![flag("proxy.workers", "2")],
+        ..Default::default()
+    };
+    assert_eq!(load(&good).unwrap().config.proxy.workers, 2);
+}
