@@ -22,7 +22,7 @@ use crate::detect::DETECT_TIMEOUT;
 use crate::detect::{detect, Protocol};
 use crate::metrics::{protocol_label, Detected, Direction, TlsFailure};
 use crate::policy::proxy_answer;
-use crate::pool::{Body, CONN_WINDOW, STREAM_WINDOW};
+use crate::pool::{Body, CONN_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use crate::relay::relay;
 use crate::socket::{self, Targets};
 use crate::telemetry::conn::{ConnMeter, Metered};
@@ -69,6 +69,7 @@ fn mesh_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     b.timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
         // h2 closes a connection on which more than 20 streams were reset
         // before the server took them up (a guard against the "rapid
@@ -159,7 +160,12 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
         ctx.metrics.tls_handshake(Direction::Inbound, Err(f));
         meter.fail(reason);
     };
-    let tls = match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(sock)).await {
+    let tls = match tokio::time::timeout(
+        cfg.handshake_timeout,
+        acceptor.accept(socket::tls_transport(sock)),
+    )
+    .await
+    {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             warn!(%client, reason = "handshake_failed", error = %e, "mTLS handshake from a peer proxy failed");

@@ -18,9 +18,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// Largest read. 16 KiB is one full TLS record, so a TLS side is written
-/// in whole records.
-const BUF_SIZE: usize = 16 * 1024;
+/// Largest read: four full TLS records. It lives on the stack while a
+/// read is copied on, so its size costs an idle connection nothing, and
+/// bulk transfers make a quarter of the calls they would with one record.
+const BUF_SIZE: usize = 64 * 1024;
 
 /// Bytes moved by a finished relay.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

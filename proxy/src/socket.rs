@@ -94,6 +94,20 @@ pub async fn connect(
     }
 }
 
+/// Read buffer under each mesh TLS connection.
+///
+/// rustls asks its transport for at most 4 KiB at a time, so a full 16 KiB
+/// record took at least four `read` system calls. With this buffer one
+/// call takes in several records and rustls is served from memory. Only
+/// mesh connections get it, and they are pooled and few.
+pub const TLS_READ_BUFFER: usize = 64 * 1024;
+
+/// `io` with [`TLS_READ_BUFFER`] in front of its reads; writes pass
+/// straight through.
+pub fn tls_transport<S: tokio::io::AsyncRead>(io: S) -> tokio::io::BufReader<S> {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, io)
+}
+
 /// One or two addresses for the same service, tried in order: the second
 /// only when the first refuses. Small and `Copy`, so that naming a target
 /// on the request path never allocates.
