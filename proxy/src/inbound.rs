@@ -192,7 +192,10 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
     let service = hyper::service::service_fn(move |req| {
         let ctx = svc_ctx.clone();
         let peer = svc_peer.clone();
-        async move { Ok::<_, std::convert::Infallible>(tunnel(ctx, req, client, dst, peer).await) }
+        // Boxed for the reason given in `http::outbound::serve`.
+        Box::pin(async move {
+            Ok::<_, std::convert::Infallible>(tunnel(ctx, req, client, dst, peer).await)
+        })
     });
     let served = crate::serve_draining!(
         ctx,

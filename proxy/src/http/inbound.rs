@@ -219,7 +219,8 @@ pub(crate) async fn serve_plain(
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = svc_ctx.clone();
         let route = route.clone();
-        async move {
+        // Boxed for the reason given in `http::outbound::serve`.
+        Box::pin(async move {
             let (mut parts, body) = req.into_parts();
             let obs = Observation::start(&ctx, Direction::Inbound, &mut parts, client, dst);
             let mut req = Request::from_parts(parts, body);
@@ -250,7 +251,7 @@ pub(crate) async fn serve_plain(
                 ..Seen::default()
             };
             Ok::<_, Infallible>(obs.finish(&ctx, res, seen))
-        }
+        })
     });
     let io = TokioIo::new(Metered::new(sock, meter));
     let served = match proto {

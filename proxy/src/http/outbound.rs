@@ -46,7 +46,11 @@ pub(crate) async fn serve(
     let svc = hyper::service::service_fn(move |req| {
         let ctx = svc_ctx.clone();
         let meter = svc_meter.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, req, client, dst, &meter).await) }
+        // Boxed: hyper keeps one of these per request (a task per HTTP/2
+        // stream) and tokio moves a task's future by value when it starts
+        // and ends it, so a future of several kilobytes inline cost a few
+        // large memcpys per request. A box is one allocation and a pointer.
+        Box::pin(async move { Ok::<_, Infallible>(handle(ctx, req, client, dst, &meter).await) })
     });
     let io = TokioIo::new(Metered::new(app, meter));
     let served = match proto {
