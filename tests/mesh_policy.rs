@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 
 use common::*;
 
@@ -103,18 +101,8 @@ fn an_identity_outside_the_ports_policy_is_refused_and_logged() {
     );
 
     // Opaque TCP to the same port is refused too.
-    let robber_pod = &robber.pod;
-    let dst = std::net::SocketAddr::new(server.pod.ip().into(), 8080);
-    let got = robber_pod
-        .run_in(move || {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(dst)?;
-            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-            s.write_all(b"\x00\x01not http\r\n")?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).map(|_| buf)
-        })
-        .unwrap();
+    let dst = SocketAddr::new(server.pod.ip().into(), 8080);
+    let got = tcp_exchange(&robber.pod, dst, b"\x00\x01not http\r\n");
     assert!(
         got.map(|b| b.is_empty()).unwrap_or(true),
         "opaque bytes got through the policy"
@@ -199,15 +187,7 @@ fn a_peer_reaches_localhost_only_services_on_captured_ports_alone() {
     assert!(out.starts_with("HTTP/1.1 502"), "{out}");
 
     let dst = SocketAddr::new(server.pod.ip().into(), 9002);
-    let got = client
-        .pod
-        .run_in(move || {
-            let mut s = TcpStream::connect(dst)?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).map(|_| buf)
-        })
-        .unwrap();
+    let got = tcp_exchange(&client.pod, dst, b"");
     assert!(
         got.map(|b| b.is_empty()).unwrap_or(true),
         "opaque bytes came back from a localhost-only port"

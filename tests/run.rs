@@ -262,16 +262,7 @@ fn wrapped_process_is_mutual_tls_and_the_rest_of_the_host_is_not_captured() {
         .expect("bind 127.0.0.1:6000");
     private.set_nonblocking(true).unwrap();
     let dst = SocketAddr::new(host.ip().into(), 6000);
-    let got = server
-        .pod
-        .run_in(move || {
-            use std::io::Read;
-            let mut s = std::net::TcpStream::connect(dst)?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).map(|_| buf)
-        })
-        .unwrap();
+    let got = tcp_exchange(&server.pod, dst, b"");
     assert!(got.map(|b| b.is_empty()).unwrap_or(true));
     assert!(
         private.accept().is_err(),

@@ -107,6 +107,20 @@ pub fn curl(pod: &Pod, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// From `pod`: connects to `dst`, sends `send`, and reads until the other
+/// side closes or 5 s pass; what came back, or the error that ended it.
+pub fn tcp_exchange(pod: &Pod, dst: SocketAddr, send: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    pod.run_in(move || {
+        let mut s = std::net::TcpStream::connect(dst)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(send)?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).map(|_| buf)
+    })
+    .expect("run in pod")
+}
+
 /// A unique payload that can be searched for on the wire.
 pub fn secret(tag: &str) -> String {
     format!("legate-secret-{tag}-{}", std::process::id())
