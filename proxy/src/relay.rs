@@ -11,7 +11,6 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -43,28 +42,29 @@ pub enum RelayError {
 
 /// Copies both ways until both sides finish, a side fails, or the
 /// connection idles for `idle`.
-pub async fn relay<A, B>(client: A, server: B, idle: Duration) -> Result<Transferred, RelayError>
+pub async fn relay<A, B>(
+    mut client: A,
+    mut server: B,
+    idle: Duration,
+) -> Result<Transferred, RelayError>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let start = Instant::now();
-    let activity = Arc::new(AtomicU64::new(0));
-    let mut client = Activity {
-        inner: client,
-        start,
-        last: activity.clone(),
-    };
-    let mut server = Activity {
-        inner: server,
-        start,
-        last: activity.clone(),
-    };
+    // Milliseconds from `start` to the latest read that brought bytes,
+    // noted once per wakeup rather than on every read.
+    let activity = AtomicU64::new(0);
+    let mut read_seen = 0;
     let mut up = Pipe::default();
     let mut down = Pipe::default();
     let copy = std::future::poll_fn(|cx| {
         let sent = up.poll_copy(cx, &mut client, &mut server)?;
         let received = down.poll_copy(cx, &mut server, &mut client)?;
+        if up.read + down.read != read_seen {
+            read_seen = up.read + down.read;
+            activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
         match (sent, received) {
             (Poll::Ready(sent), Poll::Ready(received)) => {
                 Poll::Ready(Ok::<_, io::Error>(Transferred { sent, received }))
@@ -105,6 +105,8 @@ struct Pipe {
     /// Set once the writer has been shut down: this direction is over.
     done: bool,
     unflushed: bool,
+    /// Bytes read, and bytes written on.
+    read: u64,
     moved: u64,
 }
 
@@ -159,6 +161,7 @@ impl Pipe {
                 self.eof = true;
                 continue;
             }
+            self.read += data.len() as u64;
             let mut off = 0;
             while off < data.len() {
                 match Pin::new(&mut *writer).poll_write(cx, &data[off..]) {
@@ -179,56 +182,6 @@ impl Pipe {
                 }
             }
         }
-    }
-}
-
-/// Records the time of the latest read, so the idle check costs one
-/// relaxed store per read rather than a timer reset.
-struct Activity<S> {
-    inner: S,
-    start: Instant,
-    last: Arc<AtomicU64>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            let ms = self.start.elapsed().as_millis() as u64;
-            self.last.store(ms, Ordering::Relaxed);
-        }
-        res
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 
