@@ -12,7 +12,7 @@ pub use legate_testbed::mesh::{
     http_get, shared_dir, write_readable, MeshedPod, PodOptions, APP_UID, PROXY_UID,
     TLS13_SERVER_HELLO_VERSION, TRUST_DOMAIN,
 };
-use legate_testbed::{Pod, Process};
+use legate_testbed::{Pcap, Pod, Process};
 
 pub fn legate() -> Legate {
     Legate::new(env!("CARGO_BIN_EXE_legate"))
@@ -119,6 +119,26 @@ pub fn tcp_exchange(pod: &Pod, dst: SocketAddr, send: &[u8]) -> std::io::Result<
         s.read_to_end(&mut buf).map(|_| buf)
     })
     .expect("run in pod")
+}
+
+/// Asserts that a capture shows the mesh at work: a ClientHello offering
+/// the mesh protocol, a TLS 1.3 ServerHello, and none of `plaintext`.
+pub fn assert_mesh_tls_only(pcap: &Pcap, plaintext: &[&[u8]]) {
+    assert!(
+        pcap.contains(b"legate/h2"),
+        "no mesh ClientHello on the wire"
+    );
+    assert!(
+        pcap.contains(TLS13_SERVER_HELLO_VERSION),
+        "no TLS 1.3 ServerHello on the wire"
+    );
+    for p in plaintext {
+        assert!(
+            !pcap.contains(p),
+            "plaintext crossed the wire: {}",
+            String::from_utf8_lossy(p)
+        );
+    }
 }
 
 /// A unique payload that can be searched for on the wire.
