@@ -127,7 +127,15 @@ fn redis_between_meshed_pods_is_mutual_tls_on_the_wire() {
 #[test]
 fn half_close_reaches_the_server_and_it_can_still_answer() {
     let mesh = Mesh::new(&[]);
-    let server = mesh.meshed_pod("srv", PodOptions::default());
+    // This server's proxy runs on two threads (the default is one), so the
+    // multi-threaded runtime carries traffic in the suite too.
+    let server = mesh.meshed_pod(
+        "srv",
+        PodOptions {
+            proxy_set: vec!["proxy.workers=2".into()],
+            ..Default::default()
+        },
+    );
     let client = mesh.meshed_pod("cli", PodOptions::default());
     serve_tcp(&server.pod, 7000, |mut conn| {
         let mut got = Vec::new();
