@@ -264,7 +264,9 @@ async fn tunnel(
     if !plain_connect {
         return crate::http::inbound::from_peer(ctx.clone(), req, client, dst, port, &peer).await;
     }
-    let app = match connect_app(&ctx, dst.ip(), port).await {
+    // Boxed: HTTP streams, the common case here, should not carry the
+    // space of a connect they never make.
+    let app = match Box::pin(connect_app(&ctx, dst.ip(), port)).await {
         Ok(app) => app,
         Err(e) => {
             debug!(%client, port, error = %e, "application connect failed");

@@ -373,7 +373,10 @@ impl Pool {
                 });
             }
         }
-        match self.open(key).await {
+        // Boxed: dialling and the handshakes make a future of several
+        // kilobytes, and every request's future would otherwise carry (and
+        // move) that space although nearly all of them find a connection.
+        match Box::pin(self.open(key)).await {
             Ok((send, peer_id)) => {
                 state.failures = 0;
                 state.retry_at = None;

@@ -34,7 +34,9 @@ fn response_to_client(res: Response<Incoming>) -> Response<Body> {
 }
 
 /// Sends an HTTP/1.1 upgrade request on a new connection; returns the
-/// server's answer and its side of the upgrade.
+/// server's answer and its side of the upgrade. Request paths box this
+/// future: it is large and rare, and unboxed every ordinary request's
+/// future would carry (and move) its space.
 pub(crate) async fn upgrade_direct(
     connector: &FixedConnector,
     req: Request<Body>,
@@ -185,7 +187,12 @@ async fn from_peer_inner(
                 ctx.config.proxy.connect_timeout,
                 ctx.config.proxy.tcp_keepalive,
             );
-            match upgrade_direct(&connector, Request::from_parts(parts, empty())).await {
+            match Box::pin(upgrade_direct(
+                &connector,
+                Request::from_parts(parts, empty()),
+            ))
+            .await
+            {
                 Ok((res, to_app)) => {
                     if res.status() != StatusCode::SWITCHING_PROTOCOLS {
                         return response_to_client(res);
@@ -235,7 +242,12 @@ pub(crate) async fn serve_plain(
                     ctx.config.proxy.tcp_keepalive,
                 );
                 let (parts, body) = req.into_parts();
-                match upgrade_direct(&connector, Request::from_parts(parts, boxed(body))).await {
+                match Box::pin(upgrade_direct(
+                    &connector,
+                    Request::from_parts(parts, boxed(body)),
+                ))
+                .await
+                {
                     Ok((res, to_app)) => {
                         finish_upgrade(res, from_client, to_app, ctx.config.proxy.idle_timeout)
                     }

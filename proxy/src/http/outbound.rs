@@ -314,7 +314,8 @@ async fn route_request(
 ) -> Response<Body> {
     let live = ctx.live();
     if let Some(token) = upgrade_token(&req) {
-        return upgrade(ctx, &live.router, req, dst, token, seen).await;
+        // Boxed so that the common path does not carry its space.
+        return Box::pin(upgrade(ctx, &live.router, req, dst, token, seen)).await;
     }
     let grpc = policy::is_grpc(req.headers());
     let (mut parts, body) = req.into_parts();
