@@ -37,13 +37,31 @@ pub const PROTO_HEADER: HeaderName = HeaderName::from_static("legate-proto");
 /// HTTP/2 forbids them outright, so this is also what makes an HTTP/1.1
 /// request safe to send over the mesh.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    // Runs four times per proxied request; most messages carry none of
+    // these, and one pass over the names is cheaper than seven removals.
+    if !headers.keys().any(|n| is_hop_by_hop(n) || n == header::TE) {
+        return;
+    }
+    let mut named: Vec<HeaderName> = Vec::new();
+    for token in headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
+    {
+        let token = token.trim();
+        // The usual tokens name no header of their own (or one removed
+        // below anyway): no need to collect them.
+        if ["keep-alive", "close", "upgrade"]
+            .iter()
+            .any(|t| token.eq_ignore_ascii_case(t))
+        {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            named.push(name);
+        }
+    }
     for name in named {
         headers.remove(name);
     }
@@ -70,6 +88,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 /// The protocol token of an HTTP/1.1 upgrade request (`websocket`), if it is one.
@@ -195,5 +223,21 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h[header::TE], "trailers");
         assert_eq!(h[header::CONTENT_TYPE], "text/plain");
+    }
+
+    #[test]
+    fn headers_named_by_connection_go_even_without_a_fixed_one() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Close, X-Hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-end", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-end"], "2");
+
+        let mut clean = HeaderMap::new();
+        clean.insert(header::HOST, HeaderValue::from_static("a"));
+        strip_hop_by_hop(&mut clean);
+        assert_eq!(clean.len(), 1);
     }
 }
