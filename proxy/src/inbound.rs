@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::batch::Batched;
 use crate::detect::DETECT_TIMEOUT;
 use crate::detect::{detect, Protocol};
 use crate::metrics::{protocol_label, Detected, Direction, TlsFailure};
@@ -199,7 +200,7 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
     });
     let served = crate::serve_draining!(
         ctx,
-        mesh_server().serve_connection(TokioIo::new(tls), service)
+        mesh_server().serve_connection(TokioIo::new(Batched::new(tls)), service)
     );
     if let Err(e) = served {
         debug!(%client, peer = %peer, error = %e, "mesh connection ended");

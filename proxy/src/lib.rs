@@ -35,6 +35,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod batch;
 pub mod detect;
 pub mod http;
 pub mod inbound;

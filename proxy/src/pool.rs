@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
+use crate::batch::Batched;
 use crate::socket::{self, ConnectError};
 use crate::tls::{Identity, MESH_ALPN};
 
@@ -443,7 +444,7 @@ impl Pool {
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tls))
+            .handshake(TokioIo::new(Batched::new(tls)))
             .await
             .map_err(|source| TunnelError::Http {
                 addr: key.dial,
