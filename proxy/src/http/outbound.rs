@@ -43,14 +43,20 @@ pub(crate) async fn serve(
 ) {
     let svc_ctx = ctx.clone();
     let svc_meter = meter.clone();
+    // Every request of the connection names the same destination to the
+    // peer proxy: encode it once.
+    let svc_target = header_value(dst);
     let svc = hyper::service::service_fn(move |req| {
         let ctx = svc_ctx.clone();
         let meter = svc_meter.clone();
+        let target = svc_target.clone();
         // Boxed: hyper keeps one of these per request (a task per HTTP/2
         // stream) and tokio moves a task's future by value when it starts
         // and ends it, so a future of several kilobytes inline cost a few
         // large memcpys per request. A box is one allocation and a pointer.
-        Box::pin(async move { Ok::<_, Infallible>(handle(ctx, req, client, dst, &meter).await) })
+        Box::pin(
+            async move { Ok::<_, Infallible>(handle(ctx, req, client, dst, target, &meter).await) },
+        )
     });
     let io = TokioIo::new(Metered::new(app, meter));
     let served = match proto {
@@ -67,6 +73,11 @@ pub(crate) async fn serve(
                 ctx,
                 hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
+                    // The client is the local application: how long it
+                    // keeps a connection between requests is its own
+                    // choice, as without the proxy, and a timer per
+                    // request cost every request an allocation.
+                    .header_read_timeout(None)
                     .serve_connection(io, svc)
                     .with_upgrades()
             )
@@ -170,6 +181,7 @@ async fn attempt(
     ctx: &Shared,
     router: &Router,
     dst: SocketAddr,
+    target: &HeaderValue,
     mut parts: http::request::Parts,
     body: Body,
     limits: &Arc<Limits>,
@@ -193,7 +205,7 @@ async fn attempt(
                 let app_version = parts.version;
                 parts.version = Version::HTTP_2;
                 parts.headers.remove(header::HOST);
-                parts.headers.insert(TARGET_HEADER, header_value(dst));
+                parts.headers.insert(TARGET_HEADER, target.clone());
                 parts.headers.insert(
                     PROTO_HEADER,
                     HeaderValue::from_static(proto_name(app_version)),
@@ -288,6 +300,7 @@ async fn handle(
     req: Request<Incoming>,
     client: SocketAddr,
     dst: SocketAddr,
+    target: HeaderValue,
     meter: &ConnMeter,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
@@ -297,6 +310,7 @@ async fn handle(
         ctx.clone(),
         Request::from_parts(parts, body),
         dst,
+        &target,
         &mut seen,
     )
     .await;
@@ -310,6 +324,7 @@ async fn route_request(
     ctx: Arc<Shared>,
     req: Request<Incoming>,
     dst: SocketAddr,
+    target: &HeaderValue,
     seen: &mut Seen,
 ) -> Response<Body> {
     let live = ctx.live();
@@ -373,6 +388,7 @@ async fn route_request(
             &ctx,
             &live.router,
             dst,
+            target,
             parts.clone(),
             body.attempt(),
             &dest.limits,
@@ -416,8 +432,11 @@ async fn route_request(
                 }
                 return match result {
                     Ok(res) => {
-                        let (mut head, body) = to_app(res).into_parts();
+                        let (mut head, body) = res.into_parts();
+                        strip_hop_by_hop(&mut head.headers);
                         head.headers.remove(TARGET_HEADER);
+                        // One box for both: `Held` wraps hyper's body itself.
+                        let body = body.map_err(crate::pool::BoxError::from);
                         Response::from_parts(head, Held::new(body, in_flight).boxed())
                     }
                     Err(AttemptError::Failed(f)) => f.answer(grpc),
