@@ -297,9 +297,11 @@ impl fmt::Display for TrustDomain {
 
 /// A SPIFFE ID, `spiffe://<trust-domain>/<path>`, checked against the
 /// SPIFFE ID specification so that two spellings of one identity never exist.
+/// Shared, not owned: the proxy copies a peer's ID into every request's
+/// bookkeeping, and a clone is then a reference count, not an allocation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    uri: String,
+    uri: std::sync::Arc<str>,
     /// Length of `spiffe://<trust-domain>`.
     td_end: usize,
 }
@@ -363,7 +365,7 @@ impl FromStr for SpiffeId {
             return Err("a SPIFFE ID is at most 2048 bytes".into());
         }
         Ok(SpiffeId {
-            uri: s.to_owned(),
+            uri: s.into(),
             td_end: "spiffe://".len() + td_len,
         })
     }
