@@ -189,7 +189,7 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
     meter.set_peer(Some(&peer));
     info!(%client, peer = %peer, "accepted mesh connection");
     let svc_ctx = ctx.clone();
-    let svc_peer = peer.clone();
+    let svc_peer = crate::http::inbound::Peer::new(peer.clone());
     let service = hyper::service::service_fn(move |req| {
         let ctx = svc_ctx.clone();
         let peer = svc_peer.clone();
@@ -214,8 +214,9 @@ async fn tunnel(
     mut req: http::Request<Incoming>,
     client: SocketAddr,
     dst: SocketAddr,
-    peer: SpiffeId,
+    mesh_peer: crate::http::inbound::Peer,
 ) -> http::Response<Body> {
+    let peer = mesh_peer.id.clone();
     let cfg = &ctx.config.proxy;
     let plain_connect = req.method() == http::Method::CONNECT
         && req.extensions().get::<hyper::ext::Protocol>().is_none();
@@ -263,7 +264,8 @@ async fn tunnel(
         );
     }
     if !plain_connect {
-        return crate::http::inbound::from_peer(ctx.clone(), req, client, dst, port, &peer).await;
+        return crate::http::inbound::from_peer(ctx.clone(), req, client, dst, port, &mesh_peer)
+            .await;
     }
     // Boxed: HTTP streams, the common case here, should not carry the
     // space of a connect they never make.

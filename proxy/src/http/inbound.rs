@@ -27,6 +27,21 @@ use crate::telemetry::conn::{ConnMeter, Metered};
 use crate::telemetry::request::{Observation, Seen};
 use crate::Shared;
 
+/// A verified peer proxy, with the identity header for its requests
+/// encoded once per connection rather than once per request.
+#[derive(Clone)]
+pub(crate) struct Peer {
+    pub id: SpiffeId,
+    header: Option<HeaderValue>,
+}
+
+impl Peer {
+    pub fn new(id: SpiffeId) -> Self {
+        let header = HeaderValue::from_str(id.as_str()).ok();
+        Peer { id, header }
+    }
+}
+
 fn response_to_client(res: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -116,7 +131,7 @@ pub(crate) async fn from_peer(
     client: SocketAddr,
     dst: SocketAddr,
     port: u16,
-    peer: &SpiffeId,
+    peer: &Peer,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     let obs = Observation::start(&ctx, Direction::Inbound, &mut parts, client, dst);
@@ -130,7 +145,7 @@ pub(crate) async fn from_peer(
     .await;
     let seen = Seen {
         route: Some(ctx.metrics.port(port)),
-        peer: Some(peer.clone()),
+        peer: Some(peer.id.clone()),
         ..Seen::default()
     };
     obs.finish(&ctx, res, seen)
@@ -141,22 +156,22 @@ async fn from_peer_inner(
     mut req: Request<Incoming>,
     ip: IpAddr,
     port: u16,
-    peer: &SpiffeId,
+    peer: &Peer,
 ) -> Response<Body> {
     let from_peer = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
-    let proto = parts
+    let h2 = parts
         .headers
         .get(PROTO_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("h2")
-        .to_owned();
+        .is_none_or(|v| v.as_bytes() == b"h2");
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(TARGET_HEADER);
     parts.headers.remove(PROTO_HEADER);
-    if let Ok(v) = HeaderValue::from_str(peer.as_str()) {
-        parts.headers.insert(CLIENT_ID_HEADER, v);
-    }
+    // Replaces any copy the client sent.
+    match &peer.header {
+        Some(v) => parts.headers.insert(CLIENT_ID_HEADER, v.clone()),
+        None => parts.headers.remove(CLIENT_ID_HEADER),
+    };
     let protocol = parts.extensions.remove::<hyper::ext::Protocol>();
     match (parts.method == http::Method::CONNECT, protocol) {
         (true, Some(protocol)) => {
@@ -207,7 +222,7 @@ async fn from_peer_inner(
                 Err(answer) => answer,
             }
         }
-        _ => forward(&ctx, parts, boxed(body), ip, port, proto == "h2").await,
+        _ => forward(&ctx, parts, boxed(body), ip, port, h2).await,
     }
 }
 
