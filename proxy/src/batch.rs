@@ -12,8 +12,9 @@
 //!
 //! Deferring a flush is sound here because the HTTP/2 connection that owns
 //! the stream flushes at the end of every poll, and a deferred flush always
-//! has a wake-up registered that brings that poll. Large writes (bulk
-//! data) skip the buffer.
+//! has a wake-up registered that brings that poll. Any other owner must
+//! flush the same way: a flush answered "done" may still hold bytes until
+//! the next one. Large writes (bulk data) skip the buffer.
 
 use std::io;
 use std::pin::{pin, Pin};
