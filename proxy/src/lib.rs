@@ -37,6 +37,7 @@ pub mod access;
 pub mod admin;
 pub mod batch;
 pub mod detect;
+pub mod h2stream;
 pub mod http;
 pub mod inbound;
 pub mod metrics;

@@ -18,10 +18,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::sync::atomic::AtomicBool;
+
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Empty};
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Body as _;
 use legate_config::SpiffeId;
 use rustls::pki_types::ServerName;
 use tokio::time::Instant;
@@ -29,6 +32,7 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::batch::Batched;
+use crate::h2stream::{self, RecvBody, StreamIo};
 use crate::socket::{self, ConnectError};
 use crate::tls::{Identity, MESH_ALPN};
 
@@ -47,6 +51,17 @@ pub const CONN_WINDOW: u32 = 8 << 20;
 /// frames instead of the default 16 KiB: a quarter of the frame headers,
 /// flow-control steps and wakeups per byte.
 pub const MAX_FRAME: u32 = 64 * 1024;
+
+/// Request data queued on a connection beyond what the peer's window
+/// takes, at most.
+const SEND_BUFFER: usize = 1 << 20;
+/// Largest response head accepted from a peer proxy.
+const MAX_HEADER_LIST: u32 = 64 * 1024;
+/// A connection is pinged this often, and closed when a ping goes
+/// unanswered for `PING_TIMEOUT`: a peer that vanished without a FIN (a
+/// deleted pod, a cut link) would otherwise hold its streams forever.
+const PING_INTERVAL: Duration = Duration::from_secs(30);
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a tunnel to a peer proxy could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +86,7 @@ pub enum TunnelError {
     Http {
         addr: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("the peer proxy refused the tunnel to {target}: {status} {reason}")]
     Refused {
@@ -119,7 +134,7 @@ pub struct PoolSettings {
 }
 
 struct Conn {
-    send: SendRequest<Body>,
+    send: SendRequest<Bytes>,
     streams: Arc<Streams>,
     peer: Option<SpiffeId>,
 }
@@ -127,6 +142,8 @@ struct Conn {
 /// A connection's open streams, and since when it has had none.
 struct Streams {
     open: AtomicUsize,
+    /// Set by the connection's task when the connection has ended.
+    closed: AtomicBool,
     /// Milliseconds since the pool's epoch when the last stream closed.
     idle_since: AtomicU64,
     epoch: Instant,
@@ -136,9 +153,14 @@ impl Streams {
     fn new(epoch: Instant) -> Self {
         Streams {
             open: AtomicUsize::new(1),
+            closed: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             epoch,
         }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     fn idle_for(&self, now: Instant) -> Option<Duration> {
@@ -185,7 +207,7 @@ struct Handshakes {
 /// A stream to the peer proxy's side of the tunnel. Counts against its
 /// connection's stream budget until dropped.
 pub struct Tunnel {
-    pub io: TokioIo<hyper::upgrade::Upgraded>,
+    pub io: StreamIo,
     /// The verified identity of the peer proxy.
     pub peer: Option<SpiffeId>,
     _guard: StreamGuard,
@@ -193,7 +215,7 @@ pub struct Tunnel {
 
 /// A claimed stream on a pooled connection.
 pub struct Sender {
-    send: SendRequest<Body>,
+    send: SendRequest<Bytes>,
     /// The verified identity of the peer proxy.
     pub peer: Option<SpiffeId>,
     dial: SocketAddr,
@@ -201,23 +223,61 @@ pub struct Sender {
 }
 
 impl Sender {
-    async fn request(
-        &mut self,
-        req: http::Request<Body>,
-    ) -> Result<http::Response<hyper::body::Incoming>, TunnelError> {
+    fn error(&self) -> impl Fn(h2::Error) -> TunnelError {
         let addr = self.dial;
-        self.send
-            .send_request(req)
+        move |source| TunnelError::Http { addr, source }
+    }
+
+    /// Opens the stream with the request's head; `end` when nothing follows.
+    async fn start(
+        &mut self,
+        req: http::Request<()>,
+        end: bool,
+    ) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), TunnelError> {
+        // Waits while the peer's limit on concurrent streams is reached.
+        std::future::poll_fn(|cx| self.send.poll_ready(cx))
             .await
-            .map_err(|source| TunnelError::Http { addr, source })
+            .map_err(self.error())?;
+        self.send.send_request(req, end).map_err(self.error())
     }
 
     /// Sends a request to the peer proxy and waits for its response head.
+    /// The body streams on from this task while it is ready and from a
+    /// task of its own once it has to wait.
     pub async fn send(
         mut self,
         req: http::Request<Body>,
-    ) -> Result<http::Response<hyper::body::Incoming>, TunnelError> {
-        self.request(req).await
+    ) -> Result<http::Response<RecvBody>, TunnelError> {
+        let (mut head, body) = req.into_parts();
+        set_content_length(&mut head, &body);
+        let end = body.is_end_stream();
+        let (response, stream) = self.start(http::Request::from_parts(head, ()), end).await?;
+        if !end {
+            let mut pipe = Some((body, stream));
+            std::future::poll_fn(|cx| {
+                if let Some((body, stream)) = pipe.take() {
+                    h2stream::send_body(body, stream, cx);
+                }
+                std::task::Poll::Ready(())
+            })
+            .await;
+        }
+        let res = response.await.map_err(self.error())?;
+        let (head, recv) = res.into_parts();
+        let body = RecvBody::new(recv, &head.headers);
+        Ok(http::Response::from_parts(head, body))
+    }
+
+    /// Sends the head of a request whose stream becomes a byte tunnel (a
+    /// `CONNECT`), and waits for the answer. The caller decides from the
+    /// status whether the stream is a tunnel or an ordinary response.
+    pub async fn exchange(
+        mut self,
+        req: http::Request<()>,
+    ) -> Result<(http::Response<RecvStream>, SendStream<Bytes>), TunnelError> {
+        let (response, stream) = self.start(req, false).await?;
+        let res = response.await.map_err(self.error())?;
+        Ok((res, stream))
     }
 
     /// Opens a `CONNECT` tunnel through the peer proxy to `target`.
@@ -225,51 +285,66 @@ impl Sender {
         let req = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(target.to_string())
-            .body(
-                Empty::<Bytes>::new()
-                    .map_err(|never| match never {})
-                    .boxed(),
-            )
+            .body(())
             .map_err(|e| TunnelError::Refused {
                 target,
                 status: http::StatusCode::BAD_REQUEST,
                 reason: e.to_string(),
             })?;
-        let res = self.request(req).await?;
-        let io = upgrade_ok(res, target, self.dial).await?;
+        let (response, stream) = self.start(req, false).await?;
+        let res = response.await.map_err(self.error())?;
+        if res.status() != http::StatusCode::OK {
+            let status = res.status();
+            let reason = res
+                .headers()
+                .get("legate-error")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_else(|| status.canonical_reason().unwrap_or(""))
+                .to_owned();
+            return Err(TunnelError::Refused {
+                target,
+                status,
+                reason,
+            });
+        }
         Ok(Tunnel {
-            io,
+            io: StreamIo::new(stream, res.into_body()),
             peer: self.peer,
             _guard: self._guard,
         })
     }
 }
 
-/// Turns the peer's answer to a tunnel request into the tunnel itself, or
-/// into the reason it refused.
-pub async fn upgrade_ok(
-    mut res: http::Response<hyper::body::Incoming>,
-    target: SocketAddr,
-    dial: SocketAddr,
-) -> Result<TokioIo<hyper::upgrade::Upgraded>, TunnelError> {
-    if res.status() != http::StatusCode::OK {
-        let status = res.status();
-        let reason = res
-            .headers()
-            .get("legate-error")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_else(|| status.canonical_reason().unwrap_or(""))
-            .to_owned();
-        return Err(TunnelError::Refused {
-            target,
-            status,
-            reason,
-        });
+/// A body of known length is announced as such, as an HTTP/1.1 message of
+/// that length would be: the server's proxy can then hand it on without
+/// chunking.
+fn set_content_length(head: &mut http::request::Parts, body: &Body) {
+    let Some(len) = body.size_hint().exact() else {
+        return;
+    };
+    let payload = matches!(
+        head.method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH
+    );
+    if (len != 0 || payload) && !head.headers.contains_key(http::header::CONTENT_LENGTH) {
+        head.headers
+            .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
     }
-    hyper::upgrade::on(&mut res)
-        .await
-        .map(TokioIo::new)
-        .map_err(|source| TunnelError::Http { addr: dial, source })
+}
+
+/// Pings the peer until it fails to answer; returns why.
+async fn keep_alive(pings: Option<h2::PingPong>) -> String {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        match tokio::time::timeout(PING_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("keep-alive ping failed: {e}"),
+            Err(_) => return format!("no answer to a keep-alive ping in {PING_TIMEOUT:?}"),
+        }
+    }
 }
 
 struct StreamGuard(Arc<Streams>);
@@ -316,7 +391,7 @@ impl Pool {
                 return true;
             };
             state.conns.retain(|c| {
-                !c.send.is_closed() && c.streams.idle_for(now).is_none_or(|d| d < idle)
+                !c.streams.is_closed() && c.streams.idle_for(now).is_none_or(|d| d < idle)
             });
             !state.conns.is_empty() || state.retry_at.as_ref().is_some_and(|(at, _)| *at > now)
         });
@@ -349,10 +424,10 @@ impl Pool {
         &self,
         peer: &Peer,
         key: &PeerKey,
-    ) -> Result<(SendRequest<Body>, Arc<Streams>, Option<SpiffeId>), TunnelError> {
+    ) -> Result<(SendRequest<Bytes>, Arc<Streams>, Option<SpiffeId>), TunnelError> {
         let s = &self.settings;
         let mut state = peer.state.lock().await;
-        state.conns.retain(|c| !c.send.is_closed());
+        state.conns.retain(|c| !c.streams.is_closed());
         let best = state
             .conns
             .iter()
@@ -377,11 +452,11 @@ impl Pool {
         // Boxed: dialling and the handshakes make a future of several
         // kilobytes, and every request's future would otherwise carry (and
         // move) that space although nearly all of them find a connection.
-        match Box::pin(self.open(key)).await {
+        let streams = Arc::new(Streams::new(self.epoch));
+        match Box::pin(self.open(key, streams.clone())).await {
             Ok((send, peer_id)) => {
                 state.failures = 0;
                 state.retry_at = None;
-                let streams = Arc::new(Streams::new(self.epoch));
                 state.conns.push(Conn {
                     send: send.clone(),
                     streams: streams.clone(),
@@ -405,7 +480,8 @@ impl Pool {
     async fn open(
         &self,
         key: &PeerKey,
-    ) -> Result<(SendRequest<Body>, Option<SpiffeId>), TunnelError> {
+        streams: Arc<Streams>,
+    ) -> Result<(SendRequest<Bytes>, Option<SpiffeId>), TunnelError> {
         let s = self.settings;
         let tcp = socket::connect(key.dial, s.connect_timeout, s.keepalive).await?;
         let config = self.identity.client_config(key.identity.as_ref());
@@ -436,25 +512,33 @@ impl Pool {
         }
         self.handshakes.ok.fetch_add(1, Ordering::Relaxed);
         let peer_id = self.identity.peer_id(session);
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (send, mut conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(Batched::new(tls)))
+            .max_send_buffer_size(SEND_BUFFER)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .enable_push(false)
+            .handshake::<_, Bytes>(Batched::new(tls))
             .await
             .map_err(|source| TunnelError::Http {
                 addr: key.dial,
                 source,
             })?;
         let dial = key.dial;
+        let pings = conn.ping_pong();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(peer = %dial, error = %e, "connection to peer proxy ended");
+            tokio::select! {
+                res = &mut conn => {
+                    if let Err(e) = res {
+                        debug!(peer = %dial, error = %e, "connection to peer proxy ended");
+                    }
+                }
+                why = keep_alive(pings) => {
+                    debug!(peer = %dial, why, "closing the connection to the peer proxy");
+                }
             }
+            streams.closed.store(true, Ordering::Release);
         });
         debug!(peer = %dial, id = ?peer_id, "opened mesh connection");
         Ok((send, peer_id))

@@ -22,9 +22,10 @@ use tracing::{debug, warn};
 use super::{absolute_uri, authority, boxed, empty, full, strip_hop_by_hop, upgrade_token, Held};
 use super::{PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
+use crate::h2stream::{RecvBody, StreamIo};
 use crate::metrics::Direction;
 use crate::policy::{self, Failure, LimitKind, Limits, Next, Outcome, Stop};
-use crate::pool::{Body, Sender, TunnelError};
+use crate::pool::{Body, BoxError, Sender, TunnelError};
 use crate::relay::relay;
 use crate::router::{Route, Router};
 use crate::socket::Targets;
@@ -101,11 +102,39 @@ fn proto_name(v: Version) -> &'static str {
     }
 }
 
-/// The response as the application gets it.
-fn to_app(res: Response<Incoming>) -> Response<Body> {
-    let (mut parts, body) = res.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, boxed(body))
+/// A response body from the peer proxy or from a server outside the mesh.
+enum Upstream {
+    Mesh(RecvBody),
+    Direct(Incoming),
+}
+
+impl hyper::body::Body for Upstream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Upstream::Mesh(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Upstream::Direct(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Upstream::Mesh(b) => b.is_end_stream(),
+            Upstream::Direct(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Upstream::Mesh(b) => b.size_hint(),
+            Upstream::Direct(b) => b.size_hint(),
+        }
+    }
 }
 
 /// Why one attempt produced no response.
@@ -188,7 +217,7 @@ async fn attempt(
     timeout: Option<Duration>,
     grpc: bool,
     seen: &mut Seen,
-) -> Result<Response<Incoming>, AttemptError> {
+) -> Result<Response<Upstream>, AttemptError> {
     let send = async {
         let pending = limits.acquire(LimitKind::Pending).map_err(|e| {
             if let Some(r) = &seen.route {
@@ -210,11 +239,18 @@ async fn attempt(
                     PROTO_HEADER,
                     HeaderValue::from_static(proto_name(app_version)),
                 );
-                sender.send(Request::from_parts(parts, body)).await.map_err(|e| {
-                    debug!(%dst, error = %e, "request over the mesh failed");
-                    let refused = matches!(&e, TunnelError::Http { source, .. } if refused_stream(source));
-                    AttemptError::Failed(if refused { Failure::RefusedStream } else { Failure::Reset })
-                })
+                match sender.send(Request::from_parts(parts, body)).await {
+                    Ok(res) => Ok(res.map(Upstream::Mesh)),
+                    Err(e) => {
+                        debug!(%dst, error = %e, "request over the mesh failed");
+                        let refused = matches!(&e, TunnelError::Http { source, .. } if refused_stream(source));
+                        Err(AttemptError::Failed(if refused {
+                            Failure::RefusedStream
+                        } else {
+                            Failure::Reset
+                        }))
+                    }
+                }
             }
             None => {
                 let client = ctx
@@ -223,6 +259,7 @@ async fn attempt(
                 client
                     .request(Request::from_parts(parts, body))
                     .await
+                    .map(|res| res.map(Upstream::Direct))
                     .map_err(|e| {
                         debug!(%dst, error = %e, "direct request failed");
                         AttemptError::Failed(if e.is_connect() {
@@ -435,8 +472,7 @@ async fn route_request(
                         let (mut head, body) = res.into_parts();
                         strip_hop_by_hop(&mut head.headers);
                         head.headers.remove(TARGET_HEADER);
-                        // One box for both: `Held` wraps hyper's body itself.
-                        let body = body.map_err(crate::pool::BoxError::from);
+                        // One box for both: `Held` wraps the upstream body itself.
                         Response::from_parts(head, Held::new(body, in_flight).boxed())
                     }
                     Err(AttemptError::Failed(f)) => f.answer(grpc),
@@ -501,29 +537,37 @@ async fn upgrade(
     };
     parts.method = http::Method::CONNECT;
     parts.version = Version::HTTP_2;
-    parts
-        .extensions
-        .insert(hyper::ext::Protocol::from(protocol));
+    parts.extensions.insert(h2::ext::Protocol::from(protocol));
     parts.headers.insert(TARGET_HEADER, header_value(dst));
     parts
         .headers
         .insert(PROTO_HEADER, HeaderValue::from_static("http/1.1"));
-    let res = match sender.send(Request::from_parts(parts, empty())).await {
-        Ok(res) => res,
+    let (res, stream) = match sender.exchange(Request::from_parts(parts, ())).await {
+        Ok(r) => r,
         Err(e) => return proxy_answer(StatusCode::BAD_GATEWAY, e.reason()),
     };
-    if res.status() != StatusCode::OK {
-        // The server declined the upgrade: its answer goes back as it is.
-        return to_app(res);
-    }
-    let (mut head, body) = res.into_parts();
-    let tunnel = hyper::upgrade::on(Response::from_parts(head.clone(), body));
+    let (mut head, recv) = res.into_parts();
     strip_hop_by_hop(&mut head.headers);
+    if head.status != StatusCode::OK {
+        // The server declined the upgrade: its answer goes back as it is.
+        let body = RecvBody::new(recv, &head.headers);
+        return Response::from_parts(head, body.map_err(BoxError::from).boxed());
+    }
     head.status = StatusCode::SWITCHING_PROTOCOLS;
     head.headers
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     head.headers.insert(header::UPGRADE, token);
-    join_upgrades(from_app, tunnel, idle);
+    let tunnel = StreamIo::new(stream, recv);
+    tokio::spawn(async move {
+        match from_app.await {
+            Ok(app) => {
+                if let Err(e) = relay(TokioIo::new(app), tunnel, idle).await {
+                    debug!(error = %e, "upgraded connection ended");
+                }
+            }
+            Err(e) => debug!(error = %e, "upgrade failed"),
+        }
+    });
     Response::from_parts(head, empty())
 }
 
