@@ -229,7 +229,9 @@ impl AsyncRead for StreamIo {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.buf.is_empty() {
+        // An empty DATA frame is not the end of the stream: reading nothing
+        // would tell the caller it was.
+        while this.buf.is_empty() {
             match ready!(this.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
                     let _ = this.recv.flow_control().release_capacity(data.len());
@@ -381,6 +383,30 @@ mod tests {
         ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
             self.0.poll_recv(cx).map(|f| f.map(Ok))
         }
+    }
+
+    #[tokio::test]
+    async fn an_empty_data_frame_is_not_the_end_of_a_tunnel() {
+        let (mut client, mut server) = pair().await;
+        let srv = tokio::spawn(async move {
+            let (_req, mut respond) = server.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while server.accept().await.is_some() {} });
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            send.send_data(Bytes::from_static(b"one "), false).unwrap();
+            send.send_data(Bytes::new(), false).unwrap();
+            send.send_data(Bytes::from_static(b"two"), true).unwrap();
+        });
+        let req = http::Request::connect("10.200.0.1:80").body(()).unwrap();
+        let (res, send) = client.send_request(req, false).unwrap();
+        let res = res.await.unwrap();
+        let mut io = StreamIo::new(send, res.into_body());
+        let mut got = Vec::new();
+        io.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"one two");
+        srv.await.unwrap();
+        drop(client);
     }
 
     #[tokio::test]
