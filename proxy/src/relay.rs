@@ -22,6 +22,9 @@ use tokio::time::Instant;
 /// bulk transfers make a quarter of the calls they would with one record.
 const BUF_SIZE: usize = 64 * 1024;
 
+/// Bytes one direction moves in one go before it yields.
+const YIELD_AFTER: u64 = 128 * 1024;
+
 /// Bytes moved by a finished relay.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Transferred {
@@ -124,7 +127,17 @@ impl Pipe {
         if self.done {
             return Poll::Ready(Ok(self.moved));
         }
+        let start = self.moved;
         loop {
+            // Hand the thread back after a burst, once everything read has
+            // been written: a writer that queues for another task (an
+            // HTTP/2 stream, sent by its connection's task) must let that
+            // task run, or the data leaves in one late burst while the
+            // pipeline behind it idles.
+            if self.moved - start >= YIELD_AFTER && self.at >= self.held.len() {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             while self.at < self.held.len() {
                 let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.held[self.at..]))?;
                 if n == 0 {
@@ -277,6 +290,63 @@ mod tests {
         copied.unwrap();
         assert_eq!(got, vec![1u8; 5000]);
         assert_eq!(pipe.held.capacity(), 0, "an idle direction kept its buffer");
+    }
+
+    /// Always has bytes until `left` runs out, and never makes its caller
+    /// wait: the runtime's own fairness never steps in.
+    struct Endless {
+        left: usize,
+    }
+
+    impl AsyncRead for Endless {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = buf.remaining().min(self.left);
+            buf.put_slice(&vec![0u8; n]);
+            self.left -= n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Takes every write at once.
+    struct Sink;
+
+    impl AsyncWrite for Sink {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_burst_hands_the_thread_back_while_it_runs() {
+        let mut pipe = Pipe::default();
+        let mut reader = Endless { left: 16 << 20 };
+        let mut writer = Sink;
+        let mut polls = 0;
+        let moved = std::future::poll_fn(|cx| {
+            polls += 1;
+            pipe.poll_copy(cx, &mut reader, &mut writer)
+        })
+        .await
+        .unwrap();
+        assert_eq!(moved, 16 << 20);
+        assert!(
+            polls >= (16 << 20) / YIELD_AFTER as usize,
+            "16 MiB moved in {polls} polls: the relay kept the thread"
+        );
     }
 
     #[tokio::test(start_paused = true)]
