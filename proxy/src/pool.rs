@@ -14,11 +14,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use std::sync::atomic::AtomicBool;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -275,6 +273,13 @@ impl Sender {
         mut self,
         req: http::Request<()>,
     ) -> Result<(http::Response<RecvStream>, SendStream<Bytes>), TunnelError> {
+        self.round_trip(req).await
+    }
+
+    async fn round_trip(
+        &mut self,
+        req: http::Request<()>,
+    ) -> Result<(http::Response<RecvStream>, SendStream<Bytes>), TunnelError> {
         let (response, stream) = self.start(req, false).await?;
         let res = response.await.map_err(self.error())?;
         Ok((res, stream))
@@ -291,8 +296,7 @@ impl Sender {
                 status: http::StatusCode::BAD_REQUEST,
                 reason: e.to_string(),
             })?;
-        let (response, stream) = self.start(req, false).await?;
-        let res = response.await.map_err(self.error())?;
+        let (res, stream) = self.round_trip(req).await?;
         if res.status() != http::StatusCode::OK {
             let status = res.status();
             let reason = res
