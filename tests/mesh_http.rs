@@ -142,6 +142,39 @@ fn a_small_post_is_retried_with_its_body_intact_and_a_large_one_is_streamed_once
 }
 
 #[test]
+fn a_chunked_post_is_retried_when_it_fits_the_buffer_and_streamed_once_when_not() {
+    // No Content-Length: the proxy cannot wait for the end before sending,
+    // so it keeps a copy as the body passes.
+    let (_mesh, server, client, app) = setup(&["proxy.http.retry_on=5xx", "proxy.http.attempts=3"]);
+    let files = shared_dir().unwrap();
+    let post = |name: &str, body: &[u8], path: &str| {
+        let file = files.path().join(name);
+        write_readable(&file, body).unwrap();
+        request(
+            &client.pod,
+            &[
+                "-H",
+                "Transfer-Encoding: chunked",
+                "--data-binary",
+                &format!("@{}", file.display()),
+                &url(&server, path),
+            ],
+        )
+    };
+    use sha2::Digest;
+    let small: Vec<u8> = (0..1024u32).map(|i| (i * 13 % 251) as u8).collect();
+    let r = post("small", &small, "/echo/2/h");
+    let want = format!("1024 {:x}", sha2::Sha256::digest(&small));
+    assert_eq!((r.status, r.body.as_str()), (200, want.as_str()));
+    assert_eq!(app.count(&server.pod, "h"), 3, "retried twice, body intact");
+
+    let large: Vec<u8> = (0..10 << 20).map(|i: u32| (i % 247) as u8).collect();
+    let r = post("large", &large, "/echo/1/i");
+    assert_eq!(r.status, 503, "a 10 MiB body outgrows the buffer");
+    assert_eq!(app.count(&server.pod, "i"), 1);
+}
+
+#[test]
 fn the_breaker_opens_answers_503_itself_and_recovers_half_open() {
     let (_mesh, server, client, app) = setup(&[
         "proxy.http.breaker_failures=3",
@@ -385,6 +418,53 @@ fn grpc_unary_streaming_and_errors_work_through_the_mesh() {
     let (code, details) = run(&["unary", &format!("{}:50052", server.pod.ip()), "x"]);
     assert_eq!(code, "UNAVAILABLE", "{details}");
     assert!(details.contains("connect"), "{details}");
+}
+
+#[test]
+fn a_grpc_call_answered_unavailable_is_retried_with_its_message() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("grpc-server", PodOptions::default());
+    let client = mesh.meshed_pod(
+        "grpc-client",
+        PodOptions {
+            proxy_set: vec![
+                "proxy.http.retry_on=grpc-unavailable".into(),
+                "proxy.http.attempts=3".into(),
+                "proxy.http.breaker_failures=0".into(),
+            ],
+            ..Default::default()
+        },
+    );
+    let dir = shared_dir().unwrap();
+    let _srv = grpc_echo(&server.pod, dir.path(), &["serve", "50051"])
+        .spawn()
+        .expect("grpc server");
+    server
+        .pod
+        .wait_for_port(
+            SocketAddr::new(server.pod.ip().into(), 50051),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let target = format!("{}:50051", server.pod.ip());
+    let flaky = |failures: &str, key: &str| {
+        let out = grpc_echo(&client.pod, dir.path(), &["flaky", &target, failures, key])
+            .output()
+            .expect("grpc client");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // gRPC sends no content-length: the message is kept as it passes.
+    assert_eq!(flaky("2", "a"), "ok after 3");
+    assert_eq!(
+        flaky("5", "b"),
+        "UNAVAILABLE",
+        "three tries, then the answer"
+    );
 }
 
 #[test]

@@ -387,7 +387,8 @@ http_policy! {
     /// Longest backoff before one retry.
     backoff_max: Duration = Duration::from_millis(250),
     /// Largest request body kept for replay; a request whose body is larger
-    /// is streamed and never retried.
+    /// is streamed and never retried. A body of unknown length is copied
+    /// as it is sent and can be retried once it has ended within this.
     retry_buffer: ByteSize = ByteSize::kib(64),
     /// Retries allowed per request over `budget_window`, on top of
     /// `budget_min_per_second`: `0.2` lets retries add at most 20% load.

@@ -18,6 +18,7 @@
 pub mod client;
 pub mod inbound;
 pub mod outbound;
+mod replay;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Body as _;
 use tokio::time::Instant;
 
 use http::header::{self, HeaderValue};
@@ -19,7 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::{absolute_uri, authority, boxed, empty, full, strip_hop_by_hop, upgrade_token, Held};
+use super::replay::RequestBody;
+use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token, Held};
 use super::{PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
 use crate::h2stream::{RecvBody, StreamIo};
@@ -278,55 +278,6 @@ async fn attempt(
             .await
             .unwrap_or(Err(AttemptError::Failed(Failure::PerTryTimeout))),
         None => send.await,
-    }
-}
-
-/// A request body that can be sent more than once when it is small: a
-/// known length within the policy's retry buffer is read before the first
-/// attempt. Anything else streams through untouched (and cannot be
-/// retried): waiting for the end of a body of unknown length could hold a
-/// streaming call, such as a gRPC stream, forever.
-enum RequestBody {
-    Replayable(Option<Bytes>),
-    Streaming(Option<Body>),
-}
-
-impl RequestBody {
-    async fn read(
-        body: Incoming,
-        headers: &http::HeaderMap,
-        limit: usize,
-        may_retry: bool,
-    ) -> Result<Self, ()> {
-        if body.is_end_stream() {
-            return Ok(RequestBody::Replayable(None));
-        }
-        let length = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        match length {
-            Some(n) if may_retry && n <= limit => {
-                let collected = http_body_util::Limited::new(body, limit)
-                    .collect()
-                    .await
-                    .map_err(drop)?;
-                Ok(RequestBody::Replayable(Some(collected.to_bytes())))
-            }
-            _ => Ok(RequestBody::Streaming(Some(boxed(body)))),
-        }
-    }
-
-    fn attempt(&mut self) -> Body {
-        match self {
-            RequestBody::Replayable(None) => empty(),
-            RequestBody::Replayable(Some(b)) => full(b.clone()),
-            RequestBody::Streaming(b) => b.take().unwrap_or_else(empty),
-        }
-    }
-
-    fn is_replayable(&self) -> bool {
-        matches!(self, RequestBody::Replayable(_))
     }
 }
 

@@ -9,8 +9,8 @@
 //!    status codes may follow a request the server already acted on; an
 //!    operator lists them for destinations where that is acceptable.
 //! 2. **Can the request be sent again?** Its body must still be in hand
-//!    (empty, or buffered whole within `retry_buffer`; a longer body was
-//!    streamed and is gone) and its method must allow it. RFC 9110 makes
+//!    (empty, or kept whole within `retry_buffer`, see `http::replay`; a
+//!    longer body was streamed and is gone) and its method must allow it. RFC 9110 makes
 //!    GET, HEAD, OPTIONS, TRACE, PUT and DELETE idempotent; POST and PATCH
 //!    are not, but are retried like them once their body is buffered, since
 //!    the operator chose the conditions (gRPC, all POST, needs this). CONNECT
