@@ -245,6 +245,61 @@ fn a_thousand_concurrent_connections_all_complete() {
 
 /// A deterministic byte stream, so both ends can hash the same gigabyte
 /// without storing it.
+#[test]
+fn connections_over_max_connections_are_reset_and_room_frees_when_one_closes() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("echo", PodOptions::default());
+    let client = mesh.meshed_pod(
+        "load",
+        PodOptions {
+            proxy_set: vec!["proxy.http.max_connections=2".into()],
+            ..Default::default()
+        },
+    );
+    serve_tcp(&server.pod, 9000, echo);
+    let dst = SocketAddr::new(server.pod.ip().into(), 9000);
+    let connect = || {
+        let conn = client
+            .pod
+            .run_in(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+            .expect("run in pod")
+            .expect("the proxy accepts");
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        conn
+    };
+    let round_trip = |conn: &mut TcpStream, msg: &[u8]| -> std::io::Result<bool> {
+        conn.write_all(msg)?;
+        let mut back = vec![0u8; msg.len()];
+        conn.read_exact(&mut back)?;
+        Ok(back == msg)
+    };
+    let mut first = connect();
+    let mut second = connect();
+    assert!(round_trip(&mut first, b"one\n").unwrap());
+    assert!(round_trip(&mut second, b"two\n").unwrap());
+    let mut third = connect();
+    assert!(
+        !matches!(round_trip(&mut third, b"three\n"), Ok(true)),
+        "a third connection is refused while two are open"
+    );
+    assert!(
+        round_trip(&mut first, b"still\n").unwrap(),
+        "the others carry on"
+    );
+
+    drop(second);
+    // The place is given back once the proxy has seen the close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = connect();
+        if matches!(round_trip(&mut again, b"again\n"), Ok(true)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "room never freed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn fill(buf: &mut [u8], state: &mut u64) {
     for chunk in buf.chunks_mut(8) {
         *state ^= *state << 13;

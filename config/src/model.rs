@@ -405,7 +405,10 @@ http_policy! {
     breaker_base_ejection: Duration = Duration::from_secs(5),
     /// The longest an endpoint is refused in one ejection.
     breaker_max_ejection: Duration = Duration::from_secs(60),
-    /// Connections open to one destination at once; `0` for no limit.
+    /// Opaque TCP connections open to one destination at once (through the
+    /// mesh or not); one more is reset at once. HTTP requests share pooled
+    /// connections, so they are bounded by the two limits below instead.
+    /// `0` for no limit.
     max_connections: u32 = 1024,
     /// Requests to one destination waiting for a connection; `0` for no limit.
     max_pending: u32 = 1024,

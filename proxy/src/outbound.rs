@@ -9,6 +9,7 @@ use tracing::{debug, warn};
 
 use crate::detect::{detect, Protocol};
 use crate::metrics::{protocol_label, Detected, Direction};
+use crate::policy::LimitKind;
 use crate::pool::TunnelError;
 use crate::relay::relay;
 use crate::router::Route;
@@ -54,6 +55,26 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
         return;
     }
     let live = ctx.live();
+    // Each opaque connection is one connection at the destination (the
+    // peer proxy opens one to its application per tunnel), so it counts
+    // against the destination's `max_connections` while it lasts.
+    let policy = live.policies.policy_for(dst, None);
+    let _held = match policy
+        .destination(dst)
+        .limits
+        .acquire(LimitKind::Connections)
+    {
+        Ok(guard) => guard,
+        Err(e) => {
+            if let Some(route) = live.route_stats(policy.name()) {
+                route.limit_rejected(e.kind);
+            }
+            debug!(%client, %dst, "{e}; resetting the new connection");
+            meter.fail("max_connections");
+            socket::reset(app);
+            return;
+        }
+    };
     match live.router.route(dst) {
         Route::Passthrough => passthrough(&ctx, app, client, dst, &meter).await,
         Route::Mesh { key, probe } => {

@@ -1,6 +1,8 @@
 //! Limits on the work in progress for one destination, which fail fast.
 //!
-//! - `max_connections`: connections open to the destination;
+//! - `max_connections`: the application's opaque TCP connections open to
+//!   the destination, each of which is one connection at the destination
+//!   (a new one over the limit is reset);
 //! - `max_pending`: requests waiting for a connection or stream to it;
 //! - `max_in_flight`: requests sent to it and not yet answered in full.
 //!
