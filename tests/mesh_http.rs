@@ -372,37 +372,43 @@ fn grpc_echo(
         .uid(APP_UID)
 }
 
+/// Starts the gRPC echo server in `pod` on port 50051; returns it (it
+/// stops when dropped) and the address to call.
+fn grpc_server(
+    pod: &legate_testbed::Pod,
+    dir: &std::path::Path,
+) -> (legate_testbed::Process, String) {
+    let server = grpc_echo(pod, dir, &["serve", "50051"])
+        .spawn()
+        .expect("grpc server");
+    let addr = SocketAddr::new(pod.ip().into(), 50051);
+    pod.wait_for_port(addr, Duration::from_secs(10)).unwrap();
+    (server, addr.to_string())
+}
+
+/// Runs the gRPC echo client in `pod`; returns what it printed on stdout
+/// (trimmed) and on stderr.
+fn grpc_call(pod: &legate_testbed::Pod, dir: &std::path::Path, args: &[&str]) -> (String, String) {
+    let out = grpc_echo(pod, dir, args).output().expect("grpc client");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn grpc_unary_streaming_and_errors_work_through_the_mesh() {
     let mesh = Mesh::new(&[]);
     let server = mesh.meshed_pod("grpc-server", PodOptions::default());
     let client = mesh.meshed_pod("grpc-client", PodOptions::default());
     let dir = shared_dir().unwrap();
-    let _srv = grpc_echo(&server.pod, dir.path(), &["serve", "50051"])
-        .spawn()
-        .expect("grpc server");
-    server
-        .pod
-        .wait_for_port(
-            SocketAddr::new(server.pod.ip().into(), 50051),
-            Duration::from_secs(10),
-        )
-        .unwrap();
-    let target = format!("{}:50051", server.pod.ip());
-    let run = |args: &[&str]| {
-        let out = grpc_echo(&client.pod, dir.path(), args)
-            .output()
-            .expect("grpc client");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (
-            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let (_srv, target) = grpc_server(&server.pod, dir.path());
+    let run = |args: &[&str]| grpc_call(&client.pod, dir.path(), args);
     assert_eq!(run(&["unary", &target, "hello grpc"]).0, "hello grpc");
     assert_eq!(
         run(&["chat", &target, "one", "two", "three"]).0,
@@ -436,27 +442,9 @@ fn a_grpc_call_answered_unavailable_is_retried_with_its_message() {
         },
     );
     let dir = shared_dir().unwrap();
-    let _srv = grpc_echo(&server.pod, dir.path(), &["serve", "50051"])
-        .spawn()
-        .expect("grpc server");
-    server
-        .pod
-        .wait_for_port(
-            SocketAddr::new(server.pod.ip().into(), 50051),
-            Duration::from_secs(10),
-        )
-        .unwrap();
-    let target = format!("{}:50051", server.pod.ip());
+    let (_srv, target) = grpc_server(&server.pod, dir.path());
     let flaky = |failures: &str, key: &str| {
-        let out = grpc_echo(&client.pod, dir.path(), &["flaky", &target, failures, key])
-            .output()
-            .expect("grpc client");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        grpc_call(&client.pod, dir.path(), &["flaky", &target, failures, key]).0
     };
     // gRPC sends no content-length: the message is kept as it passes.
     assert_eq!(flaky("2", "a"), "ok after 3");
