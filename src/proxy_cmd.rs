@@ -176,14 +176,12 @@ fn start_tracing(
 /// Runs the proxy. `sources` are what the configuration was loaded from,
 /// read again on reload.
 pub fn run(config: Config, sources: Sources) -> ExitCode {
-    let mut builder = if config.proxy.workers <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(config.proxy.workers as usize);
-        b
-    };
-    let runtime = match builder.enable_all().build() {
+    // The listeners' thread; further workers, when configured, start
+    // their own runtimes (see the proxy's `worker` module).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

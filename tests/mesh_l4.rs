@@ -127,12 +127,12 @@ fn redis_between_meshed_pods_is_mutual_tls_on_the_wire() {
 #[test]
 fn half_close_reaches_the_server_and_it_can_still_answer() {
     let mesh = Mesh::new(&[]);
-    // This server's proxy runs on two threads (the default is one), so the
-    // multi-threaded runtime carries traffic in the suite too.
+    // This server's proxy runs on one thread (the default is one per CPU),
+    // so the single-threaded proxy carries traffic in the suite too.
     let server = mesh.meshed_pod(
         "srv",
         PodOptions {
-            proxy_set: vec!["proxy.workers=2".into()],
+            proxy_set: vec!["proxy.workers=1".into()],
             ..Default::default()
         },
     );
@@ -298,6 +298,67 @@ fn connections_over_max_connections_are_reset_and_room_frees_when_one_closes() {
         assert!(Instant::now() < deadline, "room never freed");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// CPU time, in nanoseconds, of the threads of process `pid` named `name`.
+fn thread_cpu(pid: u32, name: &str) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+#[test]
+fn connections_are_shared_out_to_the_proxys_worker_threads() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("echo", PodOptions::default());
+    let client = mesh.meshed_pod(
+        "load",
+        PodOptions {
+            proxy_set: vec!["proxy.workers=2".into()],
+            ..Default::default()
+        },
+    );
+    serve_tcp(&server.pod, 9000, echo);
+    let dst = SocketAddr::new(server.pod.ip().into(), 9000);
+    let pid = client.proxy.pid();
+    let before = thread_cpu(pid, "legate-worker-1");
+    let echoed = client
+        .pod
+        .run_in(move || {
+            let mut echoed = 0;
+            for _ in 0..8 {
+                let mut conn = TcpStream::connect(dst).expect("connect");
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut back = [0u8; 64];
+                for _ in 0..200 {
+                    conn.write_all(&[9u8; 64]).expect("write");
+                    conn.read_exact(&mut back).expect("echo");
+                    echoed += 1;
+                }
+            }
+            echoed
+        })
+        .unwrap();
+    assert_eq!(echoed, 1600);
+    let spent = thread_cpu(pid, "legate-worker-1") - before;
+    assert!(
+        spent > 1_000_000,
+        "the second worker took {spent} ns of CPU: it carried no connections"
+    );
 }
 
 fn fill(buf: &mut [u8], state: &mut u64) {

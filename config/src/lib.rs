@@ -278,11 +278,11 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
             rule(&format!("proxy.{name}"), "must be greater than zero".into());
         }
     }
-    if !(1..=256).contains(&p.workers) {
+    if p.workers > 256 {
         rule(
             "proxy.workers",
             format!(
-                "{} threads is out of range; use 1 to 256 (about one per core the proxy may use)",
+                "{} threads is out of range; use 1 to 256 (about one per core the proxy may use), or 0 for one per CPU",
                 p.workers
             ),
         );

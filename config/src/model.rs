@@ -227,11 +227,13 @@ section! {
         tcp_keepalive: Duration = Duration::from_secs(60),
         /// How long in-flight work may take to finish after SIGTERM.
         drain_grace: Duration = Duration::from_secs(25),
-        /// Threads that carry traffic. With one, every connection is served
-        /// on a single thread with no handoffs between threads, which costs
-        /// the least CPU and memory per request and suits a sidecar sharing
-        /// its pod's CPUs; more spread load over that many cores.
-        workers: u32 = 1,
+        /// Threads that carry traffic, each with its own event loop and its
+        /// own pooled mesh connections: a connection stays on the thread
+        /// that took it, so threads never hand work to each other. `0` (the
+        /// default) runs one per CPU the proxy may use, counting a cgroup's
+        /// CPU limit; `1` serves everything on one thread, the least memory
+        /// for a sidecar that should take little of its pod's CPUs.
+        workers: u32 = 0,
         /// Destinations here are checked for a peer proxy; others are plaintext.
         mesh_networks: Vec<IpNet> = vec![
             parsed("10.0.0.0/8"),
@@ -239,7 +241,7 @@ section! {
             parsed("192.168.0.0/16"),
             parsed("fc00::/7"),
         ],
-        /// Most mTLS connections kept to one peer proxy.
+        /// Most mTLS connections kept to one peer proxy, per worker thread.
         pool_max_connections: u32 = 4,
         /// Streams on one pooled connection before another is opened.
         pool_max_streams: u32 = 100,

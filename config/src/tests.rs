@@ -675,12 +675,17 @@ fn inbound_capture_follows_the_lists_and_spares_the_admin_port() {
 #[test]
 fn workers_must_be_a_sensible_thread_count() {
     let bad = Sources {
-        flags: vec![flag("proxy.workers", "0")],
+        flags: vec![flag("proxy.workers", "257")],
         ..Default::default()
     };
     let text = load(&bad).unwrap_err().to_string();
     assert!(text.contains("proxy.workers"), "{text}");
     assert!(text.contains("1 to 256"), "{text}");
+    assert_eq!(
+        load(&Sources::default()).unwrap().config.proxy.workers,
+        0,
+        "one per CPU"
+    );
     let good = Sources {
         flags: vec![flag("proxy.workers", "2")],
         ..Default::default()

@@ -49,6 +49,7 @@ pub mod router;
 pub mod socket;
 pub mod telemetry;
 pub mod tls;
+mod worker;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -169,8 +170,11 @@ pub struct Shared {
     /// the rest of what a reload does not change.
     pub(crate) config: Arc<Config>,
     pub(crate) identity: Identity,
-    pub(crate) pool: pool::Pool,
-    pub(crate) clients: http::client::Clients,
+    /// One pool of mesh connections and one set of plain HTTP clients per
+    /// worker thread: a connection's task runs on the worker that opened
+    /// it, so requests on the same worker never wake another thread.
+    pools: Box<[pool::Pool]>,
+    clients: Box<[http::client::Clients]>,
     live: ArcSwap<Live>,
     pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) access: Arc<access::AccessLog>,
@@ -185,6 +189,16 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The mesh connection pool of the calling worker thread.
+    pub(crate) fn pool(&self) -> &pool::Pool {
+        &self.pools[worker::current() % self.pools.len()]
+    }
+
+    /// The plain HTTP clients of the calling worker thread.
+    pub(crate) fn clients(&self) -> &http::client::Clients {
+        &self.clients[worker::current() % self.clients.len()]
+    }
+
     /// Whether `dst` is one of this proxy's own listeners, which must never
     /// be forwarded to (that would loop through the proxy forever).
     pub(crate) fn is_own_listener(&self, dst: SocketAddr) -> bool {
@@ -276,9 +290,17 @@ impl Shared {
             renewals: status.renewals,
             renewal_failures: status.renewal_failures,
         };
+        let mut handshakes = (0, [0; 3]);
+        for p in &self.pools {
+            let (ok, failed) = p.handshakes();
+            handshakes.0 += ok;
+            for (sum, n) in handshakes.1.iter_mut().zip(failed) {
+                *sum += n;
+            }
+        }
         let pool = metrics::PoolStatus {
-            connections: self.pool.open_connections(),
-            handshakes: self.pool.handshakes(),
+            connections: self.pools.iter().map(pool::Pool::open_connections).sum(),
+            handshakes,
         };
         self.metrics
             .render(live.policies.policies().cloned().collect(), pool, cert)
@@ -318,13 +340,14 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     check("proxy.drain_grace", a.drain_grace == b.drain_grace);
     check("proxy.probe_ttl", a.probe_ttl == b.probe_ttl);
     check("proxy.opaque_ports", a.opaque_ports == b.opaque_ports);
+    check("proxy.workers", a.workers == b.workers);
     check("identity", running.identity == new.identity);
     check("telemetry", running.telemetry == new.telemetry);
     out
 }
 
 /// Counts a connection as active until dropped.
-struct ConnGuard(Arc<Shared>);
+pub(crate) struct ConnGuard(Arc<Shared>);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
@@ -397,19 +420,26 @@ impl Proxy {
             .unwrap_or_else(|| Arc::new(access::AccessLog::stdout(&config.log, metrics.clone())));
         access.set_local_id(identity.local_id().as_str());
         let live = Live::new(config.clone(), None, &metrics);
+        let workers = worker::count(&config);
         let shared = Arc::new(Shared {
-            pool: pool::Pool::new(
-                identity.clone(),
-                pool::PoolSettings {
-                    connect_timeout: p.connect_timeout,
-                    handshake_timeout: p.handshake_timeout,
-                    keepalive: p.tcp_keepalive,
-                    max_connections: p.pool_max_connections as usize,
-                    max_streams: p.pool_max_streams as usize,
-                    idle_timeout: p.pool_idle_timeout,
-                },
-            ),
-            clients: http::client::Clients::new(p.connect_timeout, p.tcp_keepalive),
+            pools: (0..workers)
+                .map(|_| {
+                    pool::Pool::new(
+                        identity.clone(),
+                        pool::PoolSettings {
+                            connect_timeout: p.connect_timeout,
+                            handshake_timeout: p.handshake_timeout,
+                            keepalive: p.tcp_keepalive,
+                            max_connections: p.pool_max_connections as usize,
+                            max_streams: p.pool_max_streams as usize,
+                            idle_timeout: p.pool_idle_timeout,
+                        },
+                    )
+                })
+                .collect(),
+            clients: (0..workers)
+                .map(|_| http::client::Clients::new(p.connect_timeout, p.tcp_keepalive))
+                .collect(),
             live: ArcSwap::from_pointee(live),
             metrics,
             access,
@@ -449,12 +479,23 @@ impl Proxy {
             inbound,
             admin,
         } = self;
+        let workers = worker::Workers::start(&shared);
         let mut tasks = tokio::task::JoinSet::new();
         for l in outbound {
-            tasks.spawn(accept_loop(shared.clone(), l, Direction::Outbound));
+            tasks.spawn(accept_loop(
+                shared.clone(),
+                l,
+                Direction::Outbound,
+                workers.lanes(),
+            ));
         }
         for l in inbound {
-            tasks.spawn(accept_loop(shared.clone(), l, Direction::Inbound));
+            tasks.spawn(accept_loop(
+                shared.clone(),
+                l,
+                Direction::Inbound,
+                workers.lanes(),
+            ));
         }
         let admin_task = tokio::spawn(admin::serve(shared.clone(), admin));
         let sweeper = {
@@ -469,11 +510,17 @@ impl Proxy {
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tick.tick().await;
-                    shared.pool.sweep();
+                    for p in &shared.pools {
+                        p.sweep();
+                    }
                 }
             })
         };
-        info!(id = %shared.identity.local_id(), "proxy started");
+        info!(
+            id = %shared.identity.local_id(),
+            workers = worker::count(&shared.config),
+            "proxy started"
+        );
 
         tokio::select! {
             _ = shutdown => {}
@@ -505,24 +552,30 @@ impl Proxy {
         }
         admin_task.abort();
         sweeper.abort();
+        workers.stop();
     }
 }
 
 use metrics::Direction;
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, dir: Direction) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    dir: Direction,
+    mut lanes: worker::Lanes,
+) {
     loop {
         match listener.accept().await {
             Ok((sock, client)) => {
-                let guard = shared.track();
-                let ctx = shared.clone();
-                tokio::spawn(async move {
-                    match dir {
-                        Direction::Outbound => outbound::handle(ctx, sock, client).await,
-                        Direction::Inbound => inbound::handle(ctx, sock, client).await,
-                    }
-                    drop(guard);
-                });
+                let conn = worker::Accepted {
+                    guard: shared.track(),
+                    sock,
+                    client,
+                    dir,
+                };
+                if let Some(conn) = lanes.hand_over(conn) {
+                    handle(conn);
+                }
             }
             Err(e) => {
                 // Out of file descriptors or memory: back off instead of spinning.
@@ -531,4 +584,22 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, dir: Direction)
             }
         }
     }
+}
+
+/// Handles an accepted connection on the calling worker, to the end.
+pub(crate) fn handle(conn: worker::Accepted) {
+    let worker::Accepted {
+        guard,
+        sock,
+        client,
+        dir,
+    } = conn;
+    let ctx = guard.0.clone();
+    tokio::spawn(async move {
+        match dir {
+            Direction::Outbound => outbound::handle(ctx, sock, client).await,
+            Direction::Inbound => inbound::handle(ctx, sock, client).await,
+        }
+        drop(guard);
+    });
 }

@@ -87,7 +87,7 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
                     return;
                 }
             }
-            match ctx.pool.tunnel(&key, dst).await {
+            match ctx.pool().tunnel(&key, dst).await {
                 Ok(tunnel) => {
                     if probe {
                         live.router.learn(dst.ip(), true);

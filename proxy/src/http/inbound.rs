@@ -108,7 +108,7 @@ async fn forward(
             }
         }
     }
-    let client = ctx.clients.get(app_targets(&ctx.config, ip, port), h2);
+    let client = ctx.clients().get(app_targets(&ctx.config, ip, port), h2);
     match client.request(Request::from_parts(parts, body)).await {
         Ok(res) => response_to_client(res),
         Err(e) => {

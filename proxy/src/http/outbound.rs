@@ -169,7 +169,7 @@ async fn mesh_sender(
             grpc,
         )));
     }
-    match ctx.pool.sender(&key).await {
+    match ctx.pool().sender(&key).await {
         Ok(s) => {
             if probe {
                 router.learn(dst.ip(), true);
@@ -254,7 +254,7 @@ async fn attempt(
             }
             None => {
                 let client = ctx
-                    .clients
+                    .clients()
                     .get(Targets::one(dst), parts.version == Version::HTTP_2);
                 client
                     .request(Request::from_parts(parts, body))
