@@ -7,7 +7,8 @@
 //!   from one root, the server verifies the client's certificate and the
 //!   client verifies the server's chain and name;
 //! - workers: nginx `worker_processes auto` and HAProxy's default threads,
-//!   which are both one per core (2 here), as legate's runtime is;
+//!   which are both one per core (2 here), as legate's default
+//!   `proxy.workers` is;
 //! - connection reuse: the nginx HTTP pair keeps a pool of upstream
 //!   keep-alive connections on both sides (`keepalive 64`) with TLS
 //!   session reuse; the HAProxy pair speaks HTTP/2 between the proxies

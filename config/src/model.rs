@@ -231,8 +231,9 @@ section! {
         /// own pooled mesh connections: a connection stays on the thread
         /// that took it, so threads never hand work to each other. `0` (the
         /// default) runs one per CPU the proxy may use, counting a cgroup's
-        /// CPU limit; `1` serves everything on one thread, the least memory
-        /// for a sidecar that should take little of its pod's CPUs.
+        /// CPU limit, up to 4; `1` serves everything on one thread, the
+        /// least memory for a sidecar that should take little of its pod's
+        /// CPUs.
         workers: u32 = 0,
         /// Destinations here are checked for a peer proxy; others are plaintext.
         mesh_networks: Vec<IpNet> = vec![

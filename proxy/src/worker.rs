@@ -22,11 +22,17 @@ thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
 }
 
+/// Most workers `proxy.workers = 0` starts. A sidecar shares its pod's
+/// CPUs with the application, and every worker keeps its own mesh
+/// connections to each peer; an operator who wants more sets a number.
+const AUTO_MAX: usize = 4;
+
 /// How many workers `config` asks for: `proxy.workers`, or with `0` one
-/// per CPU this process may use (affinity and cgroup limits counted).
+/// per CPU this process may use (affinity and cgroup limits counted), at
+/// most [`AUTO_MAX`].
 pub fn count(config: &legate_config::Config) -> usize {
     match config.proxy.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(256)),
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(AUTO_MAX)),
         n => n as usize,
     }
 }
