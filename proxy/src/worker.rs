@@ -1,5 +1,5 @@
-//! Worker threads. With `proxy.workers` above one the proxy runs that many
-//! threads, each with a single-threaded runtime of its own: the listeners'
+//! Worker threads. The proxy runs `proxy.workers` of them (by default one
+//! per CPU), each with a single-threaded runtime of its own: the listeners'
 //! thread accepts and hands connections to the workers in turn (itself
 //! included), and a connection stays on its worker to the end, with that
 //! worker's pool of mesh connections. A request then never wakes another
