@@ -189,6 +189,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Worker threads carrying traffic: one pool and one set of clients each.
+    pub(crate) fn workers(&self) -> usize {
+        self.pools.len()
+    }
+
     /// The mesh connection pool of the calling worker thread.
     pub(crate) fn pool(&self) -> &pool::Pool {
         &self.pools[worker::current() % self.pools.len()]
@@ -518,7 +523,7 @@ impl Proxy {
         };
         info!(
             id = %shared.identity.local_id(),
-            workers = worker::count(&shared.config),
+            workers = shared.workers(),
             "proxy started"
         );
 

@@ -70,7 +70,9 @@ impl Workers {
     pub fn start(shared: &Arc<Shared>) -> Workers {
         let (stop, _) = watch::channel(false);
         let mut lanes = Vec::new();
-        for index in 1..count(&shared.config) {
+        // As many as there are pools: `count` reads the CPUs the process
+        // may use, which can change between two calls.
+        for index in 1..shared.workers() {
             let (tx, rx) = mpsc::unbounded_channel();
             let stopped = stop.subscribe();
             let started = std::thread::Builder::new()
