@@ -1,6 +1,6 @@
 //! Plain HTTP clients with connection reuse, for the hops that are not
 //! proxy to proxy: to a destination outside the mesh, and from the server's
-//! proxy to its application.
+//! proxy to its application (HTTP/2 here; HTTP/1.1 in [`super::h1`]).
 //!
 //! Each client dials fixed addresses whatever the request's authority says,
 //! so the `Host` / `:authority` the application sent travels unchanged while
@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::h1;
 use crate::pool::Body;
 use crate::socket::{self, ConnectError, Targets};
 
@@ -65,6 +66,7 @@ pub struct Clients {
     connect_timeout: Duration,
     keepalive: Duration,
     clients: Mutex<HashMap<(Targets, bool), HttpClient>>,
+    app: Arc<h1::Pool>,
 }
 
 /// More distinct destinations than this and the idle clients are dropped,
@@ -77,7 +79,13 @@ impl Clients {
             connect_timeout,
             keepalive,
             clients: Mutex::new(HashMap::new()),
+            app: Arc::new(h1::Pool::new(connect_timeout, keepalive)),
         }
+    }
+
+    /// HTTP/1.1 to the application, driven from each request's own task.
+    pub fn app_h1(&self) -> &Arc<h1::Pool> {
+        &self.app
     }
 
     /// The client for `targets`, speaking HTTP/2 with prior knowledge when

@@ -42,10 +42,10 @@ impl Peer {
     }
 }
 
-fn response_to_client(res: Response<Incoming>) -> Response<Body> {
+fn response_to_client(res: Response<Body>) -> Response<Body> {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, boxed(body))
+    Response::from_parts(parts, body)
 }
 
 /// Sends an HTTP/1.1 upgrade request on a new connection; returns the
@@ -108,12 +108,27 @@ async fn forward(
             }
         }
     }
-    let client = ctx.clients().get(app_targets(&ctx.config, ip, port), h2);
-    match client.request(Request::from_parts(parts, body)).await {
+    let targets = app_targets(&ctx.config, ip, port);
+    let req = Request::from_parts(parts, body);
+    let sent = if h2 {
+        let client = ctx.clients().get(targets, true);
+        client
+            .request(req)
+            .await
+            .map(|res| res.map(boxed))
+            .map_err(|e| (e.is_connect(), e.to_string()))
+    } else {
+        ctx.clients()
+            .app_h1()
+            .send(targets, req)
+            .await
+            .map_err(|e| (e.is_connect(), e.to_string()))
+    };
+    match sent {
         Ok(res) => response_to_client(res),
-        Err(e) => {
+        Err((connect, e)) => {
             debug!(port, error = %e, "request to the application failed");
-            let reason = if e.is_connect() {
+            let reason = if connect {
                 "application_connect_failed"
             } else {
                 "application_error"
@@ -210,7 +225,7 @@ async fn from_peer_inner(
             {
                 Ok((res, to_app)) => {
                     if res.status() != StatusCode::SWITCHING_PROTOCOLS {
-                        return response_to_client(res);
+                        return response_to_client(res.map(boxed));
                     }
                     // Over HTTP/2 an accepted extended CONNECT is a 200.
                     join_upgrades(from_peer, to_app, ctx.config.proxy.idle_timeout);

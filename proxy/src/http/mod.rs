@@ -16,6 +16,7 @@
 //! the application can trust it.
 
 pub mod client;
+mod h1;
 pub mod inbound;
 pub mod outbound;
 mod replay;

@@ -1,0 +1,1210 @@
+//! HTTP/1.1 from the server's proxy to its application, driven from the
+//! task of the request it carries.
+//!
+//! hyper's pooled client runs every connection as a task of its own and
+//! hands each request, its response and every piece of the response body
+//! across channels between that task and the request's. For the small
+//! requests a mesh mostly carries, those hand-offs were a large share of
+//! the server-side proxy's own work. Here the request's task writes the
+//! request and parses the answer itself; the response body owns the
+//! connection while it streams and puts it back on the idle list once the
+//! message ended cleanly on both sides.
+//!
+//! Framing follows RFC 9112. A request body goes with its `Content-Length`
+//! when one is known, else chunked (trailers included). An answer's body
+//! is read by the rules of §6.3: none for `HEAD`, 1xx, 204 and 304,
+//! chunked when that is the last transfer coding, else `Content-Length`,
+//! else until the application closes. Interim 1xx answers (a `100
+//! Continue`, say) are read and dropped. The request body is sent while
+//! the answer is read, so an application that answers early, or streams
+//! its answer while it reads, neither stalls nor loses what it sent.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body as _, Frame, SizeHint};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+use crate::pool::{Body, BoxError};
+use crate::socket::{self, ConnectError, Targets};
+
+/// Idle connections kept per application address set; one more is closed.
+const MAX_IDLE_PER_TARGET: usize = 64;
+/// An idle connection older than this is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// More distinct address sets than this and the idle lists are dropped.
+const MAX_TARGETS: usize = 1024;
+/// The largest response head (status line and fields) or trailer section.
+const MAX_HEAD: usize = 256 * 1024;
+/// The most fields a response head may have, as in hyper.
+const MAX_HEADERS: usize = 100;
+/// The longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Room made in the read buffer before each read.
+const READ_ROOM: usize = 16 * 1024;
+
+/// Why a request to the application got no (whole) answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("writing the request to the application failed: {0}")]
+    Write(#[source] io::Error),
+    #[error("reading the application's answer failed: {0}")]
+    Read(#[source] io::Error),
+    #[error("the application closed the connection before it answered")]
+    ClosedBeforeAnswer,
+    #[error("the application closed the connection in the middle of the response body")]
+    ClosedMidBody,
+    #[error("the application's response is not valid HTTP/1.1: {0}")]
+    Malformed(&'static str),
+    #[error("the application's response head is larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error(
+        "the application answered 101 Switching Protocols to a request that asked for no upgrade"
+    )]
+    UnexpectedUpgrade,
+    #[error("the request body failed: {0}")]
+    Body(#[source] BoxError),
+    #[error("the request body does not match its Content-Length of {0} bytes")]
+    BodyLength(u64),
+}
+
+impl Error {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Error::Connect(_))
+    }
+}
+
+/// Idle HTTP/1.1 connections to the application, per address set. One per
+/// worker thread, like the other clients, so it is rarely contended.
+pub struct Pool {
+    idle: Mutex<HashMap<Targets, Vec<Idle>>>,
+    connect_timeout: Duration,
+    keepalive: Duration,
+}
+
+struct Idle {
+    io: TcpStream,
+    since: Instant,
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration, keepalive: Duration) -> Self {
+        Pool {
+            idle: Mutex::new(HashMap::new()),
+            connect_timeout,
+            keepalive,
+        }
+    }
+
+    /// Sends `req` to the first of `targets` that accepts and returns the
+    /// answer once its head has arrived; the body streams from the socket.
+    pub async fn send(
+        self: &Arc<Self>,
+        targets: Targets,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, Error> {
+        let (parts, body) = req.into_parts();
+        let (head, framing) = encode_head(&parts, &body);
+        let head_only = parts.method == Method::HEAD;
+        let no_body = body.is_end_stream();
+        let mut upload = Some(Upload::new(head.clone(), framing, body));
+        loop {
+            let (io, reused) = match self.checkout(&targets) {
+                Some(io) => (io, true),
+                None => (
+                    socket::connect_first(&targets, self.connect_timeout, self.keepalive).await?,
+                    false,
+                ),
+            };
+            let Some(up) = upload.take() else {
+                unreachable!("the request is sent once, or again only when it had no body")
+            };
+            let mut ex = Exchange {
+                io,
+                buf: BytesMut::new(),
+                upload: Some(up),
+                write_error: None,
+                got_bytes: false,
+            };
+            match std::future::poll_fn(|cx| ex.poll_head(cx, head_only)).await {
+                Ok(answer) => return Ok(self.respond(ex, answer, targets)),
+                // An application may close an idle connection just as it is
+                // reused; a request with no body can safely go again on a
+                // new one, since the application saw none of it.
+                Err(e) if reused && no_body && !ex.got_bytes && e.stale_connection() => {
+                    upload = Some(Upload::new(head.clone(), framing, crate::http::empty()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn respond(self: &Arc<Self>, ex: Exchange, answer: Answer, targets: Targets) -> Response<Body> {
+        let Answer {
+            parts,
+            read,
+            keep_alive,
+        } = answer;
+        let mut body = H1Body {
+            io: Some(ex.io),
+            buf: ex.buf,
+            upload: ex.upload,
+            read,
+            keep_alive,
+            pool: self.clone(),
+            targets,
+        };
+        if matches!(body.read, Read::Done) {
+            body.finish();
+        }
+        Response::from_parts(parts, http_body_util::BodyExt::boxed(body))
+    }
+
+    /// The most recently used idle connection that is still open.
+    fn checkout(&self, targets: &Targets) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(targets)?;
+        while let Some(c) = list.pop() {
+            if c.since.elapsed() < IDLE_TIMEOUT && still_open(&c.io) {
+                return Some(c.io);
+            }
+        }
+        None
+    }
+
+    fn put(&self, targets: Targets, io: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() >= MAX_TARGETS && !idle.contains_key(&targets) {
+            idle.clear();
+        }
+        let list = idle.entry(targets).or_default();
+        // The list is in the order connections came back, so the stalest
+        // sit at the front; dropping them there keeps the check O(1).
+        while list
+            .first()
+            .is_some_and(|c| c.since.elapsed() >= IDLE_TIMEOUT)
+        {
+            list.remove(0);
+        }
+        if list.len() < MAX_IDLE_PER_TARGET {
+            list.push(Idle {
+                io,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+impl Error {
+    /// Whether the failure looks like a connection the application had
+    /// already closed while it sat idle.
+    fn stale_connection(&self) -> bool {
+        match self {
+            Error::ClosedBeforeAnswer => true,
+            Error::Write(e) | Error::Read(e) => matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Whether an idle connection has neither been closed by the application
+/// nor sent anything unasked (either makes it unusable).
+fn still_open(io: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut buf = tokio::io::ReadBuf::new(&mut probe);
+    matches!(io.poll_peek(&mut cx, &mut buf), Poll::Pending)
+}
+
+/// How the request body is framed on the wire.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Methods whose requests usually carry no body, so that an empty one needs
+/// no `Content-Length: 0` (RFC 9110 §8.6).
+fn bodyless_method(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// The request line and fields, and how the body will be framed.
+fn encode_head(parts: &http::request::Parts, body: &Body) -> (Bytes, Framing) {
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let (framing, add) = match declared {
+        Some(n) => (Framing::Length(n), None),
+        None if body.is_end_stream() => {
+            if bodyless_method(&parts.method) {
+                (Framing::None, None)
+            } else {
+                (Framing::Length(0), Some(("content-length", 0)))
+            }
+        }
+        None => match body.size_hint().exact() {
+            Some(n) => (Framing::Length(n), Some(("content-length", n))),
+            None => (Framing::Chunked, None),
+        },
+    };
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| !p.is_empty())
+        .unwrap_or("/");
+    let mut size = parts.method.as_str().len() + target.len() + 16;
+    for (name, value) in &parts.headers {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    let mut out = BytesMut::with_capacity(size + 32);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        // Framing is ours to state: a stale Content-Length beside a chunked
+        // body would make the application read it wrongly.
+        if matches!(framing, Framing::Chunked) && name == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some((name, n)) = add {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(n.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if matches!(framing, Framing::Chunked) {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    (out.freeze(), framing)
+}
+
+/// The request going out: its head, then its body as the application's
+/// client sends it.
+struct Upload {
+    out: VecDeque<Bytes>,
+    body: Option<Body>,
+    framing: Framing,
+    /// Body bytes still due under `Content-Length`.
+    due: u64,
+}
+
+impl Upload {
+    fn new(head: Bytes, framing: Framing, body: Body) -> Self {
+        let mut out = VecDeque::with_capacity(4);
+        out.push_back(head);
+        let (body, due) = match framing {
+            Framing::None => (None, 0),
+            Framing::Length(n) => (Some(body), n),
+            Framing::Chunked => (Some(body), 0),
+        };
+        Upload {
+            out,
+            body,
+            framing,
+            due,
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.body.is_none() && self.out.is_empty()
+    }
+
+    /// Moves the request forward as far as it can without waiting.
+    /// `Ready(Ok)` once all of it is written.
+    fn poll(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        loop {
+            // Gather what the body has ready first, so that a head and a
+            // small body leave in one write.
+            while self.out.len() < 16 {
+                let Some(body) = self.body.as_mut() else {
+                    break;
+                };
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => self.queue(frame)?,
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(Error::Body(e))),
+                    Poll::Ready(None) => self.end()?,
+                    Poll::Pending => break,
+                }
+            }
+            if self.out.is_empty() {
+                return if self.body.is_none() {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
+            }
+            let mut slices = [IoSlice::new(&[]); 16];
+            let n = self.out.len().min(slices.len());
+            for (slice, chunk) in slices.iter_mut().zip(self.out.iter()) {
+                *slice = IoSlice::new(chunk);
+            }
+            let written = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))
+                .map_err(Error::Write)?;
+            if written == 0 {
+                return Poll::Ready(Err(Error::Write(io::ErrorKind::WriteZero.into())));
+            }
+            let mut left = written;
+            while left > 0 {
+                let Some(front) = self.out.front_mut() else {
+                    break;
+                };
+                if front.len() <= left {
+                    left -= front.len();
+                    self.out.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+        }
+    }
+
+    fn queue(&mut self, frame: Frame<Bytes>) -> Result<(), Error> {
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {}
+            Ok(data) => match self.framing {
+                Framing::Length(n) => {
+                    let len = data.len() as u64;
+                    if len > self.due {
+                        return Err(Error::BodyLength(n));
+                    }
+                    self.due -= len;
+                    self.out.push_back(data);
+                }
+                Framing::Chunked => {
+                    self.out
+                        .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
+                    self.out.push_back(data);
+                    self.out.push_back(Bytes::from_static(b"\r\n"));
+                }
+                Framing::None => {}
+            },
+            Err(frame) => {
+                if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), self.framing) {
+                    let mut last = BytesMut::from(&b"0\r\n"[..]);
+                    for (name, value) in &trailers {
+                        last.extend_from_slice(name.as_str().as_bytes());
+                        last.extend_from_slice(b": ");
+                        last.extend_from_slice(value.as_bytes());
+                        last.extend_from_slice(b"\r\n");
+                    }
+                    last.extend_from_slice(b"\r\n");
+                    self.out.push_back(last.freeze());
+                    self.body = None;
+                }
+                // With a Content-Length there is nowhere to put trailers;
+                // HTTP/1.1 drops them (RFC 9110 §6.5.1 lets a recipient).
+            }
+        }
+        Ok(())
+    }
+
+    fn end(&mut self) -> Result<(), Error> {
+        if self.body.take().is_none() {
+            return Ok(());
+        }
+        match self.framing {
+            Framing::Length(n) if self.due != 0 => Err(Error::BodyLength(n)),
+            Framing::Chunked => {
+                self.out.push_back(Bytes::from_static(b"0\r\n\r\n"));
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// One request on one connection, until the answer's head is in.
+struct Exchange {
+    io: TcpStream,
+    buf: BytesMut,
+    /// `None` once the request is written, or abandoned after a failed
+    /// write (the application may still have answered).
+    upload: Option<Upload>,
+    /// Why the request could not be written in full, if it could not.
+    write_error: Option<io::Error>,
+    got_bytes: bool,
+}
+
+/// A response head, with how its body is to be read.
+struct Answer {
+    parts: http::response::Parts,
+    read: Read,
+    keep_alive: bool,
+}
+
+impl Exchange {
+    fn poll_head(&mut self, cx: &mut Context<'_>, head_only: bool) -> Poll<Result<Answer, Error>> {
+        loop {
+            if let Some(up) = self.upload.as_mut() {
+                match up.poll(&mut self.io, cx) {
+                    Poll::Ready(Ok(())) => self.upload = None,
+                    Poll::Ready(Err(Error::Write(e))) => {
+                        // Keep reading: an application that refuses a body
+                        // often answers, then closes, before reading it.
+                        self.upload = None;
+                        self.write_error = Some(e);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+            }
+            let unsent = self.upload.is_some() || self.write_error.is_some();
+            if let Some(answer) = parse_head(&mut self.buf, head_only, unsent)? {
+                return Poll::Ready(Ok(answer));
+            }
+            let read = ready!(poll_fill(&self.io, &mut self.buf, cx));
+            let failed = match (read, self.write_error.take()) {
+                (Ok(n), _) if n > 0 => {
+                    self.got_bytes = true;
+                    continue;
+                }
+                (_, Some(e)) => Error::Write(e),
+                (Ok(_), None) => Error::ClosedBeforeAnswer,
+                (Err(e), None) => Error::Read(e),
+            };
+            return Poll::Ready(Err(failed));
+        }
+    }
+}
+
+/// Reads what the socket has into `buf`; `Ok(0)` at end of stream.
+fn poll_fill(io: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_ROOM / 4 {
+        buf.reserve(READ_ROOM);
+    }
+    loop {
+        ready!(io.poll_read_ready(cx))?;
+        match io.try_read_buf(buf) {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Parses a final response head off the front of `buf`, dropping interim
+/// 1xx answers; `None` when more bytes are needed.
+fn parse_head(buf: &mut BytesMut, head_only: bool, unsent: bool) -> Result<Option<Answer>, Error> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut fields);
+        let len = match res.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                return Err(Error::HeadTooLarge)
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Error::Malformed("more than 100 header fields"))
+            }
+            Err(_) => return Err(Error::Malformed("the status line or a header field")),
+        };
+        let code = res.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code).map_err(|_| Error::Malformed("status code"))?;
+        let version = if res.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Error::UnexpectedUpgrade);
+        }
+        if status.is_informational() {
+            buf.advance(len);
+            continue;
+        }
+        // Where each field sits, so that values can share the buffer
+        // instead of being copied.
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = res.headers.len();
+        for (span, f) in spans.iter_mut().zip(res.headers.iter()) {
+            let n = f.name.as_ptr() as usize - base;
+            let v = f.value.as_ptr() as usize - base;
+            *span = (n, n + f.name.len(), v, v + f.value.len());
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(ns, ne, vs, ve) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[ns..ne])
+                .map_err(|_| Error::Malformed("a header field name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+                .map_err(|_| Error::Malformed("a header field value"))?;
+            headers.append(name, value);
+        }
+        let (read, mut keep_alive) = framing(status, version, &headers, head_only)?;
+        if unsent {
+            // The answer came before the whole request was sent; whatever
+            // follows, the connection is not reused.
+            keep_alive = false;
+        }
+        let mut builder = Response::new(());
+        *builder.status_mut() = status;
+        *builder.version_mut() = version;
+        *builder.headers_mut() = headers;
+        let (parts, ()) = builder.into_parts();
+        return Ok(Some(Answer {
+            parts,
+            read,
+            keep_alive,
+        }));
+    }
+}
+
+/// How the body of an answer is delimited (RFC 9112 §6.3), and whether the
+/// connection may carry another request after it.
+fn framing(
+    status: StatusCode,
+    version: Version,
+    headers: &HeaderMap,
+    head_only: bool,
+) -> Result<(Read, bool), Error> {
+    let mut keep_alive = version == Version::HTTP_11;
+    for v in headers.get_all(header::CONNECTION) {
+        for token in v.to_str().unwrap_or("").split(',') {
+            let token = token.trim();
+            if token.eq_ignore_ascii_case("close") {
+                keep_alive = false;
+            } else if token.eq_ignore_ascii_case("keep-alive") && version == Version::HTTP_10 {
+                keep_alive = true;
+            }
+        }
+    }
+    if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Read::Done, keep_alive));
+    }
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if codings.peek().is_some() {
+        let last = codings
+            .last()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .map(str::trim)
+            .unwrap_or("");
+        if last.eq_ignore_ascii_case("chunked") {
+            // With both, Transfer-Encoding wins, and the message may have
+            // been meant to smuggle: do not reuse the connection.
+            let both = headers.contains_key(header::CONTENT_LENGTH);
+            return Ok((Read::Chunked(Chunk::Size), keep_alive && !both));
+        }
+        return Ok((Read::Close, false));
+    }
+    let mut length = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().unwrap_or("x").split(',') {
+            let n = part
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| Error::Malformed("Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Error::Malformed("conflicting Content-Length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (Read::Done, keep_alive),
+        Some(n) => (Read::Length(n), keep_alive),
+        None => (Read::Close, false),
+    })
+}
+
+/// Where reading an answer's body stands.
+#[derive(Debug)]
+enum Read {
+    Length(u64),
+    Chunked(Chunk),
+    Close,
+    Done,
+}
+
+#[derive(Debug)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk, with this many bytes of it still to come.
+    Data(u64),
+    /// After a chunk's data, expecting its CRLF.
+    DataEnd,
+    /// After the last chunk, expecting trailer fields or the final CRLF.
+    Trailers,
+}
+
+/// A response body read straight from the application's connection.
+struct H1Body {
+    /// `None` once the connection went back to the pool or was closed.
+    io: Option<TcpStream>,
+    buf: BytesMut,
+    upload: Option<Upload>,
+    read: Read,
+    keep_alive: bool,
+    pool: Arc<Pool>,
+    targets: Targets,
+}
+
+impl H1Body {
+    /// The answer ended: the connection goes back to the pool if the
+    /// request was all sent and nothing unasked followed the answer.
+    fn finish(&mut self) {
+        self.read = Read::Done;
+        let reusable = self.keep_alive
+            && self.buf.is_empty()
+            && self.upload.as_ref().is_none_or(Upload::finished);
+        self.upload = None;
+        if let (true, Some(io)) = (reusable, self.io.take()) {
+            self.pool.put(self.targets, io);
+        }
+        self.io = None;
+        self.buf = BytesMut::new();
+    }
+
+    fn fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
+        let Some(io) = self.io.as_ref() else {
+            return Poll::Ready(Ok(0));
+        };
+        poll_fill(io, &mut self.buf, cx).map_err(Error::Read)
+    }
+
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        loop {
+            match &mut self.read {
+                Read::Done => return Poll::Ready(None),
+                Read::Length(due) => {
+                    if self.buf.is_empty() {
+                        if ready!(self.fill(cx))? == 0 {
+                            return Poll::Ready(Some(Err(Error::ClosedMidBody)));
+                        }
+                        continue;
+                    }
+                    let take = (*due).min(self.buf.len() as u64) as usize;
+                    let data = self.buf.split_to(take).freeze();
+                    *due -= take as u64;
+                    if *due == 0 {
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Read::Close => {
+                    if !self.buf.is_empty() {
+                        let data = self.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    if ready!(self.fill(cx))? == 0 {
+                        self.keep_alive = false;
+                        self.finish();
+                        return Poll::Ready(None);
+                    }
+                }
+                Read::Chunked(chunk) => match chunk {
+                    Chunk::Size => {
+                        let Some(end) = self.buf.iter().position(|&b| b == b'\n') else {
+                            if self.buf.len() > MAX_CHUNK_LINE {
+                                return Poll::Ready(Some(Err(Error::Malformed(
+                                    "a chunk-size line is too long",
+                                ))));
+                            }
+                            if ready!(self.fill(cx))? == 0 {
+                                return Poll::Ready(Some(Err(Error::ClosedMidBody)));
+                            }
+                            continue;
+                        };
+                        let size = chunk_size(&self.buf[..end])?;
+                        self.buf.advance(end + 1);
+                        *chunk = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Chunk::Data(due) => {
+                        if self.buf.is_empty() {
+                            if ready!(self.fill(cx))? == 0 {
+                                return Poll::Ready(Some(Err(Error::ClosedMidBody)));
+                            }
+                            continue;
+                        }
+                        let take = (*due).min(self.buf.len() as u64) as usize;
+                        *due -= take as u64;
+                        if *due == 0 {
+                            *chunk = Chunk::DataEnd;
+                        }
+                        let data = self.buf.split_to(take).freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Chunk::DataEnd => {
+                        if self.buf.len() < 2 {
+                            if ready!(self.fill(cx))? == 0 {
+                                return Poll::Ready(Some(Err(Error::ClosedMidBody)));
+                            }
+                            continue;
+                        }
+                        if &self.buf[..2] != b"\r\n" {
+                            return Poll::Ready(Some(Err(Error::Malformed(
+                                "chunk data is not followed by CRLF",
+                            ))));
+                        }
+                        self.buf.advance(2);
+                        *chunk = Chunk::Size;
+                    }
+                    Chunk::Trailers => {
+                        if self.buf.starts_with(b"\r\n") {
+                            self.buf.advance(2);
+                            self.finish();
+                            return Poll::Ready(None);
+                        }
+                        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                        match httparse::parse_headers(&self.buf, &mut fields) {
+                            Ok(httparse::Status::Complete((len, fields))) => {
+                                let mut trailers = HeaderMap::with_capacity(fields.len());
+                                for f in fields.iter() {
+                                    let name = HeaderName::from_bytes(f.name.as_bytes());
+                                    let value = HeaderValue::from_bytes(f.value);
+                                    match (name, value) {
+                                        (Ok(n), Ok(v)) => {
+                                            trailers.append(n, v);
+                                        }
+                                        _ => {
+                                            return Poll::Ready(Some(Err(Error::Malformed(
+                                                "a trailer field",
+                                            ))))
+                                        }
+                                    }
+                                }
+                                self.buf.advance(len);
+                                self.finish();
+                                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                            }
+                            Ok(httparse::Status::Partial) => {
+                                if self.buf.len() > MAX_HEAD {
+                                    return Poll::Ready(Some(Err(Error::HeadTooLarge)));
+                                }
+                                if ready!(self.fill(cx))? == 0 {
+                                    return Poll::Ready(Some(Err(Error::ClosedMidBody)));
+                                }
+                            }
+                            Err(_) => {
+                                return Poll::Ready(Some(Err(Error::Malformed(
+                                    "the trailer section",
+                                ))))
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// The size of a chunk from its size line, extensions ignored.
+fn chunk_size(line: &[u8]) -> Result<u64, Error> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let digits = line
+        .iter()
+        .position(|&b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let rest = &line[digits..];
+    let ext_or_end = rest
+        .iter()
+        .find(|&&b| b != b' ' && b != b'\t')
+        .is_none_or(|&b| b == b';');
+    if digits == 0 || digits > 16 || !ext_or_end {
+        return Err(Error::Malformed("a chunk-size line"));
+    }
+    let hex = std::str::from_utf8(&line[..digits]).map_err(|_| Error::Malformed("a chunk size"))?;
+    u64::from_str_radix(hex, 16).map_err(|_| Error::Malformed("a chunk size"))
+}
+
+impl hyper::body::Body for H1Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let (Some(up), Some(io)) = (this.upload.as_mut(), this.io.as_mut()) {
+            match up.poll(io, cx) {
+                Poll::Ready(Ok(())) => this.upload = None,
+                // The answer is already coming; a request the application
+                // stopped reading no longer matters, but the connection
+                // cannot be reused.
+                Poll::Ready(Err(_)) => {
+                    this.upload = None;
+                    this.keep_alive = false;
+                }
+                Poll::Pending => {}
+            }
+        }
+        match ready!(this.step(cx)) {
+            Some(Err(e)) => {
+                this.keep_alive = false;
+                this.io = None;
+                this.read = Read::Done;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            other => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.read, Read::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.read {
+            Read::Done => SizeHint::with_exact(0),
+            Read::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A scripted application: for each accepted connection, `answer` gets
+    /// the socket and the connection's number.
+    async fn app<F, Fut>(answer: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream, usize) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(answer(sock, n));
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Reads one request head (and nothing after it).
+    async fn read_head(sock: &mut TcpStream) -> Option<String> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if sock.read(&mut byte).await.ok()? == 0 {
+                return None;
+            }
+            head.push(byte[0]);
+        }
+        String::from_utf8(head).ok()
+    }
+
+    fn pool() -> Arc<Pool> {
+        Arc::new(Pool::new(Duration::from_secs(2), Duration::from_secs(60)))
+    }
+
+    fn get(path: &str) -> Request<Body> {
+        Request::get(format!("http://app{path}"))
+            .header("host", "app")
+            .body(crate::http::empty())
+            .expect("request")
+    }
+
+    async fn body_of(res: Response<Body>) -> (Bytes, Option<HeaderMap>) {
+        let collected = res.into_body().collect().await.expect("body");
+        let trailers = collected.trailers().cloned();
+        (collected.to_bytes(), trailers)
+    }
+
+    #[tokio::test]
+    async fn keep_alive_answers_reuse_one_connection() {
+        let (addr, accepted) = app(|mut sock, _| async move {
+            while let Some(head) = read_head(&mut sock).await {
+                let body = if head.starts_with("HEAD") {
+                    ""
+                } else {
+                    "hello"
+                };
+                let _ = sock
+                    .write_all(
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-n: 1\r\n\r\n{body}")
+                            .as_bytes(),
+                    )
+                    .await;
+            }
+        })
+        .await;
+        let pool = pool();
+        let targets = Targets::one(addr);
+        for _ in 0..3 {
+            let res = pool.send(targets, get("/")).await.expect("answer");
+            assert_eq!(res.status(), StatusCode::OK);
+            assert_eq!(res.headers()["x-n"], "1");
+            assert_eq!(body_of(res).await.0, "hello");
+        }
+        let head = Request::head("http://app/")
+            .body(crate::http::empty())
+            .expect("request");
+        let res = pool.send(targets, head).await.expect("answer");
+        assert_eq!(res.headers()["content-length"], "5");
+        assert!(body_of(res).await.0.is_empty());
+        let res = pool.send(targets, get("/")).await.expect("answer");
+        assert_eq!(body_of(res).await.0, "hello");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_split_anywhere_keeps_its_data_and_trailers() {
+        let (addr, accepted) = app(|mut sock, _| async move {
+            while read_head(&mut sock).await.is_some() {
+                let wire: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\
+                    transfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n\
+                    7\r\n, world\r\n0\r\ngrpc-status: 0\r\nx-sum: 12\r\n\r\n";
+                // One byte at a time: every state must cope with a short read.
+                for b in wire {
+                    if sock.write_all(&[*b]).await.is_err() {
+                        return;
+                    }
+                    sock.flush().await.ok();
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+        .await;
+        let pool = pool();
+        for _ in 0..2 {
+            let res = pool
+                .send(Targets::one(addr), get("/chunks"))
+                .await
+                .expect("answer");
+            assert_eq!(res.status(), StatusCode::OK);
+            let (body, trailers) = body_of(res).await;
+            assert_eq!(body, "hello, world");
+            let trailers = trailers.expect("trailers");
+            assert_eq!(trailers["grpc-status"], "0");
+            assert_eq!(trailers["x-sum"], "12");
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the connection is reused"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_delimited_by_close_is_read_to_the_end_and_not_reused() {
+        let (addr, accepted) = app(|mut sock, _| async move {
+            if read_head(&mut sock).await.is_some() {
+                let _ = sock.write_all(b"HTTP/1.0 200 OK\r\n\r\nall of ").await;
+                let _ = sock.write_all(b"it").await;
+            }
+        })
+        .await;
+        let pool = pool();
+        for _ in 0..2 {
+            let res = pool
+                .send(Targets::one(addr), get("/"))
+                .await
+                .expect("answer");
+            assert_eq!(body_of(res).await.0, "all of it");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_an_error_not_a_short_answer() {
+        let (addr, _) = app(|mut sock, _| async move {
+            if read_head(&mut sock).await.is_some() {
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
+                    .await;
+            }
+        })
+        .await;
+        let res = pool()
+            .send(Targets::one(addr), get("/"))
+            .await
+            .expect("head");
+        let err = res.into_body().collect().await.expect_err("cut short");
+        assert!(
+            err.to_string().contains("middle of the response body"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_garbled_answer_names_the_problem() {
+        let (addr, _) = app(|mut sock, _| async move {
+            if read_head(&mut sock).await.is_some() {
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\nx")
+                    .await;
+            }
+        })
+        .await;
+        let err = pool()
+            .send(Targets::one(addr), get("/"))
+            .await
+            .expect_err("garbled");
+        assert!(
+            err.to_string().contains("conflicting Content-Length"),
+            "{err}"
+        );
+        assert!(!err.is_connect());
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_application_closed_is_replaced_unseen() {
+        let (addr, accepted) = app(|mut sock, _| async move {
+            if read_head(&mut sock).await.is_some() {
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            }
+            // Closes after one answer although it promised keep-alive.
+        })
+        .await;
+        let pool = pool();
+        for _ in 0..3 {
+            let res = pool
+                .send(Targets::one(addr), get("/"))
+                .await
+                .expect("answer");
+            assert_eq!(body_of(res).await.0, "ok");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_body_of_unknown_length_goes_chunked_with_its_trailers() {
+        let (addr, _) = app(|mut sock, _| async move {
+            let Some(head) = read_head(&mut sock).await else {
+                return;
+            };
+            assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+            assert!(!head.contains("content-length"), "{head}");
+            let mut rest = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !rest.ends_with(b"\r\n\r\n") {
+                match sock.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => rest.extend_from_slice(&buf[..n]),
+                }
+            }
+            let echoed = String::from_utf8_lossy(&rest).into_owned();
+            let _ = sock
+                .write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{echoed}",
+                        echoed.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        })
+        .await;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-check", HeaderValue::from_static("7"));
+        let body = Frames(VecDeque::from([
+            Frame::data(Bytes::from_static(b"abc")),
+            Frame::data(Bytes::new()),
+            Frame::data(Bytes::from_static(b"defghijklmnop")),
+            Frame::trailers(trailers),
+        ]))
+        .map_err(|never| match never {})
+        .boxed();
+        let req = Request::post("http://app/up").body(body).expect("request");
+        let res = pool().send(Targets::one(addr), req).await.expect("answer");
+        assert_eq!(
+            body_of(res).await.0,
+            "3\r\nabc\r\nd\r\ndefghijklmnop\r\n0\r\nx-check: 7\r\n\r\n"
+        );
+    }
+
+    /// A request body that hands out its frames one poll at a time.
+    struct Frames(VecDeque<Frame<Bytes>>);
+
+    impl hyper::body::Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_to_a_large_upload_reaches_the_client() {
+        let (addr, _) = app(|mut sock, _| async move {
+            if read_head(&mut sock).await.is_some() {
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 413 Content Too Large\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbig",
+                    )
+                    .await;
+            }
+        })
+        .await;
+        let req = Request::post("http://app/up")
+            .body(
+                Full::new(Bytes::from(vec![b'x'; 8 << 20]))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .expect("request");
+        let res = pool().send(Targets::one(addr), req).await.expect("answer");
+        assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body_of(res).await.0, "big");
+    }
+
+    #[test]
+    fn chunk_size_lines() {
+        assert_eq!(chunk_size(b"1a\r").ok(), Some(26));
+        assert_eq!(chunk_size(b"0").ok(), Some(0));
+        assert_eq!(chunk_size(b"ff ; name=value\r").ok(), Some(255));
+        assert!(chunk_size(b"\r").is_err());
+        assert!(chunk_size(b"1g\r").is_err());
+        assert!(chunk_size(b"11111111111111111\r").is_err());
+    }
+}
