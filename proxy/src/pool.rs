@@ -322,7 +322,9 @@ impl Sender {
 /// A body of known length is announced as such, as an HTTP/1.1 message of
 /// that length would be: the server's proxy can then hand it on without
 /// chunking.
-fn set_content_length(head: &mut http::request::Parts, body: &Body) {
+/// Declares the length of a body whose size is known, so that an HTTP/1.1
+/// hop after this one need not chunk it.
+pub(crate) fn set_content_length(head: &mut http::request::Parts, body: &Body) {
     let Some(len) = body.size_hint().exact() else {
         return;
     };

@@ -1,6 +1,6 @@
 //! Plain HTTP clients with connection reuse, for the hops that are not
 //! proxy to proxy: to a destination outside the mesh, and from the server's
-//! proxy to its application (HTTP/2 here; HTTP/1.1 in [`super::h1`]).
+//! proxy to its application ([`super::h1`] and [`super::app_h2`]).
 //!
 //! Each client dials fixed addresses whatever the request's authority says,
 //! so the `Host` / `:authority` the application sent travels unchanged while
@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::h1;
+use super::{app_h2, h1};
 use crate::pool::Body;
 use crate::socket::{self, ConnectError, Targets};
 
@@ -67,6 +67,7 @@ pub struct Clients {
     keepalive: Duration,
     clients: Mutex<HashMap<(Targets, bool), HttpClient>>,
     app: Arc<h1::Pool>,
+    app_h2: app_h2::Pool,
 }
 
 /// More distinct destinations than this and the idle clients are dropped,
@@ -80,12 +81,18 @@ impl Clients {
             keepalive,
             clients: Mutex::new(HashMap::new()),
             app: Arc::new(h1::Pool::new(connect_timeout, keepalive)),
+            app_h2: app_h2::Pool::new(connect_timeout, keepalive),
         }
     }
 
     /// HTTP/1.1 to the application, driven from each request's own task.
     pub fn app_h1(&self) -> &Arc<h1::Pool> {
         &self.app
+    }
+
+    /// HTTP/2 with prior knowledge to the application, on the h2 crate.
+    pub fn app_h2(&self) -> &app_h2::Pool {
+        &self.app_h2
     }
 
     /// The client for `targets`, speaking HTTP/2 with prior knowledge when

@@ -111,11 +111,10 @@ async fn forward(
     let targets = app_targets(&ctx.config, ip, port);
     let req = Request::from_parts(parts, body);
     let sent = if h2 {
-        let client = ctx.clients().get(targets, true);
-        client
-            .request(req)
+        ctx.clients()
+            .app_h2()
+            .send(targets, req)
             .await
-            .map(|res| res.map(boxed))
             .map_err(|e| (e.is_connect(), e.to_string()))
     } else {
         ctx.clients()

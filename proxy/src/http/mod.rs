@@ -15,6 +15,7 @@
 //! SPIFFE ID and removes any copy a client sent, on every inbound path, so
 //! the application can trust it.
 
+mod app_h2;
 pub mod client;
 mod h1;
 pub mod inbound;

@@ -1,0 +1,259 @@
+//! HTTP/2 with prior knowledge from the server's proxy to its application,
+//! on the h2 crate.
+//!
+//! As with the mesh pool ([`crate::pool`]), driving h2 directly spares each
+//! request what hyper's client adds around it: a dispatch channel into a
+//! connection task and a oneshot back for the answer. The request's own
+//! task opens the stream, sends the body and reads the answer. One
+//! connection per application address set and worker carries every stream,
+//! as hyper's client did; once it fails or the application sends GOAWAY,
+//! the next request opens another.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
+use tracing::debug;
+
+use crate::h2stream::{self, RecvBody};
+use crate::pool::{self, Body};
+use crate::socket::{self, ConnectError, Targets};
+
+/// More distinct address sets than this and the connections are dropped
+/// from the map (streams on them finish; the connections close after).
+const MAX_TARGETS: usize = 1024;
+
+/// Why a request to the application got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("HTTP/2 with the application failed: {0}")]
+    Http(#[from] h2::Error),
+}
+
+impl Error {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Error::Connect(_))
+    }
+}
+
+/// HTTP/2 connections to the application, one per address set; one pool
+/// per worker thread, like the other clients.
+pub struct Pool {
+    conns: Mutex<HashMap<Targets, Arc<Slot>>>,
+    connect_timeout: Duration,
+    keepalive: Duration,
+}
+
+/// Held while a connection is chosen or opened, so a burst of requests
+/// opens one connection rather than one each.
+#[derive(Default)]
+struct Slot(tokio::sync::Mutex<Option<Conn>>);
+
+#[derive(Clone)]
+struct Conn {
+    send: SendRequest<Bytes>,
+    /// Set when the connection's task ends.
+    closed: Arc<AtomicBool>,
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration, keepalive: Duration) -> Self {
+        Pool {
+            conns: Mutex::new(HashMap::new()),
+            connect_timeout,
+            keepalive,
+        }
+    }
+
+    /// Sends `req` (whose URI carries scheme and authority, as HTTP/2
+    /// wants) and returns the answer once its head has arrived.
+    pub async fn send(
+        &self,
+        targets: Targets,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, Error> {
+        let (mut head, body) = req.into_parts();
+        pool::set_content_length(&mut head, &body);
+        let end = body.is_end_stream();
+        let mut conn = self.connection(targets).await?;
+        if let Err(e) = std::future::poll_fn(|cx| conn.send.poll_ready(cx)).await {
+            // The connection ended since it was last used (the application
+            // restarted, or sent GOAWAY). Nothing of this request was sent,
+            // so it goes on a new connection.
+            debug!(error = %e, "connection to the application ended; opening another");
+            conn.closed.store(true, Ordering::Release);
+            conn = self.connection(targets).await?;
+            std::future::poll_fn(|cx| conn.send.poll_ready(cx)).await?;
+        }
+        let (response, stream) = conn.send.send_request(Request::from_parts(head, ()), end)?;
+        if !end {
+            let mut pipe = Some((body, stream));
+            std::future::poll_fn(|cx| {
+                if let Some((body, stream)) = pipe.take() {
+                    h2stream::send_body(body, stream, cx);
+                }
+                std::task::Poll::Ready(())
+            })
+            .await;
+        }
+        let (head, recv) = response.await?.into_parts();
+        let body = RecvBody::new(recv, &head.headers);
+        Ok(Response::from_parts(head, body.map_err(Into::into).boxed()))
+    }
+
+    /// The live connection to `targets`, or a new one.
+    async fn connection(&self, targets: Targets) -> Result<Conn, Error> {
+        let slot = {
+            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            if conns.len() >= MAX_TARGETS && !conns.contains_key(&targets) {
+                conns.clear();
+            }
+            conns.entry(targets).or_default().clone()
+        };
+        let mut current = slot.0.lock().await;
+        if let Some(c) = current
+            .as_ref()
+            .filter(|c| !c.closed.load(Ordering::Acquire))
+        {
+            return Ok(c.clone());
+        }
+        // Boxed: dialling and the handshake make a large future that
+        // nearly every request, finding a connection, would otherwise carry.
+        let conn = Box::pin(self.open(targets)).await?;
+        *current = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn open(&self, targets: Targets) -> Result<Conn, Error> {
+        let tcp = socket::connect_first(&targets, self.connect_timeout, self.keepalive).await?;
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(pool::STREAM_WINDOW)
+            .initial_connection_window_size(pool::CONN_WINDOW)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tcp)
+            .await?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = closed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "HTTP/2 connection to the application ended");
+            }
+            flag.store(true, Ordering::Release);
+        });
+        Ok(Conn { send, closed })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// An HTTP/2 application that answers with the request body and a
+    /// trailer; `drop_after` connections are cut after one request each.
+    async fn app(drop_after: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let served = Arc::new(tokio::sync::Notify::new());
+                let done = served.clone();
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let done = done.clone();
+                    async move {
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        done.notify_one();
+                        Ok::<_, Infallible>(Response::new(Full::new(body.unwrap_or_default())))
+                    }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(sock), svc);
+                tokio::spawn(async move {
+                    if n < drop_after {
+                        tokio::select! {
+                            _ = conn => {}
+                            _ = async {
+                                served.notified().await;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            } => {}
+                        }
+                    } else {
+                        let _ = conn.await;
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn post(body: &'static str) -> Request<Body> {
+        Request::post("http://app/echo")
+            .body(
+                Full::new(Bytes::from_static(body.as_bytes()))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn requests_share_one_connection_and_bodies_cross_both_ways() {
+        let (addr, accepted) = app(0).await;
+        let pool = Pool::new(Duration::from_secs(2), Duration::from_secs(60));
+        for body in ["one", "two", "three"] {
+            let res = pool
+                .send(Targets::one(addr), post(body))
+                .await
+                .expect("answer");
+            let got = res.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(got, body);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_application_closed_is_replaced() {
+        let (addr, accepted) = app(2).await;
+        let pool = Pool::new(Duration::from_secs(2), Duration::from_secs(60));
+        for body in ["one", "two", "three"] {
+            let res = pool
+                .send(Targets::one(addr), post(body))
+                .await
+                .expect("answer");
+            let got = res.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(got, body);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn nobody_listening_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let pool = Pool::new(Duration::from_secs(2), Duration::from_secs(60));
+        let err = pool
+            .send(Targets::one(addr), post("x"))
+            .await
+            .expect_err("refused");
+        assert!(err.is_connect(), "{err}");
+    }
+}
