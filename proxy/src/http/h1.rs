@@ -1,11 +1,12 @@
-//! HTTP/1.1 from the server's proxy to its application, driven from the
-//! task of the request it carries.
+//! HTTP/1.1 from a proxy to a server that is not a peer proxy (the
+//! application behind the server's proxy, or a destination outside the
+//! mesh), driven from the task of the request it carries.
 //!
 //! hyper's pooled client runs every connection as a task of its own and
 //! hands each request, its response and every piece of the response body
 //! across channels between that task and the request's. For the small
 //! requests a mesh mostly carries, those hand-offs were a large share of
-//! the server-side proxy's own work. Here the request's task writes the
+//! each proxy's own work. Here the request's task writes the
 //! request and parses the answer itself; the response body owns the
 //! connection while it streams and puts it back on the idle list once the
 //! message ended cleanly on both sides.

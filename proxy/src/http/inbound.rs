@@ -112,13 +112,13 @@ async fn forward(
     let req = Request::from_parts(parts, body);
     let sent = if h2 {
         ctx.clients()
-            .app_h2()
+            .http2()
             .send(targets, req)
             .await
             .map_err(|e| (e.is_connect(), e.to_string()))
     } else {
         ctx.clients()
-            .app_h1()
+            .http1()
             .send(targets, req)
             .await
             .map_err(|e| (e.is_connect(), e.to_string()))

@@ -15,9 +15,9 @@
 //! SPIFFE ID and removes any copy a client sent, on every inbound path, so
 //! the application can trust it.
 
-mod app_h2;
 pub mod client;
 mod h1;
+mod h2c;
 pub mod inbound;
 pub mod outbound;
 mod replay;

@@ -105,7 +105,7 @@ fn proto_name(v: Version) -> &'static str {
 /// A response body from the peer proxy or from a server outside the mesh.
 enum Upstream {
     Mesh(RecvBody),
-    Direct(Incoming),
+    Direct(Body),
 }
 
 impl hyper::body::Body for Upstream {
@@ -253,18 +253,21 @@ async fn attempt(
                 }
             }
             None => {
-                let client = ctx
-                    .clients()
-                    .get(Targets::one(dst), parts.version == Version::HTTP_2);
-                client
-                    .request(Request::from_parts(parts, body))
-                    .await
-                    .map(|res| res.map(Upstream::Direct))
-                    .map_err(|e| {
+                let req = Request::from_parts(parts, body);
+                let clients = ctx.clients();
+                let sent = if req.version() == Version::HTTP_2 {
+                    let sent = clients.http2().send(Targets::one(dst), req).await;
+                    sent.map_err(|e| (e.is_connect(), refused_stream(&e), e.to_string()))
+                } else {
+                    let sent = clients.http1().send(Targets::one(dst), req).await;
+                    sent.map_err(|e| (e.is_connect(), false, e.to_string()))
+                };
+                sent.map(|res| res.map(Upstream::Direct))
+                    .map_err(|(connect, refused, e)| {
                         debug!(%dst, error = %e, "direct request failed");
-                        AttemptError::Failed(if e.is_connect() {
+                        AttemptError::Failed(if connect {
                             Failure::Connect
-                        } else if std::error::Error::source(&e).is_some_and(refused_stream) {
+                        } else if refused {
                             Failure::RefusedStream
                         } else {
                             Failure::Reset

@@ -1,5 +1,6 @@
-//! HTTP/2 with prior knowledge from the server's proxy to its application,
-//! on the h2 crate.
+//! HTTP/2 with prior knowledge from a proxy to a server that is not a peer
+//! proxy (the application behind the server's proxy, or a destination
+//! outside the mesh), on the h2 crate.
 //!
 //! As with the mesh pool ([`crate::pool`]), driving h2 directly spares each
 //! request what hyper's client adds around it: a dispatch channel into a
