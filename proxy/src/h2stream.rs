@@ -132,6 +132,18 @@ pub fn send_body(body: Body, send: SendStream<Bytes>, cx: &mut Context<'_>) {
     }
 }
 
+/// [`send_body`] from async code: the body starts in the caller's task.
+pub async fn start_body(body: Body, send: SendStream<Bytes>) {
+    let mut pipe = Some((body, send));
+    std::future::poll_fn(|cx| {
+        if let Some((body, send)) = pipe.take() {
+            send_body(body, send, cx);
+        }
+        Poll::Ready(())
+    })
+    .await;
+}
+
 struct BodyPipe {
     body: Body,
     send: SendStream<Bytes>,

@@ -251,14 +251,7 @@ impl Sender {
         let end = body.is_end_stream();
         let (response, stream) = self.start(http::Request::from_parts(head, ()), end).await?;
         if !end {
-            let mut pipe = Some((body, stream));
-            std::future::poll_fn(|cx| {
-                if let Some((body, stream)) = pipe.take() {
-                    h2stream::send_body(body, stream, cx);
-                }
-                std::task::Poll::Ready(())
-            })
-            .await;
+            h2stream::start_body(body, stream).await;
         }
         let res = response.await.map_err(self.error())?;
         let (head, recv) = res.into_parts();
@@ -322,8 +315,6 @@ impl Sender {
 /// A body of known length is announced as such, as an HTTP/1.1 message of
 /// that length would be: the server's proxy can then hand it on without
 /// chunking.
-/// Declares the length of a body whose size is known, so that an HTTP/1.1
-/// hop after this one need not chunk it.
 pub(crate) fn set_content_length(head: &mut http::request::Parts, body: &Body) {
     let Some(len) = body.size_hint().exact() else {
         return;

@@ -296,6 +296,15 @@ fn encode_head(parts: &http::request::Parts, body: &Body) -> (Bytes, Framing) {
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    // HTTP/1.1 requires Host (RFC 9112 §3.2); a request that came as
+    // HTTP/1.0 or HTTP/2 may lack it, and its URI then names the authority.
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            out.extend_from_slice(b"host: ");
+            out.extend_from_slice(authority.as_str().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
     if let Some((name, n)) = add {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
@@ -989,6 +998,31 @@ mod tests {
         let res = pool.send(targets, get("/")).await.expect("answer");
         assert_eq!(body_of(res).await.0, "hello");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_without_host_gets_one_from_its_uri() {
+        let (addr, _) = app(|mut sock, _| async move {
+            let head = read_head(&mut sock).await.unwrap_or_default();
+            let answer = if head.starts_with("GET /path?q=1 HTTP/1.1\r\n")
+                && head.contains("\r\nhost: app.example:8080\r\n")
+            {
+                "yes"
+            } else {
+                "no!"
+            };
+            let _ = sock
+                .write_all(
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n{answer}").as_bytes(),
+                )
+                .await;
+        })
+        .await;
+        let req = Request::get("http://app.example:8080/path?q=1")
+            .body(crate::http::empty())
+            .expect("request");
+        let res = pool().send(Targets::one(addr), req).await.expect("answer");
+        assert_eq!(body_of(res).await.0, "yes");
     }
 
     #[tokio::test]

@@ -96,14 +96,7 @@ impl Pool {
         }
         let (response, stream) = conn.send.send_request(Request::from_parts(head, ()), end)?;
         if !end {
-            let mut pipe = Some((body, stream));
-            std::future::poll_fn(|cx| {
-                if let Some((body, stream)) = pipe.take() {
-                    h2stream::send_body(body, stream, cx);
-                }
-                std::task::Poll::Ready(())
-            })
-            .await;
+            h2stream::start_body(body, stream).await;
         }
         let (head, recv) = response.await?.into_parts();
         let body = RecvBody::new(recv, &head.headers);
@@ -214,9 +207,10 @@ mod tests {
             .expect("request")
     }
 
-    #[tokio::test]
-    async fn requests_share_one_connection_and_bodies_cross_both_ways() {
-        let (addr, accepted) = app(0).await;
+    /// Sends three requests, `pause` apart; returns the connections the
+    /// application accepted.
+    async fn three_echoes(drop_after: usize, pause: Duration) -> usize {
+        let (addr, accepted) = app(drop_after).await;
         let pool = Pool::new(Duration::from_secs(2), Duration::from_secs(60));
         for body in ["one", "two", "three"] {
             let res = pool
@@ -225,24 +219,19 @@ mod tests {
                 .expect("answer");
             let got = res.into_body().collect().await.expect("body").to_bytes();
             assert_eq!(got, body);
+            tokio::time::sleep(pause).await;
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        accepted.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn requests_share_one_connection_and_bodies_cross_both_ways() {
+        assert_eq!(three_echoes(0, Duration::ZERO).await, 1);
     }
 
     #[tokio::test]
     async fn a_connection_the_application_closed_is_replaced() {
-        let (addr, accepted) = app(2).await;
-        let pool = Pool::new(Duration::from_secs(2), Duration::from_secs(60));
-        for body in ["one", "two", "three"] {
-            let res = pool
-                .send(Targets::one(addr), post(body))
-                .await
-                .expect("answer");
-            let got = res.into_body().collect().await.expect("body").to_bytes();
-            assert_eq!(got, body);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(three_echoes(2, Duration::from_millis(100)).await, 3);
     }
 
     #[tokio::test]
