@@ -76,7 +76,12 @@ mod tests {
 
     #[test]
     fn filters_take_levels_and_target_directives_and_refuse_the_rest() {
-        for ok in ["info", "debug", "info,legate_proxy=debug", "warn,h2=off,legate=trace"] {
+        for ok in [
+            "info",
+            "debug",
+            "info,legate_proxy=debug",
+            "warn,h2=off,legate=trace",
+        ] {
             assert!(validate_filter(ok).is_ok(), "{ok}");
         }
         for bad in ["no=such=filter", "info,=[", "info,legate=chatty"] {

@@ -117,7 +117,20 @@ impl Pool {
         let (parts, body) = req.into_parts();
         let (head, framing) = encode_head(&parts, &body);
         let head_only = parts.method == Method::HEAD;
-        let no_body = body.is_end_stream();
+        // Sent again on a new connection if a reused one turns out dead:
+        // only a request with nothing to replay and whose repetition is
+        // harmless (RFC 9110 §9.2.2; RFC 9112 §9.3.1 forbids proxies to
+        // repeat others automatically).
+        let may_resend = body.is_end_stream()
+            && matches!(
+                parts.method,
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::TRACE
+                    | Method::PUT
+                    | Method::DELETE
+            );
         let mut upload = Some(Upload::new(head.clone(), framing, body));
         loop {
             let (io, reused) = match self.checkout(&targets) {
@@ -128,7 +141,7 @@ impl Pool {
                 ),
             };
             let Some(up) = upload.take() else {
-                unreachable!("the request is sent once, or again only when it had no body")
+                unreachable!("the request is sent once, or again only when it had no body to lose")
             };
             let mut ex = Exchange {
                 io,
@@ -140,9 +153,8 @@ impl Pool {
             match std::future::poll_fn(|cx| ex.poll_head(cx, head_only)).await {
                 Ok(answer) => return Ok(self.respond(ex, answer, targets)),
                 // An application may close an idle connection just as it is
-                // reused; a request with no body can safely go again on a
-                // new one, since the application saw none of it.
-                Err(e) if reused && no_body && !ex.got_bytes && e.stale_connection() => {
+                // reused, and then never saw the request.
+                Err(e) if reused && may_resend && !ex.got_bytes && e.stale_connection() => {
                     upload = Some(Upload::new(head.clone(), framing, crate::http::empty()));
                 }
                 Err(e) => return Err(e),
@@ -1146,6 +1158,51 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// Answers once per connection, then takes the next request and
+    /// closes without answering it, as an application that crashed would.
+    async fn answers_once_then_drops() -> (SocketAddr, Arc<AtomicUsize>) {
+        app(|mut sock, _| async move {
+            if read_head(&mut sock).await.is_some() {
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            }
+            let _ = read_head(&mut sock).await;
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_get_lost_on_a_reused_connection_is_sent_again_but_a_post_is_not() {
+        let (addr, accepted) = answers_once_then_drops().await;
+        let pool = pool();
+        for _ in 0..2 {
+            let res = pool
+                .send(Targets::one(addr), get("/"))
+                .await
+                .expect("answer");
+            assert_eq!(body_of(res).await.0, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "the GET went again");
+
+        let (addr, accepted) = answers_once_then_drops().await;
+        let pool = self::pool();
+        let res = pool
+            .send(Targets::one(addr), get("/"))
+            .await
+            .expect("answer");
+        assert_eq!(body_of(res).await.0, "ok");
+        let post = Request::post("http://app/order")
+            .body(crate::http::empty())
+            .expect("request");
+        let err = pool
+            .send(Targets::one(addr), post)
+            .await
+            .expect_err("not repeated");
+        assert!(err.to_string().contains("before it answered"), "{err}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the POST went once");
     }
 
     #[tokio::test]
