@@ -1,5 +1,5 @@
 //! The outbound side: connections the application makes, captured by
-//! `legate init`'s OUTPUT rules onto 127.0.0.1:15001 and [::1]:15001.
+//! `legate init`'s OUTPUT rules onto `127.0.0.1:15001` and `[::1]:15001`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -6,9 +6,10 @@
 //! TCP and TLS handshake, which is what makes new connections cheap. A peer
 //! gets up to `proxy.pool_max_connections` connections; a new one is
 //! opened when every existing one carries `proxy.pool_max_streams` streams,
-//! so that one busy peer is spread over several TCP connections and CPU
-//! cores. A connection without streams for `proxy.pool_idle_timeout` is
-//! closed. After a failed connect or handshake, a peer is not dialled again
+//! and new streams fill the oldest connection with room, so that the extra
+//! connections of a burst fall idle afterwards (see `choose`). Each
+//! worker thread has a pool of its own. A connection without streams for
+//! `proxy.pool_idle_timeout` is closed. After a failed connect or handshake, a peer is not dialled again
 //! until a backoff (50 ms doubling to 5 s, with jitter) has passed: callers
 //! meanwhile fail at once instead of each paying a timeout.
 
@@ -329,6 +330,27 @@ pub(crate) fn set_content_length(head: &mut http::request::Parts, body: &Body) {
     }
 }
 
+/// Which open connection takes a new stream, given each one's streams in
+/// the order they were opened; `None` to open another. The oldest with
+/// room, not the least loaded: all of a worker's connections are driven by
+/// its one thread, so spreading streams gains no parallelism, while
+/// packing them lets one write carry many streams' frames and lets the
+/// extra connections a burst opened fall idle and close. Only when every
+/// connection is full and no more may open does the least loaded take it.
+fn choose(
+    loads: impl Iterator<Item = usize> + Clone,
+    max_streams: usize,
+    max_connections: usize,
+) -> Option<usize> {
+    if let Some(i) = loads.clone().position(|l| l < max_streams) {
+        return Some(i);
+    }
+    if loads.clone().count() < max_connections {
+        return None;
+    }
+    loads.enumerate().min_by_key(|&(_, l)| l).map(|(i, _)| i)
+}
+
 /// Pings the peer until it fails to answer; returns why.
 async fn keep_alive(pings: Option<h2::PingPong>) -> String {
     let Some(mut pings) = pings else {
@@ -425,16 +447,14 @@ impl Pool {
         let s = &self.settings;
         let mut state = peer.state.lock().await;
         state.conns.retain(|c| !c.streams.is_closed());
-        let best = state
+        let loads = state
             .conns
             .iter()
-            .min_by_key(|c| c.streams.open.load(Ordering::Relaxed));
-        if let Some(c) = best {
-            let load = c.streams.open.load(Ordering::Relaxed);
-            if load < s.max_streams || state.conns.len() >= s.max_connections {
-                c.streams.open.fetch_add(1, Ordering::AcqRel);
-                return Ok((c.send.clone(), c.streams.clone(), c.peer.clone()));
-            }
+            .map(|c| c.streams.open.load(Ordering::Relaxed));
+        if let Some(i) = choose(loads, s.max_streams, s.max_connections) {
+            let c = &state.conns[i];
+            c.streams.open.fetch_add(1, Ordering::AcqRel);
+            return Ok((c.send.clone(), c.streams.clone(), c.peer.clone()));
         }
         let now = Instant::now();
         if let Some((at, last)) = &state.retry_at {
@@ -554,6 +574,20 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_streams_fill_the_oldest_connection_with_room() {
+        let pick = |loads: &[usize]| choose(loads.iter().copied(), 100, 4);
+        // After a burst: four connections, nearly idle. Packing keeps the
+        // first busy and lets the other three time out.
+        assert_eq!(pick(&[3, 0, 1, 0]), Some(0));
+        assert_eq!(pick(&[100, 7, 0]), Some(1));
+        // All full, room for another connection: open it.
+        assert_eq!(pick(&[100, 100]), None);
+        assert_eq!(pick(&[]), None);
+        // All full and no more allowed: the least loaded one.
+        assert_eq!(pick(&[104, 101, 100, 102]), Some(2));
+    }
 
     /// Never consulted: these tests fail before any TLS.
     struct NoIdentity;

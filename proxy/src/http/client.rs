@@ -1,7 +1,7 @@
 //! Plain HTTP clients with connection reuse, for the hops that are not
 //! proxy to proxy: to a destination outside the mesh, and from the server's
-//! proxy to its application: HTTP/1.1 in [`super::h1`], HTTP/2 in
-//! [`super::h2c`].
+//! proxy to its application: HTTP/1.1 in `http::h1`, HTTP/2 in
+//! `http::h2c`.
 //!
 //! Each client dials fixed addresses whatever the request's authority says,
 //! so the `Host` / `:authority` the application sent travels unchanged while
