@@ -16,7 +16,7 @@
 //! the application can trust it.
 
 pub mod client;
-mod h1;
+pub(crate) mod h1;
 mod h2c;
 pub mod inbound;
 pub mod outbound;

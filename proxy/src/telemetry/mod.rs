@@ -34,14 +34,12 @@ pub mod request;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _};
 use opentelemetry::{Context, KeyValue};
@@ -54,6 +52,7 @@ use opentelemetry_sdk::trace::{
 use opentelemetry_sdk::Resource;
 
 use crate::metrics::Direction;
+use crate::socket::Targets;
 
 /// Spans queued for export before new ones are dropped.
 pub const MAX_QUEUE: usize = 4096;
@@ -89,13 +88,54 @@ pub fn traces_url(endpoint: &str) -> Result<String, TelemetryError> {
     }
 }
 
-/// Posts export batches with hyper on the proxy's runtime. The SDK's batch
-/// processor calls it from its own thread; the request runs as a task on
-/// `runtime` and the processor waits for its result.
-#[derive(Debug)]
+/// Posts export batches on the proxy's runtime with the proxy's own
+/// HTTP/1.1 client. The SDK's batch processor calls it from its own
+/// thread; the request runs as a task on `runtime` and the processor waits
+/// for its result. The collector's name is resolved for every batch (a
+/// couple of lookups a second at most), so a collector that moves is
+/// followed.
 struct OtlpClient {
     runtime: tokio::runtime::Handle,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Arc<crate::http::h1::Pool>,
+}
+
+impl std::fmt::Debug for OtlpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtlpClient").finish_non_exhaustive()
+    }
+}
+
+/// The collector's answer, up to 1 MiB.
+async fn read_answer(mut body: crate::pool::Body) -> Result<Bytes, String> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > 1 << 20 {
+                return Err("the OTLP collector's answer exceeds 1 MiB".to_owned());
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// Where an export goes: the first two addresses the collector's name
+/// resolves to.
+async fn collector(uri: &http::Uri) -> Result<Targets, String> {
+    let host = uri.host().ok_or("the OTLP endpoint has no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let mut addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("resolving the OTLP collector {host}: {e}"))?;
+    let first = addrs
+        .next()
+        .ok_or_else(|| format!("the OTLP collector {host} resolves to no address"))?;
+    Ok(match addrs.next() {
+        Some(then) => Targets::two(first, then),
+        None => Targets::one(first),
+    })
 }
 
 // The trait is declared with `async_trait`; this is what that expands to.
@@ -110,13 +150,18 @@ impl HttpClient for OtlpClient {
     {
         let client = self.client.clone();
         let send = async move {
-            let res = client.request(request.map(Full::new)).await?;
-            let (parts, body) = res.into_parts();
-            let body = Limited::new(body, 1 << 20)
-                .collect()
+            let targets = collector(request.uri())
                 .await
-                .map_err(|e| -> HttpError { e.to_string().into() })?
-                .to_bytes();
+                .map_err(|e| -> HttpError { e.into() })?;
+            let request = request.map(crate::http::full);
+            let res = client
+                .send(targets, request)
+                .await
+                .map_err(|e| -> HttpError { Box::new(e) })?;
+            let (parts, body) = res.into_parts();
+            let body = read_answer(body)
+                .await
+                .map_err(|e| -> HttpError { e.into() })?;
             Ok::<_, HttpError>(http::Response::from_parts(parts, body))
         };
         let task = self
@@ -156,12 +201,10 @@ impl Tracing {
         runtime: tokio::runtime::Handle,
     ) -> Result<Self, TelemetryError> {
         let url = traces_url(endpoint)?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+        let client = Arc::new(crate::http::h1::Pool::new(
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+        ));
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_http_client(OtlpClient { runtime, client })
