@@ -356,14 +356,7 @@ mod tests {
         let body: Body = ChannelBody(rx).boxed();
         let req = http::Request::post("http://x/").body(()).unwrap();
         let (res, send) = client.send_request(req, false).unwrap();
-        let mut pipe = Some((body, send));
-        std::future::poll_fn(|cx| {
-            if let Some((body, send)) = pipe.take() {
-                send_body(body, send, cx);
-            }
-            Poll::Ready(())
-        })
-        .await;
+        start_body(body, send).await;
         for chunk in big.chunks(64 * 1024) {
             tx.send(Frame::data(Bytes::copy_from_slice(chunk)))
                 .await

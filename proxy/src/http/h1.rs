@@ -958,6 +958,16 @@ mod tests {
         String::from_utf8(head).ok()
     }
 
+    /// An application that reads one request, writes `wire` and closes.
+    async fn answers_once(wire: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
+        app(move |mut sock, _| async move {
+            if read_head(&mut sock).await.is_some() {
+                let _ = sock.write_all(wire).await;
+            }
+        })
+        .await
+    }
+
     fn pool() -> Arc<Pool> {
         Arc::new(Pool::new(Duration::from_secs(2), Duration::from_secs(60)))
     }
@@ -1097,14 +1107,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_cut_short_is_an_error_not_a_short_answer() {
-        let (addr, _) = app(|mut sock, _| async move {
-            if read_head(&mut sock).await.is_some() {
-                let _ = sock
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
-                    .await;
-            }
-        })
-        .await;
+        let (addr, _) =
+            answers_once(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this").await;
         let res = pool()
             .send(Targets::one(addr), get("/"))
             .await
@@ -1118,14 +1122,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_garbled_answer_names_the_problem() {
-        let (addr, _) = app(|mut sock, _| async move {
-            if read_head(&mut sock).await.is_some() {
-                let _ = sock
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\nx")
-                    .await;
-            }
-        })
-        .await;
+        let (addr, _) = answers_once(b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\nx").await;
         let err = pool()
             .send(Targets::one(addr), get("/"))
             .await
@@ -1139,15 +1136,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_connection_the_application_closed_is_replaced_unseen() {
-        let (addr, accepted) = app(|mut sock, _| async move {
-            if read_head(&mut sock).await.is_some() {
-                let _ = sock
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-            }
-            // Closes after one answer although it promised keep-alive.
-        })
-        .await;
+        // Closes after each answer although the answer promised keep-alive.
+        let (addr, accepted) =
+            answers_once(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         let pool = pool();
         for _ in 0..3 {
             let res = pool
@@ -1268,15 +1259,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_early_answer_to_a_large_upload_reaches_the_client() {
-        let (addr, _) = app(|mut sock, _| async move {
-            if read_head(&mut sock).await.is_some() {
-                let _ = sock
-                    .write_all(
-                        b"HTTP/1.1 413 Content Too Large\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbig",
-                    )
-                    .await;
-            }
-        })
+        let (addr, _) = answers_once(
+            b"HTTP/1.1 413 Content Too Large\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbig",
+        )
         .await;
         let req = Request::post("http://app/up")
             .body(
