@@ -718,15 +718,22 @@ impl H1Body {
         poll_fill(io, &mut self.buf, cx).map_err(Error::Read)
     }
 
+    /// Reads more of a body that is not complete yet: the connection ending
+    /// here cuts the body short.
+    fn fill_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        match ready!(self.fill(cx))? {
+            0 => Poll::Ready(Err(Error::ClosedMidBody)),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
     fn step(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         loop {
             match &mut self.read {
                 Read::Done => return Poll::Ready(None),
                 Read::Length(due) => {
                     if self.buf.is_empty() {
-                        if ready!(self.fill(cx))? == 0 {
-                            return Poll::Ready(Some(Err(Error::ClosedMidBody)));
-                        }
+                        ready!(self.fill_more(cx))?;
                         continue;
                     }
                     let take = (*due).min(self.buf.len() as u64) as usize;
@@ -756,9 +763,7 @@ impl H1Body {
                                     "a chunk-size line is too long",
                                 ))));
                             }
-                            if ready!(self.fill(cx))? == 0 {
-                                return Poll::Ready(Some(Err(Error::ClosedMidBody)));
-                            }
+                            ready!(self.fill_more(cx))?;
                             continue;
                         };
                         let size = chunk_size(&self.buf[..end])?;
@@ -771,9 +776,7 @@ impl H1Body {
                     }
                     Chunk::Data(due) => {
                         if self.buf.is_empty() {
-                            if ready!(self.fill(cx))? == 0 {
-                                return Poll::Ready(Some(Err(Error::ClosedMidBody)));
-                            }
+                            ready!(self.fill_more(cx))?;
                             continue;
                         }
                         let take = (*due).min(self.buf.len() as u64) as usize;
@@ -786,9 +789,7 @@ impl H1Body {
                     }
                     Chunk::DataEnd => {
                         if self.buf.len() < 2 {
-                            if ready!(self.fill(cx))? == 0 {
-                                return Poll::Ready(Some(Err(Error::ClosedMidBody)));
-                            }
+                            ready!(self.fill_more(cx))?;
                             continue;
                         }
                         if &self.buf[..2] != b"\r\n" {
@@ -831,9 +832,7 @@ impl H1Body {
                                 if self.buf.len() > MAX_HEAD {
                                     return Poll::Ready(Some(Err(Error::HeadTooLarge)));
                                 }
-                                if ready!(self.fill(cx))? == 0 {
-                                    return Poll::Ready(Some(Err(Error::ClosedMidBody)));
-                                }
+                                ready!(self.fill_more(cx))?;
                             }
                             Err(_) => {
                                 return Poll::Ready(Some(Err(Error::Malformed(
