@@ -505,7 +505,7 @@ impl Exchange {
             if let Some(answer) = parse_head(&mut self.buf, head_only, unsent)? {
                 return Poll::Ready(Ok(answer));
             }
-            let read = ready!(poll_fill(&self.io, &mut self.buf, cx));
+            let read = ready!(poll_fill(&mut self.io, &mut self.buf, cx));
             let failed = match (read, self.write_error.take()) {
                 (Ok(n), _) if n > 0 => {
                     self.got_bytes = true;
@@ -521,18 +521,21 @@ impl Exchange {
 }
 
 /// Reads what the socket has into `buf`; `Ok(0)` at end of stream.
-fn poll_fill(io: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+///
+/// Through `AsyncRead` rather than `try_read_buf`: a read that leaves room
+/// in the buffer tells tokio the socket is drained, so the readiness check
+/// before the connection's next use ([`still_open`]) costs no system call.
+/// With `try_read_buf` the readiness stayed set and every reuse of an idle
+/// connection paid for a `recv` that found nothing.
+fn poll_fill(
+    io: &mut TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
     if buf.capacity() - buf.len() < READ_ROOM / 4 {
         buf.reserve(READ_ROOM);
     }
-    loop {
-        ready!(io.poll_read_ready(cx))?;
-        match io.try_read_buf(buf) {
-            Ok(n) => return Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 
 /// Parses a final response head off the front of `buf`, dropping interim
@@ -712,7 +715,7 @@ impl H1Body {
     }
 
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
-        let Some(io) = self.io.as_ref() else {
+        let Some(io) = self.io.as_mut() else {
             return Poll::Ready(Ok(0));
         };
         poll_fill(io, &mut self.buf, cx).map_err(Error::Read)
