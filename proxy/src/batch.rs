@@ -1,8 +1,9 @@
-//! Write batching for the pooled mesh connections.
+//! Write batching for HTTP/2 connections: the pooled mesh connections and
+//! the application's own HTTP/2 connections, in either direction.
 //!
-//! Many requests share one mTLS connection to a peer, and each is answered
-//! by its own task. Written the moment it is ready, every response becomes
-//! its own TLS record, system call and TCP segment, and wakes the peer once
+//! Many requests share one connection, and each is answered (or sent) by
+//! its own task. Written the moment it is ready, every response becomes
+//! its own system call, TCP segment and, over mTLS, TLS record, and wakes the peer once
 //! more: under load that per-segment kernel work, on both proxies, costs
 //! more than the proxying itself. [`Batched`] holds what the HTTP/2
 //! connection writes and, on the first flush of a burst, lets the tasks
