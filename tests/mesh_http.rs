@@ -316,6 +316,45 @@ fn http_semantics_survive_the_hop_between_proxies() {
     assert_eq!(r.status, 200);
 }
 
+/// Sends a slow request from `pod`, half-closes, and returns what came back.
+fn request_then_half_close(pod: &legate_testbed::Pod, dst: SocketAddr) -> String {
+    pod.run_in(move || -> std::io::Result<String> {
+        let mut s = TcpStream::connect(dst)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        // The answer is slow, so the proxy sees the end of the request
+        // stream while the request is still in flight.
+        s.write_all(b"GET /sleep/0.3/half HTTP/1.1\r\nHost: server\r\n\r\n")?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok(reply)
+    })
+    .unwrap()
+    .expect("request with a half-close")
+}
+
+/// A client that half-closes after its request (HTTP/1.0-era clients,
+/// `nc -N`, scripts) still gets the answer, as it would from the server
+/// directly: the end of the request stream is not the end of the exchange.
+/// Both through the client's proxy and, from outside the mesh, through the
+/// server's.
+#[test]
+fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    let (mesh, server, client, _app) = setup(&[]);
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let reply = request_then_half_close(&client.pod, dst);
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "meshed client: {reply:?}"
+    );
+    let outsider = mesh.plain_pod("outsider");
+    let reply = request_then_half_close(&outsider, dst);
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "client outside the mesh: {reply:?}"
+    );
+}
+
 #[test]
 fn a_websocket_echo_round_trips_through_the_mesh() {
     let (_mesh, server, client, _app) = setup(&[]);

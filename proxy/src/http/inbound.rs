@@ -309,6 +309,9 @@ pub(crate) async fn serve_plain(
                 ctx,
                 hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
+                    // A client that half-closes after its request still
+                    // gets the answer (as on the outbound side).
+                    .half_close(true)
                     .serve_connection(io, svc)
                     .with_upgrades()
             )

@@ -84,6 +84,14 @@ pub(crate) async fn serve(
                     // choice, as without the proxy, and a timer per
                     // request cost every request an allocation.
                     .header_read_timeout(None)
+                    // An application that half-closes after its request
+                    // still wants the answer, as it would get it without
+                    // the proxy. Not reading for the end of the stream
+                    // while a request is in flight also lets hyper reuse
+                    // its read buffer: a read then found it still shared
+                    // with the request's headers and took a new 8 KiB one
+                    // for every request.
+                    .half_close(true)
                     .serve_connection(io, svc)
                     .with_upgrades()
             )
