@@ -43,23 +43,16 @@ pub(crate) async fn serve(
     proto: Protocol,
     meter: Arc<ConnMeter>,
 ) {
-    let svc_ctx = ctx.clone();
-    let svc_meter = meter.clone();
     // Every request of the connection names the same destination to the
     // peer proxy: encode it once.
-    let svc_target = header_value(dst);
-    let svc = hyper::service::service_fn(move |req| {
-        let ctx = svc_ctx.clone();
-        let meter = svc_meter.clone();
-        let target = svc_target.clone();
-        // Boxed: hyper keeps one of these per request (a task per HTTP/2
-        // stream) and tokio moves a task's future by value when it starts
-        // and ends it, so a future of several kilobytes inline cost a few
-        // large memcpys per request. A box is one allocation and a pointer.
-        Box::pin(
-            async move { Ok::<_, Infallible>(handle(ctx, req, client, dst, target, &meter).await) },
-        )
-    });
+    let target = header_value(dst);
+    let answer = {
+        let (ctx, meter) = (ctx.clone(), meter.clone());
+        move |req| {
+            let (ctx, meter, target) = (ctx.clone(), meter.clone(), target.clone());
+            async move { Ok::<_, Infallible>(handle(ctx, req, client, dst, target, &meter).await) }
+        }
+    };
     let io = Metered::new(app, meter);
     let served = match proto {
         Protocol::Http2 => {
@@ -70,7 +63,15 @@ pub(crate) async fn serve(
                 ctx,
                 hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
-                    .serve_connection(TokioIo::new(Batched::new(io)), svc)
+                    .serve_connection(
+                        TokioIo::new(Batched::new(io)),
+                        // Boxed: each stream's request runs in a task of
+                        // its own, and tokio moves a task's future by value
+                        // when it starts and ends it; a future of several
+                        // kilobytes inline cost a few large copies per
+                        // request, a box costs one allocation.
+                        hyper::service::service_fn(move |req| Box::pin(answer(req))),
+                    )
             )
         }
         _ => {
@@ -92,7 +93,11 @@ pub(crate) async fn serve(
                     // with the request's headers and took a new 8 KiB one
                     // for every request.
                     .half_close(true)
-                    .serve_connection(io, svc)
+                    // Not boxed: hyper keeps the request's future in one
+                    // place per connection, allocated once, where a box
+                    // cost every request an allocation of several
+                    // kilobytes.
+                    .serve_connection(io, hyper::service::service_fn(answer))
                     .with_upgrades()
             )
         }
