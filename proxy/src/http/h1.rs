@@ -95,6 +95,10 @@ pub struct Pool {
 
 struct Idle {
     io: TcpStream,
+    /// The connection's read buffer, empty: kept so that the next answer
+    /// reads into the same memory once the last one's body has been
+    /// passed on, rather than into a new allocation per request.
+    buf: BytesMut,
     since: Instant,
 }
 
@@ -133,10 +137,11 @@ impl Pool {
             );
         let mut upload = Some(Upload::new(head.clone(), framing, body));
         loop {
-            let (io, reused) = match self.checkout(&targets) {
-                Some(io) => (io, true),
+            let (io, buf, reused) = match self.checkout(&targets) {
+                Some((io, buf)) => (io, buf, true),
                 None => (
                     socket::connect_first(&targets, self.connect_timeout, self.keepalive).await?,
+                    BytesMut::new(),
                     false,
                 ),
             };
@@ -145,7 +150,7 @@ impl Pool {
             };
             let mut ex = Exchange {
                 io,
-                buf: BytesMut::new(),
+                buf,
                 upload: Some(up),
                 write_error: None,
                 got_bytes: false,
@@ -184,18 +189,18 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open.
-    fn checkout(&self, targets: &Targets) -> Option<TcpStream> {
+    fn checkout(&self, targets: &Targets) -> Option<(TcpStream, BytesMut)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(targets)?;
         while let Some(c) = list.pop() {
             if c.since.elapsed() < IDLE_TIMEOUT && still_open(&c.io) {
-                return Some(c.io);
+                return Some((c.io, c.buf));
             }
         }
         None
     }
 
-    fn put(&self, targets: Targets, io: TcpStream) {
+    fn put(&self, targets: Targets, io: TcpStream, buf: BytesMut) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() >= MAX_TARGETS && !idle.contains_key(&targets) {
             idle.clear();
@@ -212,6 +217,7 @@ impl Pool {
         if list.len() < MAX_IDLE_PER_TARGET {
             list.push(Idle {
                 io,
+                buf,
                 since: Instant::now(),
             });
         }
@@ -708,7 +714,8 @@ impl H1Body {
             && self.upload.as_ref().is_none_or(Upload::finished);
         self.upload = None;
         if let (true, Some(io)) = (reusable, self.io.take()) {
-            self.pool.put(self.targets, io);
+            self.pool
+                .put(self.targets, io, std::mem::take(&mut self.buf));
         }
         self.io = None;
         self.buf = BytesMut::new();
