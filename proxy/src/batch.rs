@@ -1,15 +1,15 @@
-//! Write batching for HTTP/2 connections: the pooled mesh connections and
-//! the application's own HTTP/2 connections, in either direction.
+//! Write batching for HTTP/2 connections: the pooled mesh connections, and
+//! the application's own HTTP/2 connections to its proxy.
 //!
 //! Many requests share one connection, and each is answered (or sent) by
 //! its own task. Written the moment it is ready, every response becomes
-//! its own system call, TCP segment and, over mTLS, TLS record, and wakes the peer once
-//! more: under load that per-segment kernel work, on both proxies, costs
-//! more than the proxying itself. [`Batched`] holds what the HTTP/2
-//! connection writes and, on the first flush of a burst, lets the tasks
-//! already queued on the runtime run before writing: the streams they
-//! complete leave in the same write. With nothing else queued the wait is
-//! one task switch.
+//! its own system call, TCP segment and (over mTLS) TLS record, and wakes
+//! the peer once more: under load that per-segment kernel work, on both
+//! proxies, costs more than the proxying itself. [`Batched`] holds what
+//! the HTTP/2 connection writes and, on the first flush of a burst, lets
+//! the tasks already queued on the runtime run before writing: the streams
+//! they complete leave in the same write. With nothing else queued the
+//! wait is one task switch.
 //!
 //! Deferring a flush is sound here because the HTTP/2 connection that owns
 //! the stream flushes at the end of every poll, and a deferred flush always
