@@ -429,11 +429,19 @@ fn every_ending_of_the_command_is_reported_and_cleaned_up() {
     let script = format!("touch {} && exec sleep 30", started.display());
     let mut p = run(&host, &["--", "sh", "-c", &script]).spawn_run();
     wait_for_file(&started, &mut p);
-    let sleeper = pids_in(&host)
-        .into_iter()
-        .find(|(_, c)| c.starts_with("sleep 30"))
-        .map(|(pid, _)| pid)
-        .unwrap_or_else(|| panic!("no command in {:?}", processes_in(&host)));
+    // The flag is written just before the shell execs into `sleep`, so
+    // the first look may still find the shell.
+    let mut sleeper = None;
+    eventually(5, || {
+        sleeper = pids_in(&host)
+            .into_iter()
+            .find(|(_, c)| c.starts_with("sleep 30"))
+            .map(|(pid, _)| pid);
+        sleeper.is_some()
+    });
+    let Some(sleeper) = sleeper else {
+        panic!("no command in {:?}", processes_in(&host))
+    };
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(sleeper), Signal::SIGKILL).unwrap();
     assert_eq!(status_of(&mut p).code(), Some(137), "{}", p.stderr());
     assert_clean(&host, &before, p.pid());
