@@ -34,6 +34,7 @@ use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
+use crate::policy::retry::MethodClass;
 use crate::pool::{Body, BoxError};
 use crate::socket::{self, ConnectError, Targets};
 
@@ -125,16 +126,8 @@ impl Pool {
         // only a request with nothing to replay and whose repetition is
         // harmless (RFC 9110 §9.2.2; RFC 9112 §9.3.1 forbids proxies to
         // repeat others automatically).
-        let may_resend = body.is_end_stream()
-            && matches!(
-                parts.method,
-                Method::GET
-                    | Method::HEAD
-                    | Method::OPTIONS
-                    | Method::TRACE
-                    | Method::PUT
-                    | Method::DELETE
-            );
+        let may_resend =
+            body.is_end_stream() && MethodClass::of(&parts.method) == MethodClass::Idempotent;
         let mut upload = Some(Upload::new(head.clone(), framing, body));
         loop {
             let (io, buf, reused) = match self.checkout(&targets) {
