@@ -366,9 +366,8 @@ async fn connect_app(
     ip: IpAddr,
     port: u16,
 ) -> Result<TcpStream, socket::ConnectError> {
-    let cfg = &ctx.config.proxy;
     let targets = app_targets(&ctx.config, ip, port);
-    socket::connect_first(&targets, cfg.connect_timeout, cfg.tcp_keepalive).await
+    ctx.clients().dial().connect(&targets).await
 }
 
 /// Where the application serving `port` may listen, in the order tried.

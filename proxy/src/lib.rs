@@ -443,7 +443,12 @@ impl Proxy {
                 })
                 .collect(),
             clients: (0..workers)
-                .map(|_| http::client::Clients::new(p.connect_timeout, p.tcp_keepalive))
+                .map(|_| {
+                    http::client::Clients::new(socket::Dial {
+                        timeout: p.connect_timeout,
+                        keepalive: p.tcp_keepalive,
+                    })
+                })
                 .collect(),
             live: ArcSwap::from_pointee(live),
             metrics,

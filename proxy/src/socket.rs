@@ -137,6 +137,22 @@ impl Targets {
     }
 }
 
+/// How the proxy dials plain TCP: the connect timeout, and the keepalive
+/// set on every connection. One value shared by the HTTP clients and the
+/// connections they dial, so they cannot disagree.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial {
+    pub timeout: Duration,
+    pub keepalive: Duration,
+}
+
+impl Dial {
+    /// Connects to the first of `targets` that accepts ([`connect_first`]).
+    pub async fn connect(&self, targets: &Targets) -> Result<TcpStream, ConnectError> {
+        connect_first(targets, self.timeout, self.keepalive).await
+    }
+}
+
 /// Connects to the first of `targets` that accepts; a timeout or any error
 /// but a refusal ends the attempt at once, since the next address would
 /// only add its own timeout.

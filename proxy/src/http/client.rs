@@ -8,48 +8,49 @@
 //! the connection goes where the capture said.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpStream;
 
 use super::{h1, h2c};
-use crate::socket::{self, ConnectError, Targets};
+use crate::socket::{ConnectError, Dial, Targets};
 
 /// Dials its addresses in order, moving to the next only when one refuses.
 #[derive(Clone)]
 pub struct FixedConnector {
     targets: Targets,
-    connect_timeout: Duration,
-    keepalive: Duration,
+    dial: Dial,
 }
 
 impl FixedConnector {
-    pub fn new(targets: Targets, connect_timeout: Duration, keepalive: Duration) -> Self {
-        FixedConnector {
-            targets,
-            connect_timeout,
-            keepalive,
-        }
+    pub fn new(targets: Targets, dial: Dial) -> Self {
+        FixedConnector { targets, dial }
     }
 
     /// Connects to the first address that accepts.
     pub async fn dial(&self) -> Result<TcpStream, ConnectError> {
-        socket::connect_first(&self.targets, self.connect_timeout, self.keepalive).await
+        self.dial.connect(&self.targets).await
     }
 }
 
 /// The plain HTTP clients of one worker thread.
 pub struct Clients {
+    dial: Dial,
     http1: Arc<h1::Pool>,
     http2: h2c::Pool,
 }
 
 impl Clients {
-    pub fn new(connect_timeout: Duration, keepalive: Duration) -> Self {
+    pub fn new(dial: Dial) -> Self {
         Clients {
-            http1: Arc::new(h1::Pool::new(connect_timeout, keepalive)),
-            http2: h2c::Pool::new(connect_timeout, keepalive),
+            dial,
+            http1: Arc::new(h1::Pool::new(dial)),
+            http2: h2c::Pool::new(dial),
         }
+    }
+
+    /// How these clients dial, for connections made beside them.
+    pub fn dial(&self) -> Dial {
+        self.dial
     }
 
     /// HTTP/1.1, driven from each request's own task.

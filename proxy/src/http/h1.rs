@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 
 use crate::policy::retry::MethodClass;
 use crate::pool::{Body, BoxError};
-use crate::socket::{self, ConnectError, Targets};
+use crate::socket::{ConnectError, Dial, Targets};
 
 /// Idle connections kept per application address set; one more is closed.
 const MAX_IDLE_PER_TARGET: usize = 64;
@@ -90,8 +90,7 @@ impl Error {
 /// worker thread, like the other clients, so it is rarely contended.
 pub struct Pool {
     idle: Mutex<HashMap<Targets, Vec<Idle>>>,
-    connect_timeout: Duration,
-    keepalive: Duration,
+    dial: Dial,
 }
 
 struct Idle {
@@ -104,11 +103,10 @@ struct Idle {
 }
 
 impl Pool {
-    pub fn new(connect_timeout: Duration, keepalive: Duration) -> Self {
+    pub fn new(dial: Dial) -> Self {
         Pool {
             idle: Mutex::new(HashMap::new()),
-            connect_timeout,
-            keepalive,
+            dial,
         }
     }
 
@@ -132,11 +130,7 @@ impl Pool {
         loop {
             let (io, buf, reused) = match self.checkout(&targets) {
                 Some((io, buf)) => (io, buf, true),
-                None => (
-                    socket::connect_first(&targets, self.connect_timeout, self.keepalive).await?,
-                    BytesMut::new(),
-                    false,
-                ),
+                None => (self.dial.connect(&targets).await?, BytesMut::new(), false),
             };
             let Some(up) = upload.take() else {
                 unreachable!("the request is sent once, or again only when it had no body to lose")
@@ -971,7 +965,10 @@ mod tests {
     }
 
     fn pool() -> Arc<Pool> {
-        Arc::new(Pool::new(Duration::from_secs(2), Duration::from_secs(60)))
+        Arc::new(Pool::new(Dial {
+            timeout: Duration::from_secs(2),
+            keepalive: Duration::from_secs(60),
+        }))
     }
 
     fn get(path: &str) -> Request<Body> {

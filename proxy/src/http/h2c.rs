@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -24,7 +23,7 @@ use tracing::debug;
 
 use crate::h2stream::{self, RecvBody};
 use crate::pool::{self, Body};
-use crate::socket::{self, ConnectError, Targets};
+use crate::socket::{ConnectError, Dial, Targets};
 
 /// More distinct address sets than this and the connections are dropped
 /// from the map (streams on them finish; the connections close after).
@@ -49,8 +48,7 @@ impl Error {
 /// per worker thread, like the other clients.
 pub struct Pool {
     conns: Mutex<HashMap<Targets, Arc<Slot>>>,
-    connect_timeout: Duration,
-    keepalive: Duration,
+    dial: Dial,
 }
 
 /// Held while a connection is chosen or opened, so a burst of requests
@@ -66,11 +64,10 @@ struct Conn {
 }
 
 impl Pool {
-    pub fn new(connect_timeout: Duration, keepalive: Duration) -> Self {
+    pub fn new(dial: Dial) -> Self {
         Pool {
             conns: Mutex::new(HashMap::new()),
-            connect_timeout,
-            keepalive,
+            dial,
         }
     }
 
@@ -127,7 +124,7 @@ impl Pool {
     }
 
     async fn open(&self, targets: Targets) -> Result<Conn, Error> {
-        let tcp = socket::connect_first(&targets, self.connect_timeout, self.keepalive).await?;
+        let tcp = self.dial.connect(&targets).await?;
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(pool::STREAM_WINDOW)
             .initial_connection_window_size(pool::CONN_WINDOW)
@@ -150,6 +147,7 @@ impl Pool {
 mod tests {
     use std::convert::Infallible;
     use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
 
     use http_body_util::Full;
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -211,7 +209,10 @@ mod tests {
     /// application accepted.
     async fn three_echoes(drop_after: usize, pause: Duration) -> usize {
         let (addr, accepted) = app(drop_after).await;
-        let pool = Pool::new(Duration::from_secs(2), Duration::from_secs(60));
+        let pool = Pool::new(Dial {
+            timeout: Duration::from_secs(2),
+            keepalive: Duration::from_secs(60),
+        });
         for body in ["one", "two", "three"] {
             let res = pool
                 .send(Targets::one(addr), post(body))
@@ -239,7 +240,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         drop(listener);
-        let pool = Pool::new(Duration::from_secs(2), Duration::from_secs(60));
+        let pool = Pool::new(Dial {
+            timeout: Duration::from_secs(2),
+            keepalive: Duration::from_secs(60),
+        });
         let err = pool
             .send(Targets::one(addr), post("x"))
             .await

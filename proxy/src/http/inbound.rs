@@ -211,11 +211,8 @@ async fn from_peer_inner(
             if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
                 parts.headers.insert(header::HOST, v);
             }
-            let connector = FixedConnector::new(
-                app_targets(&ctx.config, ip, port),
-                ctx.config.proxy.connect_timeout,
-                ctx.config.proxy.tcp_keepalive,
-            );
+            let connector =
+                FixedConnector::new(app_targets(&ctx.config, ip, port), ctx.clients().dial());
             match Box::pin(upgrade_direct(
                 &connector,
                 Request::from_parts(parts, empty()),
@@ -267,8 +264,7 @@ pub(crate) async fn serve_plain(
                 let from_client = hyper::upgrade::on(&mut req);
                 let connector = FixedConnector::new(
                     app_targets(&ctx.config, dst.ip(), dst.port()),
-                    ctx.config.proxy.connect_timeout,
-                    ctx.config.proxy.tcp_keepalive,
+                    ctx.clients().dial(),
                 );
                 let (parts, body) = req.into_parts();
                 match Box::pin(upgrade_direct(

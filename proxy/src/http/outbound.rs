@@ -479,11 +479,8 @@ async fn upgrade(
     seen.peer = sender.as_ref().and_then(|s| s.peer.clone());
     seen.carried = Some(seen.peer.clone());
     let Some(sender) = sender else {
-        let connector = crate::http::client::FixedConnector::new(
-            Targets::one(dst),
-            ctx.config.proxy.connect_timeout,
-            ctx.config.proxy.tcp_keepalive,
-        );
+        let connector =
+            crate::http::client::FixedConnector::new(Targets::one(dst), ctx.clients().dial());
         let (parts, body) = req.into_parts();
         return match super::inbound::upgrade_direct(
             &connector,

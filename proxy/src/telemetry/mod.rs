@@ -201,10 +201,10 @@ impl Tracing {
         runtime: tokio::runtime::Handle,
     ) -> Result<Self, TelemetryError> {
         let url = traces_url(endpoint)?;
-        let client = Arc::new(crate::http::h1::Pool::new(
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-        ));
+        let client = Arc::new(crate::http::h1::Pool::new(crate::socket::Dial {
+            timeout: Duration::from_secs(2),
+            keepalive: Duration::from_secs(60),
+        }));
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_http_client(OtlpClient { runtime, client })
