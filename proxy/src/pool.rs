@@ -7,11 +7,12 @@
 //! gets up to `proxy.pool_max_connections` connections; a new one is
 //! opened when every existing one carries `proxy.pool_max_streams` streams,
 //! and new streams fill the oldest connection with room, so that the extra
-//! connections of a burst fall idle afterwards (see `choose`). Each
-//! worker thread has a pool of its own. A connection without streams for
-//! `proxy.pool_idle_timeout` is closed. After a failed connect or handshake, a peer is not dialled again
-//! until a backoff (50 ms doubling to 5 s, with jitter) has passed: callers
-//! meanwhile fail at once instead of each paying a timeout.
+//! connections of a burst fall idle afterwards (see `choose`). Each worker
+//! thread has a pool of its own. A connection without streams for
+//! `proxy.pool_idle_timeout` is closed. After a failed connect or
+//! handshake, a peer is not dialled again until a backoff (50 ms doubling
+//! to 5 s, with jitter) has passed: callers meanwhile fail at once instead
+//! of each paying a timeout.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
