@@ -94,6 +94,8 @@ impl L4Row {
 pub struct HttpRow {
     pub peer: &'static str,
     pub proto: &'static str,
+    /// Which round of `--rounds` this is, from 0.
+    pub round: usize,
     pub load: HttpLoad,
     pub cost: Cost,
 }
@@ -105,7 +107,10 @@ pub struct Report {
     pub idle_file: Vec<(String, u64)>,
     pub idle_after: Vec<(String, u64)>,
     pub l4: Vec<L4Row>,
+    /// Every HTTP measurement, all rounds.
     pub http: Vec<HttpRow>,
+    /// Rounds of HTTP measurements.
+    pub rounds: usize,
     pub notes: Vec<String>,
     /// Connections held for the memory measurement.
     pub hold: usize,
@@ -142,6 +147,7 @@ impl Report {
             idle_after: Vec::new(),
             l4: Vec::new(),
             http: Vec::new(),
+            rounds: 1,
             notes: Vec::new(),
             hold: 1000,
             max_foreign: 0.0,
@@ -164,10 +170,49 @@ impl Report {
         self.l4.iter().find(|r| r.peer == peer)
     }
 
+    /// The median round of `peer` with `proto` by requests per second;
+    /// the lower of the middle two when the count is even.
     fn http_row(&self, peer: &str, proto: &str) -> Option<&HttpRow> {
+        let mut rows = self.http_rounds(peer, proto);
+        rows.sort_by(|a, b| a.load.rps.total_cmp(&b.load.rps));
+        rows.get(rows.len().saturating_sub(1) / 2).copied()
+    }
+
+    fn http_rounds(&self, peer: &str, proto: &str) -> Vec<&HttpRow> {
         self.http
             .iter()
-            .find(|r| r.peer == peer && r.proto == proto)
+            .filter(|r| r.peer == peer && r.proto == proto)
+            .collect()
+    }
+
+    /// Each peer's median round per protocol, in the order first measured.
+    fn http_medians(&self) -> Vec<&HttpRow> {
+        let mut out: Vec<&HttpRow> = Vec::new();
+        for r in &self.http {
+            if out.iter().any(|m| m.peer == r.peer && m.proto == r.proto) {
+                continue;
+            }
+            if let Some(m) = self.http_row(r.peer, r.proto) {
+                out.push(m);
+            }
+        }
+        out
+    }
+
+    /// In how many rounds legate's `better` held against both comparison
+    /// pairs measured in the same round.
+    fn rounds_won(&self, proto: &str, better: impl Fn(&HttpRow, &HttpRow) -> bool) -> usize {
+        self.http_rounds("legate", proto)
+            .into_iter()
+            .filter(|l| {
+                ["nginx-http", "haproxy"].iter().all(|other| {
+                    self.http_rounds(other, proto)
+                        .into_iter()
+                        .filter(|o| o.round == l.round)
+                        .all(|o| better(l, o))
+                })
+            })
+            .count()
     }
 
     fn idle(list: &[(String, u64)], label: &str) -> Option<u64> {
@@ -351,9 +396,17 @@ impl Report {
             o,
             "\n#### HTTP: wrk -t2 -c50 (HTTP/1.1 keep-alive), h2load -c10 -m10 -t1 (HTTP/2), 256-byte page from nginx\n"
         );
+        let rounds = if self.rounds > 1 {
+            format!(
+                "Each peer's median of {} rounds by requests/s (every round is listed below). ",
+                self.rounds
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             o,
-            "CPU in cores over the run, peak VmRSS in MiB; client-side / server-side proxy.\n"
+            "{rounds}CPU in cores over the run, peak VmRSS in MiB; client-side / server-side proxy.\n"
         );
         let _ = writeln!(
             o,
@@ -363,7 +416,7 @@ impl Report {
             o,
             "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: |"
         );
-        for r in &self.http {
+        for r in self.http_medians() {
             let (cpu, per_req, rss) = if r.peer == "direct" {
                 ("-".to_owned(), "-".to_owned(), "-".to_owned())
             } else {
@@ -386,6 +439,43 @@ impl Report {
                 r.cost.machine_busy * 100.0,
                 r.cost.foreign_cores
             );
+        }
+        if self.rounds > 1 {
+            self.render_http_rounds(o);
+        }
+    }
+
+    /// Every HTTP round: requests/s, and the proxies' CPU per request.
+    fn render_http_rounds(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "\nEvery round: req/s (µs of proxy CPU per request); peers took turns in an order rotated by one each round.\n"
+        );
+        let mut head = "| peer | protocol |".to_owned();
+        let mut rule = "| --- | --- |".to_owned();
+        for n in 1..=self.rounds {
+            let _ = write!(head, " round {n} |");
+            rule.push_str(" ---: |");
+        }
+        let _ = writeln!(o, "{head}\n{rule}");
+        for m in self.http_medians() {
+            let mut line = format!("| {} | {} |", m.peer, m.proto);
+            for round in 0..self.rounds {
+                let cell = self
+                    .http_rounds(m.peer, m.proto)
+                    .into_iter()
+                    .find(|r| r.round == round)
+                    .map_or("-".to_owned(), |r| {
+                        let cores = r.cost.client_cores + r.cost.server_cores;
+                        if r.peer == "direct" || r.load.rps <= 0.0 {
+                            format!("{:.0}", r.load.rps)
+                        } else {
+                            format!("{:.0} ({:.0})", r.load.rps, cores / r.load.rps * 1e6)
+                        }
+                    });
+                let _ = write!(line, " {cell} |");
+            }
+            let _ = writeln!(o, "{line}");
         }
     }
 
@@ -415,7 +505,7 @@ impl Report {
                 rows.push(format!("| {} | ping-pong round trip | {x} |", r.peer));
             }
         }
-        for r in &self.http {
+        for r in self.http_medians() {
             if let Some(x) = per(&r.cost.counts, r.load.rps * secs) {
                 rows.push(format!("| {} | {} request | {x} |", r.peer, r.proto));
             }
@@ -488,10 +578,28 @@ impl Report {
                 continue;
             };
             let best = n.load.rps.max(h.load.rps);
+            let (won_rps, won_p99) = if self.rounds > 1 {
+                let of = self.http_rounds("legate", proto).len();
+                (
+                    format!(
+                        "; legate ahead in {} of {of} rounds",
+                        self.rounds_won(proto, |l, o| l.load.rps >= o.load.rps)
+                    ),
+                    format!(
+                        "; legate's lower in {} of {of} rounds",
+                        self.rounds_won(proto, |l, o| l.load.p99_us <= o.load.p99_us)
+                    ),
+                )
+            } else {
+                (String::new(), String::new())
+            };
             rows.push((
                 format!("{proto} req/s ≥ the faster of nginx and HAProxy"),
                 format!("{:.0}", l.load.rps),
-                format!("nginx {:.0}, HAProxy {:.0}", n.load.rps, h.load.rps),
+                format!(
+                    "nginx {:.0}, HAProxy {:.0}{won_rps}",
+                    n.load.rps, h.load.rps
+                ),
                 l.load.rps >= best,
             ));
             let low = n.load.p99_us.min(h.load.p99_us);
@@ -499,20 +607,23 @@ impl Report {
                 format!("{proto} p99 ≤ nginx's and HAProxy's"),
                 format!("{} ms", ms(l.load.p99_us)),
                 format!(
-                    "nginx {} ms, HAProxy {} ms",
+                    "nginx {} ms, HAProxy {} ms{won_p99}",
                     ms(n.load.p99_us),
                     ms(h.load.p99_us)
                 ),
                 l.load.p99_us <= low,
             ));
-            let peak = l.cost.client_rss.max(l.cost.server_rss);
+            // Memory is judged on the largest round, not the median one.
+            let (client_rss, server_rss) = self
+                .http_rounds("legate", proto)
+                .into_iter()
+                .fold((0, 0), |(c, s), r| {
+                    (c.max(r.cost.client_rss), s.max(r.cost.server_rss))
+                });
+            let peak = client_rss.max(server_rss);
             rows.push((
                 format!("{proto} RSS under load ≤ 20 MB, each proxy"),
-                format!(
-                    "{} / {} MiB",
-                    mib(l.cost.client_rss),
-                    mib(l.cost.server_rss)
-                ),
+                format!("{} / {} MiB", mib(client_rss), mib(server_rss)),
                 "20 MB".into(),
                 peak as f64 <= 20e6,
             ));
@@ -526,5 +637,85 @@ impl Report {
         for (t, l, r, met) in rows {
             let _ = writeln!(o, "| {t} | {l} | {r} | {} |", verdict(met));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Context {
+        Context {
+            date: "today".into(),
+            command: "legate-bench".into(),
+            cpus: "2".into(),
+            cpu_model: "test".into(),
+            kernel: "test".into(),
+            memory: "1 GiB".into(),
+            versions: Vec::new(),
+        }
+    }
+
+    fn row(peer: &'static str, round: usize, rps: f64, p99_us: f64, rss: u64) -> HttpRow {
+        HttpRow {
+            peer,
+            proto: "HTTP/1.1",
+            round,
+            load: HttpLoad {
+                rps,
+                p50_us: 1000.0,
+                p99_us,
+                errors: 0,
+            },
+            cost: Cost {
+                client_cores: 0.5,
+                server_cores: 0.5,
+                client_rss: rss,
+                server_rss: rss,
+                ..Cost::default()
+            },
+        }
+    }
+
+    #[test]
+    fn targets_use_each_peers_median_round_and_count_rounds_won() {
+        let mut r = Report::new(ctx());
+        r.rounds = 3;
+        r.http = vec![
+            row("legate", 0, 100.0, 5000.0, 12 << 20),
+            row("haproxy", 0, 150.0, 4000.0, 20 << 20),
+            row("nginx-http", 0, 90.0, 6000.0, 40 << 20),
+            row("legate", 1, 300.0, 3000.0, 15 << 20),
+            row("haproxy", 1, 120.0, 4000.0, 20 << 20),
+            row("nginx-http", 1, 80.0, 6000.0, 40 << 20),
+            row("legate", 2, 200.0, 3500.0, 13 << 20),
+            row("haproxy", 2, 130.0, 4000.0, 20 << 20),
+            row("nginx-http", 2, 70.0, 7000.0, 40 << 20),
+        ];
+        assert_eq!(r.http_row("legate", "HTTP/1.1").map(|m| m.round), Some(2));
+        assert_eq!(r.http_row("haproxy", "HTTP/1.1").map(|m| m.round), Some(2));
+        assert_eq!(r.rounds_won("HTTP/1.1", |l, o| l.load.rps >= o.load.rps), 2);
+        let text = r.render();
+        assert!(
+            text.contains("| HTTP/1.1 req/s ≥ the faster of nginx and HAProxy | 200 | nginx 80, HAProxy 130; legate ahead in 2 of 3 rounds | met |"),
+            "{text}"
+        );
+        // Memory is judged on the largest round, not the median one.
+        assert!(text.contains("| 15.0 / 15.0 MiB | 20 MB | met |"), "{text}");
+        assert!(
+            text.contains("| legate | HTTP/1.1 | 100 (10000) | 300 (3333) | 200 (5000) |"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_even_number_of_rounds_keeps_the_lower_middle_one() {
+        let mut r = Report::new(ctx());
+        r.rounds = 2;
+        r.http = vec![
+            row("legate", 0, 300.0, 1.0, 1),
+            row("legate", 1, 100.0, 1.0, 1),
+        ];
+        assert_eq!(r.http_row("legate", "HTTP/1.1").map(|m| m.round), Some(1));
     }
 }

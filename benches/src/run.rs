@@ -30,6 +30,8 @@ const LEAK_CORES: f64 = 0.02;
 /// more than `BUSY_CORES` is repeated, up to `--attempts` times in all,
 /// and the least disturbed run is kept and reported.
 const QUIET_CORES: f64 = 0.10;
+/// The page the HTTP benchmarks fetch (256 bytes, served by nginx).
+const HTTP_PATH: &str = "/index.html";
 const BUSY_CORES: f64 = 0.25;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -75,6 +77,13 @@ pub struct RunArgs {
     /// the least disturbed one is kept.
     #[arg(long, default_value_t = 2)]
     attempts: usize,
+    /// Rounds of the HTTP measurements. Each round measures every peer
+    /// once, in an order rotated by one from the round before, so that
+    /// no peer always follows the same one or meets the machine at the
+    /// same point of its drift; the report keeps each peer's median round
+    /// and lists all of them.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Measure only these peers (comma-separated: direct, legate,
     /// nginx-stream, nginx-http, haproxy); all by default.
     #[arg(long, value_delimiter = ',', value_name = "PEERS")]
@@ -686,7 +695,9 @@ impl Bench {
             let cg = self.args.profile_call_graph;
             let perf = match (&self.args.profile, &peer.proxies) {
                 (Some(dir), Some((c, s))) if peer.name == "legate" => {
-                    let name = format!("{what}-attempt{attempt}").replace([' ', '/'], "_");
+                    let name = format!("{what}-attempt{attempt}")
+                        .replace([' ', '/'], "_")
+                        .replace(['(', ')'], "");
                     vec![
                         Perf::start(dir, &format!("{name}-client"), c.root, cg)?,
                         Perf::start(dir, &format!("{name}-server"), s.root, cg)?,
@@ -891,69 +902,109 @@ impl Bench {
 
     fn http(&mut self, report: &mut Report) -> Result<()> {
         let peers = self.wanted(self.peers_http());
-        let secs = self.args.seconds;
-        let path = "/index.html";
-        for peer in &peers {
-            eprintln!("legate-bench: HTTP/1.1 with wrk, {}", peer.name);
-            let url = format!("http://{}{path}", peer.h1);
-            let wrk = |s: u64| {
-                self.client.command("wrk").args([
-                    "-t2".to_owned(),
-                    "-c50".into(),
-                    format!("-d{s}s"),
-                    "--latency".into(),
-                    url.clone(),
-                ])
-            };
-            // Warm up: fill the proxies' connection pools.
-            exec_bounded(wrk(2), "wrk warm-up", Duration::from_secs(60))?;
-            let (load, cost) = self.measured(peer, "wrk", report, || {
-                parse::wrk(&exec_bounded(
-                    wrk(secs),
-                    "wrk",
-                    Duration::from_secs(secs + 60),
-                )?)
-            })?;
-            report.http.push(report::HttpRow {
-                peer: peer.name,
-                proto: "HTTP/1.1",
-                load,
-                cost,
-            });
-        }
-        for peer in &peers {
-            eprintln!("legate-bench: HTTP/2 with h2load, {}", peer.name);
-            let url = format!("http://{}{path}", peer.h2);
-            let log = self.file(&format!("h2load-{}.log", peer.name));
-            let h2load = |s: u64, log: Option<&Path>| {
-                let mut cmd = self.client.command("h2load").args([
-                    "-c10".to_owned(),
-                    "-m10".into(),
-                    "-t1".into(),
-                    "-D".into(),
-                    s.to_string(),
-                ]);
-                if let Some(log) = log {
-                    cmd = cmd.arg("--log-file").arg(log);
-                }
-                cmd.arg(&url)
-            };
-            exec_bounded(h2load(2, None), "h2load warm-up", Duration::from_secs(60))?;
-            let (load, cost) = self.measured(peer, "h2load", report, || {
-                let cmd = h2load(secs, Some(&log));
-                let out = exec_bounded(cmd, "h2load", Duration::from_secs(secs + 60))?;
-                let log_text = std::fs::read_to_string(&log)?;
-                let _ = std::fs::remove_file(&log);
-                parse::h2load(&out, &log_text)
-            })?;
-            report.http.push(report::HttpRow {
-                peer: peer.name,
-                proto: "HTTP/2",
-                load,
-                cost,
-            });
+        let rounds = self.args.rounds as usize;
+        report.rounds = rounds;
+        for round in 0..rounds {
+            let mut order = peers.clone();
+            let turn = round % order.len().max(1);
+            order.rotate_left(turn);
+            for peer in &order {
+                eprintln!(
+                    "legate-bench: HTTP/1.1 with wrk, {} (round {} of {rounds})",
+                    peer.name,
+                    round + 1
+                );
+                let (load, cost) = self.wrk(peer, round, report)?;
+                report.http.push(report::HttpRow {
+                    peer: peer.name,
+                    proto: "HTTP/1.1",
+                    round,
+                    load,
+                    cost,
+                });
+            }
+            for peer in &order {
+                eprintln!(
+                    "legate-bench: HTTP/2 with h2load, {} (round {} of {rounds})",
+                    peer.name,
+                    round + 1
+                );
+                let (load, cost) = self.h2load(peer, round, report)?;
+                report.http.push(report::HttpRow {
+                    peer: peer.name,
+                    proto: "HTTP/2",
+                    round,
+                    load,
+                    cost,
+                });
+            }
         }
         Ok(())
+    }
+
+    /// One measured wrk run (HTTP/1.1 keep-alive) through `peer`, after a
+    /// short warm-up that fills the proxies' connection pools.
+    fn wrk(
+        &self,
+        peer: &Peer,
+        round: usize,
+        report: &mut Report,
+    ) -> Result<(parse::HttpLoad, Cost)> {
+        let secs = self.args.seconds;
+        let url = format!("http://{}{HTTP_PATH}", peer.h1);
+        let wrk = |s: u64| {
+            self.client.command("wrk").args([
+                "-t2".to_owned(),
+                "-c50".into(),
+                format!("-d{s}s"),
+                "--latency".into(),
+                url.clone(),
+            ])
+        };
+        exec_bounded(wrk(2), "wrk warm-up", Duration::from_secs(60))?;
+        let what = format!("wrk (round {})", round + 1);
+        self.measured(peer, &what, report, || {
+            parse::wrk(&exec_bounded(
+                wrk(secs),
+                "wrk",
+                Duration::from_secs(secs + 60),
+            )?)
+        })
+    }
+
+    /// One measured h2load run (HTTP/2, prior knowledge) through `peer`,
+    /// after a short warm-up.
+    fn h2load(
+        &self,
+        peer: &Peer,
+        round: usize,
+        report: &mut Report,
+    ) -> Result<(parse::HttpLoad, Cost)> {
+        let secs = self.args.seconds;
+        let url = format!("http://{}{HTTP_PATH}", peer.h2);
+        let log = self.file(&format!("h2load-{}.log", peer.name));
+        let h2load = |s: u64, log: Option<&Path>| {
+            let mut cmd = self.client.command("h2load").args([
+                "-c10".to_owned(),
+                "-m10".into(),
+                "-t1".into(),
+                "-D".into(),
+                s.to_string(),
+            ]);
+            if let Some(log) = log {
+                cmd = cmd.arg("--log-file").arg(log);
+            }
+            cmd.arg(&url)
+        };
+        exec_bounded(h2load(2, None), "h2load warm-up", Duration::from_secs(60))?;
+        let what = format!("h2load (round {})", round + 1);
+        self.measured(peer, &what, report, || {
+            let cmd = h2load(secs, Some(&log));
+            let out = exec_bounded(cmd, "h2load", Duration::from_secs(secs + 60))?;
+            let log_text = std::fs::read_to_string(&log)?;
+            let _ = std::fs::remove_file(&log);
+            parse::h2load(&out, &log_text)
+        })
     }
 
     /// Warnings and errors the legate proxies logged during the run.
