@@ -21,9 +21,10 @@ use tracing::{debug, info, warn};
 use crate::batch::Batched;
 use crate::detect::DETECT_TIMEOUT;
 use crate::detect::{detect, Protocol};
+use crate::http::inbound::{answered, Answering};
 use crate::metrics::{protocol_label, Detected, Direction, TlsFailure};
 use crate::policy::proxy_answer;
-use crate::pool::{Body, CONN_WINDOW, MAX_FRAME, STREAM_WINDOW};
+use crate::pool::{CONN_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use crate::relay::relay;
 use crate::socket::{self, Targets};
 use crate::telemetry::conn::{ConnMeter, Metered};
@@ -191,12 +192,8 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
     let svc_ctx = ctx.clone();
     let svc_peer = crate::http::inbound::Peer::new(peer.clone());
     let service = hyper::service::service_fn(move |req| {
-        let ctx = svc_ctx.clone();
-        let peer = svc_peer.clone();
-        // Boxed for the reason given in `http::outbound::serve`.
-        Box::pin(async move {
-            Ok::<_, std::convert::Infallible>(tunnel(ctx, req, client, dst, peer).await)
-        })
+        let answering = stream(&svc_ctx, req, client, dst, &svc_peer);
+        async move { Ok::<_, std::convert::Infallible>(answering.await) }
     });
     let served = crate::serve_draining!(
         ctx,
@@ -207,16 +204,18 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
     }
 }
 
-/// One `CONNECT` stream from a peer proxy: authorize, connect to the
-/// application, then relay.
-async fn tunnel(
-    ctx: Arc<Shared>,
+/// One stream from a peer proxy: authorized here, then either an HTTP
+/// request for the application or a `CONNECT` tunnel to it. The checks run
+/// before the stream's future exists, so a refusal allocates nothing more
+/// and a request's future holds only the request.
+fn stream(
+    ctx: &Arc<Shared>,
     mut req: http::Request<Incoming>,
     client: SocketAddr,
     dst: SocketAddr,
-    mesh_peer: crate::http::inbound::Peer,
-) -> http::Response<Body> {
-    let peer = mesh_peer.id.clone();
+    mesh_peer: &crate::http::inbound::Peer,
+) -> Answering {
+    let peer = &mesh_peer.id;
     let cfg = &ctx.config.proxy;
     let plain_connect = req.method() == http::Method::CONNECT
         && req.extensions().get::<hyper::ext::Protocol>().is_none();
@@ -238,66 +237,67 @@ async fn tunnel(
         match target {
             Some(p) => p,
             None => {
-                return proxy_answer(
+                return answered(proxy_answer(
                     http::StatusCode::BAD_REQUEST,
                     "the request names no target port",
                     false,
-                )
+                ))
             }
         }
     };
     // The admin port too: reached through the tunnel, a peer's request
     // would come from localhost, where the admin server trusts its callers.
     if port == cfg.inbound_port || port == cfg.outbound_port || port == cfg.admin_listen.port() {
-        return proxy_answer(
+        return answered(proxy_answer(
             http::StatusCode::BAD_REQUEST,
             &format!("port {port} is the proxy's own; refusing a loop"),
             false,
-        );
+        ));
     }
-    if !ctx.live().authz.allows(port, Some(&peer)) {
+    if !ctx.live().authz.allows(port, Some(peer)) {
         warn!(client = %peer, server = %ctx.identity.local_id(), port, "refused by the port's authorization policy");
-        return proxy_answer(
+        return answered(proxy_answer(
             http::StatusCode::FORBIDDEN,
             &format!("{peer} is not allowed to reach port {port}"),
             false,
-        );
+        ));
     }
     if !plain_connect {
-        return crate::http::inbound::from_peer(ctx.clone(), req, client, dst, port, &mesh_peer)
-            .await;
+        return crate::http::inbound::from_peer(ctx, req, client, dst, port, mesh_peer);
     }
-    // Boxed: HTTP streams, the common case here, should not carry the
-    // space of a connect they never make.
-    let app = match Box::pin(connect_app(&ctx, dst.ip(), port)).await {
-        Ok(app) => app,
-        Err(e) => {
-            debug!(%client, port, error = %e, "application connect failed");
-            return proxy_answer(
-                http::StatusCode::BAD_GATEWAY,
-                &format!("application port {port}: {e}"),
-                false,
-            );
-        }
-    };
     let upgrade = hyper::upgrade::on(&mut req);
-    let idle = cfg.idle_timeout;
-    tokio::spawn(async move {
-        match upgrade.await {
-            Ok(upgraded) => match relay(TokioIo::new(upgraded), app, idle).await {
-                Ok(t) => {
-                    debug!(peer = %peer, port, sent = t.sent, received = t.received, "mesh stream closed")
-                }
-                Err(e) => debug!(peer = %peer, port, error = %e, "mesh stream ended"),
-            },
-            Err(e) => debug!(peer = %peer, port, error = %e, "tunnel upgrade failed"),
-        }
-    });
-    http::Response::new(
-        http_body_util::Empty::new()
-            .map_err(|never| match never {})
-            .boxed(),
-    )
+    let ctx = ctx.clone();
+    let peer = peer.clone();
+    Box::pin(async move {
+        let app = match connect_app(&ctx, dst.ip(), port).await {
+            Ok(app) => app,
+            Err(e) => {
+                debug!(%client, port, error = %e, "application connect failed");
+                return proxy_answer(
+                    http::StatusCode::BAD_GATEWAY,
+                    &format!("application port {port}: {e}"),
+                    false,
+                );
+            }
+        };
+        let idle = ctx.config.proxy.idle_timeout;
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => match relay(TokioIo::new(upgraded), app, idle).await {
+                    Ok(t) => {
+                        debug!(peer = %peer, port, sent = t.sent, received = t.received, "mesh stream closed")
+                    }
+                    Err(e) => debug!(peer = %peer, port, error = %e, "mesh stream ended"),
+                },
+                Err(e) => debug!(peer = %peer, port, error = %e, "tunnel upgrade failed"),
+            }
+        });
+        http::Response::new(
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+    })
 }
 
 /// A connection from outside the mesh.

@@ -21,6 +21,7 @@
 //! its answer while it reads, neither stalls nor loses what it sent.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -112,11 +113,17 @@ impl Pool {
 
     /// Sends `req` to the first of `targets` that accepts and returns the
     /// answer once its head has arrived; the body streams from the socket.
-    pub async fn send(
+    ///
+    /// The head is encoded before the returned future exists, so that the
+    /// future owns only what the exchange needs and not the request it came
+    /// from: it is part of every request's state, and on the inbound path
+    /// that state is one allocation per request, small enough for the
+    /// allocator's per-thread cache.
+    pub fn send(
         self: &Arc<Self>,
         targets: Targets,
         req: Request<Body>,
-    ) -> Result<Response<Body>, Error> {
+    ) -> impl Future<Output = Result<Response<Body>, Error>> + Send + 'static {
         let (parts, body) = req.into_parts();
         let (head, framing) = encode_head(&parts, &body);
         let head_only = parts.method == Method::HEAD;
@@ -126,30 +133,42 @@ impl Pool {
         // repeat others automatically).
         let may_resend =
             body.is_end_stream() && MethodClass::of(&parts.method) == MethodClass::Idempotent;
-        let mut upload = Some(Upload::new(head.clone(), framing, body));
-        loop {
-            let (io, buf, reused) = match self.checkout(&targets) {
-                Some((io, buf)) => (io, buf, true),
-                None => (self.dial.connect(&targets).await?, BytesMut::new(), false),
-            };
-            let Some(up) = upload.take() else {
-                unreachable!("the request is sent once, or again only when it had no body to lose")
-            };
-            let mut ex = Exchange {
-                io,
-                buf,
-                upload: Some(up),
-                write_error: None,
-                got_bytes: false,
-            };
-            match std::future::poll_fn(|cx| ex.poll_head(cx, head_only)).await {
-                Ok(answer) => return Ok(self.respond(ex, answer, targets)),
-                // An application may close an idle connection just as it is
-                // reused, and then never saw the request.
-                Err(e) if reused && may_resend && !ex.got_bytes && e.stale_connection() => {
-                    upload = Some(Upload::new(head.clone(), framing, crate::http::empty()));
+        let first = Upload::new(head.clone(), framing, body);
+        let pool = self.clone();
+        async move {
+            let mut upload = Some(first);
+            loop {
+                let (io, buf, reused) = match pool.checkout(&targets) {
+                    Some((io, buf)) => (io, buf, true),
+                    // Boxed: most requests find an idle connection and
+                    // should not carry the space of a connect.
+                    None => (
+                        Box::pin(pool.dial.connect(&targets)).await?,
+                        BytesMut::new(),
+                        false,
+                    ),
+                };
+                let Some(up) = upload.take() else {
+                    unreachable!(
+                        "the request is sent once, or again only when it had no body to lose"
+                    )
+                };
+                let mut ex = Exchange {
+                    io,
+                    buf,
+                    upload: Some(up),
+                    write_error: None,
+                    got_bytes: false,
+                };
+                match std::future::poll_fn(|cx| ex.poll_head(cx, head_only)).await {
+                    Ok(answer) => return Ok(pool.respond(ex, answer, targets)),
+                    // An application may close an idle connection just as it
+                    // is reused, and then never saw the request.
+                    Err(e) if reused && may_resend && !ex.got_bytes && e.stale_connection() => {
+                        upload = Some(Upload::new(head.clone(), framing, crate::http::empty()));
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
         }
     }

@@ -3,8 +3,11 @@
 //! with the HTTP version the client spoke.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -21,7 +24,7 @@ use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_tok
 use super::{CLIENT_ID_HEADER, PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
 use crate::inbound::app_targets;
-use crate::metrics::Direction;
+use crate::metrics::{Direction, RouteStats};
 use crate::pool::Body;
 use crate::telemetry::conn::{ConnMeter, Metered};
 use crate::telemetry::request::{Observation, Seen};
@@ -48,10 +51,89 @@ fn response_to_client(res: Response<Body>) -> Response<Body> {
     Response::from_parts(parts, body)
 }
 
+/// An answer on its way: the state of one request, boxed once per request
+/// and owning only what the request still needs.
+pub(crate) type Answering = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// An answer made at once.
+pub(crate) fn answered(res: Response<Body>) -> Answering {
+    Box::pin(std::future::ready(res))
+}
+
+/// What happens once the answer is known: the request is recorded in the
+/// metrics, the access log and the trace.
+struct Record {
+    ctx: Arc<Shared>,
+    obs: Observation,
+    seen: Seen,
+}
+
+impl Record {
+    fn finish(self, res: Response<Body>) -> Response<Body> {
+        self.obs.finish(&self.ctx, res, self.seen)
+    }
+}
+
+/// The failure of a request to the application, over either protocol.
+trait AppError: std::fmt::Display {
+    /// Whether no connection could be made.
+    fn is_connect(&self) -> bool;
+}
+
+impl AppError for super::h1::Error {
+    fn is_connect(&self) -> bool {
+        super::h1::Error::is_connect(self)
+    }
+}
+
+impl AppError for super::h2c::Error {
+    fn is_connect(&self) -> bool {
+        super::h2c::Error::is_connect(self)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request sent to the application, and what to do with its answer.
+    /// Written out rather than as an `async` block, which would hold the
+    /// sending future twice over (once captured, once awaited).
+    struct Forwarded<F> {
+        #[pin]
+        sent: F,
+        then: Option<(Record, u16, bool)>,
+    }
+}
+
+impl<F, E> Future for Forwarded<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+    E: AppError,
+{
+    type Output = Response<Body>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        let this = self.project();
+        let sent = ready!(this.sent.poll(cx));
+        let Some((record, port, grpc)) = this.then.take() else {
+            panic!("a forwarded request was polled after it completed");
+        };
+        let res = match sent {
+            Ok(res) => response_to_client(res),
+            Err(e) => {
+                debug!(port, error = %e, "request to the application failed");
+                let reason = if e.is_connect() {
+                    "application_connect_failed"
+                } else {
+                    "application_error"
+                };
+                crate::policy::proxy_answer(StatusCode::BAD_GATEWAY, reason, grpc)
+            }
+        };
+        Poll::Ready(record.finish(res))
+    }
+}
+
 /// Sends an HTTP/1.1 upgrade request on a new connection; returns the
-/// server's answer and its side of the upgrade. Request paths box this
-/// future: it is large and rare, and unboxed every ordinary request's
-/// future would carry (and move) its space.
+/// server's answer and its side of the upgrade.
 pub(crate) async fn upgrade_direct(
     connector: &FixedConnector,
     req: Request<Body>,
@@ -76,24 +158,32 @@ pub(crate) async fn upgrade_direct(
     Ok((res, upgrade))
 }
 
-/// Forwards a request to the application, speaking `h2` or HTTP/1.x.
-async fn forward(
-    ctx: &Shared,
+/// Forwards a request to the application, speaking `h2` or HTTP/1.x. The
+/// request is made ready here, before the returned future exists, so that
+/// the future holds only the exchange.
+fn forward(
+    record: Record,
     mut parts: http::request::Parts,
     body: Body,
     ip: IpAddr,
     port: u16,
     h2: bool,
-) -> Response<Body> {
+) -> Answering {
     let grpc = crate::policy::is_grpc(&parts.headers);
     let answer = |status, reason| crate::policy::proxy_answer(status, reason, grpc);
     let Some(auth) =
         authority(&parts).or_else(|| SocketAddr::new(ip, port).to_string().parse().ok())
     else {
-        return answer(StatusCode::BAD_REQUEST, "request has no usable Host");
+        return answered(record.finish(answer(
+            StatusCode::BAD_REQUEST,
+            "request has no usable Host",
+        )));
     };
     if absolute_uri(&mut parts, &auth).is_err() {
-        return answer(StatusCode::BAD_REQUEST, "request target is not a valid URI");
+        return answered(record.finish(answer(
+            StatusCode::BAD_REQUEST,
+            "request target is not a valid URI",
+        )));
     }
     if h2 {
         parts.version = Version::HTTP_2;
@@ -108,72 +198,45 @@ async fn forward(
             }
         }
     }
-    let targets = app_targets(&ctx.config, ip, port);
+    let targets = app_targets(&record.ctx.config, ip, port);
     let req = Request::from_parts(parts, body);
-    let sent = if h2 {
-        ctx.clients()
-            .http2()
-            .send(targets, req)
-            .await
-            .map_err(|e| (e.is_connect(), e.to_string()))
+    if h2 {
+        let ctx = record.ctx.clone();
+        Box::pin(Forwarded {
+            sent: async move { ctx.clients().http2().send(targets, req).await },
+            then: Some((record, port, grpc)),
+        })
     } else {
-        ctx.clients()
-            .http1()
-            .send(targets, req)
-            .await
-            .map_err(|e| (e.is_connect(), e.to_string()))
-    };
-    match sent {
-        Ok(res) => response_to_client(res),
-        Err((connect, e)) => {
-            debug!(port, error = %e, "request to the application failed");
-            let reason = if connect {
-                "application_connect_failed"
-            } else {
-                "application_error"
-            };
-            answer(StatusCode::BAD_GATEWAY, reason)
-        }
+        Box::pin(Forwarded {
+            sent: record.ctx.clients().http1().send(targets, req),
+            then: Some((record, port, grpc)),
+        })
     }
 }
 
 /// An HTTP request a peer proxy sent over the mesh. `port` is the
 /// application port it is for, already authorized for `peer`.
-pub(crate) async fn from_peer(
-    ctx: Arc<Shared>,
-    req: Request<Incoming>,
+pub(crate) fn from_peer(
+    ctx: &Arc<Shared>,
+    mut req: Request<Incoming>,
     client: SocketAddr,
     dst: SocketAddr,
     port: u16,
     peer: &Peer,
-) -> Response<Body> {
+) -> Answering {
+    // Only an extended CONNECT (an upgrade carried across) has one.
+    let from_peer = (req.method() == http::Method::CONNECT).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let obs = Observation::start(&ctx, Direction::Inbound, &mut parts, client, dst);
-    let res = from_peer_inner(
-        ctx.clone(),
-        Request::from_parts(parts, body),
-        dst.ip(),
-        port,
-        peer,
-    )
-    .await;
-    let seen = Seen {
-        route: Some(ctx.metrics.port(port)),
-        peer: Some(peer.id.clone()),
-        ..Seen::default()
+    let obs = Observation::start(ctx, Direction::Inbound, &mut parts, client, dst);
+    let record = Record {
+        ctx: ctx.clone(),
+        obs,
+        seen: Seen {
+            route: Some(ctx.metrics.port(port)),
+            peer: Some(peer.id.clone()),
+            ..Seen::default()
+        },
     };
-    obs.finish(&ctx, res, seen)
-}
-
-async fn from_peer_inner(
-    ctx: Arc<Shared>,
-    mut req: Request<Incoming>,
-    ip: IpAddr,
-    port: u16,
-    peer: &Peer,
-) -> Response<Body> {
-    let from_peer = hyper::upgrade::on(&mut req);
-    let (mut parts, body) = req.into_parts();
     let h2 = parts
         .headers
         .get(PROTO_HEADER)
@@ -187,54 +250,109 @@ async fn from_peer_inner(
         None => parts.headers.remove(CLIENT_ID_HEADER),
     };
     let protocol = parts.extensions.remove::<hyper::ext::Protocol>();
-    match (parts.method == http::Method::CONNECT, protocol) {
-        (true, Some(protocol)) => {
-            // An HTTP/1.1 upgrade carried as an extended CONNECT.
-            let Some(auth) = authority(&parts) else {
-                return proxy_answer(StatusCode::BAD_REQUEST, "upgrade request has no authority");
-            };
-            parts.method = http::Method::GET;
-            parts.version = Version::HTTP_11;
-            parts.uri = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/")
-                .parse()
-                .unwrap_or_else(|_| http::Uri::from_static("/"));
-            let token = HeaderValue::from_str(protocol.as_str())
-                .unwrap_or_else(|_| HeaderValue::from_static("websocket"));
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, token);
-            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-                parts.headers.insert(header::HOST, v);
-            }
-            let connector =
-                FixedConnector::new(app_targets(&ctx.config, ip, port), ctx.clients().dial());
-            match Box::pin(upgrade_direct(
-                &connector,
-                Request::from_parts(parts, empty()),
-            ))
-            .await
-            {
-                Ok((res, to_app)) => {
-                    if res.status() != StatusCode::SWITCHING_PROTOCOLS {
-                        return response_to_client(res.map(boxed));
-                    }
-                    // Over HTTP/2 an accepted extended CONNECT is a 200.
-                    join_upgrades(from_peer, to_app, ctx.config.proxy.idle_timeout);
-                    let (mut head, _) = res.into_parts();
-                    strip_hop_by_hop(&mut head.headers);
-                    head.status = StatusCode::OK;
-                    Response::from_parts(head, empty())
-                }
-                Err(answer) => answer,
-            }
-        }
-        _ => forward(&ctx, parts, boxed(body), ip, port, h2).await,
+    match (from_peer, protocol) {
+        (Some(from_peer), Some(protocol)) => Box::pin(async move {
+            let res =
+                upgrade_from_peer(&record.ctx, parts, protocol, from_peer, dst.ip(), port).await;
+            record.finish(res)
+        }),
+        _ => forward(record, parts, boxed(body), dst.ip(), port, h2),
     }
+}
+
+/// An HTTP/1.1 upgrade carried over the mesh as an extended CONNECT:
+/// restored as the HTTP/1.1 request it was, sent on a connection of its
+/// own, and joined to the mesh stream once the application accepts.
+async fn upgrade_from_peer(
+    ctx: &Arc<Shared>,
+    mut parts: http::request::Parts,
+    protocol: hyper::ext::Protocol,
+    from_peer: OnUpgrade,
+    ip: IpAddr,
+    port: u16,
+) -> Response<Body> {
+    let Some(auth) = authority(&parts) else {
+        return proxy_answer(StatusCode::BAD_REQUEST, "upgrade request has no authority");
+    };
+    parts.method = http::Method::GET;
+    parts.version = Version::HTTP_11;
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .parse()
+        .unwrap_or_else(|_| http::Uri::from_static("/"));
+    let token = HeaderValue::from_str(protocol.as_str())
+        .unwrap_or_else(|_| HeaderValue::from_static("websocket"));
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    parts.headers.insert(header::UPGRADE, token);
+    if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+        parts.headers.insert(header::HOST, v);
+    }
+    let connector = FixedConnector::new(app_targets(&ctx.config, ip, port), ctx.clients().dial());
+    match upgrade_direct(&connector, Request::from_parts(parts, empty())).await {
+        Ok((res, to_app)) => {
+            if res.status() != StatusCode::SWITCHING_PROTOCOLS {
+                return response_to_client(res.map(boxed));
+            }
+            // Over HTTP/2 an accepted extended CONNECT is a 200.
+            join_upgrades(from_peer, to_app, ctx.config.proxy.idle_timeout);
+            let (mut head, _) = res.into_parts();
+            strip_hop_by_hop(&mut head.headers);
+            head.status = StatusCode::OK;
+            Response::from_parts(head, empty())
+        }
+        Err(answer) => answer,
+    }
+}
+
+/// A request from a client outside the mesh.
+fn from_outside(
+    ctx: &Arc<Shared>,
+    route: &Arc<RouteStats>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    dst: SocketAddr,
+) -> Answering {
+    let (mut parts, body) = req.into_parts();
+    let obs = Observation::start(ctx, Direction::Inbound, &mut parts, client, dst);
+    let record = Record {
+        ctx: ctx.clone(),
+        obs,
+        seen: Seen {
+            route: Some(route.clone()),
+            ..Seen::default()
+        },
+    };
+    let mut req = Request::from_parts(parts, body);
+    req.headers_mut().remove(CLIENT_ID_HEADER);
+    req.headers_mut().remove(TARGET_HEADER);
+    req.headers_mut().remove(PROTO_HEADER);
+    if upgrade_token(&req).is_some() {
+        let from_client = hyper::upgrade::on(&mut req);
+        let (parts, body) = req.into_parts();
+        return Box::pin(async move {
+            let ctx = &record.ctx;
+            let connector = FixedConnector::new(
+                app_targets(&ctx.config, dst.ip(), dst.port()),
+                ctx.clients().dial(),
+            );
+            let res =
+                match upgrade_direct(&connector, Request::from_parts(parts, boxed(body))).await {
+                    Ok((res, to_app)) => {
+                        finish_upgrade(res, from_client, to_app, ctx.config.proxy.idle_timeout)
+                    }
+                    Err(answer) => answer,
+                };
+            record.finish(res)
+        });
+    }
+    let h2 = req.version() == Version::HTTP_2;
+    let (parts, body) = req.into_parts();
+    forward(record, parts, boxed(body), dst.ip(), dst.port(), h2)
 }
 
 /// Serves an HTTP connection from a client outside the mesh. The identity
@@ -250,45 +368,8 @@ pub(crate) async fn serve_plain(
     let svc_ctx = ctx.clone();
     let route = ctx.metrics.port(dst.port());
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let ctx = svc_ctx.clone();
-        let route = route.clone();
-        // Boxed for the reason given in `http::outbound::serve`.
-        Box::pin(async move {
-            let (mut parts, body) = req.into_parts();
-            let obs = Observation::start(&ctx, Direction::Inbound, &mut parts, client, dst);
-            let mut req = Request::from_parts(parts, body);
-            req.headers_mut().remove(CLIENT_ID_HEADER);
-            req.headers_mut().remove(TARGET_HEADER);
-            req.headers_mut().remove(PROTO_HEADER);
-            let res = if upgrade_token(&req).is_some() {
-                let from_client = hyper::upgrade::on(&mut req);
-                let connector = FixedConnector::new(
-                    app_targets(&ctx.config, dst.ip(), dst.port()),
-                    ctx.clients().dial(),
-                );
-                let (parts, body) = req.into_parts();
-                match Box::pin(upgrade_direct(
-                    &connector,
-                    Request::from_parts(parts, boxed(body)),
-                ))
-                .await
-                {
-                    Ok((res, to_app)) => {
-                        finish_upgrade(res, from_client, to_app, ctx.config.proxy.idle_timeout)
-                    }
-                    Err(answer) => answer,
-                }
-            } else {
-                let h2 = req.version() == Version::HTTP_2;
-                let (parts, body) = req.into_parts();
-                forward(&ctx, parts, boxed(body), dst.ip(), dst.port(), h2).await
-            };
-            let seen = Seen {
-                route: Some(route),
-                ..Seen::default()
-            };
-            Ok::<_, Infallible>(obs.finish(&ctx, res, seen))
-        })
+        let answering = from_outside(&svc_ctx, &route, req, client, dst);
+        async move { Ok::<_, Infallible>(answering.await) }
     });
     let io = TokioIo::new(Metered::new(sock, meter));
     let served = match proto {
