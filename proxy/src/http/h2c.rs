@@ -11,6 +11,7 @@
 //! the next request opens another.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -73,74 +74,83 @@ impl Pool {
 
     /// Sends `req` (whose URI carries scheme and authority, as HTTP/2
     /// wants) and returns the answer once its head has arrived.
-    pub async fn send(
+    ///
+    /// As in [`super::h1::Pool::send`], what can be done at once is done
+    /// before the future exists, which then owns only what sending needs.
+    pub fn send(
         &self,
         targets: Targets,
         req: Request<Body>,
-    ) -> Result<Response<Body>, Error> {
+    ) -> impl Future<Output = Result<Response<Body>, Error>> + Send + 'static {
         let (mut head, body) = req.into_parts();
         pool::set_content_length(&mut head, &body);
         let end = body.is_end_stream();
-        let mut conn = self.connection(targets).await?;
-        if let Err(e) = std::future::poll_fn(|cx| conn.send.poll_ready(cx)).await {
-            // The connection ended since it was last used (the application
-            // restarted, or sent GOAWAY). Nothing of this request was sent,
-            // so it goes on a new connection.
-            debug!(error = %e, "connection to the application ended; opening another");
-            conn.closed.store(true, Ordering::Release);
-            conn = self.connection(targets).await?;
-            std::future::poll_fn(|cx| conn.send.poll_ready(cx)).await?;
+        let slot = self.slot(targets);
+        let dial = self.dial;
+        async move {
+            let mut conn = connection(&slot, dial, targets).await?;
+            if let Err(e) = std::future::poll_fn(|cx| conn.send.poll_ready(cx)).await {
+                // The connection ended since it was last used (the
+                // application restarted, or sent GOAWAY). Nothing of this
+                // request was sent, so it goes on a new connection.
+                debug!(error = %e, "connection to the application ended; opening another");
+                conn.closed.store(true, Ordering::Release);
+                conn = connection(&slot, dial, targets).await?;
+                std::future::poll_fn(|cx| conn.send.poll_ready(cx)).await?;
+            }
+            let (response, stream) = conn.send.send_request(Request::from_parts(head, ()), end)?;
+            if !end {
+                h2stream::start_body(body, stream).await;
+            }
+            let (head, recv) = response.await?.into_parts();
+            let body = RecvBody::new(recv, &head.headers);
+            Ok(Response::from_parts(head, body.map_err(Into::into).boxed()))
         }
-        let (response, stream) = conn.send.send_request(Request::from_parts(head, ()), end)?;
-        if !end {
-            h2stream::start_body(body, stream).await;
-        }
-        let (head, recv) = response.await?.into_parts();
-        let body = RecvBody::new(recv, &head.headers);
-        Ok(Response::from_parts(head, body.map_err(Into::into).boxed()))
     }
 
-    /// The live connection to `targets`, or a new one.
-    async fn connection(&self, targets: Targets) -> Result<Conn, Error> {
-        let slot = {
-            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-            if conns.len() >= MAX_TARGETS && !conns.contains_key(&targets) {
-                conns.clear();
-            }
-            conns.entry(targets).or_default().clone()
-        };
-        let mut current = slot.0.lock().await;
-        if let Some(c) = current
-            .as_ref()
-            .filter(|c| !c.closed.load(Ordering::Acquire))
-        {
-            return Ok(c.clone());
+    /// Where the connection to `targets` is kept.
+    fn slot(&self, targets: Targets) -> Arc<Slot> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if conns.len() >= MAX_TARGETS && !conns.contains_key(&targets) {
+            conns.clear();
         }
-        // Boxed: dialling and the handshake make a large future that
-        // nearly every request, finding a connection, would otherwise carry.
-        let conn = Box::pin(self.open(targets)).await?;
-        *current = Some(conn.clone());
-        Ok(conn)
+        conns.entry(targets).or_default().clone()
     }
+}
 
-    async fn open(&self, targets: Targets) -> Result<Conn, Error> {
-        let tcp = self.dial.connect(&targets).await?;
-        let (send, conn) = h2::client::Builder::new()
-            .initial_window_size(pool::STREAM_WINDOW)
-            .initial_connection_window_size(pool::CONN_WINDOW)
-            .enable_push(false)
-            .handshake::<_, Bytes>(tcp)
-            .await?;
-        let closed = Arc::new(AtomicBool::new(false));
-        let flag = closed.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "HTTP/2 connection to the application ended");
-            }
-            flag.store(true, Ordering::Release);
-        });
-        Ok(Conn { send, closed })
+/// The live connection in `slot`, or a new one to `targets`.
+async fn connection(slot: &Slot, dial: Dial, targets: Targets) -> Result<Conn, Error> {
+    let mut current = slot.0.lock().await;
+    if let Some(c) = current
+        .as_ref()
+        .filter(|c| !c.closed.load(Ordering::Acquire))
+    {
+        return Ok(c.clone());
     }
+    // Boxed: dialling and the handshake make a large future that nearly
+    // every request, finding a connection, would otherwise carry.
+    let conn = Box::pin(open(dial, targets)).await?;
+    *current = Some(conn.clone());
+    Ok(conn)
+}
+
+async fn open(dial: Dial, targets: Targets) -> Result<Conn, Error> {
+    let tcp = dial.connect(&targets).await?;
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(pool::STREAM_WINDOW)
+        .initial_connection_window_size(pool::CONN_WINDOW)
+        .enable_push(false)
+        .handshake::<_, Bytes>(tcp)
+        .await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let flag = closed.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "HTTP/2 connection to the application ended");
+        }
+        flag.store(true, Ordering::Release);
+    });
+    Ok(Conn { send, closed })
 }
 
 #[cfg(test)]

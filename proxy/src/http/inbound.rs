@@ -201,9 +201,8 @@ fn forward(
     let targets = app_targets(&record.ctx.config, ip, port);
     let req = Request::from_parts(parts, body);
     if h2 {
-        let ctx = record.ctx.clone();
         Box::pin(Forwarded {
-            sent: async move { ctx.clients().http2().send(targets, req).await },
+            sent: record.ctx.clients().http2().send(targets, req),
             then: Some((record, port, grpc)),
         })
     } else {
