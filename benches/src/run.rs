@@ -82,7 +82,7 @@ pub struct RunArgs {
     /// no peer always follows the same one or meets the machine at the
     /// same point of its drift; the report keeps each peer's median round
     /// and lists all of them.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Measure only these peers (comma-separated: direct, legate,
     /// nginx-stream, nginx-http, haproxy); all by default.
