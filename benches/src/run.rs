@@ -908,35 +908,27 @@ impl Bench {
             let mut order = peers.clone();
             let turn = round % order.len().max(1);
             order.rotate_left(turn);
-            for peer in &order {
-                eprintln!(
-                    "legate-bench: HTTP/1.1 with wrk, {} (round {} of {rounds})",
-                    peer.name,
-                    round + 1
-                );
-                let (load, cost) = self.wrk(peer, round, report)?;
-                report.http.push(report::HttpRow {
-                    peer: peer.name,
-                    proto: "HTTP/1.1",
-                    round,
-                    load,
-                    cost,
-                });
-            }
-            for peer in &order {
-                eprintln!(
-                    "legate-bench: HTTP/2 with h2load, {} (round {} of {rounds})",
-                    peer.name,
-                    round + 1
-                );
-                let (load, cost) = self.h2load(peer, round, report)?;
-                report.http.push(report::HttpRow {
-                    peer: peer.name,
-                    proto: "HTTP/2",
-                    round,
-                    load,
-                    cost,
-                });
+            for proto in ["HTTP/1.1", "HTTP/2"] {
+                for peer in &order {
+                    let tool = if proto == "HTTP/2" { "h2load" } else { "wrk" };
+                    eprintln!(
+                        "legate-bench: {proto} with {tool}, {} (round {} of {rounds})",
+                        peer.name,
+                        round + 1
+                    );
+                    let (load, cost) = if proto == "HTTP/2" {
+                        self.h2load(peer, round, report)?
+                    } else {
+                        self.wrk(peer, round, report)?
+                    };
+                    report.http.push(report::HttpRow {
+                        peer: peer.name,
+                        proto,
+                        round,
+                        load,
+                        cost,
+                    });
+                }
             }
         }
         Ok(())

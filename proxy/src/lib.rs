@@ -86,6 +86,39 @@ macro_rules! serve_draining {
 }
 pub(crate) use serve_draining;
 
+pin_project_lite::pin_project! {
+    /// The end of [`Shared::drained`]: resolves once the proxy starts to
+    /// drain.
+    ///
+    /// It is polled beside a connection each time the connection's task
+    /// wakes, several times per request, and each poll of the watch takes
+    /// its waiters' lock. Once the first poll has registered the task for
+    /// the wake-up, the draining flag, set before the watch is sent, says
+    /// whether there is anything to poll for.
+    pub(crate) struct Drained<'a, F> {
+        #[pin]
+        wait: F,
+        draining: &'a AtomicBool,
+        registered: bool,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Drained<'_, F> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = self.project();
+        if *this.registered && !this.draining.load(Ordering::Acquire) {
+            return std::task::Poll::Pending;
+        }
+        *this.registered = true;
+        this.wait.poll(cx)
+    }
+}
+
 /// Changes the log filter at runtime.
 pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
@@ -279,10 +312,14 @@ impl Shared {
     }
 
     /// Resolves once the proxy starts to drain.
-    pub(crate) fn drained(&self) -> impl Future<Output = ()> + 'static {
+    pub(crate) fn drained(&self) -> Drained<'_, impl Future<Output = ()> + 'static> {
         let mut rx = self.drain.subscribe();
-        async move {
-            let _ = rx.wait_for(|d| *d).await;
+        Drained {
+            wait: async move {
+                let _ = rx.wait_for(|d| *d).await;
+            },
+            draining: &self.draining,
+            registered: false,
         }
     }
 
@@ -536,7 +573,9 @@ impl Proxy {
             _ = shutdown => {}
             _ = shared.shutdown.notified() => info!("shutdown requested through the admin server"),
         }
-        shared.draining.store(true, Ordering::Relaxed);
+        // Before the watch is sent: `Drained` polls the watch only once
+        // it sees this.
+        shared.draining.store(true, Ordering::Release);
         shared.metrics.set_draining();
         tasks.abort_all();
         // Let the accept loops go (and their listeners close) before the

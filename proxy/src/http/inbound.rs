@@ -69,6 +69,22 @@ struct Record {
 }
 
 impl Record {
+    /// Starts observing the request `parts` are the head of.
+    fn start(
+        ctx: &Arc<Shared>,
+        parts: &mut http::request::Parts,
+        client: SocketAddr,
+        dst: SocketAddr,
+        seen: Seen,
+    ) -> Record {
+        let obs = Observation::start(ctx, Direction::Inbound, parts, client, dst);
+        Record {
+            ctx: ctx.clone(),
+            obs,
+            seen,
+        }
+    }
+
     fn finish(self, res: Response<Body>) -> Response<Body> {
         self.obs.finish(&self.ctx, res, self.seen)
     }
@@ -226,16 +242,12 @@ pub(crate) fn from_peer(
     // Only an extended CONNECT (an upgrade carried across) has one.
     let from_peer = (req.method() == http::Method::CONNECT).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let obs = Observation::start(ctx, Direction::Inbound, &mut parts, client, dst);
-    let record = Record {
-        ctx: ctx.clone(),
-        obs,
-        seen: Seen {
-            route: Some(ctx.metrics.port(port)),
-            peer: Some(peer.id.clone()),
-            ..Seen::default()
-        },
+    let seen = Seen {
+        route: Some(ctx.metrics.port(port)),
+        peer: Some(peer.id.clone()),
+        ..Seen::default()
     };
+    let record = Record::start(ctx, &mut parts, client, dst, seen);
     let h2 = parts
         .headers
         .get(PROTO_HEADER)
@@ -317,15 +329,11 @@ fn from_outside(
     dst: SocketAddr,
 ) -> Answering {
     let (mut parts, body) = req.into_parts();
-    let obs = Observation::start(ctx, Direction::Inbound, &mut parts, client, dst);
-    let record = Record {
-        ctx: ctx.clone(),
-        obs,
-        seen: Seen {
-            route: Some(route.clone()),
-            ..Seen::default()
-        },
+    let seen = Seen {
+        route: Some(route.clone()),
+        ..Seen::default()
     };
+    let record = Record::start(ctx, &mut parts, client, dst, seen);
     let mut req = Request::from_parts(parts, body);
     req.headers_mut().remove(CLIENT_ID_HEADER);
     req.headers_mut().remove(TARGET_HEADER);
