@@ -77,11 +77,11 @@ pub struct RunArgs {
     /// the least disturbed one is kept.
     #[arg(long, default_value_t = 2)]
     attempts: usize,
-    /// Rounds of the HTTP measurements. Each round measures every peer
-    /// once, in an order rotated by one from the round before, so that
-    /// no peer always follows the same one or meets the machine at the
-    /// same point of its drift; the report keeps each peer's median round
-    /// and lists all of them.
+    /// Rounds of the HTTP and L4 throughput measurements. Each round
+    /// measures every peer once, in an order rotated by one from the round
+    /// before, so that no peer always follows the same one or meets the
+    /// machine at the same point of its drift; the report keeps each
+    /// peer's median round and lists all of them.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Measure only these peers (comma-separated: direct, legate,
@@ -761,44 +761,73 @@ impl Bench {
 
     fn l4(&mut self, report: &mut Report) -> Result<()> {
         let peers = self.wanted(self.peers_l4());
-        let secs = self.args.seconds;
-        // Test by test across peers rather than peer by peer, so that a
-        // slow drift of the machine spreads over all peers alike.
+        let rounds = self.args.rounds as usize;
+        // Test by test across peers rather than peer by peer, and bulk
+        // throughput in rounds as HTTP is, so that a slow drift of the
+        // machine spreads over all peers alike.
         for parallel in [1usize, 8] {
-            for peer in &peers {
-                eprintln!(
-                    "legate-bench: L4 throughput, {parallel} connection(s), {}",
-                    peer.name
-                );
-                let iperf3 = || {
-                    self.client.command("iperf3").args([
-                        "-c".to_owned(),
-                        peer.iperf.ip().to_string(),
-                        "-p".into(),
-                        peer.iperf.port().to_string(),
-                        "-t".into(),
-                        secs.to_string(),
-                        // Leave out the first second: slow start, pools opening.
-                        "-O".into(),
-                        "1".into(),
-                        "-P".into(),
-                        parallel.to_string(),
-                        "-J".into(),
-                    ])
-                };
-                let what = format!("iperf3 -P {parallel}");
-                let (out, cost) = self.measured(peer, &what, report, || {
-                    exec_bounded(iperf3(), &what, Duration::from_secs(secs + 60))
-                })?;
-                let gbps = parse::iperf3_bps(&out)? / 1e9;
-                report
-                    .l4_mut(peer.name)
-                    .throughput
-                    .push((parallel, gbps, cost));
+            for round in 0..rounds {
+                let mut order = peers.clone();
+                let turn = round % order.len().max(1);
+                order.rotate_left(turn);
+                self.l4_throughput(&order, parallel, round, rounds, report)?;
             }
         }
+        self.l4_rest(&peers, report)
+    }
+
+    /// One round of bulk throughput with `parallel` connections through
+    /// each of `peers`, in that order.
+    fn l4_throughput(
+        &self,
+        peers: &[Peer],
+        parallel: usize,
+        round: usize,
+        rounds: usize,
+        report: &mut Report,
+    ) -> Result<()> {
+        let secs = self.args.seconds;
+        for peer in peers {
+            eprintln!(
+                "legate-bench: L4 throughput, {parallel} connection(s), {} (round {} of {rounds})",
+                peer.name,
+                round + 1
+            );
+            let iperf3 = || {
+                self.client.command("iperf3").args([
+                    "-c".to_owned(),
+                    peer.iperf.ip().to_string(),
+                    "-p".into(),
+                    peer.iperf.port().to_string(),
+                    "-t".into(),
+                    secs.to_string(),
+                    // Leave out the first second: slow start, pools opening.
+                    "-O".into(),
+                    "1".into(),
+                    "-P".into(),
+                    parallel.to_string(),
+                    "-J".into(),
+                ])
+            };
+            let what = format!("iperf3 -P {parallel} (round {})", round + 1);
+            let (out, cost) = self.measured(peer, &what, report, || {
+                exec_bounded(iperf3(), &what, Duration::from_secs(secs + 60))
+            })?;
+            let gbps = parse::iperf3_bps(&out)? / 1e9;
+            report
+                .l4_mut(peer.name)
+                .throughput
+                .push((parallel, gbps, cost));
+        }
+        Ok(())
+    }
+
+    /// New connections, ping-pong latency and memory with held
+    /// connections, once per peer.
+    fn l4_rest(&mut self, peers: &[Peer], report: &mut Report) -> Result<()> {
+        let secs = self.args.seconds;
         let conc = self.args.crr_concurrency.to_string();
-        for peer in &peers {
+        for peer in peers {
             eprintln!("legate-bench: L4 new connections, {}", peer.name);
             let target = peer.echo.to_string();
             let args = |s: u64| -> Vec<String> {
@@ -839,7 +868,7 @@ impl Bench {
             }
             report.l4_mut(peer.name).cps_cost = cost;
         }
-        for peer in &peers {
+        for peer in peers {
             eprintln!("legate-bench: L4 latency, {}", peer.name);
             let args: Vec<String> = [
                 "pingpong",
@@ -865,7 +894,7 @@ impl Bench {
             row.pp_count = v["count"].as_u64().unwrap_or(0);
             row.pp_cost = cost;
         }
-        for peer in &peers {
+        for peer in peers {
             let Some((c, s)) = &peer.proxies else {
                 continue;
             };
