@@ -206,8 +206,8 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
 
 /// One stream from a peer proxy: authorized here, then either an HTTP
 /// request for the application or a `CONNECT` tunnel to it. The checks run
-/// before the stream's future exists, so a refusal allocates nothing more
-/// and a request's future holds only the request.
+/// before the stream's future exists, so that the future holds only what
+/// the request or the tunnel still needs.
 fn stream(
     ctx: &Arc<Shared>,
     mut req: http::Request<Incoming>,
