@@ -129,9 +129,8 @@ async fn passthrough(
     dst: SocketAddr,
     meter: &std::sync::Arc<ConnMeter>,
 ) {
-    let cfg = &ctx.config.proxy;
     meter.set_peer(None);
-    let upstream = match socket::connect(dst, cfg.connect_timeout, cfg.tcp_keepalive).await {
+    let upstream = match ctx.clients().dial().connect_one(dst).await {
         Ok(s) => s,
         Err(e) => {
             debug!(%client, %dst, error = %e, "plaintext connect failed");
@@ -141,7 +140,7 @@ async fn passthrough(
         }
     };
     let app = Metered::new(app, meter.clone());
-    match relay(app, upstream, cfg.idle_timeout).await {
+    match relay(app, upstream, ctx.config.proxy.idle_timeout).await {
         Ok(t) => {
             debug!(%client, %dst, sent = t.sent, received = t.received, "plaintext connection closed")
         }

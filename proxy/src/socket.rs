@@ -147,31 +147,27 @@ pub struct Dial {
 }
 
 impl Dial {
-    /// Connects to the first of `targets` that accepts ([`connect_first`]).
-    pub async fn connect(&self, targets: &Targets) -> Result<TcpStream, ConnectError> {
-        connect_first(targets, self.timeout, self.keepalive).await
+    /// Connects to `addr`.
+    pub async fn connect_one(&self, addr: SocketAddr) -> Result<TcpStream, ConnectError> {
+        connect(addr, self.timeout, self.keepalive).await
     }
-}
 
-/// Connects to the first of `targets` that accepts; a timeout or any error
-/// but a refusal ends the attempt at once, since the next address would
-/// only add its own timeout.
-pub async fn connect_first(
-    targets: &Targets,
-    timeout: Duration,
-    keepalive: Duration,
-) -> Result<TcpStream, ConnectError> {
-    let (last, first) = match targets.as_slice().split_last() {
-        Some(split) => split,
-        None => unreachable!("Targets holds one or two addresses"),
-    };
-    for &addr in first {
-        match connect(addr, timeout, keepalive).await {
-            Err(e) if e.is_refused() => {}
-            other => return other,
+    /// Connects to the first of `targets` that accepts; a timeout or any
+    /// error but a refusal ends the attempt at once, since the next address
+    /// would only add its own timeout.
+    pub async fn connect(&self, targets: &Targets) -> Result<TcpStream, ConnectError> {
+        let (last, first) = match targets.as_slice().split_last() {
+            Some(split) => split,
+            None => unreachable!("Targets holds one or two addresses"),
+        };
+        for &addr in first {
+            match self.connect_one(addr).await {
+                Err(e) if e.is_refused() => {}
+                other => return other,
+            }
         }
+        self.connect_one(*last).await
     }
-    connect(*last, timeout, keepalive).await
 }
 
 /// The destination a captured connection was addressed to before the
