@@ -269,6 +269,14 @@ fn http_semantics_survive_the_hop_between_proxies() {
     );
     let headers: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(headers["host"], "shop.example:8080");
+    // So does one that is no valid URI authority (it has a space and braces): the
+    // application judges it, as it would without the proxy.
+    let r = request(
+        &client.pod,
+        &["-H", "Host: legacy {name}", &url(&server, "/headers")],
+    );
+    let headers: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(headers["host"], "legacy {name}");
 
     // A chunked upload arrives whole.
     let r = request(

@@ -187,33 +187,37 @@ fn forward(
 ) -> Answering {
     let grpc = crate::policy::is_grpc(&parts.headers);
     let answer = |status, reason| crate::policy::proxy_answer(status, reason, grpc);
-    let Some(auth) =
-        authority(&parts).or_else(|| SocketAddr::new(ip, port).to_string().parse().ok())
-    else {
-        return answered(record.finish(answer(
-            StatusCode::BAD_REQUEST,
-            "request has no usable Host",
-        )));
-    };
-    if absolute_uri(&mut parts, &auth).is_err() {
-        return answered(record.finish(answer(
-            StatusCode::BAD_REQUEST,
-            "request target is not a valid URI",
-        )));
+    // HTTP/1.1 to the application needs only the path and a Host header:
+    // one the client sent is passed on as it is, without a parse or a new
+    // URI. HTTP/2 needs the URI absolute.
+    if h2 || !parts.headers.contains_key(header::HOST) {
+        let Some(auth) =
+            authority(&parts).or_else(|| SocketAddr::new(ip, port).to_string().parse().ok())
+        else {
+            return answered(record.finish(answer(
+                StatusCode::BAD_REQUEST,
+                "request has no usable Host",
+            )));
+        };
+        if absolute_uri(&mut parts, &auth).is_err() {
+            return answered(record.finish(answer(
+                StatusCode::BAD_REQUEST,
+                "request target is not a valid URI",
+            )));
+        }
+        if h2 {
+            parts.headers.remove(header::HOST);
+        } else if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+            parts.headers.insert(header::HOST, v);
+        }
     }
-    if h2 {
-        parts.version = Version::HTTP_2;
-        parts.headers.remove(header::HOST);
+    parts.version = if h2 {
+        Version::HTTP_2
+    } else if parts.version == Version::HTTP_2 {
+        Version::HTTP_11
     } else {
-        if parts.version == Version::HTTP_2 {
-            parts.version = Version::HTTP_11;
-        }
-        if !parts.headers.contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
-    }
+        parts.version
+    };
     let targets = app_targets(&record.ctx.config, ip, port);
     let req = Request::from_parts(parts, body);
     if h2 {

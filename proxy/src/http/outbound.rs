@@ -250,8 +250,12 @@ async fn attempt(
         match sender {
             Some(sender) => {
                 let app_version = parts.version;
-                parts.version = Version::HTTP_2;
-                parts.headers.remove(header::HOST);
+                if parts.uri.authority().is_some() {
+                    parts.version = Version::HTTP_2;
+                    parts.headers.remove(header::HOST);
+                }
+                // Otherwise an origin-form HTTP/1.x request: h2 sends it
+                // with `:scheme: http`, no `:authority` and its Host header.
                 parts.headers.insert(TARGET_HEADER, target.clone());
                 parts.headers.insert(
                     PROTO_HEADER,
@@ -346,18 +350,44 @@ async fn route_request(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(TARGET_HEADER);
     parts.headers.remove(PROTO_HEADER);
-    let Some(auth) = authority(&parts).or_else(|| dst.to_string().parse().ok()) else {
-        return policy::proxy_answer(StatusCode::BAD_REQUEST, "request has no usable Host", grpc);
+    // An HTTP/1.x request in origin form names its authority in Host
+    // alone, and crosses the mesh so: Host as a header, no `:authority`
+    // (the form h2 has for requests forwarded from HTTP/1.x). The peer
+    // proxy restores HTTP/1.1 without parsing or rebuilding anything, and
+    // the server application receives the Host header byte for byte, as
+    // it would without the proxy. Every other request is made absolute,
+    // its authority taken from the URI, the Host header or, failing both,
+    // the original destination.
+    let origin_form = parts.version != Version::HTTP_2
+        && parts.uri.authority().is_none()
+        && parts.headers.contains_key(header::HOST);
+    let auth = if origin_form {
+        None
+    } else {
+        let Some(auth) = authority(&parts).or_else(|| dst.to_string().parse().ok()) else {
+            return policy::proxy_answer(
+                StatusCode::BAD_REQUEST,
+                "request has no usable Host",
+                grpc,
+            );
+        };
+        if absolute_uri(&mut parts, &auth).is_err() {
+            return policy::proxy_answer(
+                StatusCode::BAD_REQUEST,
+                "request target is not a valid URI",
+                grpc,
+            );
+        }
+        Some(auth)
     };
-    if absolute_uri(&mut parts, &auth).is_err() {
-        return policy::proxy_answer(
-            StatusCode::BAD_REQUEST,
-            "request target is not a valid URI",
-            grpc,
-        );
-    }
-
-    let policy = live.policies.policy_for(dst, Some(auth.as_str())).clone();
+    let host = match &auth {
+        Some(a) => Some(a.as_str()),
+        None => parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok()),
+    };
+    let policy = live.policies.policy_for(dst, host).clone();
     seen.route = live.route_stats(policy.name());
     let dest = policy.destination(dst);
     let in_flight = match dest.limits.acquire(LimitKind::InFlight) {
