@@ -133,7 +133,8 @@ impl Pool {
         // repeat others automatically).
         let may_resend =
             body.is_end_stream() && MethodClass::of(&parts.method) == MethodClass::Idempotent;
-        let first = Upload::new(head.clone(), framing, body);
+        let resend = may_resend.then(|| head.clone());
+        let first = Upload::new(head, framing, body);
         let pool = self.clone();
         async move {
             let mut upload = Some(first);
@@ -164,7 +165,10 @@ impl Pool {
                     Ok(answer) => return Ok(pool.respond(ex, answer, targets)),
                     // An application may close an idle connection just as it
                     // is reused, and then never saw the request.
-                    Err(e) if reused && may_resend && !ex.got_bytes && e.stale_connection() => {
+                    Err(e) if reused && !ex.got_bytes && e.stale_connection() => {
+                        let Some(head) = &resend else {
+                            return Err(e);
+                        };
                         upload = Some(Upload::new(head.clone(), framing, crate::http::empty()));
                     }
                     Err(e) => return Err(e),
@@ -345,6 +349,10 @@ fn encode_head(parts: &http::request::Parts, body: &Body) -> (Bytes, Framing) {
 /// The request going out: its head, then its body as the application's
 /// client sends it.
 struct Upload {
+    /// The head's bytes not yet written. Kept apart from `out` so that a
+    /// request without a body (most of them) needs no queue, which would
+    /// be an allocation per request.
+    head: Bytes,
     out: VecDeque<Bytes>,
     body: Option<Body>,
     framing: Framing,
@@ -354,15 +362,14 @@ struct Upload {
 
 impl Upload {
     fn new(head: Bytes, framing: Framing, body: Body) -> Self {
-        let mut out = VecDeque::with_capacity(4);
-        out.push_back(head);
         let (body, due) = match framing {
             Framing::None => (None, 0),
             Framing::Length(n) => (Some(body), n),
             Framing::Chunked => (Some(body), 0),
         };
         Upload {
-            out,
+            head,
+            out: VecDeque::new(),
             body,
             framing,
             due,
@@ -370,7 +377,7 @@ impl Upload {
     }
 
     fn finished(&self) -> bool {
-        self.body.is_none() && self.out.is_empty()
+        self.body.is_none() && self.head.is_empty() && self.out.is_empty()
     }
 
     /// Moves the request forward as far as it can without waiting.
@@ -390,17 +397,19 @@ impl Upload {
                     Poll::Pending => break,
                 }
             }
-            if self.out.is_empty() {
+            if self.head.is_empty() && self.out.is_empty() {
                 return if self.body.is_none() {
                     Poll::Ready(Ok(()))
                 } else {
                     Poll::Pending
                 };
             }
-            let mut slices = [IoSlice::new(&[]); 16];
-            let n = self.out.len().min(slices.len());
-            for (slice, chunk) in slices.iter_mut().zip(self.out.iter()) {
+            let mut slices = [IoSlice::new(&[]); 17];
+            let head = (!self.head.is_empty()).then_some(&self.head);
+            let mut n = 0;
+            for (slice, chunk) in slices.iter_mut().zip(head.into_iter().chain(&self.out)) {
                 *slice = IoSlice::new(chunk);
+                n += 1;
             }
             let written = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))
                 .map_err(Error::Write)?;
@@ -408,6 +417,9 @@ impl Upload {
                 return Poll::Ready(Err(Error::Write(io::ErrorKind::WriteZero.into())));
             }
             let mut left = written;
+            let from_head = left.min(self.head.len());
+            self.head.advance(from_head);
+            left -= from_head;
             while left > 0 {
                 let Some(front) = self.out.front_mut() else {
                     break;
