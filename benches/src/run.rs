@@ -95,9 +95,10 @@ pub struct RunArgs {
     /// Extra `--set KEY=VALUE` for both legate proxies (repeatable).
     #[arg(long = "legate-set", value_name = "KEY=VALUE")]
     legate_set: Vec<String>,
-    /// Record a CPU profile of both legate proxies with `perf` during each
-    /// legate measurement, and write `perf report` summaries to this
-    /// directory. Sampling costs a little CPU: keep numbers for the
+    /// Record a CPU profile of both proxies with `perf` during each
+    /// measurement of legate and of HAProxy (one process a side, so their
+    /// profiles compare directly), and write `perf report` summaries to
+    /// this directory. Sampling costs a little CPU: keep numbers for the
     /// record from runs without it.
     #[arg(long, value_name = "DIR")]
     profile: Option<PathBuf>,
@@ -694,8 +695,8 @@ impl Bench {
             }
             let cg = self.args.profile_call_graph;
             let perf = match (&self.args.profile, &peer.proxies) {
-                (Some(dir), Some((c, s))) if peer.name == "legate" => {
-                    let name = format!("{what}-attempt{attempt}")
+                (Some(dir), Some((c, s))) if matches!(peer.name, "legate" | "haproxy") => {
+                    let name = format!("{}-{what}-attempt{attempt}", peer.name)
                         .replace([' ', '/'], "_")
                         .replace(['(', ')'], "");
                     vec![
