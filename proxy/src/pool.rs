@@ -191,7 +191,7 @@ struct Peer {
 pub struct Pool {
     identity: Identity,
     settings: PoolSettings,
-    peers: Mutex<HashMap<PeerKey, Arc<Peer>>>,
+    peers: Mutex<HashMap<PeerKey, Arc<Peer>, foldhash::fast::RandomState>>,
     epoch: Instant,
     handshakes: Handshakes,
 }
@@ -383,7 +383,7 @@ impl Pool {
         Pool {
             identity,
             settings,
-            peers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::default()),
             epoch: Instant::now(),
             handshakes: Handshakes::default(),
         }

@@ -54,7 +54,7 @@ pub struct Router {
     mesh_networks: Vec<IpNet>,
     inbound_port: u16,
     ttl: Duration,
-    probes: Mutex<HashMap<IpAddr, (bool, Instant)>>,
+    probes: Mutex<HashMap<IpAddr, (bool, Instant), foldhash::fast::RandomState>>,
 }
 
 impl Router {
@@ -69,7 +69,7 @@ impl Router {
             mesh_networks,
             inbound_port,
             ttl,
-            probes: Mutex::new(HashMap::new()),
+            probes: Mutex::new(HashMap::default()),
         }
     }
 

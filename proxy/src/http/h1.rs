@@ -90,7 +90,7 @@ impl Error {
 /// Idle HTTP/1.1 connections to the application, per address set. One per
 /// worker thread, like the other clients, so it is rarely contended.
 pub struct Pool {
-    idle: Mutex<HashMap<Targets, Vec<Idle>>>,
+    idle: Mutex<HashMap<Targets, Vec<Idle>, foldhash::fast::RandomState>>,
     dial: Dial,
 }
 
@@ -106,7 +106,7 @@ struct Idle {
 impl Pool {
     pub fn new(dial: Dial) -> Self {
         Pool {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::default()),
             dial,
         }
     }

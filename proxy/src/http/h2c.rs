@@ -48,7 +48,7 @@ impl Error {
 /// HTTP/2 connections to the application, one per address set; one pool
 /// per worker thread, like the other clients.
 pub struct Pool {
-    conns: Mutex<HashMap<Targets, Arc<Slot>>>,
+    conns: Mutex<HashMap<Targets, Arc<Slot>, foldhash::fast::RandomState>>,
     dial: Dial,
 }
 
@@ -67,7 +67,7 @@ struct Conn {
 impl Pool {
     pub fn new(dial: Dial) -> Self {
         Pool {
-            conns: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::default()),
             dial,
         }
     }

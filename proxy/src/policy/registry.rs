@@ -8,11 +8,19 @@
 //! full, entries nobody holds and that carry no state worth keeping (an idle
 //! destination, a closed breaker) are dropped, so a workload that talks to
 //! many addresses cannot grow it without limit.
+//!
+//! The maps hash with foldhash, seeded per map, not SipHash: the keys are
+//! addresses the local application chose to talk to, nothing a remote
+//! party picks, and two SipHash rounds per lookup cost more than the
+//! lookup itself. The proxy's other per-request maps (router, pools) hash
+//! the same way for the same reason.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+
+use foldhash::fast::RandomState;
 
 const SHARDS: usize = 16;
 /// Addresses tracked per policy before idle ones are dropped.
@@ -25,7 +33,8 @@ pub(crate) trait Forgettable {
     fn forgettable(&self) -> bool;
 }
 
-type Shard<V> = Mutex<HashMap<SocketAddr, Arc<V>>>;
+type Map<V> = HashMap<SocketAddr, Arc<V>, RandomState>;
+type Shard<V> = Mutex<Map<V>>;
 
 pub(crate) struct Registry<V> {
     shards: Box<[Shard<V>]>,
@@ -36,11 +45,11 @@ impl<V: Forgettable> Registry<V> {
     pub(crate) fn new() -> Self {
         Registry {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         }
     }
 
-    fn shard(&self, key: SocketAddr) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<V>>> {
+    fn shard(&self, key: SocketAddr) -> std::sync::MutexGuard<'_, Map<V>> {
         let i = (self.hasher.hash_one(key) % SHARDS as u64) as usize;
         // A panic while holding the lock cannot leave a map half-updated in
         // a way that matters here, so a poisoned lock is used as it is.
