@@ -3,8 +3,11 @@
 //! it.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -48,9 +51,8 @@ pub(crate) async fn serve(
     let target = header_value(dst);
     let answer = {
         let (ctx, meter) = (ctx.clone(), meter.clone());
-        move |req| {
-            let (ctx, meter, target) = (ctx.clone(), meter.clone(), target.clone());
-            async move { Ok::<_, Infallible>(handle(ctx, req, client, dst, target, &meter).await) }
+        move |req| Answered {
+            inner: handle(ctx.clone(), req, client, dst, target.clone(), meter.clone()),
         }
     };
     let io = Metered::new(app, meter);
@@ -107,6 +109,25 @@ pub(crate) async fn serve(
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A request's answer in the `Result` shape hyper's services return.
+    /// Not an async block around `handle`: the block would keep its own
+    /// copy of the request's arguments beside the future holding them, and
+    /// both are copied into place for every request.
+    struct Answered<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future<Output = Response<Body>>> Future for Answered<F> {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx).map(Ok)
+    }
+}
+
 /// An answer the proxy makes itself, for a request that is not gRPC.
 pub fn proxy_answer(status: StatusCode, reason: &str) -> Response<Body> {
     policy::proxy_answer(status, reason, false)
@@ -131,12 +152,12 @@ impl hyper::body::Body for Upstream {
     type Error = BoxError;
 
     fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            Upstream::Mesh(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Upstream::Direct(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Upstream::Mesh(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Upstream::Direct(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
     }
 
@@ -314,7 +335,7 @@ async fn handle(
     client: SocketAddr,
     dst: SocketAddr,
     target: HeaderValue,
-    meter: &ConnMeter,
+    meter: Arc<ConnMeter>,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     let obs = Observation::start(&ctx, Direction::Outbound, &mut parts, client, dst);
