@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -449,7 +449,7 @@ async fn route_request(
             &live.router,
             dst,
             target,
-            parts.clone(),
+            attempt_parts(&mut parts),
             body.attempt(),
             &dest.limits,
             timeout,
@@ -504,6 +504,19 @@ async fn route_request(
             }
         }
     }
+}
+
+/// A copy of the request head for one attempt, its header map sized for
+/// the two headers the mesh adds: a clone has no room to spare, and adding
+/// them grew every attempt's map (an allocation and a reallocation more).
+fn attempt_parts(parts: &mut http::request::Parts) -> http::request::Parts {
+    let headers = std::mem::take(&mut parts.headers);
+    let mut copy = parts.clone();
+    let mut map = HeaderMap::with_capacity(headers.len() + 2);
+    map.extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+    parts.headers = headers;
+    copy.headers = map;
+    copy
 }
 
 fn header_value(addr: SocketAddr) -> HeaderValue {
@@ -625,4 +638,34 @@ pub(crate) fn join_upgrades(
             Err(e) => debug!(error = %e, "upgrade failed"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attempts_head_is_the_request_head_with_room_for_the_mesh_headers() {
+        let req = Request::post("/orders?id=7")
+            .header(header::HOST, "shop.example")
+            .header("x-tag", "a")
+            .header("x-tag", "b")
+            .header(header::CONTENT_LENGTH, "3")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        parts.extensions.insert(7u32);
+        let copy = attempt_parts(&mut parts);
+
+        assert_eq!(copy.method, parts.method);
+        assert_eq!(copy.uri, parts.uri);
+        assert_eq!(copy.version, parts.version);
+        assert_eq!(copy.extensions.get::<u32>(), Some(&7));
+        assert_eq!(copy.headers, parts.headers, "every value, repeats in order");
+        let tags: Vec<_> = copy.headers.get_all("x-tag").iter().collect();
+        assert_eq!(tags, ["a", "b"]);
+        assert!(copy.headers.capacity() >= copy.headers.len() + 2);
+        // The original keeps its headers for the next attempt.
+        assert_eq!(parts.headers.len(), 4);
+    }
 }
