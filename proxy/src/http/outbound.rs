@@ -508,7 +508,7 @@ async fn route_request(
 
 /// A copy of the request head for one attempt, its header map sized for
 /// the two headers the mesh adds: a clone has no room to spare, and adding
-/// them grew every attempt's map (an allocation and a reallocation more).
+/// them reallocated every attempt's map.
 fn attempt_parts(parts: &mut http::request::Parts) -> http::request::Parts {
     let headers = std::mem::take(&mut parts.headers);
     let mut copy = parts.clone();
