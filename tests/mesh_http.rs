@@ -277,6 +277,25 @@ fn http_semantics_survive_the_hop_between_proxies() {
     );
     let headers: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(headers["host"], "legacy {name}");
+    // An HTTP/1.0 request without Host reaches the application with the
+    // destination it was sent to as its Host, which HTTP/1.1 requires.
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let reply = client
+        .pod
+        .run_in(move || -> std::io::Result<String> {
+            let mut s = TcpStream::connect(dst)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET /headers HTTP/1.0\r\n\r\n")?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply)?;
+            Ok(reply)
+        })
+        .unwrap()
+        .expect("HTTP/1.0 request");
+    let (head, body) = reply.split_once("\r\n\r\n").expect("a whole answer");
+    assert!(head.contains(" 200 "), "{reply:?}");
+    let headers: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(headers["host"], dst.to_string());
 
     // A chunked upload arrives whole.
     let r = request(
