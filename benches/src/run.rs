@@ -768,9 +768,7 @@ impl Bench {
         // machine spreads over all peers alike.
         for parallel in [1usize, 8] {
             for round in 0..rounds {
-                let mut order = peers.clone();
-                let turn = round % order.len().max(1);
-                order.rotate_left(turn);
+                let order = in_turn(&peers, round);
                 self.l4_throughput(&order, parallel, round, rounds, report)?;
             }
         }
@@ -935,9 +933,7 @@ impl Bench {
         let rounds = self.args.rounds as usize;
         report.rounds = rounds;
         for round in 0..rounds {
-            let mut order = peers.clone();
-            let turn = round % order.len().max(1);
-            order.rotate_left(turn);
+            let order = in_turn(&peers, round);
             for proto in ["HTTP/1.1", "HTTP/2"] {
                 for peer in &order {
                     let tool = if proto == "HTTP/2" { "h2load" } else { "wrk" };
@@ -1121,6 +1117,15 @@ struct Perf {
     child: std::process::Child,
     data: PathBuf,
     text: PathBuf,
+}
+
+/// The peers in the order they take their turns in `round`: rotated by
+/// one each round, so that no peer always follows the same one or meets
+/// the machine at the same point of its drift.
+fn in_turn(peers: &[Peer], round: usize) -> Vec<Peer> {
+    let mut order = peers.to_vec();
+    order.rotate_left(round % peers.len().max(1));
+    order
 }
 
 impl Perf {
