@@ -211,13 +211,11 @@ fn forward(
             parts.headers.insert(header::HOST, v);
         }
     }
-    parts.version = if h2 {
-        Version::HTTP_2
-    } else if parts.version == Version::HTTP_2 {
-        Version::HTTP_11
-    } else {
-        parts.version
-    };
+    // The HTTP/1.1 client writes its own request line; the version field
+    // matters only to h2.
+    if h2 {
+        parts.version = Version::HTTP_2;
+    }
     let targets = app_targets(&record.ctx.config, ip, port);
     let req = Request::from_parts(parts, body);
     if h2 {
