@@ -14,7 +14,6 @@
 //! to 5 s, with jitter) has passed: callers meanwhile fail at once instead
 //! of each paying a timeout.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -191,7 +190,7 @@ struct Peer {
 pub struct Pool {
     identity: Identity,
     settings: PoolSettings,
-    peers: Mutex<HashMap<PeerKey, Arc<Peer>, foldhash::fast::RandomState>>,
+    peers: Mutex<foldhash::HashMap<PeerKey, Arc<Peer>>>,
     epoch: Instant,
     handshakes: Handshakes,
 }
@@ -383,7 +382,7 @@ impl Pool {
         Pool {
             identity,
             settings,
-            peers: Mutex::new(HashMap::default()),
+            peers: Mutex::new(foldhash::HashMap::default()),
             epoch: Instant::now(),
             handshakes: Handshakes::default(),
         }

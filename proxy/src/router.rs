@@ -27,7 +27,6 @@
 //! mesh port is not a service port), so an unmarked service address is
 //! carried in plaintext, which a permissive server still accepts.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -54,7 +53,7 @@ pub struct Router {
     mesh_networks: Vec<IpNet>,
     inbound_port: u16,
     ttl: Duration,
-    probes: Mutex<HashMap<IpAddr, (bool, Instant), foldhash::fast::RandomState>>,
+    probes: Mutex<foldhash::HashMap<IpAddr, (bool, Instant)>>,
 }
 
 impl Router {
@@ -69,7 +68,7 @@ impl Router {
             mesh_networks,
             inbound_port,
             ttl,
-            probes: Mutex::new(HashMap::default()),
+            probes: Mutex::new(foldhash::HashMap::default()),
         }
     }
 

@@ -20,7 +20,7 @@
 //! the answer is read, so an application that answers early, or streams
 //! its answer while it reads, neither stalls nor loses what it sent.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -90,7 +90,7 @@ impl Error {
 /// Idle HTTP/1.1 connections to the application, per address set. One per
 /// worker thread, like the other clients, so it is rarely contended.
 pub struct Pool {
-    idle: Mutex<HashMap<Targets, Vec<Idle>, foldhash::fast::RandomState>>,
+    idle: Mutex<foldhash::HashMap<Targets, Vec<Idle>>>,
     dial: Dial,
 }
 
@@ -106,7 +106,7 @@ struct Idle {
 impl Pool {
     pub fn new(dial: Dial) -> Self {
         Pool {
-            idle: Mutex::new(HashMap::default()),
+            idle: Mutex::new(foldhash::HashMap::default()),
             dial,
         }
     }

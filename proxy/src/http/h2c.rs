@@ -10,7 +10,6 @@
 //! as hyper's client did; once it fails or the application sends GOAWAY,
 //! the next request opens another.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,7 +47,7 @@ impl Error {
 /// HTTP/2 connections to the application, one per address set; one pool
 /// per worker thread, like the other clients.
 pub struct Pool {
-    conns: Mutex<HashMap<Targets, Arc<Slot>, foldhash::fast::RandomState>>,
+    conns: Mutex<foldhash::HashMap<Targets, Arc<Slot>>>,
     dial: Dial,
 }
 
@@ -67,7 +66,7 @@ struct Conn {
 impl Pool {
     pub fn new(dial: Dial) -> Self {
         Pool {
-            conns: Mutex::new(HashMap::default()),
+            conns: Mutex::new(foldhash::HashMap::default()),
             dial,
         }
     }

@@ -15,7 +15,6 @@
 //! lookup itself. The proxy's other per-request maps (router, pools) hash
 //! the same way for the same reason.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -33,7 +32,7 @@ pub(crate) trait Forgettable {
     fn forgettable(&self) -> bool;
 }
 
-type Map<V> = HashMap<SocketAddr, Arc<V>, RandomState>;
+type Map<V> = foldhash::HashMap<SocketAddr, Arc<V>>;
 type Shard<V> = Mutex<Map<V>>;
 
 pub(crate) struct Registry<V> {
