@@ -40,68 +40,84 @@ pub const PROTO_HEADER: HeaderName = HeaderName::from_static("legate-proto");
 /// HTTP/2 forbids them outright, so this is also what makes an HTTP/1.1
 /// request safe to send over the mesh.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Runs four times per proxied request; most messages carry none of
-    // these, and one pass over the names is cheaper than seven removals.
-    if !headers.keys().any(|n| is_hop_by_hop(n) || n == header::TE) {
+    // Runs four times per proxied request. One pass over the names finds
+    // which of these are present, so that only those are looked up again:
+    // most messages carry none, and a server's `Connection: keep-alive` is
+    // often the only one.
+    let present = headers.keys().fold(0u8, |bits, name| {
+        bits | HOP_BY_HOP
+            .iter()
+            .position(|h| h == name)
+            .map_or(0, |i| 1 << i)
+    });
+    if present == 0 {
         return;
     }
-    let mut named: Vec<HeaderName> = Vec::new();
-    for token in headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-    {
-        let token = token.trim();
-        // The usual tokens name no header of their own (or one removed
-        // below anyway): no need to collect them.
-        if ["keep-alive", "close", "upgrade"]
+    if present & 1 != 0 {
+        let mut named: Vec<HeaderName> = Vec::new();
+        for token in headers
+            .get_all(header::CONNECTION)
             .iter()
-            .any(|t| token.eq_ignore_ascii_case(t))
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
         {
-            continue;
+            let token = token.trim();
+            // The usual tokens name no header of their own (or one removed
+            // below anyway): no need to collect them.
+            if ["keep-alive", "close", "upgrade"]
+                .iter()
+                .any(|t| token.eq_ignore_ascii_case(t))
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(name);
+            }
         }
-        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-            named.push(name);
+        for name in named {
+            headers.remove(name);
         }
     }
-    for name in named {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP[..HOP_TE].iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(name);
+    if present & (1 << HOP_TE) == 0 {
+        return;
     }
     // `TE: trailers` is the one TE value HTTP/2 allows, and gRPC needs it.
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
+    let mut values = headers.get_all(header::TE).iter();
+    let te_trailers = match (values.next(), values.next()) {
+        // The usual case, already in the one form allowed.
+        (Some(v), None) if v.as_bytes() == b"trailers" => return,
+        (first, second) => first.into_iter().chain(second).chain(values).any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        }),
+    };
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
-}
+/// The headers [`strip_hop_by_hop`] handles: `Connection` first, the
+/// fixed set it always removes, and `TE` last, whose `trailers` may stay.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+];
+/// `TE`'s place in [`HOP_BY_HOP`].
+const HOP_TE: usize = 7;
 
 /// The protocol token of an HTTP/1.1 upgrade request (`websocket`), if it is one.
 pub fn upgrade_token(req: &http::Request<hyper::body::Incoming>) -> Option<HeaderValue> {
@@ -242,5 +258,59 @@ mod tests {
         clean.insert(header::HOST, HeaderValue::from_static("a"));
         strip_hop_by_hop(&mut clean);
         assert_eq!(clean.len(), 1);
+    }
+
+    #[test]
+    fn only_the_hop_by_hop_headers_present_go() {
+        // A server's usual answer: `Connection: keep-alive` and nothing else
+        // of the kind.
+        let mut h = HeaderMap::new();
+        h.insert(header::SERVER, HeaderValue::from_static("nginx"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(!h.contains_key(header::CONNECTION));
+
+        // Every fixed one at once, in capitals as a client may send them.
+        let mut h = HeaderMap::new();
+        for name in [
+            "Connection",
+            "Keep-Alive",
+            "Proxy-Connection",
+            "Transfer-Encoding",
+            "Upgrade",
+            "Proxy-Authenticate",
+            "Proxy-Authorization",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_static("x"),
+            );
+        }
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h[header::ACCEPT], "*/*");
+    }
+
+    #[test]
+    fn te_keeps_trailers_from_any_of_its_lines() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h[header::TE], "trailers");
+
+        let mut h = HeaderMap::new();
+        h.append(header::TE, HeaderValue::from_static("gzip"));
+        h.append(header::TE, HeaderValue::from_static("Trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get_all(header::TE).iter().count(), 1);
+        assert_eq!(h[header::TE], "trailers");
+
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip, deflate"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 }
