@@ -23,6 +23,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -32,6 +33,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body as _, Frame, SizeHint};
+use smallvec::SmallVec;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
@@ -566,9 +568,15 @@ fn poll_fill(
 /// 1xx answers; `None` when more bytes are needed.
 fn parse_head(buf: &mut BytesMut, head_only: bool, unsent: bool) -> Result<Option<Answer>, Error> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut fields);
-        let len = match res.parse(buf) {
+        // Uninitialized room for the fields: filling a hundred empty ones
+        // first was 3 KiB of stores for every answer.
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut res,
+            buf,
+            &mut fields,
+        ) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
                 return Err(Error::HeadTooLarge)
@@ -596,16 +604,18 @@ fn parse_head(buf: &mut BytesMut, head_only: bool, unsent: bool) -> Result<Optio
         // Where each field sits, so that values can share the buffer
         // instead of being copied.
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-        let count = res.headers.len();
-        for (span, f) in spans.iter_mut().zip(res.headers.iter()) {
-            let n = f.name.as_ptr() as usize - base;
-            let v = f.value.as_ptr() as usize - base;
-            *span = (n, n + f.name.len(), v, v + f.value.len());
-        }
+        let spans: SmallVec<[(usize, usize, usize, usize); MAX_HEADERS]> = res
+            .headers
+            .iter()
+            .map(|f| {
+                let n = f.name.as_ptr() as usize - base;
+                let v = f.value.as_ptr() as usize - base;
+                (n, n + f.name.len(), v, v + f.value.len())
+            })
+            .collect();
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(ns, ne, vs, ve) in &spans[..count] {
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for &(ns, ne, vs, ve) in &spans {
             let name = HeaderName::from_bytes(&head[ns..ne])
                 .map_err(|_| Error::Malformed("a header field name"))?;
             let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
