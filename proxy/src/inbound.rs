@@ -254,7 +254,7 @@ fn stream(
             false,
         ));
     }
-    if !ctx.live().authz.allows(port, Some(peer)) {
+    if !ctx.live_now().authz.allows(port, Some(peer)) {
         warn!(client = %peer, server = %ctx.identity.local_id(), port, "refused by the port's authorization policy");
         return answered(proxy_answer(
             http::StatusCode::FORBIDDEN,
@@ -330,7 +330,7 @@ async fn plaintext(
         socket::reset(sock);
         return;
     }
-    if !ctx.live().authz.allows(dst.port(), None) {
+    if !ctx.live_now().authz.allows(dst.port(), None) {
         warn!(%client, server = %ctx.identity.local_id(), port = dst.port(), "refused an unauthenticated client: the port's policy does not allow it");
         meter.fail("unauthorized");
         socket::reset(sock);

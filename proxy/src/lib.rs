@@ -274,6 +274,13 @@ impl Shared {
         self.live.load_full()
     }
 
+    /// The policy in force now, for a check that ends before the caller's
+    /// next await. Unlike [`Shared::live`] it takes no reference count, so
+    /// workers checking at once do not contend for one.
+    pub(crate) fn live_now(&self) -> arc_swap::Guard<Arc<Live>> {
+        self.live.load()
+    }
+
     /// Applies a reloaded configuration: policy, destination rules,
     /// authorization and access-log settings change at once for new
     /// connections and requests. Returns the keys that changed but only

@@ -341,7 +341,7 @@ async fn handle(
     let obs = Observation::start(&ctx, Direction::Outbound, &mut parts, client, dst);
     let mut seen = Seen::default();
     let res = route_request(
-        ctx.clone(),
+        &ctx,
         Request::from_parts(parts, body),
         dst,
         &target,
@@ -355,7 +355,7 @@ async fn handle(
 }
 
 async fn route_request(
-    ctx: Arc<Shared>,
+    ctx: &Arc<Shared>,
     req: Request<Incoming>,
     dst: SocketAddr,
     target: &HeaderValue,
@@ -364,7 +364,7 @@ async fn route_request(
     let live = ctx.live();
     if let Some(token) = upgrade_token(&req) {
         // Boxed so that the common path does not carry its space.
-        return Box::pin(upgrade(ctx, &live.router, req, dst, token, seen)).await;
+        return Box::pin(upgrade(ctx.clone(), &live.router, req, dst, token, seen)).await;
     }
     let grpc = policy::is_grpc(req.headers());
     let (mut parts, body) = req.into_parts();
@@ -408,7 +408,7 @@ async fn route_request(
             .get(header::HOST)
             .and_then(|h| h.to_str().ok()),
     };
-    let policy = live.policies.policy_for(dst, host).clone();
+    let policy = live.policies.policy_for(dst, host);
     seen.route = live.route_stats(policy.name());
     let dest = policy.destination(dst);
     let in_flight = match dest.limits.acquire(LimitKind::InFlight) {
@@ -445,7 +445,7 @@ async fn route_request(
         };
         let timeout = retries.attempt_timeout(Instant::now());
         let result = attempt(
-            &ctx,
+            ctx,
             &live.router,
             dst,
             target,
