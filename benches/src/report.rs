@@ -45,7 +45,7 @@ impl Context {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default();
-        let commit = first("git", &["describe", "--always", "--dirty", "--abbrev=12"]);
+        let commit = commit_in(Path::new("."));
         Context {
             date,
             command,
@@ -63,6 +63,22 @@ impl Context {
             ],
         }
     }
+}
+
+/// The commit checked out in `dir`, as `git describe` names it. Run
+/// outside a checkout, git's complaint is no commit: the report says the
+/// commit is unknown instead.
+fn commit_in(dir: &Path) -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "unknown (the bench ran outside a git checkout)".into())
 }
 
 #[derive(Debug, Clone, Default)]
@@ -681,6 +697,13 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outside_a_checkout_the_commit_is_unknown_not_gits_error() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let commit = commit_in(dir.path());
+        assert!(commit.starts_with("unknown"), "{commit}");
+    }
 
     fn ctx() -> Context {
         Context {
