@@ -53,7 +53,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    if present & 1 != 0 {
+    if present & (1 << HOP_CONNECTION) != 0 {
         let mut named: Vec<HeaderName> = Vec::new();
         for token in headers
             .get_all(header::CONNECTION)
@@ -116,7 +116,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHORIZATION,
     header::TE,
 ];
-/// `TE`'s place in [`HOP_BY_HOP`].
+/// `Connection`'s and `TE`'s places in [`HOP_BY_HOP`].
+const HOP_CONNECTION: usize = 0;
 const HOP_TE: usize = 7;
 
 /// The protocol token of an HTTP/1.1 upgrade request (`websocket`), if it is one.
