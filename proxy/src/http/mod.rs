@@ -87,17 +87,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     // `TE: trailers` is the one TE value HTTP/2 allows, and gRPC needs it.
-    let mut values = headers.get_all(header::TE).iter();
-    let te_trailers = match (values.next(), values.next()) {
+    let te = headers.get_all(header::TE);
+    let mut lines = te.iter();
+    if lines.next().is_some_and(|v| v == "trailers") && lines.next().is_none() {
         // The usual case, already in the one form allowed.
-        (Some(v), None) if v.as_bytes() == b"trailers" => return,
-        (first, second) => first.into_iter().chain(second).chain(values).any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            })
-        }),
-    };
+        return;
+    }
+    let te_trailers = te.iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -105,7 +106,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The headers [`strip_hop_by_hop`] handles: `Connection` first, the
-/// fixed set it always removes, and `TE` last, whose `trailers` may stay.
+/// fixed set that is hop-by-hop wherever it appears, and `TE` last, whose
+/// `trailers` may stay.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
