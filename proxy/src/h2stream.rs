@@ -122,11 +122,7 @@ fn poll_capacity(
 /// because the response may arrive, and be handed on, long before the
 /// request body ends (gRPC streaming).
 pub fn send_body(body: Body, send: SendStream<Bytes>, cx: &mut Context<'_>) {
-    let mut pipe = BodyPipe {
-        body,
-        send,
-        pending: Bytes::new(),
-    };
+    let mut pipe = BodyPipe::new(body, send);
     if Pin::new(&mut pipe).poll(cx).is_pending() {
         tokio::spawn(pipe);
     }
@@ -144,11 +140,23 @@ pub async fn start_body(body: Body, send: SendStream<Bytes>) {
     .await;
 }
 
-struct BodyPipe {
+/// A body pumped into a stream within the peer's window; done when the
+/// body has ended or the stream can take no more.
+pub struct BodyPipe {
     body: Body,
     send: SendStream<Bytes>,
     /// Data read from the body, waiting for window to send it in.
     pending: Bytes,
+}
+
+impl BodyPipe {
+    pub fn new(body: Body, send: SendStream<Bytes>) -> Self {
+        BodyPipe {
+            body,
+            send,
+            pending: Bytes::new(),
+        }
+    }
 }
 
 impl Future for BodyPipe {

@@ -10,9 +10,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use legate_config::{Config, InboundMode, SpiffeId};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -21,10 +18,11 @@ use tracing::{debug, info, warn};
 use crate::batch::Batched;
 use crate::detect::DETECT_TIMEOUT;
 use crate::detect::{detect, Protocol};
+use crate::h2server::Tunnel;
 use crate::http::inbound::{answered, Answering};
 use crate::metrics::{protocol_label, Detected, Direction, TlsFailure};
 use crate::policy::proxy_answer;
-use crate::pool::{CONN_WINDOW, MAX_FRAME, STREAM_WINDOW};
+use crate::pool::Body;
 use crate::relay::relay;
 use crate::socket::{self, Targets};
 use crate::telemetry::conn::{ConnMeter, Metered};
@@ -60,32 +58,6 @@ pub(crate) async fn handle(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr
     } else {
         plaintext(ctx, sock, client, dst, proto).await;
     }
-}
-
-/// Streams one peer proxy may have open on a connection.
-const MAX_STREAMS: u32 = 1024;
-
-/// The HTTP/2 server for connections from peer proxies.
-fn mesh_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_STREAMS)
-        // h2 closes a connection on which more than 20 streams were reset
-        // before the server took them up (a guard against the "rapid
-        // reset" flood). Between proxies that is ordinary: an application
-        // that drops many requests at once (wrk ending a run, a client
-        // timing out a burst) makes its proxy cancel all those streams, and
-        // the GOAWAY would then fail every other request on the pooled
-        // connection. The peer is authenticated, and the count stays
-        // bounded by the streams it may open.
-        .max_pending_accept_reset_streams(MAX_STREAMS as usize)
-        .enable_connect_protocol()
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    b
 }
 
 /// Peeks at the first TLS record and reports whether it is a ClientHello
@@ -189,16 +161,15 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
     ctx.metrics.tls_handshake(Direction::Inbound, Ok(()));
     meter.set_peer(Some(&peer));
     info!(%client, peer = %peer, "accepted mesh connection");
-    let svc_ctx = ctx.clone();
-    let svc_peer = crate::http::inbound::Peer::new(peer.clone());
-    let service = hyper::service::service_fn(move |req| {
-        let answering = stream(&svc_ctx, req, client, dst, &svc_peer);
-        async move { Ok::<_, std::convert::Infallible>(answering.await) }
-    });
-    let served = crate::serve_draining!(
-        ctx,
-        mesh_server().serve_connection(TokioIo::new(Batched::new(tls)), service)
-    );
+    let mesh_peer = crate::http::inbound::Peer::new(peer.clone());
+    let served = crate::h2server::serve(
+        Batched::new(tls),
+        cfg.handshake_timeout,
+        cfg.idle_timeout,
+        ctx.drained(),
+        |req| stream(&ctx, req, client, dst, &mesh_peer),
+    )
+    .await;
     if let Err(e) = served {
         debug!(%client, peer = %peer, error = %e, "mesh connection ended");
     }
@@ -210,7 +181,7 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
 /// the request or the tunnel still needs.
 fn stream(
     ctx: &Arc<Shared>,
-    mut req: http::Request<Incoming>,
+    req: http::Request<Body>,
     client: SocketAddr,
     dst: SocketAddr,
     mesh_peer: &crate::http::inbound::Peer,
@@ -218,7 +189,7 @@ fn stream(
     let peer = &mesh_peer.id;
     let cfg = &ctx.config.proxy;
     let plain_connect = req.method() == http::Method::CONNECT
-        && req.extensions().get::<hyper::ext::Protocol>().is_none();
+        && req.extensions().get::<h2::ext::Protocol>().is_none();
     // A connection captured from an application port carries that port for
     // all its streams (this is how a Service virtual IP's target port is
     // honoured); one dialled to the mesh port names the port per stream.
@@ -265,38 +236,23 @@ fn stream(
     if !plain_connect {
         return crate::http::inbound::from_peer(ctx, req, client, dst, port, mesh_peer);
     }
-    let upgrade = hyper::upgrade::on(&mut req);
     let ctx = ctx.clone();
-    let peer = peer.clone();
     Box::pin(async move {
-        let app = match connect_app(&ctx, dst.ip(), port).await {
-            Ok(app) => app,
+        match connect_app(&ctx, dst.ip(), port).await {
+            Ok(app) => {
+                let mut res = http::Response::new(crate::http::empty());
+                res.extensions_mut().insert(Tunnel::to(app));
+                res
+            }
             Err(e) => {
                 debug!(%client, port, error = %e, "application connect failed");
-                return proxy_answer(
+                proxy_answer(
                     http::StatusCode::BAD_GATEWAY,
                     &format!("application port {port}: {e}"),
                     false,
-                );
+                )
             }
-        };
-        let idle = ctx.config.proxy.idle_timeout;
-        tokio::spawn(async move {
-            match upgrade.await {
-                Ok(upgraded) => match relay(TokioIo::new(upgraded), app, idle).await {
-                    Ok(t) => {
-                        debug!(peer = %peer, port, sent = t.sent, received = t.received, "mesh stream closed")
-                    }
-                    Err(e) => debug!(peer = %peer, port, error = %e, "mesh stream ended"),
-                },
-                Err(e) => debug!(peer = %peer, port, error = %e, "tunnel upgrade failed"),
-            }
-        });
-        http::Response::new(
-            http_body_util::Empty::new()
-                .map_err(|never| match never {})
-                .boxed(),
-        )
+        }
     })
 }
 
@@ -444,45 +400,6 @@ impl Authz {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A peer that cancels a burst of streams the server has not taken up
-    /// yet keeps its connection, and the requests after it are served.
-    #[tokio::test]
-    async fn a_burst_of_cancelled_streams_does_not_close_the_connection() {
-        let (client_io, server_io) = tokio::io::duplex(1 << 20);
-        let service = hyper::service::service_fn(|_req| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
-                bytes::Bytes,
-            >::new()))
-        });
-        let server = tokio::spawn(mesh_server().serve_connection(TokioIo::new(server_io), service));
-        let (mut client, conn) = h2::client::handshake(client_io).await.unwrap();
-        let conn = tokio::spawn(conn);
-        let request = || {
-            http::Request::builder()
-                .uri("http://app/")
-                .body(())
-                .unwrap()
-        };
-        // Opened and cancelled without yielding, so that the server reads
-        // every HEADERS and its RST_STREAM in one go.
-        for _ in 0..100 {
-            let (response, _) = client.send_request(request(), true).unwrap();
-            drop(response);
-        }
-        tokio::task::yield_now().await;
-        for _ in 0..3 {
-            let (response, _) = client.send_request(request(), true).unwrap();
-            let response = tokio::time::timeout(Duration::from_secs(5), response)
-                .await
-                .expect("an answer")
-                .expect("the connection stays open after the burst");
-            assert_eq!(response.status(), http::StatusCode::OK);
-        }
-        drop(client);
-        conn.abort();
-        server.abort();
-    }
 
     #[test]
     fn authorization_defaults_and_policies() {

@@ -37,6 +37,7 @@ pub mod access;
 pub mod admin;
 pub mod batch;
 pub mod detect;
+pub(crate) mod h2server;
 pub mod h2stream;
 pub mod http;
 pub mod inbound;

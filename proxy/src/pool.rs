@@ -352,7 +352,7 @@ fn choose(
 }
 
 /// Pings the peer until it fails to answer; returns why.
-async fn keep_alive(pings: Option<h2::PingPong>) -> String {
+pub(crate) async fn keep_alive(pings: Option<h2::PingPong>) -> String {
     let Some(mut pings) = pings else {
         return std::future::pending().await;
     };

@@ -19,10 +19,11 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::client::FixedConnector;
-use super::outbound::{finish_upgrade, join_upgrades, proxy_answer};
+use super::outbound::{finish_upgrade, proxy_answer};
 use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token};
 use super::{CLIENT_ID_HEADER, PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
+use crate::h2server::{AppIo, Tunnel};
 use crate::inbound::app_targets;
 use crate::metrics::{Direction, RouteStats};
 use crate::pool::Body;
@@ -235,14 +236,12 @@ fn forward(
 /// application port it is for, already authorized for `peer`.
 pub(crate) fn from_peer(
     ctx: &Arc<Shared>,
-    mut req: Request<Incoming>,
+    req: Request<Body>,
     client: SocketAddr,
     dst: SocketAddr,
     port: u16,
     peer: &Peer,
 ) -> Answering {
-    // Only an extended CONNECT (an upgrade carried across) has one.
-    let from_peer = (req.method() == http::Method::CONNECT).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let seen = Seen {
         route: Some(ctx.metrics.port(port)),
@@ -262,14 +261,14 @@ pub(crate) fn from_peer(
         Some(v) => parts.headers.insert(CLIENT_ID_HEADER, v.clone()),
         None => parts.headers.remove(CLIENT_ID_HEADER),
     };
-    let protocol = parts.extensions.remove::<hyper::ext::Protocol>();
-    match (from_peer, protocol) {
-        (Some(from_peer), Some(protocol)) => Box::pin(async move {
-            let res =
-                upgrade_from_peer(&record.ctx, parts, protocol, from_peer, dst.ip(), port).await;
+    // Only an extended CONNECT (an upgrade carried across) has one.
+    let protocol = parts.extensions.remove::<h2::ext::Protocol>();
+    match protocol {
+        Some(protocol) if parts.method == http::Method::CONNECT => Box::pin(async move {
+            let res = upgrade_from_peer(&record.ctx, parts, protocol, dst.ip(), port).await;
             record.finish(res)
         }),
-        _ => forward(record, parts, boxed(body), dst.ip(), port, h2),
+        _ => forward(record, parts, body, dst.ip(), port, h2),
     }
 }
 
@@ -279,8 +278,7 @@ pub(crate) fn from_peer(
 async fn upgrade_from_peer(
     ctx: &Arc<Shared>,
     mut parts: http::request::Parts,
-    protocol: hyper::ext::Protocol,
-    from_peer: OnUpgrade,
+    protocol: h2::ext::Protocol,
     ip: IpAddr,
     port: u16,
 ) -> Response<Body> {
@@ -312,10 +310,13 @@ async fn upgrade_from_peer(
                 return response_to_client(res.map(boxed));
             }
             // Over HTTP/2 an accepted extended CONNECT is a 200.
-            join_upgrades(from_peer, to_app, ctx.config.proxy.idle_timeout);
             let (mut head, _) = res.into_parts();
             strip_hop_by_hop(&mut head.headers);
             head.status = StatusCode::OK;
+            head.extensions.insert(Tunnel::new(Box::pin(async move {
+                let upgraded = to_app.await.map_err(std::io::Error::other)?;
+                Ok(Box::new(TokioIo::new(upgraded)) as AppIo)
+            })));
             Response::from_parts(head, empty())
         }
         Err(answer) => answer,
