@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -253,7 +252,7 @@ async fn attempt(
     mut parts: http::request::Parts,
     body: Body,
     limits: &Arc<Limits>,
-    timeout: Option<Duration>,
+    deadline: Option<Instant>,
     grpc: bool,
     seen: &mut Seen,
 ) -> Result<Response<Upstream>, AttemptError> {
@@ -319,8 +318,8 @@ async fn attempt(
             }
         }
     };
-    match timeout {
-        Some(t) => tokio::time::timeout(t, send)
+    match deadline {
+        Some(t) => tokio::time::timeout_at(t, send)
             .await
             .unwrap_or(Err(AttemptError::Failed(Failure::PerTryTimeout))),
         None => send.await,
@@ -432,9 +431,13 @@ async fn route_request(
                 )
             }
         };
-    let mut retries = policy.retries(&dest, &parts.method);
+    // The clock is read once per attempt and once per outcome, and each
+    // reading serves everything that needs the time then: the budget, the
+    // breaker, the timeouts and the request's latency.
+    let mut now = Instant::now();
+    let mut retries = policy.retries_at(&dest, &parts.method, now);
     loop {
-        let permit = match policy.breakers.admit(dst) {
+        let permit = match policy.breakers.admit_at(dst, now) {
             Ok(p) => p,
             Err(e) => {
                 if let Some(r) = &seen.route {
@@ -443,7 +446,7 @@ async fn route_request(
                 return e.answer(grpc);
             }
         };
-        let timeout = retries.attempt_timeout(Instant::now());
+        let deadline = retries.attempt_timeout(now).map(|t| now + t);
         let result = attempt(
             ctx,
             &live.router,
@@ -452,11 +455,13 @@ async fn route_request(
             attempt_parts(&mut parts),
             body.attempt(),
             &dest.limits,
-            timeout,
+            deadline,
             grpc,
             seen,
         )
         .await;
+        now = Instant::now();
+        seen.answered = Some(now);
         let outcome = match &result {
             Ok(res) => Outcome::response(res.status(), res.headers()),
             Err(AttemptError::Failed(f)) => Outcome::Failed(*f),
@@ -468,8 +473,8 @@ async fn route_request(
                 return answer;
             }
         };
-        permit.record_outcome(&outcome);
-        match retries.next(&outcome, body.is_replayable(), Instant::now()) {
+        permit.record_outcome(&outcome, now);
+        match retries.next(&outcome, body.is_replayable(), now) {
             Next::Retry(delay) => {
                 if let Some(r) = &seen.route {
                     r.retried();
@@ -478,6 +483,7 @@ async fn route_request(
                 debug!(%dst, attempt = retries.attempts(), ?outcome, ?delay, "retrying");
                 drop(result);
                 tokio::time::sleep(delay).await;
+                now = Instant::now();
             }
             Next::Stop(stop) => {
                 if let Some(r) = &seen.route {

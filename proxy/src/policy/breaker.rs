@@ -332,9 +332,10 @@ impl Permit {
     }
 
     /// Records what [`Outcome::health`] makes of an outcome.
-    pub fn record_outcome(self, outcome: &Outcome) {
+    /// Records how the attempt ended, at `now`.
+    pub fn record_outcome(self, outcome: &Outcome, now: Instant) {
         if let Some(success) = outcome.health() {
-            self.record(success);
+            self.record_at(success, now);
         }
     }
 }
@@ -553,13 +554,13 @@ mod tests {
         for _ in 0..10 {
             b.admit_at(EP, now)
                 .unwrap()
-                .record_outcome(&Outcome::Failed(Failure::RefusedStream));
+                .record_outcome(&Outcome::Failed(Failure::RefusedStream), now);
         }
         assert_eq!(state(&b), BreakerState::Closed, "neutral outcomes");
         for _ in 0..3 {
             b.admit_at(EP, now)
                 .unwrap()
-                .record_outcome(&Outcome::Failed(Failure::Connect));
+                .record_outcome(&Outcome::Failed(Failure::Connect), now);
         }
         assert_eq!(state(&b), BreakerState::Open);
     }

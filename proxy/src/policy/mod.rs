@@ -16,7 +16,7 @@
 //!     breakers.admit(endpoint)?       fail fast: 503          (breaker)
 //!     limits.acquire(Pending)?        while waiting for a connection
 //!     send, within attempt_timeout()
-//!     permit.record_outcome(&outcome)                         (breaker)
+//!     permit.record_outcome(&outcome, now)  (breaker)
 //!     retries.next(&outcome, ..)      condition → replayable → deadline
 //!                                     → budget → backoff      (retry)
 //!   }
@@ -433,7 +433,7 @@ mod tests {
         let last = loop {
             let permit = policy.breakers.admit_at(dst, now).unwrap();
             tries += 1;
-            permit.record_outcome(&outcome);
+            permit.record_outcome(&outcome, now);
             match retries.next(&outcome, true, now) {
                 Next::Retry(delay) => assert!(delay <= Duration::from_millis(25)),
                 Next::Stop(stop) => break stop,

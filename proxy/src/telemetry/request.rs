@@ -38,6 +38,8 @@ pub struct Seen {
     /// Set once the request was sent: `Some(None)` directly (plaintext),
     /// `Some(Some(id))` over the mesh to `id`.
     pub carried: Option<Option<SpiffeId>>,
+    /// When the answer arrived, if the clock was read then anyway.
+    pub answered: Option<Instant>,
 }
 
 struct LogFields {
@@ -131,7 +133,10 @@ impl Observation {
     /// access log line when it ends.
     pub fn finish(self, ctx: &Shared, res: Response<Body>, seen: Seen) -> Response<Body> {
         let status = res.status();
-        let elapsed = self.started.elapsed();
+        let elapsed = match seen.answered {
+            Some(t) => t.saturating_duration_since(self.started),
+            None => self.started.elapsed(),
+        };
         if let Some(route) = &seen.route {
             ctx.metrics
                 .request(self.dir, self.method, status, elapsed, route);
