@@ -14,7 +14,6 @@
 //! requests.
 
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -33,7 +32,6 @@ use tracing::debug;
 use crate::h2stream::{BodyPipe, RecvBody, StreamIo};
 use crate::http::inbound::Answering;
 use crate::pool::{Body, CONN_WINDOW, MAX_FRAME, STREAM_WINDOW};
-use crate::relay::relay;
 
 /// Streams one peer proxy may have open on a connection.
 const MAX_STREAMS: u32 = 1024;
@@ -41,34 +39,27 @@ const MAX_STREAMS: u32 = 1024;
 /// 431 from `h2`.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
-/// One end of a tunnel: a connection to the application.
-pub(crate) type AppIo = Box<dyn Io>;
+/// What a tunnel does with its stream once the answer is sent: relays it
+/// to the application, in a task of its own.
+type Relay = Box<dyn FnOnce(StreamIo) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
-/// What a tunnel's application end needs to be ready.
-pub(crate) type Joining = Pin<Box<dyn Future<Output = io::Result<AppIo>> + Send>>;
-
-/// A byte stream a tunnel relays to.
-pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-
-/// Marks a 2xx answer to a `CONNECT` as a tunnel: once the answer is sent,
-/// the stream is relayed to what the future resolves to. It travels in
-/// the answer's extensions, which must be `Clone`; only one clone ever
-/// takes the future.
+/// Marks a 2xx answer to a `CONNECT` as a tunnel and says where its bytes
+/// go. It travels in the answer's extensions, which must be `Clone`; only
+/// one clone ever takes the relay.
 #[derive(Clone)]
-pub(crate) struct Tunnel(Arc<Mutex<Option<Joining>>>);
+pub(crate) struct Tunnel(Arc<Mutex<Option<Relay>>>);
 
 impl Tunnel {
-    pub fn new(joining: Joining) -> Self {
-        Tunnel(Arc::new(Mutex::new(Some(joining))))
+    pub fn new<F, R>(relay: F) -> Self
+    where
+        F: FnOnce(StreamIo) -> R + Send + 'static,
+        R: Future<Output = ()> + Send + 'static,
+    {
+        let relay: Relay = Box::new(move |stream| Box::pin(relay(stream)));
+        Tunnel(Arc::new(Mutex::new(Some(relay))))
     }
 
-    /// A tunnel to a connection already open.
-    pub fn to(app: impl Io + 'static) -> Self {
-        Tunnel::new(Box::pin(std::future::ready(Ok(Box::new(app) as AppIo))))
-    }
-
-    fn take(&self) -> Option<Joining> {
+    fn take(&self) -> Option<Relay> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
@@ -111,7 +102,6 @@ fn builder() -> h2::server::Builder {
 pub(crate) async fn serve<T, D, A>(
     io: T,
     patience: Duration,
-    idle: Duration,
     drained: D,
     mut answer: A,
 ) -> Result<(), Ended>
@@ -139,7 +129,7 @@ where
             while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
             match conn.poll_accept(cx) {
                 Poll::Ready(Some(Ok((req, respond)))) => {
-                    streams.push(Exchange::new(req, respond, &mut answer, idle));
+                    streams.push(Exchange::new(req, respond, &mut answer));
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.into())),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
@@ -153,7 +143,6 @@ where
 /// One stream: its answer on the way, then its response body.
 struct Exchange {
     state: State,
-    idle: Duration,
 }
 
 enum State {
@@ -168,18 +157,16 @@ enum State {
 }
 
 impl Exchange {
-    fn new<A>(
-        req: Request<RecvStream>,
-        respond: SendResponse<Bytes>,
-        answer: &mut A,
-        idle: Duration,
-    ) -> Self
+    fn new<A>(req: Request<RecvStream>, respond: SendResponse<Bytes>, answer: &mut A) -> Self
     where
         A: FnMut(Request<Body>) -> Answering,
     {
         let (parts, recv) = req.into_parts();
         let (body, tunnel) = if parts.method == http::Method::CONNECT {
             (crate::http::empty(), Some(recv))
+        } else if recv.is_end_stream() {
+            // No body (a GET, say): an empty one needs no allocation.
+            (crate::http::empty(), None)
         } else {
             (
                 RecvBody::new(recv, &parts.headers)
@@ -195,7 +182,6 @@ impl Exchange {
                 respond,
                 tunnel,
             },
-            idle,
         }
     }
 }
@@ -234,8 +220,7 @@ impl Future for Exchange {
         let (mut head, body) = res.into_parts();
         if let Some(recv) = tunnel {
             if head.status.is_success() {
-                let Some(joining) = head.extensions.remove::<Tunnel>().and_then(|t| t.take())
-                else {
+                let Some(relay) = head.extensions.remove::<Tunnel>().and_then(|t| t.take()) else {
                     debug!("a CONNECT was answered with success but no tunnel; resetting");
                     respond.send_reset(h2::Reason::INTERNAL_ERROR);
                     return Poll::Ready(());
@@ -244,7 +229,7 @@ impl Future for Exchange {
                 head.headers.remove(header::CONTENT_LENGTH);
                 match respond.send_response(Response::from_parts(head, ()), false) {
                     Ok(send) => {
-                        tokio::spawn(join(joining, StreamIo::new(send, recv), this.idle));
+                        tokio::spawn(relay(StreamIo::new(send, recv)));
                     }
                     Err(e) => debug!(error = %e, "tunnel answer could not be sent"),
                 }
@@ -280,17 +265,6 @@ impl Future for Exchange {
     }
 }
 
-/// Relays a tunnel's stream to its application end once that is ready.
-async fn join(joining: Joining, stream: StreamIo, idle: Duration) {
-    match joining.await {
-        Ok(app) => match relay(stream, app, idle).await {
-            Ok(t) => debug!(sent = t.sent, received = t.received, "mesh tunnel closed"),
-            Err(e) => debug!(error = %e, "mesh tunnel ended"),
-        },
-        Err(e) => debug!(error = %e, "the application end of a tunnel failed"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,13 +287,7 @@ mod tests {
         let drained = async move {
             let _ = drained.await;
         };
-        let server = tokio::spawn(serve(
-            server_io,
-            Duration::from_secs(5),
-            Duration::from_secs(60),
-            drained,
-            answer,
-        ));
+        let server = tokio::spawn(serve(server_io, Duration::from_secs(5), drained, answer));
         let (client, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .handshake(client_io)
@@ -425,7 +393,10 @@ mod tests {
                     }
                 });
                 let mut res = Response::new(crate::http::full("ignored"));
-                res.extensions_mut().insert(Tunnel::to(app));
+                res.extensions_mut()
+                    .insert(Tunnel::new(move |stream| async move {
+                        let _ = crate::relay::relay(stream, app, Duration::from_secs(60)).await;
+                    }));
                 answered(res)
             },
             rx,

@@ -165,7 +165,6 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
     let served = crate::h2server::serve(
         Batched::new(tls),
         cfg.handshake_timeout,
-        cfg.idle_timeout,
         ctx.drained(),
         |req| stream(&ctx, req, client, dst, &mesh_peer),
     )
@@ -237,11 +236,21 @@ fn stream(
         return crate::http::inbound::from_peer(ctx, req, client, dst, port, mesh_peer);
     }
     let ctx = ctx.clone();
+    let peer = peer.clone();
     Box::pin(async move {
         match connect_app(&ctx, dst.ip(), port).await {
             Ok(app) => {
+                let idle = ctx.config.proxy.idle_timeout;
                 let mut res = http::Response::new(crate::http::empty());
-                res.extensions_mut().insert(Tunnel::to(app));
+                res.extensions_mut()
+                    .insert(Tunnel::new(move |stream| async move {
+                        match relay(stream, app, idle).await {
+                            Ok(t) => {
+                                debug!(peer = %peer, port, sent = t.sent, received = t.received, "mesh stream closed")
+                            }
+                            Err(e) => debug!(peer = %peer, port, error = %e, "mesh stream ended"),
+                        }
+                    }));
                 res
             }
             Err(e) => {

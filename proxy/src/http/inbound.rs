@@ -23,10 +23,11 @@ use super::outbound::{finish_upgrade, proxy_answer};
 use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token};
 use super::{CLIENT_ID_HEADER, PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
-use crate::h2server::{AppIo, Tunnel};
+use crate::h2server::Tunnel;
 use crate::inbound::app_targets;
 use crate::metrics::{Direction, RouteStats};
 use crate::pool::Body;
+use crate::relay::relay;
 use crate::telemetry::conn::{ConnMeter, Metered};
 use crate::telemetry::request::{Observation, Seen};
 use crate::Shared;
@@ -313,10 +314,20 @@ async fn upgrade_from_peer(
             let (mut head, _) = res.into_parts();
             strip_hop_by_hop(&mut head.headers);
             head.status = StatusCode::OK;
-            head.extensions.insert(Tunnel::new(Box::pin(async move {
-                let upgraded = to_app.await.map_err(std::io::Error::other)?;
-                Ok(Box::new(TokioIo::new(upgraded)) as AppIo)
-            })));
+            let idle = ctx.config.proxy.idle_timeout;
+            head.extensions
+                .insert(Tunnel::new(move |stream| async move {
+                    match to_app.await {
+                        Ok(app) => {
+                            if let Err(e) = relay(stream, TokioIo::new(app), idle).await {
+                                debug!(port, error = %e, "upgraded connection ended");
+                            }
+                        }
+                        Err(e) => {
+                            debug!(port, error = %e, "the application's side of the upgrade failed")
+                        }
+                    }
+                }));
             Response::from_parts(head, empty())
         }
         Err(answer) => answer,
