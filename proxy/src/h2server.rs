@@ -460,6 +460,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_peer_that_never_sends_the_preface_is_let_go() {
+        let (_client_io, server_io) = tokio::io::duplex(1024);
+        let ended = serve(
+            server_io,
+            Duration::from_millis(50),
+            std::future::pending(),
+            |_req| answered(Response::new(crate::http::empty())),
+        )
+        .await;
+        assert!(matches!(ended, Err(Ended::Preface(_))), "{ended:?}");
+    }
+
+    #[tokio::test]
     async fn draining_finishes_the_streams_in_flight_then_closes() {
         let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
         let mut release = Some(release_rx);
