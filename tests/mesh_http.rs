@@ -277,6 +277,13 @@ fn http_semantics_survive_the_hop_between_proxies() {
     );
     let headers: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(headers["host"], "legacy {name}");
+    // A head of tens of kilobytes (large cookies, tokens) arrives whole, as
+    // it would without the mesh.
+    let big = format!("X-Big: {}", "b".repeat(40 * 1024));
+    let r = request(&client.pod, &["-H", &big, &url(&server, "/headers")]);
+    assert_eq!(r.status, 200, "{}", r.headers);
+    let headers: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(headers["x-big"].as_str().map(str::len), Some(40 * 1024));
     // An HTTP/1.0 request without Host reaches the application with the
     // destination it was sent to as its Host, which HTTP/1.1 requires.
     let dst = SocketAddr::new(server.pod.ip().into(), PORT);

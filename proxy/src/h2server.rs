@@ -31,13 +31,10 @@ use tracing::debug;
 
 use crate::h2stream::{BodyPipe, RecvBody, StreamIo};
 use crate::http::inbound::Answering;
-use crate::pool::{Body, CONN_WINDOW, MAX_FRAME, STREAM_WINDOW};
+use crate::pool::{Body, CONN_WINDOW, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW};
 
 /// Streams one peer proxy may have open on a connection.
 const MAX_STREAMS: u32 = 1024;
-/// Largest request head accepted from a peer proxy. A larger one gets a
-/// 431 from `h2`.
-const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// What a tunnel does with its stream once the answer is sent: relays it
 /// to the application, in a task of its own.
@@ -81,6 +78,7 @@ fn builder() -> h2::server::Builder {
         .initial_connection_window_size(CONN_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
+        // A larger head gets a 431 from h2.
         .max_header_list_size(MAX_HEADER_LIST)
         // h2 closes a connection on which more than 20 streams were reset
         // before the server took them up (a guard against the "rapid
@@ -457,6 +455,30 @@ mod tests {
                 .expect("the connection stays open after the burst");
             assert_eq!(response.status(), http::StatusCode::OK);
         }
+    }
+
+    /// Cookies and tokens can make a request head tens of kilobytes; the
+    /// application would take it without the mesh, so the mesh must too.
+    #[tokio::test]
+    async fn a_request_head_of_tens_of_kilobytes_crosses() {
+        let (_tx, rx) = tokio::sync::oneshot::channel();
+        let (mut client, _server) = pair(
+            |req: Request<Body>| {
+                let len = req.headers()["x-big"].len();
+                answered(Response::new(crate::http::full(len.to_string())))
+            },
+            rx,
+        )
+        .await;
+        let big = "b".repeat(40 * 1024);
+        let req = Request::get("http://app/")
+            .header("x-big", big.as_str())
+            .body(())
+            .unwrap();
+        let (res, _) = client.send_request(req, true).unwrap();
+        let res = res.await.unwrap();
+        assert_eq!(res.status(), http::StatusCode::OK);
+        assert_eq!(body_of(res).await, b"40960");
     }
 
     #[tokio::test]

@@ -54,8 +54,10 @@ pub const MAX_FRAME: u32 = 64 * 1024;
 /// Request data queued on a connection beyond what the peer's window
 /// takes, at most.
 const SEND_BUFFER: usize = 1 << 20;
-/// Largest response head accepted from a peer proxy.
-const MAX_HEADER_LIST: u32 = 64 * 1024;
+/// Largest head, request or response, either proxy accepts from the
+/// other: room for the cookies and tokens an application may send, which
+/// it would get through without the mesh.
+pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// A connection is pinged this often, and closed when a ping goes
 /// unanswered for `PING_TIMEOUT`: a peer that vanished without a FIN (a
 /// deleted pod, a cut link) would otherwise hold its streams forever.
