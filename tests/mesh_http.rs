@@ -560,6 +560,43 @@ fn h2load_through_the_mesh_completes_without_errors() {
         "{text}"
     );
     assert!(text.contains("status codes: 2000 2xx"), "{text}");
+
+    // A request head of tens of kilobytes from an HTTP/2 client arrives
+    // as it would without the mesh.
+    let big = format!("x-big: {}", "b".repeat(40 * 1024));
+    let index = format!("http://{}:8443/index.html", server.pod.ip());
+    let (ok, out, err) = curl(
+        &client.pod,
+        &[
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &big,
+            &index,
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, "200", "through the mesh");
+    // And from a client outside the mesh, through the server's proxy alone.
+    let outsider = mesh.plain_pod("outsider");
+    let (ok, out, err) = curl(
+        &outsider,
+        &[
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &big,
+            &index,
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, "200", "from outside the mesh");
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -399,6 +399,7 @@ pub(crate) async fn serve_plain(
                 ctx,
                 hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    .max_header_list_size(crate::pool::MAX_HEADER_LIST)
                     .serve_connection(io, svc)
             )
         }

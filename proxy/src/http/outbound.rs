@@ -64,6 +64,8 @@ pub(crate) async fn serve(
                 ctx,
                 hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    // What the mesh carries, not hyper's 16 KiB.
+                    .max_header_list_size(crate::pool::MAX_HEADER_LIST)
                     .serve_connection(
                         TokioIo::new(Batched::new(io)),
                         // Boxed: each stream's request runs in a task of
