@@ -96,9 +96,9 @@ pin_project_lite::pin_project! {
     /// its waiters' lock. Once the first poll has registered the task for
     /// the wake-up, the draining flag, set before the watch is sent, says
     /// whether there is anything to poll for. That holds because the future
-    /// never leaves the task that first polled it (`serve_draining!` pins
-    /// it beside its connection), so the registered waker stays the right
-    /// one.
+    /// never leaves the task that first polled it (`serve_draining!` and
+    /// the mesh server pin it beside their connection), so the registered
+    /// waker stays the right one.
     pub(crate) struct Drained<'a, F> {
         #[pin]
         wait: F,
