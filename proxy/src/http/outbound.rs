@@ -484,6 +484,8 @@ async fn route_request(
                 seen.retries += 1;
                 debug!(%dst, attempt = retries.attempts(), ?outcome, ?delay, "retrying");
                 drop(result);
+                // Whatever answers next, it is not this attempt.
+                seen.answered = None;
                 tokio::time::sleep(delay).await;
                 now = Instant::now();
             }

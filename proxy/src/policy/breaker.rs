@@ -331,8 +331,7 @@ impl Permit {
         }
     }
 
-    /// Records what [`Outcome::health`] makes of an outcome.
-    /// Records how the attempt ended, at `now`.
+    /// Records what [`Outcome::health`] makes of an outcome, at `now`.
     pub fn record_outcome(self, outcome: &Outcome, now: Instant) {
         if let Some(success) = outcome.health() {
             self.record_at(success, now);

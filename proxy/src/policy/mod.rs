@@ -16,7 +16,7 @@
 //!     breakers.admit(endpoint)?       fail fast: 503          (breaker)
 //!     limits.acquire(Pending)?        while waiting for a connection
 //!     send, within attempt_timeout()
-//!     permit.record_outcome(&outcome, now)  (breaker)
+//!     permit.record_outcome(&outcome, now)                    (breaker)
 //!     retries.next(&outcome, ..)      condition → replayable → deadline
 //!                                     → budget → backoff      (retry)
 //!   }
