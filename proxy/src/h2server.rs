@@ -139,11 +139,7 @@ where
 }
 
 /// One stream: its answer on the way, then its response body.
-struct Exchange {
-    state: State,
-}
-
-enum State {
+enum Exchange {
     Answering {
         answering: Answering,
         respond: SendResponse<Bytes>,
@@ -174,12 +170,10 @@ impl Exchange {
             )
         };
         let answering = answer(Request::from_parts(parts, body));
-        Exchange {
-            state: State::Answering {
-                answering,
-                respond,
-                tunnel,
-            },
+        Exchange::Answering {
+            answering,
+            respond,
+            tunnel,
         }
     }
 }
@@ -189,10 +183,10 @@ impl Future for Exchange {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        let res = match &mut this.state {
-            State::Body(pipe) => return Pin::new(pipe).poll(cx),
-            State::Done => return Poll::Ready(()),
-            State::Answering {
+        let res = match this {
+            Exchange::Body(pipe) => return Pin::new(pipe).poll(cx),
+            Exchange::Done => return Poll::Ready(()),
+            Exchange::Answering {
                 answering, respond, ..
             } => match answering.as_mut().poll(cx) {
                 Poll::Ready(res) => res,
@@ -200,18 +194,18 @@ impl Future for Exchange {
                     // The peer cancelled: dropping the answer's future
                     // cancels the request to the application with it.
                     if respond.poll_reset(cx).is_ready() {
-                        this.state = State::Done;
+                        *this = Exchange::Done;
                         return Poll::Ready(());
                     }
                     return Poll::Pending;
                 }
             },
         };
-        let State::Answering {
+        let Exchange::Answering {
             mut respond,
             tunnel,
             ..
-        } = std::mem::replace(&mut this.state, State::Done)
+        } = std::mem::replace(this, Exchange::Done)
         else {
             return Poll::Ready(());
         };
@@ -250,7 +244,7 @@ impl Future for Exchange {
                 let mut pipe = BodyPipe::new(body, send);
                 let polled = Pin::new(&mut pipe).poll(cx);
                 if polled.is_pending() {
-                    this.state = State::Body(pipe);
+                    *this = Exchange::Body(pipe);
                 }
                 polled
             }
