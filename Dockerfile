@@ -20,10 +20,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # ---- runtime ----------------------------------------------------------------
 # Debian slim rather than distroless: `legate init` drives iptables-restore,
 # and the iptables package brings both backends (nft and legacy) with the
-# libraries they load. No compiler, no cargo, no sources in this stage.
+# libraries they load. The system's CA bundle verifies an https:// trace
+# collector when telemetry.otlp_ca_file is unset. No compiler, no cargo, no
+# sources in this stage.
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables=1.8.9-2 \
+      ca-certificates=20230311+deb12u1 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/legate /usr/local/bin/legate
 

@@ -158,6 +158,7 @@ fn start_tracing(
     };
     match legate_proxy::telemetry::Tracing::start(
         endpoint,
+        config.telemetry.otlp_ca_file.as_deref(),
         config.telemetry.trace_sample,
         service,
         tokio::runtime::Handle::current(),

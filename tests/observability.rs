@@ -372,13 +372,23 @@ fn traces_cross_both_proxies_and_the_app_sees_the_trace_continued() {
     let mesh = Mesh::new(&[]);
     let collector = mesh.plain_pod("collector");
     let receiver = Receiver::start(&collector, 4318);
-    let endpoint = format!("telemetry.otlp_endpoint=http://{}", receiver.addr);
-    let opts = || PodOptions {
-        proxy_set: vec![endpoint.clone()],
+    // The server's proxy exports over TLS, verified against roots of its
+    // own; the client's in plain HTTP.
+    let (roots, cert, key) = collector_certificate(collector.ip().into());
+    let tls = receiver.also_tls(&collector, 4319, cert, key);
+    let plain = PodOptions {
+        proxy_set: vec![format!("telemetry.otlp_endpoint=http://{}", receiver.addr)],
         ..Default::default()
     };
-    let server = mesh.meshed_pod("server", opts());
-    let client = mesh.meshed_pod("client", opts());
+    let verified = PodOptions {
+        proxy_set: vec![
+            format!("telemetry.otlp_endpoint=https://{tls}"),
+            format!("telemetry.otlp_ca_file={}", roots.path().display()),
+        ],
+        ..Default::default()
+    };
+    let server = mesh.meshed_pod("server", verified);
+    let client = mesh.meshed_pod("client", plain);
     let _app = Scripted::start(&server.pod, PORT);
 
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -453,4 +463,30 @@ fn traces_cross_both_proxies_and_the_app_sees_the_trace_continued() {
     receiver.wait_for("the new trace's spans", |s| {
         s.iter().filter(|s| s.trace_id == new_trace).count() >= 2
     });
+}
+
+/// A CA's certificate in a PEM file, and a certificate it issued for `ip`
+/// (DER) with its key (PKCS#8 DER).
+fn collector_certificate(ip: std::net::IpAddr) -> (tempfile::NamedTempFile, Vec<u8>, Vec<u8>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use std::io::Write;
+    let ca_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = p.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::from_ca_cert_der(ca.der(), ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![ip.to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let mut roots = tempfile::NamedTempFile::new().unwrap();
+    roots.write_all(ca.pem().as_bytes()).unwrap();
+    // The proxy runs as a uid of its own; a CA certificate is no secret.
+    std::fs::set_permissions(
+        roots.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    (roots, leaf.der().to_vec(), key.serialize_der())
 }

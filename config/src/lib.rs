@@ -337,13 +337,24 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
             rule(path, "must be from 0 to 1 (0.1 keeps one in ten)".into());
         }
     }
-    if let Some(endpoint) = &c.telemetry.otlp_endpoint {
-        if !endpoint.starts_with("http://") {
+    let t = &c.telemetry;
+    let https = match &t.otlp_endpoint {
+        Some(e) if e.starts_with("https://") => true,
+        Some(e) if e.starts_with("http://") => false,
+        Some(e) => {
             rule(
                 "telemetry.otlp_endpoint",
-                format!("{endpoint:?} must be an http:// URL of an OTLP/HTTP receiver, such as http://otel-collector:4318 (HTTPS is not supported; run the collector as a local agent)"),
+                format!("{e:?} must be an http:// or https:// URL of an OTLP/HTTP receiver, such as http://otel-collector:4318"),
             );
+            true
         }
+        None => false,
+    };
+    if t.otlp_ca_file.is_some() && !https {
+        rule(
+            "telemetry.otlp_ca_file",
+            "verifies an https:// collector, but telemetry.otlp_endpoint is not one; set an https:// endpoint or drop the file".into(),
+        );
     }
 
     let id = &c.identity;

@@ -145,9 +145,13 @@ section! {
     /// Distributed tracing.
     pub struct TelemetryConfig {
         /// An OTLP/HTTP collector for traces, such as
-        /// `http://otel-collector:4318` (`/v1/traces` is added when the URL
-        /// has no path); traces are off when unset.
+        /// `http://otel-collector:4318` or `https://otlp.example.com`
+        /// (`/v1/traces` is added when the URL has no path); traces are off
+        /// when unset.
         otlp_endpoint: Option<String> = None,
+        /// PEM trust anchors that verify an `https://` collector; the
+        /// system's CA bundle when unset. Read at start.
+        otlp_ca_file: Option<PathBuf> = None,
         /// The fraction of new traces recorded, from 0 to 1; a request that
         /// arrives with a `traceparent` follows its caller's decision.
         trace_sample: f64 = 1.0,

@@ -632,7 +632,7 @@ fn observability_keys_have_safe_defaults_and_checked_ranges() {
     let bad = Sources {
         flags: vec![
             flag("log.access_sample", "1.5"),
-            flag("telemetry.otlp_endpoint", "https://collector:4318"),
+            flag("telemetry.otlp_endpoint", "grpc://collector:4317"),
             flag("telemetry.trace_sample", "-1"),
         ],
         ..Default::default()
@@ -645,6 +645,28 @@ fn observability_keys_have_safe_defaults_and_checked_ranges() {
     ] {
         assert!(text.contains(key), "{key} not reported:\n{text}");
     }
+    // Roots for a collector that is not behind TLS are a mistake.
+    let roots_for_plain = Sources {
+        flags: vec![
+            flag("telemetry.otlp_endpoint", "http://collector:4318"),
+            flag("telemetry.otlp_ca_file", "/etc/otel/roots.pem"),
+        ],
+        ..Default::default()
+    };
+    let text = load(&roots_for_plain).unwrap_err().to_string();
+    assert!(text.contains("telemetry.otlp_ca_file"), "{text}");
+    let tls = Sources {
+        flags: vec![
+            flag("telemetry.otlp_endpoint", "https://collector:4318"),
+            flag("telemetry.otlp_ca_file", "/etc/otel/roots.pem"),
+        ],
+        ..Default::default()
+    };
+    let c = load(&tls).unwrap().config;
+    assert_eq!(
+        c.telemetry.otlp_ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/otel/roots.pem"))
+    );
     let good = Sources {
         flags: vec![
             flag("log.access", "on"),

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -123,25 +123,54 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start(pod: &Pod, port: u16) -> Receiver {
+        let r = Receiver {
+            addr: SocketAddr::new(pod.ip().into(), port),
+            spans: Arc::new(Mutex::new(Vec::new())),
+            requests: Arc::new(Mutex::new(0)),
+        };
+        r.listen(pod, port, None);
+        r
+    }
+
+    /// Also receives on `port` behind TLS, presenting `cert` (DER) with
+    /// `key` (PKCS#8 DER); the spans join those received in plain.
+    pub fn also_tls(&self, pod: &Pod, port: u16, cert: Vec<u8>, key: Vec<u8>) -> SocketAddr {
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.into()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key).into(),
+        )
+        .expect("the receiver's certificate");
+        self.listen(pod, port, Some(Arc::new(config)))
+    }
+
+    fn listen(&self, pod: &Pod, port: u16, tls: Option<Arc<rustls::ServerConfig>>) -> SocketAddr {
         let addr = SocketAddr::new(pod.ip().into(), port);
         let listener = pod
             .run_in(move || TcpListener::bind(addr))
             .expect("enter the pod")
             .expect("bind the receiver");
-        let spans = Arc::new(Mutex::new(Vec::new()));
-        let requests = Arc::new(Mutex::new(0));
-        let (s, r) = (spans.clone(), requests.clone());
+        let (s, r) = (self.spans.clone(), self.requests.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (s, r) = (s.clone(), r.clone());
-                std::thread::spawn(move || serve(conn, &s, &r));
+                let (s, r, tls) = (s.clone(), r.clone(), tls.clone());
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                std::thread::spawn(move || match tls {
+                    None => serve(conn, &s, &r),
+                    Some(cfg) => {
+                        if let Ok(session) = rustls::ServerConnection::new(cfg) {
+                            serve(rustls::StreamOwned::new(session, conn), &s, &r);
+                        }
+                    }
+                });
             }
         });
-        Receiver {
-            addr,
-            spans,
-            requests,
-        }
+        addr
     }
 
     pub fn spans(&self) -> Vec<Span> {
@@ -165,14 +194,9 @@ impl Receiver {
     }
 }
 
-fn serve(conn: TcpStream, spans: &Mutex<Vec<Span>>, requests: &Mutex<u32>) {
+fn serve(conn: impl Read + Write, spans: &Mutex<Vec<Span>>, requests: &Mutex<u32>) {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use prost::Message;
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut w = match conn.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
     let mut r = BufReader::new(conn);
     loop {
         let mut line = String::new();
@@ -230,7 +254,11 @@ fn serve(conn: TcpStream, spans: &Mutex<Vec<Span>>, requests: &Mutex<u32>) {
         }
         let head =
             "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n";
-        if w.write_all(head.as_bytes()).is_err() {
+        let w = r.get_mut();
+        if w.write_all(head.as_bytes())
+            .and_then(|()| w.flush())
+            .is_err()
+        {
             return;
         }
     }

@@ -19,8 +19,15 @@
 //! a bounded queue ([`MAX_QUEUE`] spans) read by the SDK's batch processor
 //! on a thread of its own; when the queue is full new spans are dropped,
 //! never waited for. Each export is one attempt with a deadline
-//! ([`EXPORT_TIMEOUT`]), no retries, sent by a small hyper client on the
-//! proxy's runtime.
+//! ([`EXPORT_TIMEOUT`]), no retries, sent by a small HTTP/1.1 client on
+//! the proxy's runtime.
+//!
+//! **Collectors behind TLS.** An `https://` endpoint is verified against
+//! `telemetry.otlp_ca_file` when it is set, else against the system's CA
+//! bundle (`SSL_CERT_FILE`, or the distributions' usual paths); the roots
+//! are read once, at start. Each export then opens its own connection: at
+//! two batches a second at most, a handshake per batch costs little, and
+//! no connection sits idle between them.
 //!
 //! Span attributes: `http.request.method`, `server.address` (the
 //! authority), `url.path` (only with `log.access_paths`),
@@ -33,6 +40,7 @@ pub mod conn;
 pub mod request;
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,9 +58,11 @@ use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider,
 };
 use opentelemetry_sdk::Resource;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::metrics::Direction;
-use crate::socket::Targets;
+use crate::socket::{Dial, Targets};
 
 /// Spans queued for export before new ones are dropped.
 pub const MAX_QUEUE: usize = 4096;
@@ -66,6 +76,62 @@ pub enum TelemetryError {
     Endpoint { endpoint: String, reason: String },
     #[error("cannot build the OTLP exporter: {0}")]
     Exporter(String),
+    #[error("telemetry.otlp_ca_file is set but the OTLP endpoint {endpoint:?} is not https://; use an https:// endpoint or drop the file")]
+    RootsWithoutTls { endpoint: String },
+    #[error("the roots for the https OTLP collector: {0}")]
+    Roots(String),
+}
+
+/// Where distributions keep the system's CA bundle, in the order tried
+/// after `SSL_CERT_FILE`.
+const SYSTEM_BUNDLES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// The trust anchors an https collector is verified with: every
+/// certificate of `file`, which must all be usable, or the system bundle's
+/// usable ones.
+fn collector_roots(file: Option<&Path>) -> Result<rustls::RootCertStore, TelemetryError> {
+    let bad = |what: String| TelemetryError::Roots(what);
+    let (path, strict) = match file {
+        Some(f) => (f.to_path_buf(), true),
+        None => {
+            let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+            let found = env
+                .into_iter()
+                .chain(SYSTEM_BUNDLES.iter().map(PathBuf::from))
+                .find(|p| p.is_file());
+            let Some(found) = found else {
+                return Err(bad(
+                    "no system CA bundle found; set telemetry.otlp_ca_file to a PEM file of the collector's roots"
+                        .to_owned(),
+                ));
+            };
+            (found, false)
+        }
+    };
+    let shown = path.display();
+    let pem = std::fs::read(&path).map_err(|e| bad(format!("cannot read {shown}: {e}")))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("{shown} is not PEM: {e}")))?;
+    let mut store = rustls::RootCertStore::empty();
+    if strict {
+        for c in certs {
+            store
+                .add(c)
+                .map_err(|e| bad(format!("{shown} holds an unusable certificate: {e}")))?;
+        }
+    } else {
+        store.add_parsable_certificates(certs);
+    }
+    if store.is_empty() {
+        return Err(bad(format!("{shown} holds no usable PEM certificate")));
+    }
+    Ok(store)
 }
 
 /// The URL spans are posted to: the endpoint, with `/v1/traces` when it
@@ -76,8 +142,8 @@ pub fn traces_url(endpoint: &str) -> Result<String, TelemetryError> {
         reason: reason.to_owned(),
     };
     let uri: http::Uri = endpoint.parse().map_err(|_| bad("it does not parse"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(bad("only http:// is supported"));
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(bad("it must start with http:// or https://"));
     }
     if uri.authority().is_none() {
         return Err(bad("it names no host"));
@@ -88,20 +154,111 @@ pub fn traces_url(endpoint: &str) -> Result<String, TelemetryError> {
     }
 }
 
-/// Posts export batches on the proxy's runtime with the proxy's own
-/// HTTP/1.1 client. The SDK's batch processor calls it from its own
-/// thread; the request runs as a task on `runtime` and the processor waits
-/// for its result. The collector's name is resolved for every batch (a
-/// couple of lookups a second at most), so a collector that moves is
-/// followed.
+/// Posts export batches on the proxy's runtime. The SDK's batch processor
+/// calls it from its own thread; the request runs as a task on `runtime`
+/// and the processor waits for its result. The collector's name is
+/// resolved for every batch (a couple of lookups a second at most), so a
+/// collector that moves is followed.
 struct OtlpClient {
     runtime: tokio::runtime::Handle,
-    client: Arc<crate::http::h1::Pool>,
+    transport: Arc<Transport>,
 }
 
 impl std::fmt::Debug for OtlpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OtlpClient").finish_non_exhaustive()
+    }
+}
+
+/// How exports reach the collector.
+enum Transport {
+    /// `http://`: the proxy's own HTTP/1.1 client, connections kept.
+    Plain(Arc<crate::http::h1::Pool>),
+    /// `https://`: a verified TLS connection per export.
+    Tls(TlsExport),
+}
+
+struct TlsExport {
+    connector: tokio_rustls::TlsConnector,
+    /// The name the collector's certificate must carry: the endpoint's host.
+    name: ServerName<'static>,
+    dial: Dial,
+}
+
+impl TlsExport {
+    fn new(url: &str, roots: Option<&Path>, dial: Dial) -> Result<Self, TelemetryError> {
+        let uri: http::Uri = url.parse().map_err(|_| TelemetryError::Endpoint {
+            endpoint: url.to_owned(),
+            reason: "it does not parse".to_owned(),
+        })?;
+        let host = uri.host().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = ServerName::try_from(host.to_owned()).map_err(|e| TelemetryError::Endpoint {
+            endpoint: url.to_owned(),
+            reason: format!("its host cannot be checked against a certificate: {e}"),
+        })?;
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TelemetryError::Exporter(e.to_string()))?
+        .with_root_certificates(collector_roots(roots)?)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(TlsExport {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            name,
+            dial,
+        })
+    }
+
+    async fn send(
+        &self,
+        targets: Targets,
+        request: http::Request<Bytes>,
+    ) -> Result<http::Response<crate::pool::Body>, String> {
+        let (mut head, body) = request.into_parts();
+        // Origin form on the wire, the authority in Host, as any server
+        // expects from a client.
+        if let Some(authority) = head.uri.authority() {
+            let host = http::HeaderValue::from_str(authority.as_str())
+                .map_err(|e| format!("the OTLP endpoint's authority: {e}"))?;
+            head.headers.entry(http::header::HOST).or_insert(host);
+        }
+        head.uri = head
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .parse()
+            .map_err(|e| format!("the OTLP endpoint's path: {e}"))?;
+        let tcp = self
+            .dial
+            .connect(&targets)
+            .await
+            .map_err(|e| format!("the OTLP collector: {e}"))?;
+        let tls = self
+            .connector
+            .connect(self.name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS with the OTLP collector failed: {e}"))?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("HTTP with the OTLP collector failed: {e}"))?;
+        // Ends once the answer has been read and `send` is gone.
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "OTLP connection ended");
+            }
+        });
+        let res = send
+            .send_request(http::Request::from_parts(
+                head,
+                http_body_util::Full::new(body),
+            ))
+            .await
+            .map_err(|e| format!("the OTLP export failed: {e}"))?;
+        Ok(res.map(crate::http::boxed))
     }
 }
 
@@ -124,7 +281,12 @@ async fn read_answer(mut body: crate::pool::Body) -> Result<Bytes, String> {
 /// resolves to.
 async fn collector(uri: &http::Uri) -> Result<Targets, String> {
     let host = uri.host().ok_or("the OTLP endpoint has no host")?;
-    let port = uri.port_u16().unwrap_or(80);
+    let default_port = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    let port = uri.port_u16().unwrap_or(default_port);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let mut addrs = tokio::net::lookup_host((host, port))
         .await
@@ -148,16 +310,21 @@ impl HttpClient for OtlpClient {
         'life0: 'async_trait,
         Self: 'async_trait,
     {
-        let client = self.client.clone();
+        let transport = self.transport.clone();
         let send = async move {
             let targets = collector(request.uri())
                 .await
                 .map_err(|e| -> HttpError { e.into() })?;
-            let request = request.map(crate::http::full);
-            let res = client
-                .send(targets, request)
-                .await
-                .map_err(|e| -> HttpError { Box::new(e) })?;
+            let res = match &*transport {
+                Transport::Plain(client) => client
+                    .send(targets, request.map(crate::http::full))
+                    .await
+                    .map_err(|e| -> HttpError { Box::new(e) })?,
+                Transport::Tls(tls) => tls
+                    .send(targets, request)
+                    .await
+                    .map_err(|e| -> HttpError { e.into() })?,
+            };
             let (parts, body) = res.into_parts();
             let body = read_answer(body)
                 .await
@@ -193,21 +360,36 @@ impl std::fmt::Debug for Tracing {
 
 impl Tracing {
     /// Starts exporting to `endpoint`. `service` names this proxy in the
-    /// trace (its SPIFFE ID); exports run on `runtime`.
+    /// trace (its SPIFFE ID); exports run on `runtime`. `roots`, for an
+    /// `https://` endpoint, is a PEM file of the collector's trust anchors
+    /// (the system bundle when `None`).
     pub fn start(
         endpoint: &str,
+        roots: Option<&Path>,
         sample: f64,
         service: &str,
         runtime: tokio::runtime::Handle,
     ) -> Result<Self, TelemetryError> {
         let url = traces_url(endpoint)?;
-        let client = Arc::new(crate::http::h1::Pool::new(crate::socket::Dial {
+        let dial = Dial {
             timeout: Duration::from_secs(2),
             keepalive: Duration::from_secs(60),
-        }));
+        };
+        let transport = if url.starts_with("https://") {
+            Transport::Tls(TlsExport::new(&url, roots, dial)?)
+        } else if roots.is_some() {
+            return Err(TelemetryError::RootsWithoutTls {
+                endpoint: endpoint.to_owned(),
+            });
+        } else {
+            Transport::Plain(Arc::new(crate::http::h1::Pool::new(dial)))
+        };
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
-            .with_http_client(OtlpClient { runtime, client })
+            .with_http_client(OtlpClient {
+                runtime,
+                transport: Arc::new(transport),
+            })
             .with_retry_policy(opentelemetry_otlp::RetryPolicy::disabled())
             .with_protocol(Protocol::HttpBinary)
             .with_endpoint(url)
@@ -317,20 +499,161 @@ mod tests {
             traces_url("http://collector:4318/custom").unwrap(),
             "http://collector:4318/custom"
         );
-        assert!(traces_url("https://collector").is_err());
+        assert_eq!(
+            traces_url("https://collector").unwrap(),
+            "https://collector/v1/traces"
+        );
+        assert!(traces_url("ftp://collector").is_err());
         assert!(traces_url("collector:4318").is_err());
+    }
+
+    fn start(endpoint: &str, roots: Option<&Path>) -> Result<Tracing, TelemetryError> {
+        Tracing::start(
+            endpoint,
+            roots,
+            1.0,
+            "spiffe://legate.local/test",
+            tokio::runtime::Handle::current(),
+        )
+    }
+
+    /// A CA, and a certificate it issued for 127.0.0.1 with its key.
+    fn ca_and_server() -> (String, CertificateDer<'static>, Vec<u8>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_ca_cert_der(ca.der(), ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (ca.pem(), leaf.der().clone(), key.serialize_der())
+    }
+
+    /// An OTLP collector behind TLS on 127.0.0.1 that counts the export
+    /// requests it is sent (a POST of protobuf with a body).
+    async fn tls_collector(
+        cert: CertificateDer<'static>,
+        key: Vec<u8>,
+    ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key).into(),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let exports = Arc::new(AtomicUsize::new(0));
+        let count = exports.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let count = count.clone();
+                let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                    let count = count.clone();
+                    async move {
+                        let good = req.method() == http::Method::POST
+                            && req.uri() == "/v1/traces"
+                            && req.headers()[http::header::HOST] == addr.to_string().as_str()
+                            && req.headers()[http::header::CONTENT_TYPE]
+                                == "application/x-protobuf";
+                        let body = http_body_util::BodyExt::collect(req.into_body())
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        if good && !body.is_empty() {
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::new()),
+                        ))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc),
+                );
+            }
+        });
+        (addr, exports)
+    }
+
+    /// Records one span and waits for the exporter to flush.
+    async fn export_one(t: Tracing) {
+        let mut h = HeaderMap::new();
+        t.request_span(Direction::Outbound, "GET", &mut h, vec![])
+            .finish(http::StatusCode::OK, vec![]);
+        tokio::task::spawn_blocking(move || t.shutdown(Duration::from_secs(5)))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spans_reach_an_https_collector_its_roots_verify_and_no_other() {
+        use std::sync::atomic::Ordering;
+        let (ca_pem, cert, key) = ca_and_server();
+        let mut roots = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut roots, ca_pem.as_bytes()).unwrap();
+        let (addr, exports) = tls_collector(cert, key).await;
+        let endpoint = format!("https://{addr}");
+
+        export_one(start(&endpoint, Some(roots.path())).unwrap()).await;
+        assert_eq!(exports.load(Ordering::SeqCst), 1, "one verified export");
+
+        // Roots that did not issue the collector's certificate: the
+        // handshake fails and nothing is exported.
+        let (other_pem, _, _) = ca_and_server();
+        let mut other = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut other, other_pem.as_bytes()).unwrap();
+        export_one(start(&endpoint, Some(other.path())).unwrap()).await;
+        assert_eq!(
+            exports.load(Ordering::SeqCst),
+            1,
+            "no export to an unverified collector"
+        );
+    }
+
+    #[tokio::test]
+    async fn unusable_collector_roots_are_named_at_start() {
+        let err = |endpoint: &str, roots: Option<&Path>| match start(endpoint, roots) {
+            Ok(_) => panic!("{endpoint} with {roots:?} started"),
+            Err(e) => e.to_string(),
+        };
+        let missing = Path::new("/nonexistent/otlp-roots.pem");
+        let e = err("https://collector:4318", Some(missing));
+        assert!(e.contains("/nonexistent/otlp-roots.pem"), "{e}");
+
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        let e = err("https://collector:4318", Some(empty.path()));
+        assert!(e.contains("no usable PEM certificate"), "{e}");
+
+        let (ca_pem, _, _) = ca_and_server();
+        let mut roots = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut roots, ca_pem.as_bytes()).unwrap();
+        let e = err("http://collector:4318", Some(roots.path()));
+        assert!(
+            e.contains("telemetry.otlp_ca_file") && e.contains("https://"),
+            "{e}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_span_continues_the_incoming_trace_and_replaces_the_traceparent() {
         // Nothing listens here: exports fail, quietly, off the request path.
-        let t = Tracing::start(
-            "http://127.0.0.1:9",
-            1.0,
-            "spiffe://legate.local/test",
-            tokio::runtime::Handle::current(),
-        )
-        .unwrap();
+        let t = start("http://127.0.0.1:9", None).unwrap();
         let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let mut h = HeaderMap::new();
         h.insert("traceparent", incoming.parse().unwrap());
