@@ -43,8 +43,9 @@ use crate::socket::{ConnectError, Dial, Targets};
 
 /// Idle connections kept per application address set; one more is closed.
 const MAX_IDLE_PER_TARGET: usize = 64;
-/// An idle connection older than this is closed rather than reused.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// An idle connection older than this is closed rather than reused (the
+/// HTTP/2 connections to the application idle out after the same).
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// More distinct address sets than this and the idle lists are dropped.
 const MAX_TARGETS: usize = 1024;
 /// The largest response head (status line and fields) or trailer section.

@@ -8,11 +8,14 @@
 //! task opens the stream, sends the body and reads the answer. One
 //! connection per application address set and worker carries every stream,
 //! as hyper's client did; once it fails or the application sends GOAWAY,
-//! the next request opens another.
+//! the next request opens another. A connection no request has used for
+//! an idle period ([`super::h1::IDLE_TIMEOUT`], as for HTTP/1.1) is let
+//! go: streams still open on it finish, and h2 then closes it.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -49,6 +52,7 @@ impl Error {
 pub struct Pool {
     conns: Mutex<foldhash::HashMap<Targets, Arc<Slot>>>,
     dial: Dial,
+    idle: Duration,
 }
 
 /// Held while a connection is chosen or opened, so a burst of requests
@@ -59,15 +63,28 @@ struct Slot(tokio::sync::Mutex<Option<Conn>>);
 #[derive(Clone)]
 struct Conn {
     send: SendRequest<Bytes>,
+    state: Arc<ConnState>,
+}
+
+#[derive(Default)]
+struct ConnState {
     /// Set when the connection's task ends.
-    closed: Arc<AtomicBool>,
+    closed: AtomicBool,
+    /// Set by every request; the connection's task clears it once per idle
+    /// period and lets the connection go when it finds it clear.
+    used: AtomicBool,
 }
 
 impl Pool {
     pub fn new(dial: Dial) -> Self {
+        Self::with_idle(dial, super::h1::IDLE_TIMEOUT)
+    }
+
+    fn with_idle(dial: Dial, idle: Duration) -> Self {
         Pool {
             conns: Mutex::new(foldhash::HashMap::default()),
             dial,
+            idle,
         }
     }
 
@@ -85,18 +102,19 @@ impl Pool {
         pool::set_content_length(&mut head, &body);
         let end = body.is_end_stream();
         let slot = self.slot(targets);
-        let dial = self.dial;
+        let (dial, idle) = (self.dial, self.idle);
         async move {
-            let mut conn = connection(&slot, dial, targets).await?;
+            let mut conn = connection(&slot, dial, idle, targets).await?;
             if let Err(e) = std::future::poll_fn(|cx| conn.send.poll_ready(cx)).await {
                 // The connection ended since it was last used (the
                 // application restarted, or sent GOAWAY). Nothing of this
                 // request was sent, so it goes on a new connection.
                 debug!(error = %e, "connection to the application ended; opening another");
-                conn.closed.store(true, Ordering::Release);
-                conn = connection(&slot, dial, targets).await?;
+                conn.state.closed.store(true, Ordering::Release);
+                conn = connection(&slot, dial, idle, targets).await?;
                 std::future::poll_fn(|cx| conn.send.poll_ready(cx)).await?;
             }
+            conn.state.used.store(true, Ordering::Relaxed);
             let (response, stream) = conn.send.send_request(Request::from_parts(head, ()), end)?;
             if !end {
                 h2stream::start_body(body, stream).await;
@@ -118,22 +136,32 @@ impl Pool {
 }
 
 /// The live connection in `slot`, or a new one to `targets`.
-async fn connection(slot: &Slot, dial: Dial, targets: Targets) -> Result<Conn, Error> {
+async fn connection(
+    slot: &Arc<Slot>,
+    dial: Dial,
+    idle: Duration,
+    targets: Targets,
+) -> Result<Conn, Error> {
     let mut current = slot.0.lock().await;
     if let Some(c) = current
         .as_ref()
-        .filter(|c| !c.closed.load(Ordering::Acquire))
+        .filter(|c| !c.state.closed.load(Ordering::Acquire))
     {
         return Ok(c.clone());
     }
     // Boxed: dialling and the handshake make a large future that nearly
     // every request, finding a connection, would otherwise carry.
-    let conn = Box::pin(open(dial, targets)).await?;
+    let conn = Box::pin(open(dial, targets, Arc::downgrade(slot), idle)).await?;
     *current = Some(conn.clone());
     Ok(conn)
 }
 
-async fn open(dial: Dial, targets: Targets) -> Result<Conn, Error> {
+async fn open(
+    dial: Dial,
+    targets: Targets,
+    slot: Weak<Slot>,
+    idle: Duration,
+) -> Result<Conn, Error> {
     let tcp = dial.connect(&targets).await?;
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(pool::STREAM_WINDOW)
@@ -141,15 +169,50 @@ async fn open(dial: Dial, targets: Targets) -> Result<Conn, Error> {
         .enable_push(false)
         .handshake::<_, Bytes>(tcp)
         .await?;
-    let closed = Arc::new(AtomicBool::new(false));
-    let flag = closed.clone();
+    let state = Arc::new(ConnState::default());
+    let watched = state.clone();
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        tokio::pin!(conn);
+        let unused = async {
+            // Each request sets `used`: a whole period with none, and the
+            // connection is idle.
+            loop {
+                tokio::time::sleep(idle).await;
+                if !watched.used.swap(false, Ordering::Relaxed) {
+                    break;
+                }
+            }
+        };
+        let ended = tokio::select! {
+            biased;
+            ended = &mut conn => Some(ended),
+            () = unused => None,
+        };
+        let ended = match ended {
+            Some(ended) => ended,
+            None => {
+                // Out of the slot, the pool's handle to the connection is
+                // dropped; once the streams still open finish and no
+                // request holds a handle, h2 closes the connection.
+                if let Some(slot) = slot.upgrade() {
+                    let mut current = slot.0.lock().await;
+                    if current
+                        .as_ref()
+                        .is_some_and(|c| Arc::ptr_eq(&c.state, &watched))
+                    {
+                        *current = None;
+                    }
+                }
+                debug!("idle HTTP/2 connection to the application let go");
+                conn.await
+            }
+        };
+        if let Err(e) = ended {
             debug!(error = %e, "HTTP/2 connection to the application ended");
         }
-        flag.store(true, Ordering::Release);
+        watched.closed.store(true, Ordering::Release);
     });
-    Ok(Conn { send, closed })
+    Ok(Conn { send, state })
 }
 
 #[cfg(test)]
@@ -164,22 +227,37 @@ mod tests {
 
     use super::*;
 
-    /// An HTTP/2 application that answers with the request body and a
-    /// trailer; `drop_after` connections are cut after one request each.
+    /// Connections an application accepted, and of those how many ended.
+    #[derive(Clone, Default)]
+    struct Conns {
+        accepted: Arc<AtomicUsize>,
+        ended: Arc<AtomicUsize>,
+    }
+
+    /// An HTTP/2 application that answers with the request body;
+    /// `drop_after` connections are cut after one request each.
     async fn app(drop_after: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let (addr, conns) = slow_app(drop_after, Duration::ZERO).await;
+        (addr, conns.accepted)
+    }
+
+    /// [`app`], answering `delay` after each request's body has arrived.
+    async fn slow_app(drop_after: usize, delay: Duration) -> (std::net::SocketAddr, Conns) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let conns = Conns::default();
+        let (count, ended) = (conns.accepted.clone(), conns.ended.clone());
         tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
                 let n = count.fetch_add(1, Ordering::SeqCst);
+                let ended = ended.clone();
                 let served = Arc::new(tokio::sync::Notify::new());
                 let done = served.clone();
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let done = done.clone();
                     async move {
                         let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        tokio::time::sleep(delay).await;
                         done.notify_one();
                         Ok::<_, Infallible>(Response::new(Full::new(body.unwrap_or_default())))
                     }
@@ -198,10 +276,11 @@ mod tests {
                     } else {
                         let _ = conn.await;
                     }
+                    ended.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
-        (addr, accepted)
+        (addr, conns)
     }
 
     fn post(body: &'static str) -> Request<Body> {
@@ -242,6 +321,58 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_application_closed_is_replaced() {
         assert_eq!(three_echoes(2, Duration::from_millis(100)).await, 3);
+    }
+
+    fn idle_pool(idle: Duration) -> Pool {
+        Pool::with_idle(
+            Dial {
+                timeout: Duration::from_secs(2),
+                keepalive: Duration::from_secs(60),
+            },
+            idle,
+        )
+    }
+
+    async fn echo(pool: &Pool, addr: std::net::SocketAddr, body: &'static str) {
+        let res = pool
+            .send(Targets::one(addr), post(body))
+            .await
+            .expect("answer");
+        let got = res.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(got, body);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_and_a_busy_one_kept() {
+        let (addr, conns) = slow_app(0, Duration::ZERO).await;
+        let pool = idle_pool(Duration::from_millis(100));
+        // A request every 40 ms keeps the one connection in use.
+        for _ in 0..10 {
+            echo(&pool, addr, "busy").await;
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        assert_eq!(conns.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(conns.ended.load(Ordering::SeqCst), 0);
+        // Two idle periods without a request: the connection is closed.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(conns.ended.load(Ordering::SeqCst), 1, "closed when idle");
+        echo(&pool, addr, "again").await;
+        assert_eq!(conns.accepted.load(Ordering::SeqCst), 2, "a new one after");
+    }
+
+    #[tokio::test]
+    async fn a_stream_in_flight_outlives_its_idle_connection() {
+        // The answer takes three idle periods; no other request comes.
+        let (addr, conns) = slow_app(0, Duration::from_millis(300)).await;
+        let pool = idle_pool(Duration::from_millis(100));
+        echo(&pool, addr, "slow").await;
+        assert_eq!(conns.accepted.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            conns.ended.load(Ordering::SeqCst),
+            1,
+            "closed once its stream ended"
+        );
     }
 
     #[tokio::test]
