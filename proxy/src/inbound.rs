@@ -54,7 +54,9 @@ pub(crate) async fn handle(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr
         p
     };
     if proto == Protocol::Opaque && is_mesh_hello(&sock, cfg.handshake_timeout).await {
-        serve_mesh(ctx, sock, client, dst).await;
+        // Boxed: the mesh server's state (9 KB) would otherwise size the
+        // task of every connection the proxy accepts, in both directions.
+        Box::pin(serve_mesh(ctx, sock, client, dst)).await;
     } else {
         plaintext(ctx, sock, client, dst, proto).await;
     }
@@ -302,7 +304,11 @@ async fn plaintext(
         return;
     }
     if proto != Protocol::Opaque {
-        crate::http::inbound::serve_plain(ctx, sock, client, dst, proto, meter).await;
+        // Boxed for the same reason as the mesh server above.
+        Box::pin(crate::http::inbound::serve_plain(
+            ctx, sock, client, dst, proto, meter,
+        ))
+        .await;
         return;
     }
     let app = match connect_app(&ctx, dst.ip(), dst.port()).await {

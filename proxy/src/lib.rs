@@ -654,12 +654,45 @@ pub(crate) fn handle(conn: worker::Accepted) {
         client,
         dir,
     } = conn;
+    tokio::spawn(connection(guard, sock, client, dir));
+}
+
+/// One accepted connection's task. Its future is allocated per connection
+/// and moved by value as the task is made, so it is kept to the size of
+/// what every connection needs (detection, an opaque relay or tunnel):
+/// the larger states that only some reach, HTTP serving and the mesh
+/// server, are boxed where they start.
+async fn connection(
+    guard: ConnGuard,
+    sock: tokio::net::TcpStream,
+    client: SocketAddr,
+    dir: Direction,
+) {
     let ctx = guard.0.clone();
-    tokio::spawn(async move {
-        match dir {
-            Direction::Outbound => outbound::handle(ctx, sock, client).await,
-            Direction::Inbound => inbound::handle(ctx, sock, client).await,
-        }
-        drop(guard);
-    });
+    match dir {
+        Direction::Outbound => outbound::handle(ctx, sock, client).await,
+        Direction::Inbound => inbound::handle(ctx, sock, client).await,
+    }
+    drop(guard);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, B, C, D, F: Future>(_: fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn a_connection_task_stays_small() {
+        // Every accepted connection allocates its task and copies this
+        // future into it; 1000 idle connections hold 1000 of them. The
+        // mesh server's state once made it 9.4 KB.
+        let size = future_size(connection);
+        assert!(
+            size <= 2048,
+            "a connection's future is {size} bytes: box the large state that made it grow"
+        );
+    }
 }

@@ -51,7 +51,14 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
         protocol_label(proto),
     );
     if proto != Protocol::Opaque {
-        crate::http::outbound::serve(ctx, app, client, dst, proto, meter).await;
+        // Boxed, like every large state a connection reaches on one path
+        // only: a connection's task is as large as its largest state, and
+        // an opaque connection would otherwise carry HTTP's for its whole
+        // life (see `lib.rs`'s `connection`).
+        Box::pin(crate::http::outbound::serve(
+            ctx, app, client, dst, proto, meter,
+        ))
+        .await;
         return;
     }
     let live = ctx.live();
