@@ -293,36 +293,6 @@ mod tests {
             .expect("request")
     }
 
-    /// Sends three requests, `pause` apart; returns the connections the
-    /// application accepted.
-    async fn three_echoes(drop_after: usize, pause: Duration) -> usize {
-        let (addr, accepted) = app(drop_after).await;
-        let pool = Pool::new(Dial {
-            timeout: Duration::from_secs(2),
-            keepalive: Duration::from_secs(60),
-        });
-        for body in ["one", "two", "three"] {
-            let res = pool
-                .send(Targets::one(addr), post(body))
-                .await
-                .expect("answer");
-            let got = res.into_body().collect().await.expect("body").to_bytes();
-            assert_eq!(got, body);
-            tokio::time::sleep(pause).await;
-        }
-        accepted.load(Ordering::SeqCst)
-    }
-
-    #[tokio::test]
-    async fn requests_share_one_connection_and_bodies_cross_both_ways() {
-        assert_eq!(three_echoes(0, Duration::ZERO).await, 1);
-    }
-
-    #[tokio::test]
-    async fn a_connection_the_application_closed_is_replaced() {
-        assert_eq!(three_echoes(2, Duration::from_millis(100)).await, 3);
-    }
-
     fn idle_pool(idle: Duration) -> Pool {
         Pool::with_idle(
             Dial {
@@ -340,6 +310,28 @@ mod tests {
             .expect("answer");
         let got = res.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(got, body);
+    }
+
+    /// Sends three requests, `pause` apart; returns the connections the
+    /// application accepted.
+    async fn three_echoes(drop_after: usize, pause: Duration) -> usize {
+        let (addr, accepted) = app(drop_after).await;
+        let pool = idle_pool(crate::http::h1::IDLE_TIMEOUT);
+        for body in ["one", "two", "three"] {
+            echo(&pool, addr, body).await;
+            tokio::time::sleep(pause).await;
+        }
+        accepted.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn requests_share_one_connection_and_bodies_cross_both_ways() {
+        assert_eq!(three_echoes(0, Duration::ZERO).await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_application_closed_is_replaced() {
+        assert_eq!(three_echoes(2, Duration::from_millis(100)).await, 3);
     }
 
     #[tokio::test]
@@ -380,10 +372,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         drop(listener);
-        let pool = Pool::new(Dial {
-            timeout: Duration::from_secs(2),
-            keepalive: Duration::from_secs(60),
-        });
+        let pool = idle_pool(crate::http::h1::IDLE_TIMEOUT);
         let err = pool
             .send(Targets::one(addr), post("x"))
             .await
