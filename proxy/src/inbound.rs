@@ -136,7 +136,7 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
         ctx.metrics.tls_handshake(Direction::Inbound, Err(f));
         meter.fail(reason);
     };
-    let tls = match tokio::time::timeout(
+    let mut tls = match tokio::time::timeout(
         cfg.handshake_timeout,
         acceptor.accept(socket::tls_transport(sock)),
     )
@@ -154,6 +154,7 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
             return;
         }
     };
+    socket::limit_tls_writes(tls.get_mut().1);
     let peer = ctx.identity.peer_id(tls.get_ref().1);
     let Some(peer) = peer else {
         warn!(%client, "peer proxy presented no SPIFFE identity; closing");

@@ -505,7 +505,7 @@ impl Pool {
         let tcp = socket::connect(key.dial, s.connect_timeout, s.keepalive).await?;
         let config = self.identity.client_config(key.identity.as_ref());
         let name = ServerName::IpAddress(key.dial.ip().into());
-        let tls = tokio::time::timeout(
+        let mut tls = tokio::time::timeout(
             s.handshake_timeout,
             TlsConnector::from(config).connect(name, socket::tls_transport(tcp)),
         )
@@ -524,6 +524,7 @@ impl Pool {
                 reason: e.to_string(),
             }
         })?;
+        socket::limit_tls_writes(tls.get_mut().1);
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(MESH_ALPN) {
             self.handshakes.failed[2].fetch_add(1, Ordering::Relaxed);

@@ -108,6 +108,23 @@ pub fn tls_transport<S: tokio::io::AsyncRead>(io: S) -> tokio::io::BufReader<S> 
     tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, io)
 }
 
+/// Unsent TLS a mesh connection may hold before a write stops taking bytes.
+///
+/// rustls's default, 64 KiB, is just short of a full DATA frame
+/// ([`crate::pool::MAX_FRAME`], 64 KiB) with its 9-byte header: each such
+/// frame was taken in two writes, and its last 9 bytes left later in a TLS
+/// record, system call and TCP segment of their own. The few mesh
+/// connections may hold one more frame each when their socket is full.
+pub const TLS_WRITE_LIMIT: usize = 128 * 1024;
+
+/// Sets [`TLS_WRITE_LIMIT`] on a mesh connection's TLS session.
+pub fn limit_tls_writes<C, D>(conn: &mut C)
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+{
+    conn.set_buffer_limit(Some(TLS_WRITE_LIMIT));
+}
+
 /// One or two addresses for the same service, tried in order: the second
 /// only when the first refuses. Small and `Copy`, so that naming a target
 /// on the request path never allocates.
@@ -203,4 +220,34 @@ pub fn local_addresses() -> Vec<IpAddr> {
     out.sort();
     out.dedup();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::Arc;
+
+    /// A full DATA frame and its header, written as h2 writes them, are
+    /// taken in one write: nothing is left over to leave on its own.
+    #[test]
+    fn a_mesh_session_takes_a_full_frame_with_its_header_at_once() {
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let mut conn =
+            rustls::ClientConnection::new(Arc::new(cfg), "10.200.0.3".try_into().unwrap()).unwrap();
+        limit_tls_writes(&mut conn);
+        let header = [0u8; 9];
+        let payload = vec![0u8; crate::pool::MAX_FRAME as usize];
+        let taken = conn
+            .writer()
+            .write_vectored(&[io::IoSlice::new(&header), io::IoSlice::new(&payload)])
+            .unwrap();
+        assert_eq!(taken, header.len() + payload.len());
+    }
 }
