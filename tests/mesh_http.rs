@@ -207,6 +207,56 @@ fn the_breaker_opens_answers_503_itself_and_recovers_half_open() {
     assert_eq!(app.count(&server.pod, "h"), 5);
 }
 
+/// Sends `head` and `body` from `pod` to `dst` as they are, then
+/// half-closes (a client that gives up mid-upload) and returns the answer.
+fn raw_exchange(pod: &legate_testbed::Pod, dst: SocketAddr, wire: &'static [u8]) -> String {
+    pod.run_in(move || -> std::io::Result<String> {
+        let mut s = TcpStream::connect(dst)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(wire)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply)?;
+        Ok(String::from_utf8_lossy(&reply).into_owned())
+    })
+    .unwrap()
+    .expect("raw exchange")
+}
+
+/// A client whose request body breaks off (malformed chunked framing, or
+/// gone part-way through an upload) is answered 400 by its own proxy, and
+/// its failures are not the server's: the breaker stays closed for
+/// everyone else.
+#[test]
+fn a_request_body_that_breaks_off_is_the_clients_fault_not_the_servers() {
+    let (_mesh, server, client, app) = setup(&[
+        "proxy.http.breaker_failures=2",
+        "proxy.http.attempts=3",
+        "proxy.http.retry_on=5xx,reset",
+    ]);
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let broken: [&'static [u8]; 2] = [
+        b"POST /sink/k HTTP/1.1\r\nHost: server\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\nzz\r\n",
+        b"POST /sink/k HTTP/1.1\r\nHost: server\r\nContent-Length: 100000\r\n\r\nonly the start",
+    ];
+    for _ in 0..2 {
+        for wire in broken {
+            let reply = raw_exchange(&client.pod, dst, wire);
+            assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+            assert!(
+                reply.contains("legate-error: request body could not be read"),
+                "{reply:?}"
+            );
+        }
+    }
+    let r = request(&client.pod, &[&url(&server, "/ok/k")]);
+    assert_eq!(r.status, 200, "the breaker is still closed");
+    assert!(
+        app.count(&server.pod, "k") <= 5,
+        "no broken upload was retried"
+    );
+}
+
 #[test]
 fn a_limit_on_requests_in_flight_rejects_the_excess_at_once() {
     let (_mesh, server, client, _app) = setup(&["proxy.http.max_in_flight=2"]);

@@ -129,6 +129,9 @@ impl<F: Future<Output = Response<Body>>> Future for Answered<F> {
     }
 }
 
+/// The answer's reason when the application's request body broke off.
+const BODY_UNREADABLE: &str = "request body could not be read";
+
 /// An answer the proxy makes itself, for a request that is not gRPC.
 pub fn proxy_answer(status: StatusCode, reason: &str) -> Response<Body> {
     policy::proxy_answer(status, reason, false)
@@ -425,13 +428,7 @@ async fn route_request(
     let mut body =
         match RequestBody::read(body, &parts.headers, policy.retry_buffer, may_retry).await {
             Ok(b) => b,
-            Err(()) => {
-                return policy::proxy_answer(
-                    StatusCode::BAD_REQUEST,
-                    "request body could not be read",
-                    grpc,
-                )
-            }
+            Err(()) => return policy::proxy_answer(StatusCode::BAD_REQUEST, BODY_UNREADABLE, grpc),
         };
     // The clock is read once per attempt and once per outcome, and each
     // reading serves everything that needs the time then: the budget, the
@@ -464,6 +461,15 @@ async fn route_request(
         .await;
         now = Instant::now();
         seen.answered = Some(now);
+        if matches!(result, Err(AttemptError::Failed(_))) && body.client_failed() {
+            // The application's own body broke off (bad chunked framing,
+            // or a client gone mid-upload): the destination is not to
+            // blame, so its breaker does not count it and nothing is
+            // retried. A client still there learns what was wrong.
+            drop(permit);
+            debug!(%dst, "the application's request body broke off");
+            return policy::proxy_answer(StatusCode::BAD_REQUEST, BODY_UNREADABLE, grpc);
+        }
         let outcome = match &result {
             Ok(res) => Outcome::response(res.status(), res.headers()),
             Err(AttemptError::Failed(f)) => Outcome::Failed(*f),

@@ -10,8 +10,14 @@
 //! that outgrows the buffer, fails, or has not ended when the answer comes
 //! is not retried. One that an attempt gave back unread (the connection
 //! failed before any of it was sent) is still whole and can go again.
+//!
+//! A body can also break on the application's side: malformed chunked
+//! framing, or a client that goes away part-way through its upload. The
+//! attempt then fails, but not because of the destination, so
+//! [`RequestBody::client_failed`] lets the retry loop tell the two apart.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
@@ -20,7 +26,7 @@ use http::header::{self, HeaderMap};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 
-use super::{boxed, empty, full};
+use super::{empty, full};
 use crate::pool::{Body, BoxError};
 
 /// A request body as the retry loop holds it between attempts. `B` is
@@ -30,8 +36,8 @@ pub(super) enum RequestBody<B = Incoming> {
     Whole(Option<Bytes>),
     /// Sent as it arrives, with a copy kept while it fits.
     Teed(Arc<Mutex<Copy<B>>>),
-    /// Sent once, as it arrives.
-    Streaming(Option<Body>),
+    /// Sent once, as it arrives; the flag is set if it breaks off.
+    Streaming(Option<Body>, Arc<AtomicBool>),
 }
 
 impl RequestBody {
@@ -49,7 +55,7 @@ impl RequestBody {
             return Ok(RequestBody::Whole(None));
         }
         if !may_retry || limit == 0 {
-            return Ok(RequestBody::Streaming(Some(boxed(body))));
+            return Ok(RequestBody::streaming(body));
         }
         let length = headers
             .get(header::CONTENT_LENGTH)
@@ -63,7 +69,7 @@ impl RequestBody {
                     .map_err(drop)?;
                 Ok(RequestBody::Whole(Some(collected.to_bytes())))
             }
-            Some(_) => Ok(RequestBody::Streaming(Some(boxed(body)))),
+            Some(_) => Ok(RequestBody::streaming(body)),
             None => Ok(RequestBody::teed(body, limit)),
         }
     }
@@ -78,7 +84,27 @@ where
         RequestBody::Teed(Arc::new(Mutex::new(Copy {
             state: State::Unread(body),
             limit,
+            failed: false,
         })))
+    }
+
+    fn streaming(body: B) -> Self {
+        let failed = Arc::new(AtomicBool::new(false));
+        let watched = Watched {
+            body,
+            failed: failed.clone(),
+        };
+        RequestBody::Streaming(Some(watched.map_err(Into::into).boxed()), failed)
+    }
+
+    /// Whether the application's body failed while an attempt read it: a
+    /// failed attempt is then the client's doing, not the destination's.
+    pub(super) fn client_failed(&self) -> bool {
+        match self {
+            RequestBody::Whole(_) => false,
+            RequestBody::Teed(copy) => lock(copy).failed,
+            RequestBody::Streaming(_, failed) => failed.load(Ordering::Relaxed),
+        }
     }
 
     /// The body for the next attempt. After the first, only valid while
@@ -88,7 +114,7 @@ where
         match self {
             RequestBody::Whole(None) => empty(),
             RequestBody::Whole(Some(b)) => full(b.clone()),
-            RequestBody::Streaming(b) => b.take().unwrap_or_else(|| Replay::Gone.boxed()),
+            RequestBody::Streaming(b, _) => b.take().unwrap_or_else(|| Replay::Gone.boxed()),
             RequestBody::Teed(copy) => {
                 let mut c = lock(copy);
                 match std::mem::replace(&mut c.state, State::Broken) {
@@ -125,7 +151,7 @@ where
             RequestBody::Teed(copy) => {
                 matches!(lock(copy).state, State::Unread(_) | State::Ended(..))
             }
-            RequestBody::Streaming(_) => false,
+            RequestBody::Streaming(..) => false,
         }
     }
 }
@@ -139,6 +165,8 @@ fn lock<B>(copy: &Mutex<Copy<B>>) -> std::sync::MutexGuard<'_, Copy<B>> {
 pub(super) struct Copy<B> {
     state: State<B>,
     limit: usize,
+    /// The application's body failed while being read.
+    failed: bool,
 }
 
 enum State<B> {
@@ -212,6 +240,7 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Tee<B> {
             Some(Err(_)) => {
                 this.read = true;
                 copy.state = State::Broken;
+                copy.failed = true;
             }
             None => copy.end(),
         }
@@ -242,6 +271,37 @@ impl<B> Drop for Tee<B> {
                 }
             }
         }
+    }
+}
+
+/// The application's body sent once, noting whether it failed.
+struct Watched<B> {
+    body: B,
+    failed: Arc<AtomicBool>,
+}
+
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Watched<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        if matches!(polled, Some(Err(_))) {
+            this.failed.store(true, Ordering::Relaxed);
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -392,6 +452,54 @@ mod tests {
         drop(body.attempt());
         assert!(body.is_replayable());
         assert_eq!(drain(body.attempt()).await.unwrap().0, b"abcdef");
+    }
+
+    /// A body that yields one chunk and then breaks, as hyper's does on a
+    /// malformed chunk or a client gone part-way.
+    struct Breaking(bool);
+
+    impl hyper::body::Body for Breaking {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            let sent = std::mem::replace(&mut self.get_mut().0, true);
+            Poll::Ready(Some(if sent {
+                Err("invalid chunk size".into())
+            } else {
+                Ok(Frame::data(Bytes::from_static(b"part")))
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_on_the_clients_side_is_told_apart() {
+        for mut body in [
+            RequestBody::teed(Breaking(false), 64),
+            RequestBody::streaming(Breaking(false)),
+        ] {
+            assert!(!body.client_failed());
+            assert!(drain(body.attempt()).await.is_err());
+            assert!(body.client_failed());
+            assert!(!body.is_replayable());
+        }
+        for mut body in [
+            RequestBody::teed(Frames::data(&[b"abc"]), 64),
+            RequestBody::streaming(Frames::data(&[b"abc"])),
+        ] {
+            drain(body.attempt()).await.unwrap();
+            assert!(!body.client_failed(), "a body that ended is not a fault");
+        }
+        let mut gone = RequestBody::streaming(Frames::data(&[b"abc"]));
+        drain(gone.attempt()).await.unwrap();
+        assert!(drain(gone.attempt()).await.is_err());
+        assert!(
+            !gone.client_failed(),
+            "a body already sent is the proxy's matter, not the client's"
+        );
     }
 
     #[tokio::test]
