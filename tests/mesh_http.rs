@@ -207,8 +207,8 @@ fn the_breaker_opens_answers_503_itself_and_recovers_half_open() {
     assert_eq!(app.count(&server.pod, "h"), 5);
 }
 
-/// Sends `head` and `body` from `pod` to `dst` as they are, then
-/// half-closes (a client that gives up mid-upload) and returns the answer.
+/// Sends `wire` from `pod` to `dst` as it is, then half-closes (a client
+/// that gives up mid-upload) and returns the answer.
 fn raw_exchange(pod: &legate_testbed::Pod, dst: SocketAddr, wire: &'static [u8]) -> String {
     pod.run_in(move || -> std::io::Result<String> {
         let mut s = TcpStream::connect(dst)?;
@@ -344,6 +344,16 @@ fn http_semantics_survive_the_hop_between_proxies() {
     assert!(head.contains(" 200 "), "{reply:?}");
     let headers: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(headers["host"], dst.to_string());
+
+    // curl's --http2 on an http:// URL asks to upgrade the connection to
+    // h2c: the request is answered as the HTTP/1.1 request it also is.
+    let r = request(&client.pod, &["--http2", &url(&server, "/headers")]);
+    assert_eq!(r.status, 200, "{}", r.headers);
+    let headers: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert!(
+        headers.get("upgrade").is_none() && headers.get("http2-settings").is_none(),
+        "{headers}"
+    );
 
     // A chunked upload arrives whole.
     let r = request(

@@ -123,7 +123,13 @@ const HOP_CONNECTION: usize = 0;
 const HOP_TE: usize = 7;
 
 /// The protocol token of an HTTP/1.1 upgrade request (`websocket`), if it is one.
-pub fn upgrade_token(req: &http::Request<hyper::body::Incoming>) -> Option<HeaderValue> {
+///
+/// An upgrade to `h2c` alone is not one: it asks to switch the hop to
+/// HTTP/2, which is the proxy's business, not the server's (RFC 9113
+/// leaves it to the server to ignore it, and drops it). Such a request is
+/// forwarded as the plain HTTP/1.1 request it also is, without its
+/// hop-by-hop `Upgrade`, as curl's `--http2` sends to an `http://` URL.
+pub fn upgrade_token<B>(req: &http::Request<B>) -> Option<HeaderValue> {
     if req.version() != http::Version::HTTP_11 {
         return None;
     }
@@ -137,7 +143,11 @@ pub fn upgrade_token(req: &http::Request<hyper::body::Incoming>) -> Option<Heade
     if !connection_upgrade {
         return None;
     }
-    req.headers().get(header::UPGRADE).cloned()
+    let token = req.headers().get(header::UPGRADE)?;
+    let only_h2c = token
+        .to_str()
+        .is_ok_and(|t| t.split(',').all(|p| p.trim().eq_ignore_ascii_case("h2c")));
+    (!only_h2c).then(|| token.clone())
 }
 
 /// The authority of a request: the URI's (HTTP/2, absolute form), else the
@@ -295,6 +305,34 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h[header::ACCEPT], "*/*");
+    }
+
+    #[test]
+    fn an_upgrade_to_h2c_is_a_plain_request() {
+        let upgrade = |version, connection: &str, upgrade: &str| {
+            let req = http::Request::get("/")
+                .version(version)
+                .header(header::CONNECTION, connection)
+                .header(header::UPGRADE, upgrade)
+                .body(())
+                .expect("request");
+            upgrade_token(&req)
+        };
+        let v11 = http::Version::HTTP_11;
+        assert_eq!(
+            upgrade(v11, "Upgrade", "websocket")
+                .as_ref()
+                .map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert_eq!(upgrade(v11, "keep-alive", "websocket"), None);
+        assert_eq!(
+            upgrade(http::Version::HTTP_10, "Upgrade", "websocket"),
+            None
+        );
+        assert_eq!(upgrade(v11, "Upgrade, HTTP2-Settings", "h2c"), None);
+        assert_eq!(upgrade(v11, "Upgrade", "H2C"), None);
+        assert!(upgrade(v11, "Upgrade", "websocket, h2c").is_some());
     }
 
     #[test]
