@@ -345,9 +345,7 @@ impl IdentityManager {
                         .load()
                         .map(|c| c.remaining(SystemTime::now()))
                         .unwrap_or_default();
-                    let delay = backoff
-                        .next()
-                        .min((left / 4).max(self.opts.backoff_initial));
+                    let delay = retry_delay(&mut backoff, left);
                     if left.is_zero() {
                         warn!("cannot obtain a certificate, retrying in {delay:?}: {e}");
                     } else {
@@ -405,6 +403,24 @@ fn load_dir(dir: &std::path::Path) -> Result<Option<Credentials>, CaError> {
     Ok(Some(c))
 }
 
+/// The longest wait between tries while there is no valid certificate.
+/// Until one comes the proxy carries no mesh traffic, so it keeps asking
+/// often, yet still backs off and spreads its tries: proxies that start
+/// while their CA is away should not ask it twice a second each, in step.
+const NO_CERT_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The wait after a failed fetch, with `left` of the current certificate's
+/// life: at most a quarter of it, so that several tries fit before it
+/// expires, and with none left at most [`NO_CERT_RETRY_MAX`].
+fn retry_delay(backoff: &mut Backoff, left: Duration) -> Duration {
+    let cap = if left.is_zero() {
+        NO_CERT_RETRY_MAX
+    } else {
+        (left / 4).max(backoff.initial)
+    };
+    backoff.next_within(cap)
+}
+
 /// Exponential backoff with full jitter.
 struct Backoff {
     initial: Duration,
@@ -425,12 +441,14 @@ impl Backoff {
         self.attempt = 0;
     }
 
-    /// A delay between half and all of `initial * 2^attempt`, capped.
-    fn next(&mut self) -> Duration {
+    /// A delay between half and all of `initial * 2^attempt`, capped by
+    /// `max` and by `cap`.
+    fn next_within(&mut self, cap: Duration) -> Duration {
         let ceiling = self
             .initial
             .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.max);
+            .min(self.max)
+            .min(cap);
         self.attempt = self.attempt.saturating_add(1);
         let f: f64 = rand::random_range(0.5..=1.0);
         ceiling.mul_f64(f)
@@ -444,11 +462,46 @@ mod tests {
     #[test]
     fn backoff_grows_with_jitter_and_caps() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let d: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        let d: Vec<Duration> = (0..8).map(|_| b.next_within(Duration::MAX)).collect();
         assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
         assert!(d[3] >= Duration::from_millis(400) && d[3] <= Duration::from_millis(800));
         assert!(d.iter().all(|x| *x <= Duration::from_secs(1)));
         b.reset();
-        assert!(b.next() <= Duration::from_millis(100));
+        assert!(b.next_within(Duration::MAX) <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn without_a_certificate_retries_back_off_to_a_few_seconds_with_jitter() {
+        let initial = Duration::from_millis(500);
+        let mut b = Backoff::new(initial, Duration::from_secs(60));
+        let d: Vec<Duration> = (0..40)
+            .map(|_| retry_delay(&mut b, Duration::ZERO))
+            .collect();
+        assert!(d[0] <= initial);
+        assert!(d[4] >= Duration::from_millis(2500), "it backs off: {d:?}");
+        assert!(d.iter().all(|x| *x <= NO_CERT_RETRY_MAX), "{d:?}");
+        let late = &d[10..];
+        assert!(
+            late.iter().any(|x| *x != late[0]),
+            "jittered, not in step: {d:?}"
+        );
+    }
+
+    #[test]
+    fn with_a_certificate_retries_fit_in_its_remaining_life() {
+        let initial = Duration::from_millis(500);
+        let mut b = Backoff::new(initial, Duration::from_secs(60));
+        let left = Duration::from_secs(8);
+        let d: Vec<Duration> = (0..20).map(|_| retry_delay(&mut b, left)).collect();
+        assert!(d.iter().all(|x| *x <= left / 4), "{d:?}");
+        // Nearly expired: never faster than the first delay.
+        let d = retry_delay(&mut b, Duration::from_millis(40));
+        assert!(d >= initial / 2 && d <= initial, "{d:?}");
+        // Far from expiry: the configured ceiling.
+        b.reset();
+        let d: Vec<Duration> = (0..20)
+            .map(|_| retry_delay(&mut b, Duration::from_secs(86_400)))
+            .collect();
+        assert!(d[19] >= Duration::from_secs(30), "{d:?}");
     }
 }
