@@ -48,8 +48,13 @@ const MAX_IDLE_PER_TARGET: usize = 64;
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// More distinct address sets than this and the idle lists are dropped.
 const MAX_TARGETS: usize = 1024;
-/// The largest response head (status line and fields) or trailer section.
-const MAX_HEAD: usize = 256 * 1024;
+/// The largest response head (status line and fields) or trailer section,
+/// as Envoy's default. A head this large with the most fields allowed
+/// still fits the header list the mesh's HTTP/2 carries
+/// ([`crate::pool::MAX_HEADER_LIST`], where each field counts 32 bytes in
+/// place of its 4 of punctuation), so an answer the server's proxy takes
+/// from its application is never refused on the way to the client's.
+const MAX_HEAD: usize = 60 * 1024;
 /// The most fields a response head may have, as in hyper.
 const MAX_HEADERS: usize = 100;
 /// The longest chunk-size line, extensions included.
@@ -578,6 +583,9 @@ fn parse_head(buf: &mut BytesMut, head_only: bool, unsent: bool) -> Result<Optio
             buf,
             &mut fields,
         ) {
+            Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+                return Err(Error::HeadTooLarge)
+            }
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
                 return Err(Error::HeadTooLarge)
@@ -1024,6 +1032,42 @@ mod tests {
         let collected = res.into_body().collect().await.expect("body");
         let trailers = collected.trailers().cloned();
         (collected.to_bytes(), trailers)
+    }
+
+    /// A response head of `len` bytes with `fields` header fields.
+    fn head_of(len: usize, fields: usize) -> BytesMut {
+        let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..fields - 1 {
+            head.extend_from_slice(format!("x-{i:03}: v\r\n").as_bytes());
+        }
+        let room = len - head.len() - "x-big: \r\n\r\n".len();
+        head.extend_from_slice(format!("x-big: {}\r\n\r\n", "b".repeat(room)).as_bytes());
+        assert_eq!(head.len(), len);
+        BytesMut::from(&head[..])
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_refused_even_when_read_at_once() {
+        assert!(matches!(
+            parse_head(&mut head_of(MAX_HEAD + 1, 1), false, false),
+            Err(Error::HeadTooLarge)
+        ));
+        // The largest head taken, with the most fields, fits the mesh's
+        // HTTP/2 header list: names, values and 32 bytes each, `:status`
+        // included.
+        let answer = parse_head(&mut head_of(MAX_HEAD, MAX_HEADERS), false, false)
+            .expect("parsed")
+            .expect("whole");
+        let fields = &answer.parts.headers;
+        assert_eq!(fields.len(), MAX_HEADERS);
+        let list: usize = ":status".len()
+            + 3
+            + 32
+            + fields
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 32)
+                .sum::<usize>();
+        assert!(list <= crate::pool::MAX_HEADER_LIST as usize, "{list}");
     }
 
     #[tokio::test]
