@@ -125,10 +125,10 @@ const HOP_TE: usize = 7;
 /// The protocol token of an HTTP/1.1 upgrade request (`websocket`), if it is one.
 ///
 /// An upgrade to `h2c` alone is not one: it asks to switch the hop to
-/// HTTP/2, which is the proxy's business, not the server's (RFC 9113
-/// leaves it to the server to ignore it, and drops it). Such a request is
-/// forwarded as the plain HTTP/1.1 request it also is, without its
-/// hop-by-hop `Upgrade`, as curl's `--http2` sends to an `http://` URL.
+/// HTTP/2, which is the proxy's business, not the server's; RFC 9113
+/// deprecates it, and a server may ignore any `Upgrade`. Such a request
+/// (curl's `--http2` sends one to an `http://` URL) is forwarded as the
+/// plain HTTP/1.1 request it also is, without its hop-by-hop `Upgrade`.
 pub fn upgrade_token<B>(req: &http::Request<B>) -> Option<HeaderValue> {
     if req.version() != http::Version::HTTP_11 {
         return None;
