@@ -14,8 +14,11 @@
 //! Framing follows RFC 9112. A request body goes with its `Content-Length`
 //! when one is known, else chunked (trailers included). An answer's body
 //! is read by the rules of §6.3: none for `HEAD`, 1xx, 204 and 304,
-//! chunked when that is the last transfer coding, else `Content-Length`,
-//! else until the application closes. Interim 1xx answers (a `100
+//! chunked when that is its transfer coding, else `Content-Length`, else
+//! until the application closes. Any other transfer coding (`gzip`, say)
+//! is refused: the answer goes on without `Transfer-Encoding`, which is
+//! hop-by-hop and has no place in HTTP/2, so its body would arrive still
+//! coded and nothing would say so. Interim 1xx answers (a `100
 //! Continue`, say) are read and dropped. The request body is sent while
 //! the answer is read, so an application that answers early, or streams
 //! its answer while it reads, neither stalls nor loses what it sent.
@@ -674,19 +677,18 @@ fn framing(
     }
     let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
     if codings.peek().is_some() {
-        let last = codings
-            .last()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .map(str::trim)
-            .unwrap_or("");
-        if last.eq_ignore_ascii_case("chunked") {
-            // With both, Transfer-Encoding wins, and the message may have
-            // been meant to smuggle: do not reuse the connection.
-            let both = headers.contains_key(header::CONTENT_LENGTH);
-            return Ok((Read::Chunked(Chunk::Size), keep_alive && !both));
+        let mut tokens = codings.flat_map(|v| v.to_str().unwrap_or("?").split(','));
+        let only_chunked = tokens
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
+            && tokens.next().is_none();
+        if !only_chunked {
+            return Err(Error::Malformed("a transfer coding other than chunked"));
         }
-        return Ok((Read::Close, false));
+        // With both, Transfer-Encoding wins, and the message may have
+        // been meant to smuggle: do not reuse the connection.
+        let both = headers.contains_key(header::CONTENT_LENGTH);
+        return Ok((Read::Chunked(Chunk::Size), keep_alive && !both));
     }
     let mut length = None;
     for v in headers.get_all(header::CONTENT_LENGTH) {
@@ -1044,6 +1046,34 @@ mod tests {
         head.extend_from_slice(format!("x-big: {}\r\n\r\n", "b".repeat(room)).as_bytes());
         assert_eq!(head.len(), len);
         BytesMut::from(&head[..])
+    }
+
+    #[test]
+    fn only_the_chunked_transfer_coding_is_taken() {
+        let framed = |codings: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for c in codings {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(c));
+            }
+            framing(StatusCode::OK, Version::HTTP_11, &h, false)
+        };
+        for ok in [&["chunked"][..], &["Chunked"], &[" chunked "]] {
+            assert!(matches!(framed(ok), Ok((Read::Chunked(_), true))), "{ok:?}");
+        }
+        // A coding the client would never hear of once the header is gone.
+        for refused in [
+            &["gzip"][..],
+            &["gzip, chunked"],
+            &["gzip", "chunked"],
+            &["chunked, chunked"],
+            &["identity"],
+            &[""],
+        ] {
+            assert!(
+                matches!(framed(refused), Err(Error::Malformed(_))),
+                "{refused:?}"
+            );
+        }
     }
 
     #[test]
