@@ -311,7 +311,7 @@ fn the_server_app_gets_the_verified_client_identity_and_never_a_forged_one() {
 
 #[test]
 fn http_semantics_survive_the_hop_between_proxies() {
-    let (_mesh, server, client, _app) = setup(&[]);
+    let (mesh, server, client, app) = setup(&[]);
     // The Host header arrives as the client sent it.
     let r = request(
         &client.pod,
@@ -354,6 +354,18 @@ fn http_semantics_survive_the_hop_between_proxies() {
         headers.get("upgrade").is_none() && headers.get("http2-settings").is_none(),
         "{headers}"
     );
+
+    // A body in another transfer coding than chunked could not say so
+    // once the hop-by-hop header is gone: refused as RFC 9112 says, and
+    // the application never sees it.
+    let coded: &'static [u8] = b"POST /sink/coded HTTP/1.1\r\nHost: server\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let outsider = mesh.plain_pod("outsider");
+    for pod in [&client.pod, &outsider] {
+        let reply = raw_exchange(pod, dst, coded);
+        assert!(reply.starts_with("HTTP/1.1 501"), "{reply:?}");
+        assert!(reply.contains("legate-error: transfer coding other than chunked"));
+    }
+    assert_eq!(app.count(&server.pod, "coded"), 0);
 
     // A chunked upload arrives whole.
     let r = request(

@@ -15,10 +15,8 @@
 //! when one is known, else chunked (trailers included). An answer's body
 //! is read by the rules of §6.3: none for `HEAD`, 1xx, 204 and 304,
 //! chunked when that is its transfer coding, else `Content-Length`, else
-//! until the application closes. Any other transfer coding (`gzip`, say)
-//! is refused: the answer goes on without `Transfer-Encoding`, which is
-//! hop-by-hop and has no place in HTTP/2, so its body would arrive still
-//! coded and nothing would say so. Interim 1xx answers (a `100
+//! until the application closes. Any other transfer coding is refused
+//! (see [`super::only_chunked`]). Interim 1xx answers (a `100
 //! Continue`, say) are read and dropped. The request body is sent while
 //! the answer is read, so an application that answers early, or streams
 //! its answer while it reads, neither stalls nor loses what it sent.
@@ -675,20 +673,15 @@ fn framing(
     if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Read::Done, keep_alive));
     }
-    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if codings.peek().is_some() {
-        let mut tokens = codings.flat_map(|v| v.to_str().unwrap_or("?").split(','));
-        let only_chunked = tokens
-            .next()
-            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
-            && tokens.next().is_none();
-        if !only_chunked {
-            return Err(Error::Malformed("a transfer coding other than chunked"));
+    match super::only_chunked(headers) {
+        Some(true) => {
+            // With both, Transfer-Encoding wins, and the message may have
+            // been meant to smuggle: do not reuse the connection.
+            let both = headers.contains_key(header::CONTENT_LENGTH);
+            return Ok((Read::Chunked(Chunk::Size), keep_alive && !both));
         }
-        // With both, Transfer-Encoding wins, and the message may have
-        // been meant to smuggle: do not reuse the connection.
-        let both = headers.contains_key(header::CONTENT_LENGTH);
-        return Ok((Read::Chunked(Chunk::Size), keep_alive && !both));
+        Some(false) => return Err(Error::Malformed("a transfer coding other than chunked")),
+        None => {}
     }
     let mut length = None;
     for v in headers.get_all(header::CONTENT_LENGTH) {

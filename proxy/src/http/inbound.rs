@@ -21,6 +21,7 @@ use tracing::debug;
 use super::client::FixedConnector;
 use super::outbound::{finish_upgrade, proxy_answer};
 use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token};
+use super::{only_chunked, FOREIGN_CODING};
 use super::{CLIENT_ID_HEADER, PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
 use crate::h2server::Tunnel;
@@ -372,6 +373,15 @@ fn from_outside(
         });
     }
     let h2 = req.version() == Version::HTTP_2;
+    if !h2
+        && !hyper::body::Body::is_end_stream(req.body())
+        && only_chunked(req.headers()) == Some(false)
+    {
+        let grpc = crate::policy::is_grpc(req.headers());
+        let refused =
+            crate::policy::proxy_answer(StatusCode::NOT_IMPLEMENTED, FOREIGN_CODING, grpc);
+        return answered(record.finish(refused));
+    }
     let (parts, body) = req.into_parts();
     forward(record, parts, boxed(body), dst.ip(), dst.port(), h2)
 }

@@ -122,6 +122,22 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 const HOP_CONNECTION: usize = 0;
 const HOP_TE: usize = 7;
 
+/// Whether a message's `Transfer-Encoding` is a single `chunked`; `None`
+/// without one. Any other coding (`gzip`, alone or before `chunked`) is
+/// refused, in requests and in answers: the header is hop-by-hop and
+/// HTTP/2 has no place for it, so the body would arrive still coded and
+/// nothing would say so.
+pub fn only_chunked(headers: &HeaderMap) -> Option<bool> {
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    codings.peek()?;
+    let mut tokens = codings.flat_map(|v| v.to_str().unwrap_or("?").split(','));
+    let first = tokens.next();
+    Some(first.is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked")) && tokens.next().is_none())
+}
+
+/// Why a request in a transfer coding other than chunked is refused.
+pub const FOREIGN_CODING: &str = "transfer coding other than chunked";
+
 /// The protocol token of an HTTP/1.1 upgrade request (`websocket`), if it is one.
 ///
 /// An upgrade to `h2c` alone is not one: it asks to switch the hop to

@@ -21,7 +21,8 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::replay::RequestBody;
-use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token, Held};
+use super::{absolute_uri, authority, boxed, empty, only_chunked, strip_hop_by_hop};
+use super::{upgrade_token, Held, FOREIGN_CODING};
 use super::{PROTO_HEADER, TARGET_HEADER};
 use crate::batch::Batched;
 use crate::detect::Protocol;
@@ -371,6 +372,12 @@ async fn route_request(
         return Box::pin(upgrade(ctx.clone(), &live.router, req, dst, token, seen)).await;
     }
     let grpc = policy::is_grpc(req.headers());
+    if !hyper::body::Body::is_end_stream(req.body())
+        && req.version() < Version::HTTP_2
+        && only_chunked(req.headers()) == Some(false)
+    {
+        return policy::proxy_answer(StatusCode::NOT_IMPLEMENTED, FOREIGN_CODING, grpc);
+    }
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(TARGET_HEADER);
