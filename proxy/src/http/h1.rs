@@ -78,7 +78,7 @@ pub enum Error {
     ClosedMidBody,
     #[error("the application's response is not valid HTTP/1.1: {0}")]
     Malformed(&'static str),
-    #[error("the application's response head is larger than {MAX_HEAD} bytes")]
+    #[error("the application's response head or trailer section is larger than {MAX_HEAD} bytes")]
     HeadTooLarge,
     #[error(
         "the application answered 101 Switching Protocols to a request that asked for no upgrade"
@@ -850,6 +850,9 @@ impl H1Body {
                         }
                         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                         match httparse::parse_headers(&self.buf, &mut fields) {
+                            Ok(httparse::Status::Complete((len, _))) if len > MAX_HEAD => {
+                                return Poll::Ready(Some(Err(Error::HeadTooLarge)));
+                            }
                             Ok(httparse::Status::Complete((len, fields))) => {
                                 let mut trailers = HeaderMap::with_capacity(fields.len());
                                 for f in fields.iter() {
@@ -1190,6 +1193,35 @@ mod tests {
             accepted.load(Ordering::SeqCst),
             1,
             "the connection is reused"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_trailer_section_over_the_limit_is_refused_even_when_read_at_once() {
+        let (addr, _) = app(|mut sock, _| async move {
+            if read_head(&mut sock).await.is_some() {
+                let start: &[u8] =
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n";
+                let _ = sock.write_all(start).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // The whole section in one write: it completes in the read
+                // that crosses the limit, so no partial state is over it.
+                let room = MAX_HEAD + 100 - "x-big: \r\n\r\n".len();
+                let section = format!("x-big: {}\r\n\r\n", "b".repeat(room));
+                let _ = sock.write_all(section.as_bytes()).await;
+            }
+        })
+        .await;
+        let res = pool()
+            .send(Targets::one(addr), get("/"))
+            .await
+            .expect("answer");
+        let Err(err) = res.into_body().collect().await else {
+            panic!("a trailer section over the limit was taken");
+        };
+        assert!(
+            matches!(err.downcast_ref::<Error>(), Some(Error::HeadTooLarge)),
+            "{err}"
         );
     }
 
