@@ -100,7 +100,13 @@ fn a_request_timeout_answers_504_from_the_proxy() {
     let (_mesh, server, client, _app) = setup(&["proxy.http.request_timeout=300ms"]);
     let r = request(&client.pod, &[&url(&server, "/sleep/2/e")]);
     assert_eq!(r.status, 504);
-    assert!(r.header("legate-error").is_some(), "{r:?}");
+    // The reason names the timeout that passed, so the operator knows
+    // which setting to look at.
+    assert_eq!(
+        r.header("legate-error").as_deref(),
+        Some("request_timeout"),
+        "{r:?}"
+    );
 }
 
 #[test]

@@ -247,8 +247,8 @@ fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// One attempt: over the mesh or direct, within `timeout`. Records in
-/// `seen` how the request was carried.
+/// One attempt: over the mesh or direct, failing as the given timeout at
+/// `deadline`. Records in `seen` how the request was carried.
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     ctx: &Shared,
@@ -258,7 +258,7 @@ async fn attempt(
     mut parts: http::request::Parts,
     body: Body,
     limits: &Arc<Limits>,
-    deadline: Option<Instant>,
+    deadline: Option<(Instant, Failure)>,
     grpc: bool,
     seen: &mut Seen,
 ) -> Result<Response<Upstream>, AttemptError> {
@@ -325,9 +325,9 @@ async fn attempt(
         }
     };
     match deadline {
-        Some(t) => tokio::time::timeout_at(t, send)
+        Some((t, timeout)) => tokio::time::timeout_at(t, send)
             .await
-            .unwrap_or(Err(AttemptError::Failed(Failure::PerTryTimeout))),
+            .unwrap_or(Err(AttemptError::Failed(timeout))),
         None => send.await,
     }
 }
@@ -452,7 +452,7 @@ async fn route_request(
                 return e.answer(grpc);
             }
         };
-        let deadline = retries.attempt_timeout(now).map(|t| now + t);
+        let deadline = retries.attempt_timeout(now).map(|(t, f)| (now + t, f));
         let result = attempt(
             ctx,
             &live.router,

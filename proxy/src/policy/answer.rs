@@ -154,7 +154,7 @@ impl Failure {
         match self {
             Failure::Connect | Failure::Reset => StatusCode::BAD_GATEWAY,
             Failure::RefusedStream => StatusCode::SERVICE_UNAVAILABLE,
-            Failure::PerTryTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::PerTryTimeout | Failure::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -164,6 +164,7 @@ impl Failure {
             Failure::Reset => reason::RESET,
             Failure::RefusedStream => reason::REFUSED_STREAM,
             Failure::PerTryTimeout => reason::PER_TRY_TIMEOUT,
+            Failure::RequestTimeout => reason::REQUEST_TIMEOUT,
         }
     }
 
@@ -282,6 +283,7 @@ mod tests {
             (Failure::Reset, 502, "upstream_reset"),
             (Failure::RefusedStream, 503, "refused_stream"),
             (Failure::PerTryTimeout, 504, "per_try_timeout"),
+            (Failure::RequestTimeout, 504, "request_timeout"),
         ];
         for (f, status, reason) in cases {
             let res = f.answer(false);

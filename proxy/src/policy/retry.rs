@@ -47,6 +47,16 @@ pub enum Failure {
     Reset,
     /// `per_try_timeout` passed before the response headers.
     PerTryTimeout,
+    /// `request_timeout` passed before the response headers: the attempt's
+    /// own limit was longer, or there was none.
+    RequestTimeout,
+}
+
+impl Failure {
+    /// Whether the attempt ran out of time rather than failed.
+    pub fn is_timeout(self) -> bool {
+        matches!(self, Failure::PerTryTimeout | Failure::RequestTimeout)
+    }
 }
 
 /// What one attempt came to, as far as retrying and breakers care.
@@ -153,7 +163,10 @@ impl RetryOn {
             Outcome::Failed(Failure::RefusedStream) => self.refused_stream,
             Outcome::Failed(Failure::Reset) => self.reset,
             // The proxy would answer a timed-out attempt with 504 itself.
-            Outcome::Failed(Failure::PerTryTimeout) => self.gateway || self.server,
+            // (After `request_timeout` no time is left to retry in anyway.)
+            Outcome::Failed(Failure::PerTryTimeout | Failure::RequestTimeout) => {
+                self.gateway || self.server
+            }
             Outcome::Response {
                 status,
                 grpc_status,
@@ -293,13 +306,16 @@ impl<'a> Retries<'a> {
     }
 
     /// How long the attempt starting at `now` may wait for response
-    /// headers: `per_try_timeout`, cut short by the request's deadline.
-    /// `None` waits without limit.
-    pub fn attempt_timeout(&self, now: Instant) -> Option<Duration> {
+    /// headers, and which timeout it is when it passes: `per_try_timeout`,
+    /// or the request's deadline when that comes first. `None` waits
+    /// without limit.
+    pub fn attempt_timeout(&self, now: Instant) -> Option<(Duration, Failure)> {
         let left = self.deadline.map(|d| d.saturating_duration_since(now));
         match (self.per_try, left) {
-            (Some(p), Some(l)) => Some(p.min(l)),
-            (p, l) => p.or(l),
+            (Some(p), Some(l)) if p < l => Some((p, Failure::PerTryTimeout)),
+            (_, Some(l)) => Some((l, Failure::RequestTimeout)),
+            (Some(p), None) => Some((p, Failure::PerTryTimeout)),
+            (None, None) => None,
         }
     }
 
@@ -350,11 +366,12 @@ mod tests {
         }
     }
 
-    const FAILURES: [Failure; 4] = [
+    const FAILURES: [Failure; 5] = [
         Failure::Connect,
         Failure::RefusedStream,
         Failure::Reset,
         Failure::PerTryTimeout,
+        Failure::RequestTimeout,
     ];
 
     #[test]
@@ -370,6 +387,7 @@ mod tests {
                     status(503),
                     status(504),
                     Outcome::Failed(Failure::PerTryTimeout),
+                    Outcome::Failed(Failure::RequestTimeout),
                 ],
             ),
             (
@@ -382,6 +400,7 @@ mod tests {
                     status(504),
                     status(599),
                     Outcome::Failed(Failure::PerTryTimeout),
+                    Outcome::Failed(Failure::RequestTimeout),
                 ],
             ),
             (C::GrpcUnavailable, &[grpc(14)]),
@@ -422,7 +441,12 @@ mod tests {
 
     #[test]
     fn health_counts_server_errors_not_client_errors() {
-        for f in [Failure::Connect, Failure::Reset, Failure::PerTryTimeout] {
+        for f in [
+            Failure::Connect,
+            Failure::Reset,
+            Failure::PerTryTimeout,
+            Failure::RequestTimeout,
+        ] {
             assert_eq!(Outcome::Failed(f).health(), Some(false), "{f:?}");
         }
         assert_eq!(Outcome::Failed(Failure::RefusedStream).health(), None);
@@ -516,13 +540,24 @@ mod tests {
         let now = Instant::now();
         let r = Retries::new(&p, &b, &Method::GET, Some(100 * MS), Some(30 * MS), now);
         assert_eq!(r.deadline(), Some(now + 100 * MS));
-        assert_eq!(r.attempt_timeout(now), Some(30 * MS));
-        assert_eq!(r.attempt_timeout(now + 80 * MS), Some(20 * MS));
-        assert_eq!(r.attempt_timeout(now + 200 * MS), Some(Duration::ZERO));
+        let (per_try, total) = (Failure::PerTryTimeout, Failure::RequestTimeout);
+        assert_eq!(r.attempt_timeout(now), Some((30 * MS, per_try)));
+        // The attempt that the deadline cuts short ends as the request's.
+        assert_eq!(r.attempt_timeout(now + 80 * MS), Some((20 * MS, total)));
+        assert_eq!(r.attempt_timeout(now + 70 * MS), Some((30 * MS, total)));
+        assert_eq!(
+            r.attempt_timeout(now + 200 * MS),
+            Some((Duration::ZERO, total))
+        );
         let unbounded = Retries::new(&p, &b, &Method::GET, None, None, now);
         assert_eq!(unbounded.attempt_timeout(now), None);
         let only_total = Retries::new(&p, &b, &Method::GET, Some(100 * MS), None, now);
-        assert_eq!(only_total.attempt_timeout(now + 40 * MS), Some(60 * MS));
+        assert_eq!(
+            only_total.attempt_timeout(now + 40 * MS),
+            Some((60 * MS, total))
+        );
+        let only_per_try = Retries::new(&p, &b, &Method::GET, None, Some(30 * MS), now);
+        assert_eq!(only_per_try.attempt_timeout(now), Some((30 * MS, per_try)));
         // With the deadline here, no backoff fits.
         let mut r = Retries::new(&p, &b, &Method::GET, Some(100 * MS), None, now);
         let reset = Outcome::Failed(Failure::Reset);
