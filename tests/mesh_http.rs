@@ -263,6 +263,61 @@ fn a_request_body_that_breaks_off_is_the_clients_fault_not_the_servers() {
     );
 }
 
+/// Sends `wire` and keeps the connection open, as a client still uploading
+/// does, until the head of an answer arrives.
+fn unfinished_upload(pod: &legate_testbed::Pod, dst: SocketAddr, wire: &'static [u8]) -> String {
+    pod.run_in(move || -> std::io::Result<String> {
+        let mut s = TcpStream::connect(dst)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(wire)?;
+        let mut reply = Vec::new();
+        let mut buf = [0; 4096];
+        while !reply.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf)? {
+                0 => break,
+                n => reply.extend_from_slice(&buf[..n]),
+            }
+        }
+        Ok(String::from_utf8_lossy(&reply).into_owned())
+    })
+    .unwrap()
+    .expect("unfinished upload")
+}
+
+/// A timeout that passes while the client is still uploading is answered
+/// 504, and not counted against the destination: a slow uploader must not
+/// open the breaker that every other client of a healthy server goes
+/// through.
+#[test]
+fn a_timeout_during_a_slow_upload_does_not_count_against_the_server() {
+    let (_mesh, server, client, app) = setup(&[
+        "proxy.http.per_try_timeout=400ms",
+        "proxy.http.breaker_failures=2",
+        "proxy.http.attempts=3",
+        "proxy.http.retry_on=5xx,reset",
+    ]);
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let slow: [&'static [u8]; 2] = [
+        // Longer than the retry buffer: streamed as it comes.
+        b"POST /sink/t HTTP/1.1\r\nHost: server\r\nContent-Length: 100000\r\n\r\nthe start",
+        // Of unknown length: copied as it streams, in case of a retry.
+        b"POST /sink/t HTTP/1.1\r\nHost: server\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n",
+    ];
+    for _ in 0..2 {
+        for wire in slow {
+            let reply = unfinished_upload(&client.pod, dst, wire);
+            assert!(reply.starts_with("HTTP/1.1 504"), "{reply:?}");
+            assert!(reply.contains("legate-error: per_try_timeout"), "{reply:?}");
+        }
+    }
+    let r = request(&client.pod, &[&url(&server, "/ok/t")]);
+    assert_eq!(r.status, 200, "the breaker is still closed: {r:?}");
+    assert!(
+        app.count(&server.pod, "t") <= 5,
+        "no cut-off upload was retried"
+    );
+}
+
 #[test]
 fn a_limit_on_requests_in_flight_rejects_the_excess_at_once() {
     let (_mesh, server, client, _app) = setup(&["proxy.http.max_in_flight=2"]);

@@ -404,8 +404,10 @@ http_policy! {
     budget_min_per_second: u32 = 10,
     /// How far back requests and retries count towards the budget.
     budget_window: Duration = Duration::from_secs(10),
-    /// Consecutive failures (connect errors, resets, timeouts, 502, 503,
-    /// 504) that open an endpoint's circuit breaker; `0` disables it.
+    /// Consecutive failures (connect errors, resets, any 5xx, gRPC
+    /// `unavailable`, and timeouts other than those that pass while the
+    /// client is still uploading) that open an endpoint's circuit breaker;
+    /// `0` disables it.
     breaker_failures: u32 = 5,
     /// How long an endpoint is refused after its breaker first opens; each
     /// reopening doubles it.

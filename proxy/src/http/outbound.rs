@@ -477,6 +477,18 @@ async fn route_request(
             debug!(%dst, "the application's request body broke off");
             return policy::proxy_answer(StatusCode::BAD_REQUEST, BODY_UNREADABLE, grpc);
         }
+        if let Err(AttemptError::Failed(f)) = result {
+            if f.is_timeout() && body.still_arriving() {
+                // Time ran out while the proxy was still passing on the
+                // application's upload: a slow uploader and a slow server
+                // look the same from here, so the destination's breaker
+                // does not count it. Part of the body is gone, so it
+                // cannot be retried either.
+                drop(permit);
+                debug!(%dst, "timed out while the request body was still arriving");
+                return f.answer(grpc);
+            }
+        }
         let outcome = match &result {
             Ok(res) => Outcome::response(res.status(), res.headers()),
             Err(AttemptError::Failed(f)) => Outcome::Failed(*f),

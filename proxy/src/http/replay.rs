@@ -15,9 +15,12 @@
 //! framing, or a client that goes away part-way through its upload. The
 //! attempt then fails, but not because of the destination, so
 //! [`RequestBody::client_failed`] lets the retry loop tell the two apart.
+//! Likewise a timeout that passes while the body is still arriving may be
+//! the uploader's slowness as much as the server's:
+//! [`RequestBody::still_arriving`] says so.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
@@ -36,8 +39,8 @@ pub(super) enum RequestBody<B = Incoming> {
     Whole(Option<Bytes>),
     /// Sent as it arrives, with a copy kept while it fits.
     Teed(Arc<Mutex<Copy<B>>>),
-    /// Sent once, as it arrives; the flag is set if it breaks off.
-    Streaming(Option<Body>, Arc<AtomicBool>),
+    /// Sent once, as it arrives, watched as it goes.
+    Streaming(Option<Body>, Arc<Watch>),
 }
 
 impl RequestBody {
@@ -84,26 +87,38 @@ where
         RequestBody::Teed(Arc::new(Mutex::new(Copy {
             state: State::Unread(body),
             limit,
-            failed: false,
+            watch: Watch::default(),
         })))
     }
 
     fn streaming(body: B) -> Self {
-        let failed = Arc::new(AtomicBool::new(false));
+        let watch = Arc::new(Watch::default());
         let watched = Watched {
             body,
-            failed: failed.clone(),
+            watch: watch.clone(),
         };
-        RequestBody::Streaming(Some(watched.map_err(Into::into).boxed()), failed)
+        RequestBody::Streaming(Some(watched.map_err(Into::into).boxed()), watch)
     }
 
     /// Whether the application's body failed while an attempt read it: a
     /// failed attempt is then the client's doing, not the destination's.
     pub(super) fn client_failed(&self) -> bool {
+        self.watched(Watch::failed)
+    }
+
+    /// Whether an attempt had begun to read the application's body, and
+    /// the body had neither ended nor failed: the proxy may have been
+    /// waiting on the client, not on the destination. A body read whole
+    /// before the first attempt never is.
+    pub(super) fn still_arriving(&self) -> bool {
+        self.watched(Watch::arriving)
+    }
+
+    fn watched(&self, ask: fn(&Watch) -> bool) -> bool {
         match self {
             RequestBody::Whole(_) => false,
-            RequestBody::Teed(copy) => lock(copy).failed,
-            RequestBody::Streaming(_, failed) => failed.load(Ordering::Relaxed),
+            RequestBody::Teed(copy) => ask(&lock(copy).watch),
+            RequestBody::Streaming(_, watch) => ask(watch),
         }
     }
 
@@ -165,8 +180,7 @@ fn lock<B>(copy: &Mutex<Copy<B>>) -> std::sync::MutexGuard<'_, Copy<B>> {
 pub(super) struct Copy<B> {
     state: State<B>,
     limit: usize,
-    /// The application's body failed while being read.
-    failed: bool,
+    watch: Watch,
 }
 
 enum State<B> {
@@ -227,6 +241,7 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Tee<B> {
         };
         let polled = ready!(Pin::new(&mut *body).poll_frame(cx));
         let mut copy = lock(&this.copy);
+        copy.watch.note(&polled, body.is_end_stream());
         match &polled {
             Some(Ok(frame)) => {
                 this.read = true;
@@ -240,7 +255,6 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Tee<B> {
             Some(Err(_)) => {
                 this.read = true;
                 copy.state = State::Broken;
-                copy.failed = true;
             }
             None => copy.end(),
         }
@@ -274,10 +288,42 @@ impl<B> Drop for Tee<B> {
     }
 }
 
-/// The application's body sent once, noting whether it failed.
+/// What the retry loop learns of the application's body after an
+/// attempt: whether any of it was read, and whether it ended or failed.
+#[derive(Debug, Default)]
+pub(super) struct Watch(AtomicU8);
+
+impl Watch {
+    const STARTED: u8 = 1;
+    const ENDED: u8 = 2;
+    const FAILED: u8 = 4;
+
+    /// Takes note of one poll of the body that was ready; `at_end` is the
+    /// body's `is_end_stream` after it, since whoever sends the body may
+    /// stop at the last frame without asking for the end.
+    fn note<E>(&self, polled: &Option<Result<Frame<Bytes>, E>>, at_end: bool) {
+        let seen = match polled {
+            Some(Ok(_)) if at_end => Self::STARTED | Self::ENDED,
+            Some(Ok(_)) => Self::STARTED,
+            Some(Err(_)) => Self::STARTED | Self::FAILED,
+            None => Self::STARTED | Self::ENDED,
+        };
+        self.0.fetch_or(seen, Ordering::Relaxed);
+    }
+
+    fn failed(&self) -> bool {
+        self.0.load(Ordering::Relaxed) & Self::FAILED != 0
+    }
+
+    fn arriving(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == Self::STARTED
+    }
+}
+
+/// The application's body sent once, watched as it goes.
 struct Watched<B> {
     body: B,
-    failed: Arc<AtomicBool>,
+    watch: Arc<Watch>,
 }
 
 impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Watched<B> {
@@ -290,9 +336,7 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Watched<B
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         let polled = ready!(Pin::new(&mut this.body).poll_frame(cx));
-        if matches!(polled, Some(Err(_))) {
-            this.failed.store(true, Ordering::Relaxed);
-        }
+        this.watch.note(&polled, this.body.is_end_stream());
         Poll::Ready(polled)
     }
 
@@ -500,6 +544,42 @@ mod tests {
             !gone.client_failed(),
             "a body already sent is the proxy's matter, not the client's"
         );
+    }
+
+    #[tokio::test]
+    async fn a_body_still_arriving_is_told_from_one_that_ended_failed_or_was_never_read() {
+        let three = || Frames::data(&[b"abc", b"def", b"ghi"]);
+        for mut body in [
+            RequestBody::teed(three(), 64),
+            RequestBody::teed(three(), 4),
+            RequestBody::streaming(three()),
+        ] {
+            assert!(!body.still_arriving(), "nothing read yet");
+            read_some(body.attempt(), 1).await;
+            assert!(body.still_arriving(), "dropped part-way");
+            assert!(!body.client_failed());
+        }
+        for mut body in [
+            RequestBody::teed(three(), 64),
+            RequestBody::teed(three(), 4),
+            RequestBody::streaming(three()),
+        ] {
+            read_some(body.attempt(), 3).await;
+            assert!(!body.still_arriving(), "the last frame ends it");
+        }
+        for mut body in [
+            RequestBody::teed(Breaking(false), 64),
+            RequestBody::streaming(Breaking(false)),
+        ] {
+            assert!(drain(body.attempt()).await.is_err());
+            assert!(!body.still_arriving(), "failed, not arriving");
+        }
+        let mut unread = RequestBody::teed(three(), 64);
+        drop(unread.attempt());
+        assert!(!unread.still_arriving(), "given back unread");
+        let mut whole = RequestBody::<Frames>::Whole(Some(Bytes::from_static(b"abc")));
+        read_some(whole.attempt(), 1).await;
+        assert!(!whole.still_arriving(), "read before the attempt");
     }
 
     #[tokio::test]

@@ -27,6 +27,11 @@
 //! stayed closed for `breaker_max_ejection`, the longest ejection, which is
 //! proof enough of recovery.
 //!
+//! **What counts.** An attempt's outcome, as `Outcome::health` judges it.
+//! An attempt that failed through the client's doing (its request body
+//! broke off, or a timeout passed while its upload was still arriving)
+//! drops its permit unjudged: it says nothing about the endpoint.
+//!
 //! **Defaults.** Five failures, as Envoy's outlier detection. The ejection is
 //! shorter than Envoy's 30s on purpose: Envoy ejects one host of many and
 //! sends the traffic to the others, while a transparent proxy has only the
