@@ -368,6 +368,38 @@ fn the_server_app_gets_the_verified_client_identity_and_never_a_forged_one() {
         headers.get("legate-client-id").is_none(),
         "a client outside the mesh forged it: {headers}"
     );
+
+    // A client that connects and speaks only later (a pool that opens its
+    // connections ahead of use) is past the detection window: it still
+    // takes the HTTP path, through the mesh and from outside it, so the
+    // forged copy is still removed.
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let wire = b"GET /headers HTTP/1.1\r\nHost: server\r\nConnection: close\r\nlegate-client-id: spiffe://legate.local/admin\r\n\r\n";
+    let late = |pod: &legate_testbed::Pod| -> serde_json::Value {
+        let reply = pod
+            .run_in(move || -> std::io::Result<Vec<u8>> {
+                let mut s = TcpStream::connect(dst)?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                std::thread::sleep(Duration::from_millis(300));
+                s.write_all(wire)?;
+                let mut reply = Vec::new();
+                s.read_to_end(&mut reply)?;
+                Ok(reply)
+            })
+            .unwrap()
+            .expect("a late request");
+        let reply = String::from_utf8_lossy(&reply);
+        let (head, body) = reply.split_once("\r\n\r\n").expect("a whole answer");
+        assert!(head.starts_with("HTTP/1.1 200"), "{reply}");
+        serde_json::from_str(body).unwrap()
+    };
+    let headers = late(&client.pod);
+    assert_eq!(headers["legate-client-id"], client.id(), "{headers}");
+    let headers = late(&outsider);
+    assert!(
+        headers.get("legate-client-id").is_none(),
+        "a late client outside the mesh forged it: {headers}"
+    );
 }
 
 #[test]

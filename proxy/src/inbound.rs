@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::batch::Batched;
 use crate::detect::DETECT_TIMEOUT;
-use crate::detect::{detect, Protocol};
+use crate::detect::{detect_or_silent, settle, Protocol, Settled};
 use crate::h2server::Tunnel;
 use crate::http::inbound::{answered, Answering};
 use crate::metrics::{protocol_label, Detected, Direction, TlsFailure};
@@ -49,16 +49,105 @@ pub(crate) async fn handle(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr
         ctx.metrics.detected(Direction::Inbound, Detected::Skipped);
         Protocol::Opaque
     } else {
-        let p = detect(&sock).await;
-        ctx.metrics.detected(Direction::Inbound, p.into());
-        p
+        match detect_or_silent(&sock).await {
+            Some(p) => {
+                ctx.metrics.detected(Direction::Inbound, p.into());
+                p
+            }
+            None => {
+                // Boxed: only silent clients take this path.
+                Box::pin(silent(ctx, sock, client, dst)).await;
+                return;
+            }
+        }
     };
+    dispatch(ctx, sock, client, dst, proto, None).await;
+}
+
+/// Sends a connection whose protocol is known on its way: mesh TLS to the
+/// mesh server, anything else to the application. `app` is the
+/// application's connection when it was made before the client spoke.
+async fn dispatch(
+    ctx: Arc<Shared>,
+    sock: TcpStream,
+    client: SocketAddr,
+    dst: SocketAddr,
+    proto: Protocol,
+    app: Option<(TcpStream, usize)>,
+) {
+    let cfg = &ctx.config.proxy;
     if proto == Protocol::Opaque && is_mesh_hello(&sock, cfg.handshake_timeout).await {
+        drop(app);
         // Boxed: the mesh server's state (9 KB) would otherwise size the
         // task of every connection the proxy accepts, in both directions.
         Box::pin(serve_mesh(ctx, sock, client, dst)).await;
     } else {
-        plaintext(ctx, sock, client, dst, proto).await;
+        plaintext(ctx, sock, client, dst, proto, app).await;
+    }
+}
+
+/// A client that said nothing within the detection window: a plaintext
+/// client waiting for its server to speak first, a client that speaks
+/// later (HTTP included), or a peer proxy whose ClientHello is late. Where
+/// a client outside the mesh may talk to the application, the application
+/// is connected at once and [`settle`] waits for whichever side speaks
+/// first; elsewhere only a peer proxy is welcome, and it speaks first.
+async fn silent(ctx: Arc<Shared>, mut sock: TcpStream, client: SocketAddr, dst: SocketAddr) {
+    let cfg = &ctx.config.proxy;
+    let outsiders_welcome = cfg.mode != InboundMode::Strict
+        && dst.port() != cfg.inbound_port
+        && dst.port() != cfg.admin_listen.port()
+        && ctx.live_now().authz.allows(dst.port(), None);
+    if !outsiders_welcome {
+        let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+        let proto = loop {
+            match tokio::time::timeout_at(deadline, sock.readable()).await {
+                Ok(Ok(())) => {
+                    // Readiness can be reported without anything to read.
+                    if let Some(p) = detect_or_silent(&sock).await {
+                        break p;
+                    }
+                }
+                _ => break Protocol::Opaque,
+            }
+        };
+        ctx.metrics.detected(Direction::Inbound, proto.into());
+        return dispatch(ctx, sock, client, dst, proto, None).await;
+    }
+    let mut app = match connect_app(&ctx, dst.ip(), dst.port()).await {
+        Ok(app) => app,
+        Err(e) => {
+            ctx.metrics
+                .detected(Direction::Inbound, Protocol::Opaque.into());
+            debug!(%client, port = dst.port(), error = %e, "application connect failed");
+            let meter = ConnMeter::new(
+                ctx.metrics.clone(),
+                &ctx.access,
+                Direction::Inbound,
+                client,
+                dst,
+                protocol_label(Protocol::Opaque),
+            );
+            meter.set_peer(None);
+            meter.fail("application_connect_failed");
+            socket::reset(sock);
+            return;
+        }
+    };
+    match settle(&mut sock, &mut app, cfg.idle_timeout).await {
+        Some(Settled::Client(proto)) => {
+            ctx.metrics.detected(Direction::Inbound, proto.into());
+            let app = (proto == Protocol::Opaque).then_some((app, 0));
+            dispatch(ctx, sock, client, dst, proto, app).await;
+        }
+        Some(Settled::Server(passed)) => {
+            ctx.metrics.detected(Direction::Inbound, Detected::Opaque);
+            let app = Some((app, passed));
+            plaintext(ctx, sock, client, dst, Protocol::Opaque, app).await;
+        }
+        None => {
+            debug!(%client, port = dst.port(), "neither side spoke, or the client left; closing")
+        }
     }
 }
 
@@ -275,6 +364,7 @@ async fn plaintext(
     client: SocketAddr,
     dst: SocketAddr,
     proto: Protocol,
+    app: Option<(TcpStream, usize)>,
 ) {
     let cfg = &ctx.config.proxy;
     let meter = ConnMeter::new(
@@ -312,14 +402,20 @@ async fn plaintext(
         .await;
         return;
     }
-    let app = match connect_app(&ctx, dst.ip(), dst.port()).await {
-        Ok(app) => app,
-        Err(e) => {
-            debug!(%client, port = dst.port(), error = %e, "application connect failed");
-            meter.fail("application_connect_failed");
-            socket::reset(sock);
-            return;
+    let app = match app {
+        Some((app, passed)) => {
+            meter.count_written(passed);
+            app
         }
+        None => match connect_app(&ctx, dst.ip(), dst.port()).await {
+            Ok(app) => app,
+            Err(e) => {
+                debug!(%client, port = dst.port(), error = %e, "application connect failed");
+                meter.fail("application_connect_failed");
+                socket::reset(sock);
+                return;
+            }
+        },
     };
     let sock = Metered::new(sock, meter.clone());
     match relay(sock, app, cfg.idle_timeout).await {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::detect::{detect, Protocol};
+use crate::detect::{detect_or_silent, settle, Protocol, Settled};
 use crate::metrics::{protocol_label, Detected, Direction};
 use crate::policy::LimitKind;
 use crate::pool::TunnelError;
@@ -36,11 +36,20 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
     }
     let proto = if cfg.opaque_ports.contains(dst.port()) {
         ctx.metrics.detected(Direction::Outbound, Detected::Skipped);
-        Protocol::Opaque
+        Some(Protocol::Opaque)
     } else {
-        let p = detect(&app).await;
-        ctx.metrics.detected(Direction::Outbound, p.into());
+        let p = detect_or_silent(&app).await;
+        if let Some(p) = p {
+            ctx.metrics.detected(Direction::Outbound, p.into());
+        }
         p
+    };
+    let (app, proto) = match proto {
+        Some(p @ (Protocol::Http1 | Protocol::Http2)) => (app, p),
+        _ => match opaque(&ctx, app, client, dst, proto.is_none()).await {
+            Some(spoke) => spoke,
+            None => return,
+        },
     };
     let meter = ConnMeter::new(
         ctx.metrics.clone(),
@@ -50,23 +59,54 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
         dst,
         protocol_label(proto),
     );
-    if proto != Protocol::Opaque {
-        // Boxed, like every large state a connection reaches on one path
-        // only: a connection's task is as large as its largest state, and
-        // an opaque connection would otherwise carry HTTP's for its whole
-        // life (see `lib.rs`'s `connection`).
-        Box::pin(crate::http::outbound::serve(
-            ctx, app, client, dst, proto, meter,
-        ))
-        .await;
-        return;
-    }
+    // Boxed, like every large state a connection reaches on one path only:
+    // a connection's task is as large as its largest state, and an opaque
+    // connection would otherwise carry HTTP's for its whole life (see
+    // `lib.rs`'s `connection`).
+    Box::pin(crate::http::outbound::serve(
+        ctx, app, client, dst, proto, meter,
+    ))
+    .await;
+}
+
+/// The server end of an opaque connection.
+enum Upstream {
+    /// Boxed: held beside the relay that takes its stream, it would
+    /// otherwise be counted twice in every connection's task.
+    Mesh(Box<crate::pool::Tunnel>),
+    Plain(TcpStream),
+}
+
+/// Proxies an opaque connection, over the mesh or in plaintext. With
+/// `silent` (the client said nothing within the detection window) the
+/// server is connected first and the connection stays opaque only if the
+/// server speaks first; if the client does, and in HTTP, the server
+/// connection is dropped unused and the application's connection returned
+/// with its protocol, for the HTTP path.
+async fn opaque(
+    ctx: &Arc<Shared>,
+    mut app: TcpStream,
+    client: SocketAddr,
+    dst: SocketAddr,
+    silent: bool,
+) -> Option<(TcpStream, Protocol)> {
+    let cfg = &ctx.config.proxy;
+    let meter = || {
+        ConnMeter::new(
+            ctx.metrics.clone(),
+            &ctx.access,
+            Direction::Outbound,
+            client,
+            dst,
+            protocol_label(Protocol::Opaque),
+        )
+    };
     let live = ctx.live();
     // Each opaque connection is one connection at the destination (the
     // peer proxy opens one to its application per tunnel), so it counts
     // against the destination's `max_connections` while it lasts.
     let policy = live.policies.policy_for(dst, None);
-    let _held = match policy
+    let held = match policy
         .destination(dst)
         .limits
         .acquire(LimitKind::Connections)
@@ -77,21 +117,21 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
                 route.limit_rejected(e.kind);
             }
             debug!(%client, %dst, "{e}; resetting the new connection");
-            meter.fail("max_connections");
+            meter().fail("max_connections");
             socket::reset(app);
-            return;
+            return None;
         }
     };
-    match live.router.route(dst) {
-        Route::Passthrough => passthrough(&ctx, app, client, dst, &meter).await,
+    let upstream = match live.router.route(dst) {
+        Route::Passthrough => None,
         Route::Mesh { key, probe } => {
             if !ctx.identity.is_ready() {
                 let wait = tokio::time::timeout(cfg.handshake_timeout, ctx.identity.ready());
                 if wait.await.is_err() {
                     warn!(%client, %dst, "no workload certificate yet, so no mTLS is possible; refusing instead of sending plaintext (is the CA reachable?)");
-                    meter.fail("no_certificate");
+                    meter().fail("no_certificate");
                     socket::reset(app);
-                    return;
+                    return None;
                 }
             }
             match ctx.pool().tunnel(&key, dst).await {
@@ -99,58 +139,82 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
                     if probe {
                         live.router.learn(dst.ip(), true);
                     }
-                    let peer = tunnel.peer.clone();
-                    meter.set_peer(peer.as_ref());
-                    let app = Metered::new(app, meter.clone());
-                    match relay(app, tunnel.io, cfg.idle_timeout).await {
-                        Ok(t) => {
-                            debug!(%client, %dst, peer = ?peer.as_ref().map(|p| p.as_str()), sent = t.sent, received = t.received, "mesh connection closed")
-                        }
-                        Err(e) => debug!(%client, %dst, error = %e, "mesh connection ended"),
-                    }
+                    Some(Upstream::Mesh(Box::new(tunnel)))
                 }
                 Err(TunnelError::Connect(e)) if probe => {
                     debug!(%dst, error = %e, "no proxy answers at the destination; using plaintext");
                     live.router.learn(dst.ip(), false);
-                    passthrough(&ctx, app, client, dst, &meter).await;
+                    None
                 }
                 Err(e) => {
                     if matches!(e, TunnelError::Connect(_)) {
                         // The peer proxy may be gone; check again next time.
                         live.router.forget(dst.ip());
                     }
-
                     warn!(%client, %dst, reason = e.reason(), error = %e, "mesh connection failed; closing the application's connection");
-                    meter.fail(e.reason());
+                    meter().fail(e.reason());
                     socket::reset(app);
+                    return None;
                 }
             }
         }
+    };
+    let mut upstream = match upstream {
+        Some(u) => u,
+        None => match ctx.clients().dial().connect_one(dst).await {
+            Ok(s) => Upstream::Plain(s),
+            Err(e) => {
+                debug!(%client, %dst, error = %e, "plaintext connect failed");
+                meter().fail("connect_failed");
+                socket::reset(app);
+                return None;
+            }
+        },
+    };
+    let mut passed = 0;
+    if silent {
+        // Boxed: it would otherwise grow every connection's task.
+        let settled = match &mut upstream {
+            Upstream::Mesh(t) => Box::pin(settle(&mut app, &mut t.io, cfg.idle_timeout)).await,
+            Upstream::Plain(s) => Box::pin(settle(&mut app, s, cfg.idle_timeout)).await,
+        };
+        match settled {
+            Some(Settled::Client(p @ (Protocol::Http1 | Protocol::Http2))) => {
+                drop((upstream, held));
+                ctx.metrics.detected(Direction::Outbound, p.into());
+                return Some((app, p));
+            }
+            Some(Settled::Client(p)) => ctx.metrics.detected(Direction::Outbound, p.into()),
+            Some(Settled::Server(n)) => {
+                ctx.metrics.detected(Direction::Outbound, Detected::Opaque);
+                passed = n;
+            }
+            None => {
+                debug!(%client, %dst, "neither side spoke, or the application left; closing");
+                return None;
+            }
+        }
     }
-}
-
-async fn passthrough(
-    ctx: &Shared,
-    app: TcpStream,
-    client: SocketAddr,
-    dst: SocketAddr,
-    meter: &std::sync::Arc<ConnMeter>,
-) {
-    meter.set_peer(None);
-    let upstream = match ctx.clients().dial().connect_one(dst).await {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(%client, %dst, error = %e, "plaintext connect failed");
-            meter.fail("connect_failed");
-            socket::reset(app);
-            return;
+    let meter = meter();
+    meter.count_written(passed);
+    let app = Metered::new(app, meter.clone());
+    let (relayed, how) = match upstream {
+        Upstream::Mesh(tunnel) => {
+            let peer = tunnel.peer.clone();
+            meter.set_peer(peer.as_ref());
+            (relay(app, tunnel.io, cfg.idle_timeout).await, "mesh")
+        }
+        Upstream::Plain(s) => {
+            meter.set_peer(None);
+            (relay(app, s, cfg.idle_timeout).await, "plaintext")
         }
     };
-    let app = Metered::new(app, meter.clone());
-    match relay(app, upstream, ctx.config.proxy.idle_timeout).await {
+    match relayed {
         Ok(t) => {
-            debug!(%client, %dst, sent = t.sent, received = t.received, "plaintext connection closed")
+            debug!(%client, %dst, sent = t.sent, received = t.received, "{how} connection closed")
         }
-        Err(e) => debug!(%client, %dst, error = %e, "plaintext connection ended"),
+        Err(e) => debug!(%client, %dst, error = %e, "{how} connection ended"),
     }
+    drop(held);
+    None
 }

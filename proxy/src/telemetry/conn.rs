@@ -132,6 +132,14 @@ impl ConnMeter {
         }
     }
 
+    /// Counts bytes written to the connection other than through
+    /// [`Metered`].
+    pub fn count_written(&self, n: usize) {
+        if n > 0 {
+            self.on_write(n as u64);
+        }
+    }
+
     fn on_write(&self, n: u64) {
         match self.stats.get() {
             Some(s) => s.add_written(n),
