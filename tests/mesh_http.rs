@@ -369,37 +369,58 @@ fn the_server_app_gets_the_verified_client_identity_and_never_a_forged_one() {
         "a client outside the mesh forged it: {headers}"
     );
 
-    // A client that connects and speaks only later (a pool that opens its
-    // connections ahead of use) is past the detection window: it still
-    // takes the HTTP path, through the mesh and from outside it, so the
-    // forged copy is still removed.
+    // Nor is there a way around the HTTP path, where the forged copy is
+    // removed, through the mesh or from outside it: a client that speaks
+    // only after a pause (a pool that opens its connections ahead of use),
+    // one whose request line stalls part-way, one with bare LF line ends.
     let dst = SocketAddr::new(server.pod.ip().into(), PORT);
-    let wire = b"GET /headers HTTP/1.1\r\nHost: server\r\nConnection: close\r\nlegate-client-id: spiffe://legate.local/admin\r\n\r\n";
-    let late = |pod: &legate_testbed::Pod| -> serde_json::Value {
-        let reply = pod
-            .run_in(move || -> std::io::Result<Vec<u8>> {
-                let mut s = TcpStream::connect(dst)?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                std::thread::sleep(Duration::from_millis(300));
-                s.write_all(wire)?;
-                let mut reply = Vec::new();
-                s.read_to_end(&mut reply)?;
-                Ok(reply)
-            })
-            .unwrap()
-            .expect("a late request");
+    let request = b"GET /headers HTTP/1.1\r\nHost: server\r\nConnection: close\r\nlegate-client-id: spiffe://legate.local/admin\r\n\r\n";
+    let bare_lf = b"GET /headers HTTP/1.1\nHost: server\nConnection: close\nlegate-client-id: spiffe://legate.local/admin\n\n";
+    let shapes: [(&str, &'static [u8], &'static [u8]); 3] = [
+        ("a late request", b"", request),
+        ("a stalled request line", b"GE", &request[2..]),
+        ("bare LF", b"", bare_lf),
+    ];
+    for (shape, first, rest) in shapes {
+        let send = |pod: &legate_testbed::Pod| -> serde_json::Value {
+            let reply = pod
+                .run_in(move || -> std::io::Result<Vec<u8>> {
+                    let mut s = TcpStream::connect(dst)?;
+                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    s.write_all(first)?;
+                    std::thread::sleep(Duration::from_millis(300));
+                    s.write_all(rest)?;
+                    let mut reply = Vec::new();
+                    s.read_to_end(&mut reply)?;
+                    Ok(reply)
+                })
+                .unwrap()
+                .expect("a request");
+            let reply = String::from_utf8_lossy(&reply);
+            let (head, body) = reply.split_once("\r\n\r\n").expect("a whole answer");
+            assert!(head.starts_with("HTTP/1.1 200"), "{shape}: {reply}");
+            serde_json::from_str(body).unwrap()
+        };
+        let headers = send(&client.pod);
+        assert_eq!(
+            headers["legate-client-id"],
+            client.id(),
+            "{shape}: {headers}"
+        );
+        let headers = send(&outsider);
+        assert!(
+            headers.get("legate-client-id").is_none(),
+            "{shape} from outside the mesh forged it: {headers}"
+        );
+    }
+    // A request line that a lenient server might take (a trailing space)
+    // is refused, not passed on.
+    let trailing_space = b"GET /headers HTTP/1.1 \r\nHost: server\r\nlegate-client-id: spiffe://legate.local/admin\r\n\r\n";
+    for pod in [&client.pod, &outsider] {
+        let reply = tcp_exchange(pod, dst, trailing_space).expect("a request");
         let reply = String::from_utf8_lossy(&reply);
-        let (head, body) = reply.split_once("\r\n\r\n").expect("a whole answer");
-        assert!(head.starts_with("HTTP/1.1 200"), "{reply}");
-        serde_json::from_str(body).unwrap()
-    };
-    let headers = late(&client.pod);
-    assert_eq!(headers["legate-client-id"], client.id(), "{headers}");
-    let headers = late(&outsider);
-    assert!(
-        headers.get("legate-client-id").is_none(),
-        "a late client outside the mesh forged it: {headers}"
-    );
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    }
 }
 
 #[test]

@@ -13,6 +13,15 @@
 //! server's bytes make the connection opaque; the client's are detected as
 //! if they had come in time, and HTTP then leaves the server connection
 //! unused.
+//!
+//! Bytes that begin with an HTTP method are HTTP unless their first line
+//! names another protocol of the same shape (RTSP, SIP): a malformed line,
+//! one that stalls part-way, or one too long to inspect is hyper's to
+//! judge. Passed on as opaque, such a request would reach a lenient server
+//! with whatever headers the client wrote, the identity header that the
+//! HTTP path guards among them. (A Redis inline command `GET key` typed by
+//! hand is therefore answered 400; `redis-cli` speaks RESP, which is
+//! opaque, and `proxy.opaque_ports` covers the rest.)
 
 use std::time::Duration;
 
@@ -21,6 +30,12 @@ use tokio::net::TcpStream;
 
 /// How long a silent client may delay the decision.
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// How long a client that began like HTTP may take to finish its request
+/// line. Past it the connection is taken for HTTP: the HTTP path is where
+/// the identity header is guarded, and a stalled start must not be a way
+/// around it.
+const LINE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -39,9 +54,10 @@ const METHODS: &[&[u8]] = &[
     b"TRACE ",
 ];
 
-/// The longest request line inspected; a longer one is still HTTP to
-/// hyper, but detection gives up and treats the bytes as opaque.
-const MAX_PEEK: usize = 8 * 1024;
+/// The longest request line inspected (the longest URI hyper accepts is
+/// just under it). A longer line that began like HTTP is taken for HTTP,
+/// for hyper to judge, never passed on as opaque.
+const MAX_PEEK: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -76,49 +92,84 @@ fn classify(buf: &[u8]) -> Verdict {
     if !could_be_method {
         return Verdict::Is(Protocol::Opaque);
     }
-    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+    let Some(eol) = buf.iter().position(|&b| b == b'\n') else {
         return if buf.len() >= MAX_PEEK {
-            Verdict::Is(Protocol::Opaque)
+            Verdict::Is(Protocol::Http1)
         } else {
             Verdict::NeedMore
         };
     };
-    let line = &buf[..eol];
-    let is_http1 = line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0");
-    Verdict::Is(if is_http1 {
-        Protocol::Http1
-    } else {
+    // A line that begins with a method is HTTP unless it names another
+    // protocol of the same shape (RTSP, SIP). Anything else, malformed or
+    // not, is hyper's to judge: passed on as opaque, a line that a lenient
+    // server takes for HTTP would carry whatever headers the client wrote
+    // to it, a forged identity header among them.
+    let line = buf[..eol].trim_ascii_end();
+    let version = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
+    let other_protocol = match version.iter().position(|&b| b == b'/') {
+        Some(slash) => {
+            let (name, number) = (&version[..slash], &version[slash + 1..]);
+            name != b"HTTP"
+                && !name.is_empty()
+                && name.iter().all(u8::is_ascii_uppercase)
+                && !number.is_empty()
+                && number.iter().all(|&b| b.is_ascii_digit() || b == b'.')
+        }
+        None => false,
+    };
+    Verdict::Is(if other_protocol {
         Protocol::Opaque
+    } else {
+        Protocol::Http1
     })
 }
 
-/// Peeks at a connection until its protocol is known, the client stops
-/// sending for [`DETECT_TIMEOUT`], or it closes. `None` when the client
-/// sent nothing at all within that time; one that sent part of something
-/// and stopped is opaque.
+/// What bytes that began like HTTP and stopped short of a decision are
+/// taken for: HTTP/2 once they can only be its preface, else HTTP/1.1.
+fn unfinished(buf: &[u8]) -> Protocol {
+    if buf.len() >= 3 && H2_PREFACE.starts_with(buf) {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    }
+}
+
+/// Peeks at a connection until its protocol is known or the client
+/// closes. `None` when the client sent nothing at all within
+/// [`DETECT_TIMEOUT`]. A client whose first bytes could begin an HTTP
+/// request gets [`LINE_PATIENCE`] to finish its request line, and is then
+/// taken for HTTP.
 pub async fn detect_or_silent(sock: &TcpStream) -> Option<Protocol> {
-    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    let mut deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
     let mut buf = vec![0u8; 512];
     let mut seen = 0;
+    let mut pause = Duration::from_millis(1);
     loop {
         let peeked = tokio::time::timeout_at(deadline, sock.peek(&mut buf)).await;
         let n = match peeked {
-            Err(_) if seen == 0 => return None,
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Some(Protocol::Opaque),
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(Protocol::Opaque),
             Ok(Ok(n)) => n,
         };
         match classify(&buf[..n]) {
             Verdict::Is(p) => return Some(p),
             Verdict::NeedMore => {
+                if seen == 0 {
+                    deadline = tokio::time::Instant::now() + LINE_PATIENCE;
+                }
                 if n == buf.len() && buf.len() < MAX_PEEK {
                     buf.resize((buf.len() * 2).min(MAX_PEEK), 0);
                 } else if n == seen {
                     // Nothing new since the last look: peek returns at once
-                    // while data is buffered, so wait a little for more.
+                    // while data is buffered, so wait for more, less often
+                    // the longer it takes.
                     if tokio::time::Instant::now() >= deadline {
-                        return Some(Protocol::Opaque);
+                        return Some(unfinished(&buf[..n]));
                     }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(DETECT_TIMEOUT);
+                } else {
+                    pause = Duration::from_millis(1);
                 }
                 seen = n;
             }
@@ -212,10 +263,30 @@ mod tests {
             Verdict::Is(Protocol::Opaque)
         );
         assert_eq!(classify(b"EHLO client\r\n"), Verdict::Is(Protocol::Opaque));
+        // Protocols shaped like HTTP that are not HTTP.
         assert_eq!(
-            classify(b"GET something else\r\n"),
+            classify(b"OPTIONS rtsp://cam/stream RTSP/1.0\r\n"),
             Verdict::Is(Protocol::Opaque)
         );
+        assert_eq!(
+            classify(b"OPTIONS sip:bob@example.com SIP/2.0\r\n"),
+            Verdict::Is(Protocol::Opaque)
+        );
+        // A line that begins like HTTP and is malformed is still HTTP's
+        // to refuse: a trailing space, a bare LF, no version, a line
+        // longer than is inspected.
+        for line in [
+            &b"GET /a HTTP/1.1 \r\n"[..],
+            b"GET /a HTTP/1.1\n",
+            b"GET something else\r\n",
+            b"GET /\r\n",
+        ] {
+            assert_eq!(classify(line), Verdict::Is(Protocol::Http1), "{line:?}");
+        }
+        let mut long = b"GET /".to_vec();
+        long.resize(MAX_PEEK, b'a');
+        assert_eq!(classify(&long), Verdict::Is(Protocol::Http1));
+        assert_eq!(classify(&long[..MAX_PEEK - 1]), Verdict::NeedMore);
         assert_eq!(
             classify(b"CONNECT host:443 HTTP/1.1\r\n"),
             Verdict::Is(Protocol::Opaque)
@@ -272,6 +343,21 @@ mod tests {
         let (mut server, _upstream) = pair().await;
         let settled = settle(&mut client, &mut server, Duration::from_millis(20)).await;
         assert_eq!(settled, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_like_http_that_stalls_is_taken_for_http() {
+        for (start, want) in [
+            (&b"GE"[..], Protocol::Http1),
+            (b"POST /upload?name=", Protocol::Http1),
+            (b"PRI * HT", Protocol::Http2),
+        ] {
+            let (ours, mut peer) = pair().await;
+            peer.write_all(start).await.unwrap();
+            let begun = tokio::time::Instant::now();
+            assert_eq!(detect_or_silent(&ours).await, Some(want), "{start:?}");
+            assert!(begun.elapsed() >= LINE_PATIENCE);
+        }
     }
 
     #[tokio::test]
