@@ -32,6 +32,21 @@ fn echo(mut conn: TcpStream) {
     }
 }
 
+/// An echo server that answers an HTTP GET as HTTP.
+fn echo_or_http(mut conn: TcpStream) {
+    let mut start = [0u8; 4];
+    if matches!(conn.peek(&mut start), Ok(4)) && &start == b"GET " {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && matches!(conn.read(&mut byte), Ok(1)) {
+            head.push(byte[0]);
+        }
+        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nhi\n");
+        return;
+    }
+    echo(conn);
+}
+
 #[test]
 fn http_between_meshed_pods_is_mutual_tls_on_the_wire() {
     let mesh = Mesh::new(&[]);
@@ -258,7 +273,7 @@ fn connections_over_max_connections_are_reset_and_room_frees_when_one_closes() {
             ..Default::default()
         },
     );
-    serve_tcp(&server.pod, 9000, echo);
+    serve_tcp(&server.pod, 9000, echo_or_http);
     let dst = SocketAddr::new(server.pod.ip().into(), 9000);
     let connect = || {
         let conn = client
@@ -288,6 +303,16 @@ fn connections_over_max_connections_are_reset_and_room_frees_when_one_closes() {
         round_trip(&mut first, b"still\n").unwrap(),
         "the others carry on"
     );
+    // HTTP shares pooled connections and is not held to the limit, even
+    // from a client that speaks only after the detection window.
+    let mut late = connect();
+    std::thread::sleep(Duration::from_millis(300));
+    late.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .unwrap();
+    let mut answer = [0u8; 15];
+    late.read_exact(&mut answer)
+        .expect("an answer, not a reset");
+    assert_eq!(&answer, b"HTTP/1.1 200 OK");
 
     drop(second);
     // The place is given back once the proxy has seen the close.

@@ -177,6 +177,24 @@ pub async fn detect_or_silent(sock: &TcpStream) -> Option<Protocol> {
     }
 }
 
+/// For a client that was silent within [`DETECT_TIMEOUT`], when nothing is
+/// to be connected for it first: waits up to `patience` for its bytes and
+/// detects them. `None` if it stays silent.
+pub async fn late_bytes(sock: &TcpStream, patience: Duration) -> Option<Protocol> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match tokio::time::timeout_at(deadline, sock.readable()).await {
+            Ok(Ok(())) => {
+                // Readiness can be reported without anything to read.
+                if let Some(p) = detect_or_silent(sock).await {
+                    return Some(p);
+                }
+            }
+            Ok(Err(_)) | Err(_) => return None,
+        }
+    }
+}
+
 /// Who spoke first on a connection whose client was silent at first.
 #[derive(Debug, PartialEq, Eq)]
 enum FirstMove {

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::batch::Batched;
 use crate::detect::DETECT_TIMEOUT;
-use crate::detect::{detect_or_silent, settle, Protocol, Settled};
+use crate::detect::{detect_or_silent, late_bytes, settle, Protocol, Settled};
 use crate::h2server::Tunnel;
 use crate::http::inbound::{answered, Answering};
 use crate::metrics::{protocol_label, Detected, Direction, TlsFailure};
@@ -99,18 +99,9 @@ async fn silent(ctx: Arc<Shared>, mut sock: TcpStream, client: SocketAddr, dst: 
         && dst.port() != cfg.admin_listen.port()
         && ctx.live_now().authz.allows(dst.port(), None);
     if !outsiders_welcome {
-        let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
-        let proto = loop {
-            match tokio::time::timeout_at(deadline, sock.readable()).await {
-                Ok(Ok(())) => {
-                    // Readiness can be reported without anything to read.
-                    if let Some(p) = detect_or_silent(&sock).await {
-                        break p;
-                    }
-                }
-                _ => break Protocol::Opaque,
-            }
-        };
+        let proto = late_bytes(&sock, cfg.handshake_timeout)
+            .await
+            .unwrap_or(Protocol::Opaque);
         ctx.metrics.detected(Direction::Inbound, proto.into());
         return dispatch(ctx, sock, client, dst, proto, None).await;
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::detect::{detect_or_silent, settle, Protocol, Settled};
+use crate::detect::{detect_or_silent, late_bytes, settle, Protocol, Settled};
 use crate::metrics::{protocol_label, Detected, Direction};
 use crate::policy::LimitKind;
 use crate::pool::TunnelError;
@@ -113,6 +113,16 @@ async fn opaque(
     {
         Ok(guard) => guard,
         Err(e) => {
+            // At the limit nothing more is connected; but a silent client
+            // may yet speak HTTP, which needs no connection of its own.
+            if silent {
+                let late = Box::pin(late_bytes(&app, cfg.handshake_timeout)).await;
+                let p = late.unwrap_or(Protocol::Opaque);
+                ctx.metrics.detected(Direction::Outbound, p.into());
+                if p != Protocol::Opaque {
+                    return Some((app, p));
+                }
+            }
             if let Some(route) = live.route_stats(policy.name()) {
                 route.limit_rejected(e.kind);
             }
