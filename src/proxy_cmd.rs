@@ -174,9 +174,45 @@ fn start_tracing(
     }
 }
 
+/// Below this many open files, the proxy warns that it will run short.
+const FEW_FILES: u64 = 4096;
+
+/// Raises the soft limit on open files to the hard one. Each connection
+/// the proxy carries takes one or two descriptors, and the soft limit many
+/// hosts start processes with (1024, kept low for programs that use
+/// `select`) would cap it at a few hundred; the proxy uses epoll, so the
+/// hard limit is its real bound, as Go's runtime and nginx's
+/// `worker_rlimit_nofile` also have it. Only the proxy's own process is
+/// changed: `legate run` starts the application with the limits it had.
+fn raise_open_files() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            warn!(error = %e, "cannot read the open-file limit");
+            return;
+        }
+    };
+    let mut limit = soft;
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => limit = hard,
+            Err(e) => warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        }
+    }
+    if limit < FEW_FILES {
+        warn!(
+            limit,
+            "the open-file limit allows only about {} connections through the proxy; raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, the container runtime's nofile)",
+            limit / 2
+        );
+    }
+}
+
 /// Runs the proxy. `sources` are what the configuration was loaded from,
 /// read again on reload.
 pub fn run(config: Config, sources: Sources) -> ExitCode {
+    raise_open_files();
     // The listeners' thread; further workers, when configured, start
     // their own runtimes (see the proxy's `worker` module).
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -246,4 +282,19 @@ pub fn run(config: Config, sources: Sources) -> ExitCode {
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_one() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let low = hard.min(256);
+        setrlimit(Resource::RLIMIT_NOFILE, low, hard).unwrap();
+        raise_open_files();
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+    }
 }
