@@ -227,7 +227,7 @@ pub async fn settle<S: AsyncRead + Unpin>(
     server: &mut S,
     idle: Duration,
 ) -> Option<Settled> {
-    let mut banner = Vec::new();
+    let mut banner = Vec::with_capacity(4096);
     let idle = tokio::time::sleep(idle);
     tokio::pin!(idle);
     loop {
