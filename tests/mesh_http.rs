@@ -705,6 +705,89 @@ fn a_grpc_call_answered_unavailable_is_retried_with_its_message() {
     );
 }
 
+/// Serves HTTP/2 in `pod` on `port`, answering 200, and takes only
+/// `per_conn` requests on each connection, as a server with a limit on a
+/// connection's requests or age does: it then closes the connection
+/// gracefully (GOAWAY) and refuses the streams that were on their way
+/// (`REFUSED_STREAM`: never seen, safe to send again).
+fn serve_h2_closing_after(pod: &legate_testbed::Pod, port: u16, per_conn: usize) {
+    let listener = pod
+        .run_in(move || std::net::TcpListener::bind(("0.0.0.0", port)))
+        .expect("run in pod")
+        .expect("bind");
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(sock).await else {
+                        return;
+                    };
+                    let mut taken = 0;
+                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                        taken += 1;
+                        if taken > per_conn {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        let _ = respond.send_response(http::Response::new(()), true);
+                        if taken == per_conn {
+                            conn.graceful_shutdown();
+                        }
+                    }
+                });
+            }
+        });
+    });
+}
+
+/// An application that closes its HTTP/2 connections now and then
+/// (nginx after 1000 requests, gRPC servers at their maximum connection
+/// age) refuses the streams that were on their way: those requests are
+/// sent again, not answered 502, and the breaker does not count them.
+#[test]
+fn streams_an_application_refuses_while_closing_a_connection_are_sent_again() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("h2-server", PodOptions::default());
+    // This server may refuse a stream before its GOAWAY has reached the
+    // server's proxy, which then sends the retry on the same connection,
+    // to be refused again: a third try makes the outcome certain.
+    let client = mesh.meshed_pod(
+        "h2-client",
+        PodOptions {
+            proxy_set: vec!["proxy.http.attempts=3".into()],
+            ..Default::default()
+        },
+    );
+    serve_h2_closing_after(&server.pod, 8443, 100);
+    server
+        .pod
+        .wait_for_port(
+            SocketAddr::new(server.pod.ip().into(), 8443),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let out = client
+        .pod
+        .command("h2load")
+        .args(["-n", "1000", "-c", "1", "-m", "10"])
+        .arg(format!("http://{}:8443/", server.pod.ip()))
+        .uid(APP_UID)
+        .output()
+        .expect("h2load (apt-get install nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("requests: 1000 total, 1000 started, 1000 done, 1000 succeeded"),
+        "{text}"
+    );
+    assert!(text.contains("status codes: 1000 2xx"), "{text}");
+}
+
 #[test]
 fn h2load_through_the_mesh_completes_without_errors() {
     let mesh = Mesh::new(&[]);

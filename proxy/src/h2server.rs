@@ -61,6 +61,13 @@ impl Tunnel {
     }
 }
 
+/// Marks an answer that is to reach the peer as a `REFUSED_STREAM` reset
+/// instead: the request was refused unseen further on, and the reset tells
+/// the peer proxy so, which may then send it again (an answer would be
+/// taken for the server's).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Refuse;
+
 /// Why a connection ended other than by closing cleanly.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Ended {
@@ -210,6 +217,10 @@ impl Future for Exchange {
             return Poll::Ready(());
         };
         let (mut head, body) = res.into_parts();
+        if head.extensions.get::<Refuse>().is_some() {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            return Poll::Ready(());
+        }
         if let Some(recv) = tunnel {
             if head.status.is_success() {
                 let Some(relay) = head.extensions.remove::<Tunnel>().and_then(|t| t.take()) else {

@@ -27,6 +27,24 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::pool::Body;
 
+/// Whether an error means the server refused the stream unseen, so that
+/// the request can be sent again whatever its method (RFC 9113 §8.7): a
+/// `REFUSED_STREAM` reset, or a `GOAWAY` whose last stream came before it
+/// (a server closing a connection gracefully, as nginx does after 1000
+/// requests and gRPC servers at their maximum connection age). A stream
+/// the server had taken up and then lost ends in another error.
+pub(crate) fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// A response body arriving on an HTTP/2 stream.
 pub struct RecvBody {
     recv: RecvStream,
@@ -321,6 +339,19 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn only_a_stream_the_server_never_took_is_refused() {
+        assert!(refused(&h2::Error::from(Reason::REFUSED_STREAM)));
+        #[derive(Debug, thiserror::Error)]
+        #[error("the request failed")]
+        struct Wrapped(#[source] h2::Error);
+        let wrapped = Wrapped(h2::Error::from(Reason::REFUSED_STREAM));
+        assert!(refused(&wrapped), "found in the error's sources");
+        assert!(!refused(&h2::Error::from(Reason::INTERNAL_ERROR)));
+        assert!(!refused(&h2::Error::from(Reason::CANCEL)));
+        assert!(!refused(&io::Error::from(io::ErrorKind::BrokenPipe)));
+    }
 
     /// A client and server over an in-memory pipe, both driven in tasks.
     async fn pair() -> (

@@ -2,7 +2,6 @@
 //! over the mesh or from a client outside it, forwarded to the application
 //! with the HTTP version the client spoke.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -97,6 +96,11 @@ impl Record {
 trait AppError: std::fmt::Display {
     /// Whether no connection could be made.
     fn is_connect(&self) -> bool;
+
+    /// Whether the application refused the request unseen (HTTP/2 only).
+    fn is_refused(&self) -> bool {
+        false
+    }
 }
 
 impl AppError for super::h1::Error {
@@ -108,6 +112,10 @@ impl AppError for super::h1::Error {
 impl AppError for super::h2c::Error {
     fn is_connect(&self) -> bool {
         super::h2c::Error::is_connect(self)
+    }
+
+    fn is_refused(&self) -> bool {
+        matches!(self, super::h2c::Error::Http(e) if crate::h2stream::refused(e))
     }
 }
 
@@ -137,6 +145,21 @@ where
         };
         let res = match sent {
             Ok(res) => response_to_client(res),
+            Err(e) if e.is_refused() => {
+                // Not an error of the application's: it is closing the
+                // connection (GOAWAY) or at its stream limit, and never saw
+                // the request. A peer proxy gets the stream refused in
+                // turn, and its client's proxy may send it again; a client
+                // outside the mesh gets a 503 it may retry.
+                debug!(port, error = %e, "the application refused the request unseen");
+                let mut res = crate::policy::proxy_answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application_refused",
+                    grpc,
+                );
+                res.extensions_mut().insert(crate::h2server::Refuse);
+                res
+            }
             Err(e) => {
                 debug!(port, error = %e, "request to the application failed");
                 let reason = if e.is_connect() {
@@ -398,9 +421,19 @@ pub(crate) async fn serve_plain(
 ) {
     let svc_ctx = ctx.clone();
     let route = ctx.metrics.port(dst.port());
+    let h2 = proto == Protocol::Http2;
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let answering = from_outside(&svc_ctx, &route, req, client, dst);
-        async move { Ok::<_, Infallible>(answering.await) }
+        async move {
+            let res = answering.await;
+            if h2 && res.extensions().get::<crate::h2server::Refuse>().is_some() {
+                // hyper resets the stream with this reason, and the client
+                // may send the request again, as the application's own
+                // refusal would have let it.
+                return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+            }
+            Ok(res)
+        }
     });
     let io = TokioIo::new(Metered::new(sock, meter));
     let served = match proto {

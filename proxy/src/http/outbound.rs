@@ -235,18 +235,6 @@ async fn mesh_sender(
     }
 }
 
-/// Whether an HTTP/2 error means the server refused the stream unseen.
-fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        cur = err.source();
-    }
-    false
-}
-
 /// One attempt: over the mesh or direct, failing as the given timeout at
 /// `deadline`. Records in `seen` how the request was carried.
 #[allow(clippy::too_many_arguments)]
@@ -291,7 +279,7 @@ async fn attempt(
                     Ok(res) => Ok(res.map(Upstream::Mesh)),
                     Err(e) => {
                         debug!(%dst, error = %e, "request over the mesh failed");
-                        let refused = matches!(&e, TunnelError::Http { source, .. } if refused_stream(source));
+                        let refused = matches!(&e, TunnelError::Http { source, .. } if crate::h2stream::refused(source));
                         Err(AttemptError::Failed(if refused {
                             Failure::RefusedStream
                         } else {
@@ -305,7 +293,7 @@ async fn attempt(
                 let clients = ctx.clients();
                 let sent = if req.version() == Version::HTTP_2 {
                     let sent = clients.http2().send(Targets::one(dst), req).await;
-                    sent.map_err(|e| (e.is_connect(), refused_stream(&e), e.to_string()))
+                    sent.map_err(|e| (e.is_connect(), crate::h2stream::refused(&e), e.to_string()))
                 } else {
                     let sent = clients.http1().send(Targets::one(dst), req).await;
                     sent.map_err(|e| (e.is_connect(), false, e.to_string()))
