@@ -186,11 +186,7 @@ fn a_server_first_protocol_gets_its_banner_through_at_once() {
     });
     let dst = SocketAddr::new(server.pod.ip().into(), 2525);
     let outsider = mesh.plain_pod("outsider");
-    // The first connection also opens the pooled mTLS connection; the
-    // second shows the steady state. The third comes from outside the
-    // mesh, through the server's proxy alone.
-    for attempt in 0..3 {
-        let pod = if attempt < 2 { &client.pod } else { &outsider };
+    let banner_wait = |pod: &legate_testbed::Pod| {
         let (banner, waited) = pod
             .run_in(move || {
                 let mut s = TcpStream::connect(dst).expect("connect");
@@ -205,12 +201,19 @@ fn a_server_first_protocol_gets_its_banner_through_at_once() {
             })
             .unwrap();
         assert!(banner.starts_with("220 "), "{banner:?}");
-        if attempt >= 1 {
-            assert!(
-                waited < Duration::from_millis(100),
-                "banner took {waited:?}"
-            );
-        }
+        waited
+    };
+    // The first connection also opens the pooled mTLS connection.
+    banner_wait(&client.pod);
+    // Through the mesh, and from outside it through the server's proxy
+    // alone. The best of a few tries, so that a busy machine (other tests
+    // run beside this one) does not pass for a stall.
+    for (from, pod) in [("the mesh", &client.pod), ("outside", &outsider)] {
+        let best = (0..5).map(|_| banner_wait(pod)).min().unwrap();
+        assert!(
+            best < Duration::from_millis(100),
+            "from {from}, the banner took {best:?} at best"
+        );
     }
 }
 
