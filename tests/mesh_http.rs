@@ -368,6 +368,13 @@ fn the_server_app_gets_the_verified_client_identity_and_never_a_forged_one() {
         headers.get("legate-client-id").is_none(),
         "a client outside the mesh forged it: {headers}"
     );
+    // CGI, WSGI and PHP read `legate_client_id` as the same header.
+    let lookalike = "legate_client_id: spiffe://legate.local/admin";
+    for pod in [&client.pod, &outsider] {
+        let r = request(pod, &["-H", lookalike, &url(&server, "/headers")]);
+        assert_eq!(r.status, 200);
+        assert!(!r.body.contains("admin"), "{}", r.body);
+    }
 
     // Nor is there a way around the HTTP path, where the forged copy is
     // removed, through the mesh or from outside it: a client that speaks

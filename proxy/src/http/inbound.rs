@@ -21,7 +21,7 @@ use super::client::FixedConnector;
 use super::outbound::{finish_upgrade, proxy_answer};
 use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token};
 use super::{only_chunked, FOREIGN_CODING};
-use super::{CLIENT_ID_HEADER, PROTO_HEADER, TARGET_HEADER};
+use super::{remove_client_id, CLIENT_ID_HEADER, PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
 use crate::h2server::Tunnel;
 use crate::inbound::app_targets;
@@ -282,10 +282,10 @@ pub(crate) fn from_peer(
     parts.headers.remove(TARGET_HEADER);
     parts.headers.remove(PROTO_HEADER);
     // Replaces any copy the client sent.
-    match &peer.header {
-        Some(v) => parts.headers.insert(CLIENT_ID_HEADER, v.clone()),
-        None => parts.headers.remove(CLIENT_ID_HEADER),
-    };
+    remove_client_id(&mut parts.headers);
+    if let Some(v) = &peer.header {
+        parts.headers.insert(CLIENT_ID_HEADER, v.clone());
+    }
     // Only an extended CONNECT (an upgrade carried across) has one.
     let protocol = parts.extensions.remove::<h2::ext::Protocol>();
     match protocol {
@@ -373,7 +373,7 @@ fn from_outside(
     };
     let record = Record::start(ctx, &mut parts, client, dst, seen);
     let mut req = Request::from_parts(parts, body);
-    req.headers_mut().remove(CLIENT_ID_HEADER);
+    remove_client_id(req.headers_mut());
     req.headers_mut().remove(TARGET_HEADER);
     req.headers_mut().remove(PROTO_HEADER);
     if upgrade_token(&req).is_some() {

@@ -28,12 +28,41 @@ use http_body_util::{BodyExt, Empty, Full};
 
 use crate::pool::Body;
 
+const CLIENT_ID: &str = "legate-client-id";
 /// The verified SPIFFE ID of the client, for the server application.
-pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("legate-client-id");
+pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static(CLIENT_ID);
 /// `ip:port` the client application connected to; proxy to proxy only.
 pub const TARGET_HEADER: HeaderName = HeaderName::from_static("legate-target");
 /// The HTTP version the client application spoke; proxy to proxy only.
 pub const PROTO_HEADER: HeaderName = HeaderName::from_static("legate-proto");
+
+/// Removes every copy of [`CLIENT_ID_HEADER`] a client may have sent,
+/// spellings with `_` for `-` included: CGI, WSGI and PHP hand a header to
+/// the application as `HTTP_LEGATE_CLIENT_ID` whichever of the two it
+/// used, so such a copy would pass for the proxy's own.
+pub fn remove_client_id(headers: &mut HeaderMap) {
+    headers.remove(CLIENT_ID_HEADER);
+    // One pass over the names; a second only when a lookalike is there.
+    if headers.keys().any(is_client_id_lookalike) {
+        let names: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| is_client_id_lookalike(n))
+            .cloned()
+            .collect();
+        for name in names {
+            headers.remove(name);
+        }
+    }
+}
+
+fn is_client_id_lookalike(name: &HeaderName) -> bool {
+    let (name, id) = (name.as_str().as_bytes(), CLIENT_ID.as_bytes());
+    name.len() == id.len()
+        && name
+            .iter()
+            .zip(id)
+            .all(|(&c, &i)| c == i || (c == b'_' && i == b'-'))
+}
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named by
 /// `Connection`, and the fixed set that only ever describe one connection.
@@ -251,6 +280,28 @@ pub fn boxed(body: hyper::body::Incoming) -> Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_spelling_of_the_identity_header_a_client_sent_is_removed() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "legate-client-id",
+            "legate_client_id",
+            "legate_client-id",
+            "Legate_Client_Id",
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("spiffe://legate.local/admin"),
+            );
+        }
+        h.insert("legate-client-idx", HeaderValue::from_static("kept"));
+        h.insert("x-legate-client-id", HeaderValue::from_static("kept"));
+        remove_client_id(&mut h);
+        let mut left: Vec<_> = h.keys().map(|n| n.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["legate-client-idx", "x-legate-client-id"]);
+    }
 
     #[test]
     fn hop_by_hop_headers_go_and_te_trailers_stays() {
