@@ -712,6 +712,27 @@ fn a_grpc_call_answered_unavailable_is_retried_with_its_message() {
     );
 }
 
+/// Runs h2load in `client` against `path` on the server's port 8443, once
+/// something listens there; returns what it printed.
+fn h2load(client: &MeshedPod, server: &MeshedPod, path: &str, args: &[&str]) -> String {
+    server
+        .pod
+        .wait_for_port(
+            SocketAddr::new(server.pod.ip().into(), 8443),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let out = client
+        .pod
+        .command("h2load")
+        .args(args)
+        .arg(format!("http://{}:8443{path}", server.pod.ip()))
+        .uid(APP_UID)
+        .output()
+        .expect("h2load (apt-get install nghttp2-client)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Serves HTTP/2 in `pod` on `port`, answering 200, and takes only
 /// `per_conn` requests on each connection, as a server with a limit on a
 /// connection's requests or age does: it then closes the connection
@@ -772,22 +793,12 @@ fn streams_an_application_refuses_while_closing_a_connection_are_sent_again() {
         },
     );
     serve_h2_closing_after(&server.pod, 8443, 100);
-    server
-        .pod
-        .wait_for_port(
-            SocketAddr::new(server.pod.ip().into(), 8443),
-            Duration::from_secs(10),
-        )
-        .unwrap();
-    let out = client
-        .pod
-        .command("h2load")
-        .args(["-n", "1000", "-c", "1", "-m", "10"])
-        .arg(format!("http://{}:8443/", server.pod.ip()))
-        .uid(APP_UID)
-        .output()
-        .expect("h2load (apt-get install nghttp2-client)");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = h2load(
+        &client,
+        &server,
+        "/",
+        &["-n", "1000", "-c", "1", "-m", "10"],
+    );
     assert!(
         text.contains("requests: 1000 total, 1000 started, 1000 done, 1000 succeeded"),
         "{text}"
@@ -811,22 +822,12 @@ fn h2load_through_the_mesh_completes_without_errors() {
         .uid(APP_UID)
         .spawn()
         .expect("nghttpd (apt-get install nghttp2-server)");
-    server
-        .pod
-        .wait_for_port(
-            SocketAddr::new(server.pod.ip().into(), 8443),
-            Duration::from_secs(10),
-        )
-        .unwrap();
-    let out = client
-        .pod
-        .command("h2load")
-        .args(["-n", "2000", "-c", "8", "-m", "10"])
-        .arg(format!("http://{}:8443/index.html", server.pod.ip()))
-        .uid(APP_UID)
-        .output()
-        .expect("h2load (apt-get install nghttp2-client)");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = h2load(
+        &client,
+        &server,
+        "/index.html",
+        &["-n", "2000", "-c", "8", "-m", "10"],
+    );
     let summary = text
         .lines()
         .find(|l| l.starts_with("requests:"))

@@ -25,7 +25,7 @@ use crate::policy::proxy_answer;
 use crate::pool::Body;
 use crate::relay::relay;
 use crate::socket::{self, Targets};
-use crate::telemetry::conn::{ConnMeter, Metered};
+use crate::telemetry::conn::Metered;
 use crate::tls::MESH_ALPN;
 use crate::Shared;
 
@@ -111,9 +111,7 @@ async fn silent(ctx: Arc<Shared>, mut sock: TcpStream, client: SocketAddr, dst: 
             ctx.metrics
                 .detected(Direction::Inbound, Protocol::Opaque.into());
             debug!(%client, port = dst.port(), error = %e, "application connect failed");
-            let meter = ConnMeter::new(
-                ctx.metrics.clone(),
-                &ctx.access,
+            let meter = ctx.conn_meter(
                 Direction::Inbound,
                 client,
                 dst,
@@ -202,14 +200,7 @@ fn offers_mesh_alpn(record: &[u8]) -> bool {
 
 async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: SocketAddr) {
     let cfg = &ctx.config.proxy;
-    let meter = ConnMeter::new(
-        ctx.metrics.clone(),
-        &ctx.access,
-        Direction::Inbound,
-        client,
-        dst,
-        "mtls",
-    );
+    let meter = ctx.conn_meter(Direction::Inbound, client, dst, "mtls");
     let acceptor = TlsAcceptor::from(ctx.identity.server_config());
     let sock = Metered::new(sock, meter.clone());
     let failed = |f: TlsFailure, reason: &'static str| {
@@ -358,14 +349,7 @@ async fn plaintext(
     app: Option<(TcpStream, usize)>,
 ) {
     let cfg = &ctx.config.proxy;
-    let meter = ConnMeter::new(
-        ctx.metrics.clone(),
-        &ctx.access,
-        Direction::Inbound,
-        client,
-        dst,
-        protocol_label(proto),
-    );
+    let meter = ctx.conn_meter(Direction::Inbound, client, dst, protocol_label(proto));
     meter.set_peer(None);
     if cfg.mode == InboundMode::Strict {
         warn!(%client, port = dst.port(), "refusing a client outside the mesh: proxy.mode is strict");

@@ -270,6 +270,25 @@ impl Shared {
         self.active.load(Ordering::Relaxed)
     }
 
+    /// The metrics and access log of one accepted connection, from
+    /// `client` to `dst`, of `protocol` (see [`metrics::protocol_label`]).
+    pub(crate) fn conn_meter(
+        &self,
+        dir: Direction,
+        client: SocketAddr,
+        dst: SocketAddr,
+        protocol: &'static str,
+    ) -> Arc<telemetry::conn::ConnMeter> {
+        telemetry::conn::ConnMeter::new(
+            self.metrics.clone(),
+            &self.access,
+            dir,
+            client,
+            dst,
+            protocol,
+        )
+    }
+
     /// The policy in force now. Hold it for one connection or request.
     pub fn live(&self) -> Arc<Live> {
         self.live.load_full()

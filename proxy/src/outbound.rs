@@ -14,7 +14,7 @@ use crate::pool::TunnelError;
 use crate::relay::relay;
 use crate::router::Route;
 use crate::socket;
-use crate::telemetry::conn::{ConnMeter, Metered};
+use crate::telemetry::conn::Metered;
 use crate::Shared;
 
 /// Handles one captured outbound connection to the end.
@@ -51,14 +51,7 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
             None => return,
         },
     };
-    let meter = ConnMeter::new(
-        ctx.metrics.clone(),
-        &ctx.access,
-        Direction::Outbound,
-        client,
-        dst,
-        protocol_label(proto),
-    );
+    let meter = ctx.conn_meter(Direction::Outbound, client, dst, protocol_label(proto));
     // Boxed, like every large state a connection reaches on one path only:
     // a connection's task is as large as its largest state, and an opaque
     // connection would otherwise carry HTTP's for its whole life (see
@@ -92,9 +85,7 @@ async fn opaque(
 ) -> Option<(TcpStream, Protocol)> {
     let cfg = &ctx.config.proxy;
     let meter = || {
-        ConnMeter::new(
-            ctx.metrics.clone(),
-            &ctx.access,
+        ctx.conn_meter(
             Direction::Outbound,
             client,
             dst,
