@@ -84,7 +84,7 @@ async fn opaque(
     silent: bool,
 ) -> Option<(TcpStream, Protocol)> {
     let cfg = &ctx.config.proxy;
-    let meter = || {
+    let new_meter = || {
         ctx.conn_meter(
             Direction::Outbound,
             client,
@@ -92,6 +92,12 @@ async fn opaque(
             protocol_label(Protocol::Opaque),
         )
     };
+    // A client that spoke at once is metered from here, before its server
+    // is connected, as every other connection is from its start; a silent
+    // one only once it turns out to stay opaque, so that one that turns to
+    // HTTP is counted once, as HTTP.
+    let early = (!silent).then(new_meter);
+    let meter = || early.clone().unwrap_or_else(new_meter);
     let live = ctx.live();
     // Each opaque connection is one connection at the destination (the
     // peer proxy opens one to its application per tunnel), so it counts
