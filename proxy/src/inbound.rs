@@ -94,11 +94,7 @@ async fn dispatch(
 /// first; elsewhere only a peer proxy is welcome, and it speaks first.
 async fn silent(ctx: Arc<Shared>, mut sock: TcpStream, client: SocketAddr, dst: SocketAddr) {
     let cfg = &ctx.config.proxy;
-    let outsiders_welcome = cfg.mode != InboundMode::Strict
-        && dst.port() != cfg.inbound_port
-        && dst.port() != cfg.admin_listen.port()
-        && ctx.live_now().authz.allows(dst.port(), None);
-    if !outsiders_welcome {
+    if refusal_of_outsiders(&ctx, dst.port()).is_some() {
         let proto = late_bytes(&sock, cfg.handshake_timeout)
             .await
             .unwrap_or(Protocol::Opaque);
@@ -339,6 +335,42 @@ fn stream(
     })
 }
 
+/// Why a client outside the mesh may not reach a port.
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// `proxy.mode` is strict.
+    Strict,
+    /// The port is the proxy's own.
+    OwnPort,
+    /// The port's authorization wants an identity.
+    Unauthorized,
+}
+
+impl Refusal {
+    /// The reason the connection's log records.
+    fn reason(self) -> &'static str {
+        match self {
+            Refusal::Strict => "strict_mode",
+            Refusal::OwnPort => "plaintext_on_mesh_port",
+            Refusal::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+/// Whether a client outside the mesh may reach `port`; `None` when it may.
+fn refusal_of_outsiders(ctx: &Shared, port: u16) -> Option<Refusal> {
+    let cfg = &ctx.config.proxy;
+    if cfg.mode == InboundMode::Strict {
+        Some(Refusal::Strict)
+    } else if port == cfg.inbound_port || port == cfg.admin_listen.port() {
+        Some(Refusal::OwnPort)
+    } else if !ctx.live_now().authz.allows(port, None) {
+        Some(Refusal::Unauthorized)
+    } else {
+        None
+    }
+}
+
 /// A connection from outside the mesh.
 async fn plaintext(
     ctx: Arc<Shared>,
@@ -351,21 +383,17 @@ async fn plaintext(
     let cfg = &ctx.config.proxy;
     let meter = ctx.conn_meter(Direction::Inbound, client, dst, protocol_label(proto));
     meter.set_peer(None);
-    if cfg.mode == InboundMode::Strict {
-        warn!(%client, port = dst.port(), "refusing a client outside the mesh: proxy.mode is strict");
-        meter.fail("strict_mode");
-        socket::reset(sock);
-        return;
-    }
-    if dst.port() == cfg.inbound_port || dst.port() == cfg.admin_listen.port() {
-        debug!(%client, "plaintext to the proxy's own port; closing");
-        meter.fail("plaintext_on_mesh_port");
-        socket::reset(sock);
-        return;
-    }
-    if !ctx.live_now().authz.allows(dst.port(), None) {
-        warn!(%client, server = %ctx.identity.local_id(), port = dst.port(), "refused an unauthenticated client: the port's policy does not allow it");
-        meter.fail("unauthorized");
+    if let Some(refusal) = refusal_of_outsiders(&ctx, dst.port()) {
+        match refusal {
+            Refusal::Strict => {
+                warn!(%client, port = dst.port(), "refusing a client outside the mesh: proxy.mode is strict")
+            }
+            Refusal::OwnPort => debug!(%client, "plaintext to the proxy's own port; closing"),
+            Refusal::Unauthorized => {
+                warn!(%client, server = %ctx.identity.local_id(), port = dst.port(), "refused an unauthenticated client: the port's policy does not allow it")
+            }
+        }
+        meter.fail(refusal.reason());
         socket::reset(sock);
         return;
     }
