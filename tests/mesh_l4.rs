@@ -217,6 +217,34 @@ fn a_server_first_protocol_gets_its_banner_through_at_once() {
     }
 }
 
+/// A client that speaks only after the detection window, in a protocol
+/// other than HTTP, is relayed byte for byte once its server stays silent:
+/// through the mesh, and from outside it through the server's proxy.
+#[test]
+fn a_client_that_speaks_late_and_not_in_http_is_relayed() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("echo", PodOptions::default());
+    let client = mesh.meshed_pod("late", PodOptions::default());
+    let outsider = mesh.plain_pod("outsider");
+    serve_tcp(&server.pod, 9000, echo);
+    let dst = SocketAddr::new(server.pod.ip().into(), 9000);
+    for pod in [&client.pod, &outsider] {
+        let echoed = pod
+            .run_in(move || -> std::io::Result<Vec<u8>> {
+                let mut s = TcpStream::connect(dst)?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                std::thread::sleep(Duration::from_millis(300));
+                s.write_all(b"*1\r\n$4\r\nPING\r\n")?;
+                let mut back = [0u8; 14];
+                s.read_exact(&mut back)?;
+                Ok(back.to_vec())
+            })
+            .unwrap()
+            .expect("the bytes come back");
+        assert_eq!(echoed, b"*1\r\n$4\r\nPING\r\n");
+    }
+}
+
 #[test]
 fn a_thousand_concurrent_connections_all_complete() {
     let mesh = Mesh::new(&[]);
