@@ -350,6 +350,30 @@ fn a_limit_on_requests_in_flight_rejects_the_excess_at_once() {
     }
 }
 
+/// From `pod`: sends `first`, pauses 300 ms, sends `rest`, and reads the
+/// answer until the server closes.
+fn send_in_two(
+    pod: &legate_testbed::Pod,
+    dst: SocketAddr,
+    first: &'static [u8],
+    rest: &'static [u8],
+) -> String {
+    let reply = pod
+        .run_in(move || -> std::io::Result<Vec<u8>> {
+            let mut s = TcpStream::connect(dst)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(first)?;
+            std::thread::sleep(Duration::from_millis(300));
+            s.write_all(rest)?;
+            let mut reply = Vec::new();
+            s.read_to_end(&mut reply)?;
+            Ok(reply)
+        })
+        .unwrap()
+        .expect("a request");
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
 #[test]
 fn the_server_app_gets_the_verified_client_identity_and_never_a_forged_one() {
     let (mesh, server, client, _app) = setup(&[]);
@@ -390,20 +414,7 @@ fn the_server_app_gets_the_verified_client_identity_and_never_a_forged_one() {
     ];
     for (shape, first, rest) in shapes {
         let send = |pod: &legate_testbed::Pod| -> serde_json::Value {
-            let reply = pod
-                .run_in(move || -> std::io::Result<Vec<u8>> {
-                    let mut s = TcpStream::connect(dst)?;
-                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                    s.write_all(first)?;
-                    std::thread::sleep(Duration::from_millis(300));
-                    s.write_all(rest)?;
-                    let mut reply = Vec::new();
-                    s.read_to_end(&mut reply)?;
-                    Ok(reply)
-                })
-                .unwrap()
-                .expect("a request");
-            let reply = String::from_utf8_lossy(&reply);
+            let reply = send_in_two(pod, dst, first, rest);
             let (head, body) = reply.split_once("\r\n\r\n").expect("a whole answer");
             assert!(head.starts_with("HTTP/1.1 200"), "{shape}: {reply}");
             serde_json::from_str(body).unwrap()
@@ -428,6 +439,44 @@ fn the_server_app_gets_the_verified_client_identity_and_never_a_forged_one() {
         let reply = String::from_utf8_lossy(&reply);
         assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     }
+}
+
+#[test]
+fn a_port_the_clients_proxy_carries_as_opaque_still_gets_the_identity_guarded() {
+    // The client's proxy tunnels every connection to the port as opaque
+    // bytes; the server's proxy, which does not, finds HTTP inside the
+    // tunnel and serves it with the identity it verified.
+    let opaque = format!("proxy.opaque_ports={PORT}");
+    let (_mesh, server, client, _app) = setup(&[&opaque]);
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let forged = b"GET /headers HTTP/1.1\r\nHost: server\r\nConnection: close\r\nlegate-client-id: spiffe://legate.local/admin\r\nlegate_client_id: spiffe://legate.local/admin\r\n\r\n";
+    let reply = tcp_exchange(&client.pod, dst, forged).expect("a request");
+    let reply = String::from_utf8_lossy(&reply);
+    let (head, body) = reply.split_once("\r\n\r\n").expect("a whole answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{reply}");
+    let headers: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(headers["legate-client-id"], client.id(), "{headers}");
+    assert!(!body.contains("admin"), "{body}");
+    // A request line split across writes is still found.
+    let reply = send_in_two(&client.pod, dst, &forged[..5], &forged[5..]);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        reply.contains(client.id()) && !reply.contains("admin"),
+        "{reply}"
+    );
+    // Keep-alive requests on the tunnel are all served.
+    let r = request(
+        &client.pod,
+        &[
+            "-H",
+            "legate-client-id: spiffe://legate.local/admin",
+            &url(&server, "/headers"),
+            &url(&server, "/headers"),
+        ],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.matches(client.id()).count(), 2, "{}", r.body);
+    assert!(!r.body.contains("admin"), "{}", r.body);
 }
 
 #[test]

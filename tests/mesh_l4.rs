@@ -246,6 +246,43 @@ fn a_client_that_speaks_late_and_not_in_http_is_relayed() {
 }
 
 #[test]
+fn opaque_ports_on_both_proxies_carry_a_line_that_looks_like_http_untouched() {
+    // A Redis inline command begins like an HTTP request.
+    let mesh = Mesh::new(&[]);
+    let opaque = || PodOptions {
+        proxy_set: vec!["proxy.opaque_ports=9000".into()],
+        ..Default::default()
+    };
+    let server = mesh.meshed_pod("echo", opaque());
+    let client = mesh.meshed_pod("redis-cli", opaque());
+    serve_tcp(&server.pod, 9000, echo);
+    let dst = SocketAddr::new(server.pod.ip().into(), 9000);
+    let line = b"GET key\r\n";
+    let exchange = |pod: &legate_testbed::Pod| {
+        pod.run_in(move || -> std::io::Result<Vec<u8>> {
+            let mut s = TcpStream::connect(dst)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(line)?;
+            let mut back = [0u8; 9];
+            s.read_exact(&mut back)?;
+            Ok(back.to_vec())
+        })
+        .unwrap()
+        .expect("an answer")
+    };
+    assert_eq!(exchange(&client.pod), line);
+    // The server's proxy decides for its own ports: with the port listed
+    // on the client's side alone, the line is taken for the HTTP it looks
+    // like, and refused.
+    let server2 = mesh.meshed_pod("echo2", PodOptions::default());
+    serve_tcp(&server2.pod, 9000, echo);
+    let dst2 = SocketAddr::new(server2.pod.ip().into(), 9000);
+    let reply = tcp_exchange(&client.pod, dst2, line).expect("an answer");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+}
+
+#[test]
 fn a_thousand_concurrent_connections_all_complete() {
     let mesh = Mesh::new(&[]);
     let server = mesh.meshed_pod("echo", PodOptions::default());

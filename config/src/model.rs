@@ -254,7 +254,10 @@ section! {
         pool_idle_timeout: Duration = Duration::from_secs(90),
         /// How long the result of checking a destination for a proxy is kept.
         probe_ttl: Duration = Duration::from_secs(30),
-        /// Ports whose traffic skips protocol detection.
+        /// Ports whose traffic skips protocol detection: opaque TCP from
+        /// the client's proxy on, and on the server's proxy also inside
+        /// tunnels from peers (which it otherwise checks for HTTP, so that
+        /// the identity header stays its to set).
         opaque_ports: PortSet = PortSet::default(),
         /// Per-destination rules, first match wins.
         destinations: Vec<DestinationRule> = Vec::new(),

@@ -21,7 +21,8 @@
 //! with whatever headers the client wrote, the identity header that the
 //! HTTP path guards among them. (A Redis inline command `GET key` typed by
 //! hand is therefore answered 400; `redis-cli` speaks RESP, which is
-//! opaque, and `proxy.opaque_ports` covers the rest.)
+//! opaque, and `proxy.opaque_ports`, listing the port on the client's
+//! proxy and the server's, covers the rest.)
 
 use std::time::Duration;
 
@@ -191,6 +192,30 @@ pub async fn late_bytes(sock: &TcpStream, patience: Duration) -> Option<Protocol
                 }
             }
             Ok(Err(_)) | Err(_) => return None,
+        }
+    }
+}
+
+/// Reads on from a stream that cannot be peeked (a tunnel's) until the
+/// bytes gathered in `buf` name their protocol, with the patience
+/// [`detect_or_silent`] gives a request line. Every byte read stays in
+/// `buf`, to be put back in front of the stream. A stream that ends or
+/// fails part-way leaves what it sent to be judged as it is: HTTP's to
+/// refuse when it began like HTTP.
+pub async fn read_until_known<R: AsyncRead + Unpin>(stream: &mut R, buf: &mut Vec<u8>) -> Protocol {
+    let deadline = tokio::time::Instant::now() + LINE_PATIENCE;
+    loop {
+        if let Verdict::Is(p) = classify(buf) {
+            return p;
+        }
+        let room = MAX_PEEK.saturating_sub(buf.len());
+        buf.reserve(room.min(4096));
+        let mut more = (&mut *stream).take(room as u64);
+        let read = tokio::time::timeout_at(deadline, more.read_buf(buf)).await;
+        match read {
+            Ok(Ok(n)) if n > 0 => {}
+            _ if buf.is_empty() => return Protocol::Opaque,
+            _ => return unfinished(buf),
         }
     }
 }
@@ -375,6 +400,46 @@ mod tests {
             let begun = tokio::time::Instant::now();
             assert_eq!(detect_or_silent(&ours).await, Some(want), "{start:?}");
             assert!(begun.elapsed() >= LINE_PATIENCE);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_is_read_until_its_protocol_is_known() {
+        // A request line in pieces; everything read is kept.
+        let (mut ours, mut theirs) = tokio::io::duplex(1024);
+        let mut buf = b"GE".to_vec();
+        let writer = tokio::spawn(async move {
+            theirs.write_all(b"T /a").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            theirs.write_all(b" HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+            theirs
+        });
+        assert_eq!(read_until_known(&mut ours, &mut buf).await, Protocol::Http1);
+        assert!(buf.starts_with(b"GET /a HTTP/1.1\r\n"), "{buf:?}");
+        drop(writer.await);
+
+        // Not HTTP: decided on the bytes there are.
+        let (mut ours, _theirs) = tokio::io::duplex(1024);
+        let mut buf = b"EHLO me\r\n".to_vec();
+        assert_eq!(
+            read_until_known(&mut ours, &mut buf).await,
+            Protocol::Opaque
+        );
+        assert_eq!(buf, b"EHLO me\r\n");
+
+        // A start like HTTP that stalls, or ends, is HTTP's to judge.
+        for end in [false, true] {
+            let (mut ours, theirs) = tokio::io::duplex(1024);
+            let mut buf = b"POST /up".to_vec();
+            let begun = tokio::time::Instant::now();
+            let _keep = if end {
+                drop(theirs);
+                None
+            } else {
+                Some(theirs)
+            };
+            assert_eq!(read_until_known(&mut ours, &mut buf).await, Protocol::Http1);
+            assert_eq!(begun.elapsed() >= LINE_PATIENCE, !end);
         }
     }
 

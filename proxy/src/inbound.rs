@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use legate_config::{Config, InboundMode, SpiffeId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -306,21 +307,15 @@ fn stream(
         return crate::http::inbound::from_peer(ctx, req, client, dst, port, mesh_peer);
     }
     let ctx = ctx.clone();
-    let peer = peer.clone();
+    let peer = mesh_peer.clone();
     Box::pin(async move {
         match connect_app(&ctx, dst.ip(), port).await {
             Ok(app) => {
-                let idle = ctx.config.proxy.idle_timeout;
                 let mut res = http::Response::new(crate::http::empty());
-                res.extensions_mut()
-                    .insert(Tunnel::new(move |stream| async move {
-                        match relay(stream, app, idle).await {
-                            Ok(t) => {
-                                debug!(peer = %peer, port, sent = t.sent, received = t.received, "mesh stream closed")
-                            }
-                            Err(e) => debug!(peer = %peer, port, error = %e, "mesh stream ended"),
-                        }
-                    }));
+                let app_dst = SocketAddr::new(dst.ip(), port);
+                res.extensions_mut().insert(Tunnel::new(move |stream| {
+                    tunnel(ctx, stream, app, client, app_dst, peer)
+                }));
                 res
             }
             Err(e) => {
@@ -333,6 +328,73 @@ fn stream(
             }
         }
     })
+}
+
+/// A tunnel a peer proxy opened to the application at `dst`. The peer's
+/// proxy carries a connection as opaque when its own configuration or its
+/// detection says so, and that must not be a way around the HTTP path,
+/// where the identity header is guarded: unless this proxy carries the port
+/// as opaque too, the tunnel's first bytes are detected here as well, and
+/// HTTP is served here, with the peer's verified identity. An application
+/// that speaks first makes the tunnel opaque at once, so that its banner is
+/// not held back.
+async fn tunnel(
+    ctx: Arc<Shared>,
+    mut stream: crate::h2stream::StreamIo,
+    mut app: TcpStream,
+    client: SocketAddr,
+    dst: SocketAddr,
+    peer: crate::http::inbound::Peer,
+) {
+    let idle = ctx.config.proxy.idle_timeout;
+    let port = dst.port();
+    let mut first = Vec::new();
+    if !ctx.config.proxy.opaque_ports.contains(port) {
+        first.reserve(1024);
+        // A peek consumes nothing (and, unlike readiness, is never
+        // spurious), and the tunnel's read gives back nothing when it is
+        // dropped unfinished. An application that has spoken decides, as in
+        // `settle`.
+        let mut one = [0u8; 1];
+        let spoke = tokio::select! {
+            biased;
+            peeked = app.peek(&mut one) => peeked.map(|_| false),
+            read = stream.read_buf(&mut first) => read.map(|_| true),
+            () = tokio::time::sleep(idle) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "neither side spoke within the idle timeout",
+            )),
+        };
+        match spoke {
+            Ok(true) if !first.is_empty() => {
+                let proto = crate::detect::read_until_known(&mut stream, &mut first).await;
+                if proto != Protocol::Opaque {
+                    drop(app);
+                    let io = crate::rewind::Rewind::new(first, stream);
+                    crate::http::inbound::serve_tunnelled(ctx, io, client, dst, proto, peer).await;
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                debug!(peer = %peer.id, port, error = %e, "mesh stream ended");
+                return;
+            }
+        }
+    }
+    if !first.is_empty() {
+        if let Err(e) = app.write_all(&first).await {
+            debug!(peer = %peer.id, port, error = %e, "application connection ended");
+            return;
+        }
+    }
+    drop(first);
+    match relay(stream, app, idle).await {
+        Ok(t) => {
+            debug!(peer = %peer.id, port, sent = t.sent, received = t.received, "mesh stream closed")
+        }
+        Err(e) => debug!(peer = %peer.id, port, error = %e, "mesh stream ended"),
+    }
 }
 
 /// Why a client outside the mesh may not reach a port.

@@ -46,6 +46,7 @@ pub mod outbound;
 pub mod policy;
 pub mod pool;
 pub mod relay;
+pub mod rewind;
 pub mod router;
 pub mod socket;
 pub mod telemetry;

@@ -358,22 +358,30 @@ async fn upgrade_from_peer(
     }
 }
 
-/// A request from a client outside the mesh.
-fn from_outside(
+/// A request served here from its HTTP/1.x or HTTP/2 connection: one from
+/// a client outside the mesh (`peer` is `None`), or one a peer proxy sent
+/// inside a tunnel.
+fn from_client(
     ctx: &Arc<Shared>,
     route: &Arc<RouteStats>,
     req: Request<Incoming>,
     client: SocketAddr,
     dst: SocketAddr,
+    peer: Option<&Peer>,
 ) -> Answering {
     let (mut parts, body) = req.into_parts();
     let seen = Seen {
         route: Some(route.clone()),
+        peer: peer.map(|p| p.id.clone()),
         ..Seen::default()
     };
     let record = Record::start(ctx, &mut parts, client, dst, seen);
     let mut req = Request::from_parts(parts, body);
+    // Replaces any copy the client sent.
     remove_client_id(req.headers_mut());
+    if let Some(v) = peer.and_then(|p| p.header.as_ref()) {
+        req.headers_mut().insert(CLIENT_ID_HEADER, v.clone());
+    }
     req.headers_mut().remove(TARGET_HEADER);
     req.headers_mut().remove(PROTO_HEADER);
     if upgrade_token(&req).is_some() {
@@ -419,11 +427,42 @@ pub(crate) async fn serve_plain(
     proto: Protocol,
     meter: Arc<ConnMeter>,
 ) {
+    serve(ctx, Metered::new(sock, meter), client, dst, proto, None).await;
+}
+
+/// Serves HTTP that a peer proxy sent inside a tunnel to `dst` (a port
+/// this proxy does not carry as opaque): as from a client outside the
+/// mesh, except that the application is told who the peer is. Whatever a
+/// client's proxy carries as opaque, the identity header that the server
+/// application receives is the one this proxy verified.
+pub(crate) async fn serve_tunnelled<I>(
+    ctx: Arc<Shared>,
+    io: I,
+    client: SocketAddr,
+    dst: SocketAddr,
+    proto: Protocol,
+    peer: Peer,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    serve(ctx, io, client, dst, proto, Some(peer)).await;
+}
+
+async fn serve<I>(
+    ctx: Arc<Shared>,
+    io: I,
+    client: SocketAddr,
+    dst: SocketAddr,
+    proto: Protocol,
+    peer: Option<Peer>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let svc_ctx = ctx.clone();
     let route = ctx.metrics.port(dst.port());
     let h2 = proto == Protocol::Http2;
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let answering = from_outside(&svc_ctx, &route, req, client, dst);
+        let answering = from_client(&svc_ctx, &route, req, client, dst, peer.as_ref());
         async move {
             let res = answering.await;
             if h2 && res.extensions().get::<crate::h2server::Refuse>().is_some() {
@@ -435,7 +474,7 @@ pub(crate) async fn serve_plain(
             Ok(res)
         }
     });
-    let io = TokioIo::new(Metered::new(sock, meter));
+    let io = TokioIo::new(io);
     let served = match proto {
         Protocol::Http2 => {
             crate::serve_draining!(
