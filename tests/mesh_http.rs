@@ -6,6 +6,8 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -477,6 +479,95 @@ fn a_port_the_clients_proxy_carries_as_opaque_still_gets_the_identity_guarded() 
     assert_eq!(r.status, 200);
     assert_eq!(r.body.matches(client.id()).count(), 2, "{}", r.body);
     assert!(!r.body.contains("admin"), "{}", r.body);
+}
+
+#[test]
+fn a_peer_proxy_whose_client_hello_is_late_is_still_served() {
+    // A peer proxy on a slow or loaded machine may send its ClientHello
+    // well after the connection is up. In the server's pod, a relay takes
+    // the client proxy's connections to the mesh port, holds their first
+    // bytes for 300 ms and then passes everything on. No client outside
+    // the mesh may speak on that port: only the late handshake is welcome
+    // there, and it must be served, not refused.
+    const RELAY: u16 = 15990;
+    let (_mesh, server, client, _app) = setup(&[]);
+    let listener = server
+        .pod
+        .run_in(|| std::net::TcpListener::bind(("0.0.0.0", RELAY)))
+        .unwrap()
+        .expect("bind the relay");
+    let relayed = Arc::new(AtomicUsize::new(0));
+    let upstream = server.pod.clone();
+    let count = relayed.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
+            let upstream = upstream.clone();
+            std::thread::spawn(move || {
+                let mut from_peer = conn;
+                let Ok(Ok(mut to_proxy)) =
+                    upstream.run_in(|| TcpStream::connect(("127.0.0.1", 15006)))
+                else {
+                    return;
+                };
+                let mut first = [0u8; 16 * 1024];
+                let Ok(n) = from_peer.read(&mut first) else {
+                    return;
+                };
+                std::thread::sleep(Duration::from_millis(300));
+                if to_proxy.write_all(&first[..n]).is_err() {
+                    return;
+                }
+                let (Ok(mut a), Ok(mut b)) = (from_peer.try_clone(), to_proxy.try_clone()) else {
+                    return;
+                };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut to_proxy, &mut from_peer);
+                let _ = from_peer.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let client_ip = client.pod.ip().to_string();
+    let relay = RELAY.to_string();
+    server
+        .pod
+        .exec([
+            "iptables",
+            "-t",
+            "nat",
+            "-I",
+            "PREROUTING",
+            "1",
+            "-p",
+            "tcp",
+            "-s",
+            &client_ip,
+            "--dport",
+            "15006",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &relay,
+        ])
+        .expect("the relay's rule");
+    let r = request(
+        &client.pod,
+        &[
+            "-H",
+            "legate-client-id: spiffe://legate.local/admin",
+            &url(&server, "/headers"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}{}", r.headers, r.body);
+    let headers: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(headers["legate-client-id"], client.id(), "{headers}");
+    assert!(
+        relayed.load(Ordering::SeqCst) > 0,
+        "the relay was passed by"
+    );
 }
 
 #[test]
