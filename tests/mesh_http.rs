@@ -824,6 +824,46 @@ fn grpc_unary_streaming_and_errors_work_through_the_mesh() {
 }
 
 #[test]
+fn grpc_through_a_port_the_clients_proxy_carries_as_opaque_is_served_as_http() {
+    // The server's proxy finds HTTP/2 inside the tunnel and serves it, with
+    // streaming in both directions, as requests of its own.
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("grpc-server", PodOptions::default());
+    let client = mesh.meshed_pod(
+        "grpc-client",
+        PodOptions {
+            proxy_set: vec!["proxy.opaque_ports=50051".into()],
+            ..Default::default()
+        },
+    );
+    let dir = shared_dir().unwrap();
+    let (_srv, target) = grpc_server(&server.pod, dir.path());
+    let run = |args: &[&str]| grpc_call(&client.pod, dir.path(), args);
+    assert_eq!(run(&["unary", &target, "hello grpc"]).0, "hello grpc");
+    assert_eq!(
+        run(&["chat", &target, "one", "two", "three"]).0,
+        "re:one\nre:two\nre:three"
+    );
+    let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+    let (status, metrics) = server
+        .pod
+        .run_in(move || legate_testbed::mesh::http_get(admin, "/metrics"))
+        .unwrap()
+        .expect("the server's metrics");
+    assert_eq!(status, 200);
+    let served: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("legate_http_request_duration_seconds_count{"))
+        .filter(|l| l.contains("direction=\"inbound\"") && l.contains("destination=\"50051\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        served, 2.0,
+        "both calls were served as HTTP/2 requests:\n{metrics}"
+    );
+}
+
+#[test]
 fn a_grpc_call_answered_unavailable_is_retried_with_its_message() {
     let mesh = Mesh::new(&[]);
     let server = mesh.meshed_pod("grpc-server", PodOptions::default());
@@ -873,12 +913,22 @@ fn h2load(client: &MeshedPod, server: &MeshedPod, path: &str, args: &[&str]) -> 
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Serves HTTP/2 in `pod` on `port`, answering 200, and takes only
-/// `per_conn` requests on each connection, as a server with a limit on a
-/// connection's requests or age does: it then closes the connection
-/// gracefully (GOAWAY) and refuses the streams that were on their way
-/// (`REFUSED_STREAM`: never seen, safe to send again).
-fn serve_h2_closing_after(pod: &legate_testbed::Pod, port: u16, per_conn: usize) {
+/// What a test HTTP/2 application does with a request.
+enum H2Answer {
+    Respond(http::Response<()>),
+    /// Answers, then closes the connection gracefully (GOAWAY).
+    RespondAndClose(http::Response<()>),
+    /// Resets the stream with `REFUSED_STREAM`: never seen.
+    Refuse,
+}
+
+/// Serves HTTP/2 in `pod` on `port`, sending its SETTINGS as soon as a
+/// client connects (as gRPC servers, nginx and the `h2` crate do);
+/// `answer` is given each request and how many the connection has taken.
+fn serve_h2<A>(pod: &legate_testbed::Pod, port: u16, answer: A)
+where
+    A: Fn(&http::Request<h2::RecvStream>, usize) -> H2Answer + Copy + Send + 'static,
+{
     let listener = pod
         .run_in(move || std::net::TcpListener::bind(("0.0.0.0", port)))
         .expect("run in pod")
@@ -897,21 +947,131 @@ fn serve_h2_closing_after(pod: &legate_testbed::Pod, port: u16, per_conn: usize)
                         return;
                     };
                     let mut taken = 0;
-                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
                         taken += 1;
-                        if taken > per_conn {
-                            respond.send_reset(h2::Reason::REFUSED_STREAM);
-                            continue;
-                        }
-                        let _ = respond.send_response(http::Response::new(()), true);
-                        if taken == per_conn {
-                            conn.graceful_shutdown();
+                        match answer(&req, taken) {
+                            H2Answer::Respond(res) => {
+                                let _ = respond.send_response(res, true);
+                            }
+                            H2Answer::RespondAndClose(res) => {
+                                let _ = respond.send_response(res, true);
+                                conn.graceful_shutdown();
+                            }
+                            H2Answer::Refuse => respond.send_reset(h2::Reason::REFUSED_STREAM),
                         }
                     }
                 });
             }
         });
     });
+}
+
+/// Serves HTTP/2 in `pod` on `port`, answering 200, and takes only
+/// `per_conn` requests on each connection, as a server with a limit on a
+/// connection's requests or age does: it then closes the connection
+/// gracefully (GOAWAY) and refuses the streams that were on their way
+/// (`REFUSED_STREAM`: never seen, safe to send again).
+fn serve_h2_closing_after(pod: &legate_testbed::Pod, port: u16, per_conn: usize) {
+    serve_h2(pod, port, move |_, taken| match taken.cmp(&per_conn) {
+        std::cmp::Ordering::Less => H2Answer::Respond(http::Response::new(())),
+        std::cmp::Ordering::Equal => H2Answer::RespondAndClose(http::Response::new(())),
+        std::cmp::Ordering::Greater => H2Answer::Refuse,
+    });
+}
+
+/// Serves HTTP/2 in `pod` on `port`, answering each request with the
+/// identity header it received echoed in `x-client-id` (empty when there
+/// was none).
+fn serve_h2_echoing_identity(pod: &legate_testbed::Pod, port: u16) {
+    serve_h2(pod, port, |req, _| {
+        let seen: Vec<_> = req
+            .headers()
+            .get_all("legate-client-id")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let res = http::Response::builder()
+            .header("x-client-id", seen.join(","))
+            .body(())
+            .unwrap_or_default();
+        H2Answer::Respond(res)
+    });
+}
+
+/// From `pod`: connects to `dst`, says nothing for `pause`, then sends an
+/// HTTP/2 request (prior knowledge) with a forged identity header; the
+/// `x-client-id` the application answered.
+fn h2_identity_after(pod: &legate_testbed::Pod, dst: SocketAddr, pause: Duration) -> String {
+    pod.run_in(move || {
+        let tcp = TcpStream::connect(dst).expect("connect");
+        tcp.set_nonblocking(true).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+            tokio::time::sleep(pause).await;
+            let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+            tokio::spawn(conn);
+            let req = http::Request::builder()
+                .uri(format!("http://{dst}/"))
+                .header("legate-client-id", "spiffe://legate.local/admin")
+                .body(())
+                .unwrap();
+            let (res, _) = send.send_request(req, true).expect("send");
+            let res = tokio::time::timeout(Duration::from_secs(10), res)
+                .await
+                .expect("an answer in time")
+                .expect("an answer");
+            assert_eq!(res.status(), 200);
+            res.headers()
+                .get("x-client-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        })
+    })
+    .expect("run in pod")
+}
+
+/// Many HTTP/2 servers send their SETTINGS the moment a client connects.
+/// That is no server-first banner: a client that speaks after a pause
+/// still takes the HTTP path, so its request carries the verified
+/// identity and never a forged one, whether it is in the mesh, outside
+/// it, or behind a proxy that carries the port as opaque.
+#[test]
+fn an_http2_server_that_opens_first_does_not_make_its_clients_opaque() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("h2-server", PodOptions::default());
+    let client = mesh.meshed_pod("h2-client", PodOptions::default());
+    let opaque = mesh.meshed_pod(
+        "h2-opaque",
+        PodOptions {
+            proxy_set: vec!["proxy.opaque_ports=8443".into()],
+            ..Default::default()
+        },
+    );
+    let outsider = mesh.plain_pod("outsider");
+    serve_h2_echoing_identity(&server.pod, 8443);
+    let dst = SocketAddr::new(server.pod.ip().into(), 8443);
+    for pause in [Duration::ZERO, Duration::from_millis(300)] {
+        assert_eq!(
+            h2_identity_after(&client.pod, dst, pause),
+            client.id(),
+            "after {pause:?}"
+        );
+        assert_eq!(
+            h2_identity_after(&opaque.pod, dst, pause),
+            opaque.id(),
+            "after {pause:?}"
+        );
+        assert_eq!(
+            h2_identity_after(&outsider, dst, pause),
+            "",
+            "after {pause:?}"
+        );
+    }
 }
 
 /// An application that closes its HTTP/2 connections now and then

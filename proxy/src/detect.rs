@@ -12,7 +12,10 @@
 //! connected, [`settle`] waits for whichever side speaks first. The
 //! server's bytes make the connection opaque; the client's are detected as
 //! if they had come in time, and HTTP then leaves the server connection
-//! unused.
+//! unused. An HTTP/2 server's opening SETTINGS frame, which many servers
+//! send the moment a client connects, does not count as speaking first
+//! ([`opens_http2`]): a slow gRPC client would otherwise lose the HTTP
+//! path, and with it the guard on the identity header.
 //!
 //! Bytes that begin with an HTTP method are HTTP unless their first line
 //! names another protocol of the same shape (RTSP, SIP): a malformed line,
@@ -253,6 +256,9 @@ pub async fn settle<S: AsyncRead + Unpin>(
     idle: Duration,
 ) -> Option<Settled> {
     let mut banner = Vec::with_capacity(4096);
+    // An HTTP/2 server: its first bytes say nothing of the client's
+    // protocol, so the client still decides.
+    let mut h2_server = false;
     let idle = tokio::time::sleep(idle);
     tokio::pin!(idle);
     loop {
@@ -260,15 +266,21 @@ pub async fn settle<S: AsyncRead + Unpin>(
             // Readiness alone consumes nothing, and the server's read gives
             // back nothing when it is dropped unfinished.
             ready = client.readable() => ready.map(|()| FirstMove::Client),
-            read = server.read_buf(&mut banner) => read.map(|_| FirstMove::Server),
+            read = server.read_buf(&mut banner), if !h2_server => read.map(|_| FirstMove::Server),
             () = &mut idle => Ok(FirstMove::Neither),
         };
         match moved {
             Ok(FirstMove::Client) => match detect_or_silent(client).await {
+                Some(p @ (Protocol::Http1 | Protocol::Http2)) => return Some(Settled::Client(p)),
+                Some(Protocol::Opaque) if h2_server => {
+                    client.write_all(&banner).await.ok()?;
+                    return Some(Settled::Server(banner.len()));
+                }
                 Some(p) => return Some(Settled::Client(p)),
                 // Readiness can be reported without anything to read.
                 None => continue,
             },
+            Ok(FirstMove::Server) if opens_http2(&banner) => h2_server = true,
             Ok(FirstMove::Server) => {
                 client.write_all(&banner).await.ok()?;
                 return Some(Settled::Server(banner.len()));
@@ -276,6 +288,27 @@ pub async fn settle<S: AsyncRead + Unpin>(
             Ok(FirstMove::Neither) | Err(_) => return None,
         }
     }
+}
+
+/// Whether a server's first bytes are the SETTINGS frame an HTTP/2 server
+/// opens its side of a connection with (RFC 9113 §3.4), which many send
+/// without waiting for the client's preface (gRPC servers, nginx, the
+/// `h2` crate). Such a server is not speaking first in the sense of a
+/// banner: the client's HTTP/2 request is still to come, and must take the
+/// HTTP path. No server-first protocol begins like it: SMTP, FTP, POP3 and
+/// SSH banners are text, and a MySQL greeting has sequence number 0 where
+/// this frame has its type, 4.
+pub fn opens_http2(first: &[u8]) -> bool {
+    const SETTINGS: u8 = 0x4;
+    let [l0, l1, l2, kind, flags, s0, s1, s2, s3, ..] = *first else {
+        return false;
+    };
+    let len = u32::from_be_bytes([0, l0, l1, l2]);
+    kind == SETTINGS
+        && flags == 0
+        && len % 6 == 0
+        && len <= 16_384
+        && u32::from_be_bytes([s0, s1, s2, s3]) & 0x7fff_ffff == 0
 }
 
 #[cfg(test)]
@@ -386,6 +419,58 @@ mod tests {
         let (mut server, _upstream) = pair().await;
         let settled = settle(&mut client, &mut server, Duration::from_millis(20)).await;
         assert_eq!(settled, None);
+    }
+
+    #[test]
+    fn an_http2_servers_opening_is_told_from_banners() {
+        // An empty SETTINGS frame, and one with two settings.
+        assert!(opens_http2(&[0, 0, 0, 4, 0, 0, 0, 0, 0]));
+        assert!(opens_http2(&[
+            0, 0, 12, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100
+        ]));
+        for banner in [
+            &b"220 mail.example ESMTP\r\n"[..],
+            b"SSH-2.0-OpenSSH_9.2\r\n",
+            b"+OK POP3 ready\r\n",
+            // A MySQL greeting: length, sequence 0, protocol version 10.
+            &[0x4a, 0, 0, 0, 0x0a, b'8', b'.', b'0', b'.', b'3'],
+            // A SETTINGS acknowledgement, a frame on a stream, too short.
+            &[0, 0, 0, 4, 1, 0, 0, 0, 0],
+            &[0, 0, 6, 4, 0, 0, 0, 0, 1],
+            &[0, 0, 0, 4, 0],
+        ] {
+            assert!(!opens_http2(banner), "{banner:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_http2_server_opening_first_leaves_the_decision_to_the_client() {
+        let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+        // The client speaks HTTP/2 after the server's SETTINGS.
+        let (mut client, mut app) = pair().await;
+        let (mut server, mut upstream) = pair().await;
+        upstream.write_all(&settings).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        app.write_all(H2_PREFACE).await.unwrap();
+        let settled = settle(&mut client, &mut server, Duration::from_secs(5)).await;
+        assert_eq!(settled, Some(Settled::Client(Protocol::Http2)));
+
+        // The client speaks something else: the SETTINGS it was not sent
+        // yet reach it first, and the connection is opaque.
+        let (mut client, mut app) = pair().await;
+        let (mut server, mut upstream) = pair().await;
+        upstream.write_all(&settings).await.unwrap();
+        let speak = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            app.write_all(b"EHLO me\r\n").await.unwrap();
+            app
+        });
+        let settled = settle(&mut client, &mut server, Duration::from_secs(5)).await;
+        assert_eq!(settled, Some(Settled::Server(9)));
+        let mut app = speak.await.unwrap();
+        let mut got = [0u8; 9];
+        app.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, settings);
     }
 
     #[tokio::test(start_paused = true)]

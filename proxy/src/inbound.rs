@@ -354,16 +354,27 @@ async fn tunnel(
         // A peek consumes nothing (and, unlike readiness, is never
         // spurious), and the tunnel's read gives back nothing when it is
         // dropped unfinished. An application that has spoken decides, as in
-        // `settle`.
-        let mut one = [0u8; 1];
-        let spoke = tokio::select! {
-            biased;
-            peeked = app.peek(&mut one) => peeked.map(|_| false),
-            read = stream.read_buf(&mut first) => read.map(|_| true),
-            () = tokio::time::sleep(idle) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "neither side spoke within the idle timeout",
-            )),
+        // `settle`, unless it is an HTTP/2 server opening its side.
+        let mut head = [0u8; 9];
+        let mut h2_app = false;
+        let idle_end = tokio::time::sleep(idle);
+        tokio::pin!(idle_end);
+        let spoke = loop {
+            let spoke = tokio::select! {
+                biased;
+                peeked = app.peek(&mut head), if !h2_app => peeked.map(Some),
+                read = stream.read_buf(&mut first) => read.map(|_| None),
+                () = &mut idle_end => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "neither side spoke within the idle timeout",
+                )),
+            };
+            match spoke {
+                Ok(Some(n)) if crate::detect::opens_http2(&head[..n]) => h2_app = true,
+                Ok(Some(_)) => break Ok(false),
+                Ok(None) => break Ok(true),
+                Err(e) => break Err(e),
+            }
         };
         match spoke {
             Ok(true) if !first.is_empty() => {
