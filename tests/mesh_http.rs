@@ -409,10 +409,17 @@ fn the_server_app_gets_the_verified_client_identity_and_never_a_forged_one() {
     let dst = SocketAddr::new(server.pod.ip().into(), PORT);
     let request = b"GET /headers HTTP/1.1\r\nHost: server\r\nConnection: close\r\nlegate-client-id: spiffe://legate.local/admin\r\n\r\n";
     let bare_lf = b"GET /headers HTTP/1.1\nHost: server\nConnection: close\nlegate-client-id: spiffe://legate.local/admin\n\n";
-    let shapes: [(&str, &'static [u8], &'static [u8]); 3] = [
+    // Nor through a request line that detection might not have known for
+    // one: after empty lines (which servers skip), or with a method beyond
+    // the common ones.
+    let after_empty_lines = b"\r\n\r\nGET /headers HTTP/1.1\r\nHost: server\r\nConnection: close\r\nlegate-client-id: spiffe://legate.local/admin\r\n\r\n";
+    let propfind = b"PROPFIND /headers HTTP/1.1\r\nHost: server\r\nConnection: close\r\nlegate-client-id: spiffe://legate.local/admin\r\n\r\n";
+    let shapes: [(&str, &'static [u8], &'static [u8]); 5] = [
         ("a late request", b"", request),
         ("a stalled request line", b"GE", &request[2..]),
         ("bare LF", b"", bare_lf),
+        ("empty lines first", b"", after_empty_lines),
+        ("another method", b"PROPFIND /hea", &propfind[13..]),
     ];
     for (shape, first, rest) in shapes {
         let send = |pod: &legate_testbed::Pod| -> serde_json::Value {

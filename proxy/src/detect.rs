@@ -17,15 +17,17 @@
 //! ([`opens_http2`]): a slow gRPC client would otherwise lose the HTTP
 //! path, and with it the guard on the identity header.
 //!
-//! Bytes that begin with an HTTP method are HTTP unless their first line
-//! names another protocol of the same shape (RTSP, SIP): a malformed line,
-//! one that stalls part-way, or one too long to inspect is hyper's to
-//! judge. Passed on as opaque, such a request would reach a lenient server
-//! with whatever headers the client wrote, the identity header that the
-//! HTTP path guards among them. (A Redis inline command `GET key` typed by
-//! hand is therefore answered 400; `redis-cli` speaks RESP, which is
-//! opaque, and `proxy.opaque_ports`, listing the port on the client's
-//! proxy and the server's, covers the rest.)
+//! Bytes that begin with a common HTTP method are HTTP unless their first
+//! line names another protocol of the same shape (RTSP, SIP): a malformed
+//! line, one that stalls part-way, or one too long to inspect is hyper's to
+//! judge. Any other method is HTTP when its whole line ends in an HTTP
+//! version, and empty lines before the request line, which servers skip,
+//! are skipped here too. Passed on as opaque, such a request would reach a
+//! lenient server with whatever headers the client wrote, the identity
+//! header that the HTTP path guards among them. (A Redis inline command
+//! `GET key` typed by hand is therefore answered 400; `redis-cli` speaks
+//! RESP, which is opaque, and `proxy.opaque_ports`, listing the port on
+//! the client's proxy and the server's, covers the rest.)
 
 use std::time::Duration;
 
@@ -44,9 +46,10 @@ const LINE_PATIENCE: Duration = Duration::from_secs(10);
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Request methods recognised as the start of an HTTP/1.x request line.
-/// `CONNECT` is absent on purpose: a client using us as its HTTP proxy
-/// tunnels opaque bytes after it.
+/// Request methods recognised as the start of an HTTP/1.x request line
+/// from their first bytes. Other methods are recognised by the whole line
+/// (see [`classify`]). `CONNECT` is never HTTP here: a client using an HTTP
+/// proxy tunnels opaque bytes after it.
 const METHODS: &[&[u8]] = &[
     b"GET ",
     b"HEAD ",
@@ -57,6 +60,16 @@ const METHODS: &[&[u8]] = &[
     b"PATCH ",
     b"TRACE ",
 ];
+
+/// The longest method taken for one when it is not among [`METHODS`]
+/// (the longest registered, `UPDATEREDIRECTREF`, has 17 bytes): a longer
+/// run of token bytes is some other protocol.
+const MAX_METHOD: usize = 24;
+
+/// Whether `b` may appear in a method (RFC 9110 §5.6.2, `tchar`).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
 
 /// The longest request line inspected (the longest URI hyper accepts is
 /// just under it). A longer line that began like HTTP is taken for HTTP,
@@ -89,27 +102,56 @@ fn classify(buf: &[u8]) -> Verdict {
             Verdict::NeedMore
         };
     }
-    let could_be_method = METHODS.iter().any(|m| {
-        let k = buf.len().min(m.len());
-        buf[..k] == m[..k]
-    });
-    if !could_be_method {
-        return Verdict::Is(Protocol::Opaque);
-    }
-    let Some(eol) = buf.iter().position(|&b| b == b'\n') else {
+    // Servers skip empty lines before a request line (RFC 9112 §2.2), and
+    // so does hyper: they must not hide one from detection.
+    let Some(start) = buf.iter().position(|&b| b != b'\r' && b != b'\n') else {
         return if buf.len() >= MAX_PEEK {
             Verdict::Is(Protocol::Http1)
         } else {
             Verdict::NeedMore
         };
     };
-    // A line that begins with a method is HTTP unless it names another
-    // protocol of the same shape (RTSP, SIP). Anything else, malformed or
-    // not, is hyper's to judge: passed on as opaque, a line that a lenient
-    // server takes for HTTP would carry whatever headers the client wrote
-    // to it, a forged identity header among them.
-    let line = buf[..eol].trim_ascii_end();
+    let rest = &buf[start..];
+    let common = METHODS.iter().any(|m| {
+        let k = rest.len().min(m.len());
+        rest[..k] == m[..k]
+    });
+    if !common {
+        // Any other method (WebDAV's PROPFIND, an application's own) is a
+        // token and a space, and its line must end in an HTTP version.
+        // Bytes that end inside the token are opaque at once: short
+        // messages of letters ("ping") are common in other protocols, and
+        // an HTTP client writes its request line whole.
+        let token = rest.iter().take_while(|&&b| is_tchar(b)).count();
+        if token == 0
+            || token > MAX_METHOD
+            || &rest[..token] == b"CONNECT"
+            || rest.get(token) != Some(&b' ')
+        {
+            return Verdict::Is(Protocol::Opaque);
+        }
+    }
+    let Some(eol) = rest.iter().position(|&b| b == b'\n') else {
+        return if buf.len() >= MAX_PEEK {
+            Verdict::Is(Protocol::Http1)
+        } else {
+            Verdict::NeedMore
+        };
+    };
+    // A line that begins with a common method is HTTP unless it names
+    // another protocol of the same shape (RTSP, SIP). Anything else,
+    // malformed or not, is hyper's to judge: passed on as opaque, a line
+    // that a lenient server takes for HTTP would carry whatever headers the
+    // client wrote to it, a forged identity header among them.
+    let line = rest[..eol].trim_ascii_end();
     let version = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
+    if !common {
+        return Verdict::Is(if version.starts_with(b"HTTP/") {
+            Protocol::Http1
+        } else {
+            Protocol::Opaque
+        });
+    }
     let other_protocol = match version.iter().position(|&b| b == b'/') {
         Some(slash) => {
             let (name, number) = (&version[..slash], &version[slash + 1..]);
@@ -367,6 +409,32 @@ mod tests {
             classify(b"CONNECT host:443 HTTP/1.1\r\n"),
             Verdict::Is(Protocol::Opaque)
         );
+        // Empty lines before the request line, which servers skip.
+        assert_eq!(
+            classify(b"\r\n\r\nGET / HTTP/1.1\r\n"),
+            Verdict::Is(Protocol::Http1)
+        );
+        assert_eq!(classify(b"\r\n"), Verdict::NeedMore);
+        // Any other method, by its whole line.
+        assert_eq!(
+            classify(b"PROPFIND /dav HTTP/1.1\r\n"),
+            Verdict::Is(Protocol::Http1)
+        );
+        assert_eq!(classify(b"PROPFIND /dav"), Verdict::NeedMore);
+        // Lines of other text protocols, and a run of letters too long to
+        // be a method.
+        for first in [
+            &b"get user:1\r\n"[..],
+            b"NICK guest\r\n",
+            b"PING\r\n",
+            b"ping",
+            b"PROPF",
+            b"CONNECT\naccept-version:1.2\n",
+            b"AMQP\x00\x00\x09\x01",
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+        ] {
+            assert_eq!(classify(first), Verdict::Is(Protocol::Opaque), "{first:?}");
+        }
     }
 
     #[tokio::test]

@@ -184,7 +184,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.websocket()
         self.reply(404, b"unknown path\n")
 
-    do_GET = do_POST = do_PUT = do_DELETE = handle_any
+    # PROPFIND: a method beyond the common ones, as WebDAV servers take.
+    do_GET = do_POST = do_PUT = do_DELETE = do_PROPFIND = handle_any
 
 
 server = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler)
