@@ -3,6 +3,7 @@
 //! the HTTP/2 hop between proxies, and the client identity header.
 
 mod common;
+mod obs_support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -851,19 +852,12 @@ fn grpc_through_a_port_the_clients_proxy_carries_as_opaque_is_served_as_http() {
         run(&["chat", &target, "one", "two", "three"]).0,
         "re:one\nre:two\nre:three"
     );
-    let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
-    let (status, metrics) = server
-        .pod
-        .run_in(move || legate_testbed::mesh::http_get(admin, "/metrics"))
-        .unwrap()
-        .expect("the server's metrics");
-    assert_eq!(status, 200);
-    let served: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("legate_http_request_duration_seconds_count{"))
-        .filter(|l| l.contains("direction=\"inbound\"") && l.contains("destination=\"50051\""))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum();
+    let metrics = obs_support::scrape(&server.pod);
+    let served = obs_support::metric(
+        &metrics,
+        "legate_http_request_duration_seconds_count",
+        &[("direction", "inbound"), ("destination", "50051")],
+    );
     assert_eq!(
         served, 2.0,
         "both calls were served as HTTP/2 requests:\n{metrics}"
