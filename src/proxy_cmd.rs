@@ -98,7 +98,9 @@ async fn reload_loop(shared: Arc<Shared>, sources: Sources, mut level: String) {
     loop {
         let why = tokio::select! {
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => "SIGHUP",
-            _ = tick.tick() => {
+            // Without a file there is nothing to watch, and no reason
+            // to wake an idle proxy every second.
+            _ = tick.tick(), if file.is_some() => {
                 let now = file.as_deref().and_then(stamp);
                 if now == seen {
                     continue;
@@ -106,6 +108,9 @@ async fn reload_loop(shared: Arc<Shared>, sources: Sources, mut level: String) {
                 seen = now;
                 "the configuration file changed"
             }
+            // Neither a signal handler nor a file: nothing can ask for a
+            // reload.
+            else => return,
         };
         let loaded = tokio::task::spawn_blocking({
             let sources = sources.clone();

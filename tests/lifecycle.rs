@@ -259,3 +259,52 @@ fn a_reload_changes_retries_for_new_requests_keeps_connections_and_refuses_bad_f
     assert!(exit.success(), "{exit:?}\n{}", client.proxy.stderr());
     assert!(client.proxy.stderr().contains("shutdown requested"));
 }
+
+/// Voluntary context switches of each thread of `pid`: its id, its name
+/// and the count.
+fn wakeups(pid: u32) -> Vec<(String, String, u64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the proxy's threads");
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            let n = status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            let tid = t.file_name().to_string_lossy().into_owned();
+            Some((tid, name.trim().to_string(), n))
+        })
+        .collect()
+}
+
+#[test]
+fn an_idle_proxy_leaves_the_cpu_alone() {
+    // A sidecar sits beside every workload, most of them idle most of the
+    // time: with no traffic and no configuration file to watch, nothing
+    // in it should be polling. (The access log's writer woke twenty times
+    // a second, and the reload loop every second, to find nothing to do.)
+    let mesh = Mesh::new(&[]);
+    let pod = mesh.meshed_pod("idle", PodOptions::default());
+    // Past the start: the certificate is in and the listeners are up.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = wakeups(pod.proxy.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let after = wakeups(pod.proxy.pid());
+    let woke: Vec<(String, u64)> = after
+        .iter()
+        .map(|(tid, name, n)| {
+            let was = before
+                .iter()
+                .find(|(t, ..)| t == tid)
+                .map_or(0, |(.., b)| *b);
+            (name.clone(), n - was)
+        })
+        .collect();
+    let total: u64 = woke.iter().map(|(_, n)| n).sum();
+    // The pools' idle sweep may fire meanwhile (every 10 s by default).
+    assert!(total <= 2, "wakeups in 3 s of idling, by thread: {woke:?}");
+}

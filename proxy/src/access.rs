@@ -9,11 +9,14 @@
 //! admin server can switch logging on and off at runtime.
 //!
 //! Lines are formatted on the request path only when one is logged, and
-//! appended to a shared buffer that a dedicated thread writes out every
-//! [`FLUSH_EVERY`]: one write for many lines, and no wakeup per line. A
-//! slow stdout (a full pipe, a stalled log shipper) never blocks traffic:
-//! when the buffer holds [`MAX_BUFFER`] bytes new lines are dropped and
-//! counted in `legate_access_log_dropped_total`.
+//! appended to a shared buffer that a dedicated thread writes out
+//! [`FLUSH_EVERY`] after the first line of a batch arrives: one write for
+//! many lines, and no wakeup per line. With nothing to write the thread
+//! sleeps until a line comes, so a proxy with access logs off (the
+//! default) or without traffic never wakes it. A slow stdout (a full
+//! pipe, a stalled log shipper) never blocks traffic: when the buffer
+//! holds [`MAX_BUFFER`] bytes new lines are dropped and counted in
+//! `legate_access_log_dropped_total`.
 //!
 //! A connection line:
 //!
@@ -32,7 +35,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use legate_config::{AccessLogMode, LogConfig};
@@ -51,7 +54,7 @@ pub struct AccessLog {
     enabled: AtomicBool,
     sample_ppm: AtomicU32,
     paths: AtomicBool,
-    pending: Arc<Mutex<Vec<u8>>>,
+    queue: Arc<Queue>,
     local_id: OnceLock<Arc<str>>,
     metrics: Arc<Metrics>,
 }
@@ -79,11 +82,11 @@ impl AccessLog {
         metrics: Arc<Metrics>,
         open: impl FnOnce() -> Box<dyn Write + Send> + Send + 'static,
     ) -> Self {
-        let pending = Arc::new(Mutex::new(Vec::with_capacity(64 * 1024)));
-        let weak = Arc::downgrade(&pending);
+        let queue = Arc::new(Queue::default());
+        let writer = queue.clone();
         let spawned = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(weak, open()));
+            .spawn(move || write_lines(&writer, open()));
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start the access log writer; access logs are lost");
         }
@@ -91,7 +94,7 @@ impl AccessLog {
             enabled: AtomicBool::new(false),
             sample_ppm: AtomicU32::new(MILLION),
             paths: AtomicBool::new(false),
-            pending,
+            queue,
             local_id: OnceLock::new(),
             metrics,
         };
@@ -155,11 +158,7 @@ impl AccessLog {
     pub fn flush(&self, timeout: Duration) {
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
-            let empty = self
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_empty();
+            let empty = self.queue.lock().lines.is_empty();
             if empty {
                 // Taken by the writer; give it a moment to write it out.
                 std::thread::sleep(Duration::from_millis(10));
@@ -171,32 +170,72 @@ impl AccessLog {
 
     /// Queues a finished line; drops it when the writer is behind.
     pub fn emit(&self, line: String) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if pending.len() + line.len() > MAX_BUFFER {
+        let mut pending = self.queue.lock();
+        if pending.lines.len() + line.len() > MAX_BUFFER {
             drop(pending);
             self.metrics.access_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        pending.extend_from_slice(line.as_bytes());
+        let first = pending.lines.is_empty();
+        pending.lines.extend_from_slice(line.as_bytes());
+        drop(pending);
+        // Later lines of the batch find the writer already awake.
+        if first {
+            self.queue.arrived.notify_one();
+        }
     }
 }
 
-/// Writes out the buffer every [`FLUSH_EVERY`], until the log is dropped.
-fn write_lines(pending: Weak<Mutex<Vec<u8>>>, mut out: Box<dyn Write + Send>) {
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.arrived.notify_one();
+    }
+}
+
+/// Lines waiting for the writer thread.
+#[derive(Default)]
+struct Queue {
+    pending: Mutex<Pending>,
+    /// Signalled when a line lands in an empty buffer, and on close.
+    arrived: Condvar,
+}
+
+#[derive(Default)]
+struct Pending {
+    lines: Vec<u8>,
+    /// The log is gone: write what is left and end.
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Sleeps until lines arrive, gives the batch [`FLUSH_EVERY`] to grow and
+/// writes it out in one go; ends once the log is dropped and written out.
+fn write_lines(queue: &Queue, mut out: Box<dyn Write + Send>) {
     let mut batch = Vec::with_capacity(64 * 1024);
     loop {
-        std::thread::sleep(FLUSH_EVERY);
-        let Some(shared) = pending.upgrade() else {
-            return;
+        let closed = {
+            let mut p = queue.lock();
+            while p.lines.is_empty() && !p.closed {
+                p = queue.arrived.wait(p).unwrap_or_else(|p| p.into_inner());
+            }
+            p.closed
         };
-        {
-            let mut p = shared.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::swap(&mut *p, &mut batch);
+        if !closed {
+            std::thread::sleep(FLUSH_EVERY);
         }
-        drop(shared);
+        std::mem::swap(&mut queue.lock().lines, &mut batch);
         if !batch.is_empty() {
             let _ = out.write_all(&batch).and_then(|()| out.flush());
             batch.clear();
+        }
+        if closed {
+            return;
         }
     }
 }
@@ -344,19 +383,43 @@ mod tests {
         assert_eq!(leap, "2000-02-29T00:00:00.000Z");
     }
 
+    #[derive(Clone, Default)]
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_dropped_log_writes_what_is_queued_and_its_writer_ends() {
+        let sink = Sink::default();
+        let s2 = sink.clone();
+        let cfg = LogConfig {
+            access: AccessLogMode::On,
+            ..LogConfig::default()
+        };
+        let log = AccessLog::to_writer(&cfg, Arc::new(Metrics::new()), move || Box::new(s2));
+        log.emit(Line::new(SystemTime::now(), "tcp").finish());
+        drop(log);
+        // The writer holds the other reference to the sink until it ends.
+        for _ in 0..400 {
+            if Arc::strong_count(&sink.0) == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(Arc::strong_count(&sink.0), 1, "the writer thread ended");
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("\"kind\":\"tcp\""), "{text}");
+    }
+
     #[test]
     fn off_by_default_sampled_when_on_and_lines_reach_the_writer() {
-        #[derive(Clone, Default)]
-        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl Write for Sink {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let sink = Sink::default();
         let s2 = sink.clone();
         let mut cfg = LogConfig::default();
