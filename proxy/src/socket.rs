@@ -110,11 +110,13 @@ pub fn tls_transport<S: tokio::io::AsyncRead>(io: S) -> tokio::io::BufReader<S> 
 
 /// Unsent TLS a mesh connection may hold before a write stops taking bytes.
 ///
-/// rustls's default, 64 KiB, is just short of a full DATA frame
-/// ([`crate::pool::MAX_FRAME`], 64 KiB) with its 9-byte header: each such
-/// frame was taken in two writes, and its last 9 bytes left later in a TLS
-/// record, system call and TCP segment of their own. The few mesh
-/// connections may hold one more frame each when their socket is full.
+/// Twice rustls's default of 64 KiB. A write rustls takes only in part
+/// leaves its tail for later, in a TLS record, system call and TCP segment
+/// of its own. With the extra room, a full DATA frame
+/// ([`crate::pool::MAX_FRAME`]) with its 9-byte header is taken whole
+/// even behind a whole burst of the write batcher (64 KiB) not yet sent.
+/// The few mesh connections may hold that much more each when their
+/// socket is full.
 pub const TLS_WRITE_LIMIT: usize = 128 * 1024;
 
 /// Sets [`TLS_WRITE_LIMIT`] on a mesh connection's TLS session.
@@ -228,8 +230,9 @@ mod tests {
     use std::io::Write;
     use std::sync::Arc;
 
-    /// A full DATA frame and its header, written as h2 writes them, are
-    /// taken in one write: nothing is left over to leave on its own.
+    /// A full DATA frame and its header, written as h2 writes them behind
+    /// a burst of the write batcher still unsent, are taken in one write:
+    /// nothing is left over to leave on its own.
     #[test]
     fn a_mesh_session_takes_a_full_frame_with_its_header_at_once() {
         let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -242,6 +245,8 @@ mod tests {
         let mut conn =
             rustls::ClientConnection::new(Arc::new(cfg), "10.200.0.3".try_into().unwrap()).unwrap();
         limit_tls_writes(&mut conn);
+        let burst = vec![0u8; 64 * 1024];
+        assert_eq!(conn.writer().write(&burst).unwrap(), burst.len());
         let header = [0u8; 9];
         let payload = vec![0u8; crate::pool::MAX_FRAME as usize];
         let taken = conn
