@@ -153,19 +153,15 @@ impl AccessLog {
         self.local_id.get().map(|s| &**s)
     }
 
-    /// Waits, up to `timeout`, for the writer to take what is queued; for
-    /// an orderly exit, so that the last lines are not lost.
+    /// Waits, up to `timeout`, until the writer has written out what is
+    /// queued; for an orderly exit, so that the last lines are not lost
+    /// even when the output is slow to take them.
     pub fn flush(&self, timeout: Duration) {
-        let deadline = std::time::Instant::now() + timeout;
-        while std::time::Instant::now() < deadline {
-            let empty = self.queue.lock().lines.is_empty();
-            if empty {
-                // Taken by the writer; give it a moment to write it out.
-                std::thread::sleep(Duration::from_millis(10));
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let pending = self.queue.lock();
+        let _ = self
+            .queue
+            .written
+            .wait_timeout_while(pending, timeout, |p| !p.lines.is_empty() || p.writing);
     }
 
     /// Queues a finished line; drops it when the writer is behind.
@@ -199,6 +195,8 @@ struct Queue {
     pending: Mutex<Pending>,
     /// Signalled when a line lands in an empty buffer, and on close.
     arrived: Condvar,
+    /// Signalled when the writer has written a batch out.
+    written: Condvar,
 }
 
 #[derive(Default)]
@@ -206,6 +204,8 @@ struct Pending {
     lines: Vec<u8>,
     /// The log is gone: write what is left and end.
     closed: bool,
+    /// The writer holds lines it has taken but not yet written.
+    writing: bool,
 }
 
 impl Queue {
@@ -229,10 +229,16 @@ fn write_lines(queue: &Queue, mut out: Box<dyn Write + Send>) {
         if !closed {
             std::thread::sleep(FLUSH_EVERY);
         }
-        std::mem::swap(&mut queue.lock().lines, &mut batch);
+        {
+            let mut p = queue.lock();
+            std::mem::swap(&mut p.lines, &mut batch);
+            p.writing = !batch.is_empty();
+        }
         if !batch.is_empty() {
             let _ = out.write_all(&batch).and_then(|()| out.flush());
             batch.clear();
+            queue.lock().writing = false;
+            queue.written.notify_all();
         }
         if closed {
             return;
@@ -416,6 +422,35 @@ mod tests {
         assert_eq!(Arc::strong_count(&sink.0), 1, "the writer thread ended");
         let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         assert!(text.contains("\"kind\":\"tcp\""), "{text}");
+    }
+
+    /// An output that takes its time, as a pipe to a busy log collector.
+    struct SlowSink(Sink);
+    impl Write for SlowSink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            std::thread::sleep(Duration::from_millis(300));
+            self.0.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn flush_returns_once_queued_lines_are_written_out() {
+        let sink = Sink::default();
+        let s2 = sink.clone();
+        let cfg = LogConfig {
+            access: AccessLogMode::On,
+            ..LogConfig::default()
+        };
+        let log = AccessLog::to_writer(&cfg, Arc::new(Metrics::new()), move || {
+            Box::new(SlowSink(s2))
+        });
+        log.emit(Line::new(SystemTime::now(), "http").finish());
+        log.flush(Duration::from_secs(10));
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("\"kind\":\"http\""), "flushed: {text:?}");
     }
 
     #[test]
