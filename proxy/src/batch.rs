@@ -27,7 +27,7 @@ use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Writes held before they are passed on even without a flush.
-const MAX_HELD: usize = 64 * 1024;
+pub const MAX_HELD: usize = 64 * 1024;
 /// Writes at least this large go straight through once the buffer is
 /// empty: copying them gains nothing.
 const PASS_THROUGH: usize = 16 * 1024;

@@ -114,7 +114,8 @@ pub fn tls_transport<S: tokio::io::AsyncRead>(io: S) -> tokio::io::BufReader<S> 
 /// leaves its tail for later, in a TLS record, system call and TCP segment
 /// of its own. With the extra room, a full DATA frame
 /// ([`crate::pool::MAX_FRAME`]) with its 9-byte header is taken whole
-/// even behind a whole burst of the write batcher (64 KiB) not yet sent.
+/// even behind a whole burst of the write batcher
+/// ([`crate::batch::MAX_HELD`], 64 KiB) not yet sent.
 /// The few mesh connections may hold that much more each when their
 /// socket is full.
 pub const TLS_WRITE_LIMIT: usize = 128 * 1024;
@@ -245,7 +246,7 @@ mod tests {
         let mut conn =
             rustls::ClientConnection::new(Arc::new(cfg), "10.200.0.3".try_into().unwrap()).unwrap();
         limit_tls_writes(&mut conn);
-        let burst = vec![0u8; 64 * 1024];
+        let burst = vec![0u8; crate::batch::MAX_HELD];
         assert_eq!(conn.writer().write(&burst).unwrap(), burst.len());
         let header = [0u8; 9];
         let payload = vec![0u8; crate::pool::MAX_FRAME as usize];
