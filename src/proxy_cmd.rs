@@ -25,6 +25,9 @@ use crate::logging;
 /// Flags of `legate proxy`; each sets the configuration key it names.
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
+    // clap prints this text as help, where the angle brackets are meant
+    // as they stand, not as HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     /// Workload name outside Kubernetes: the identity becomes spiffe://<trust-domain>/<name> [config: identity.name]
     #[arg(long, value_name = "NAME")]
     name: Option<String>,

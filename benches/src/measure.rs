@@ -65,7 +65,7 @@ fn parent_map() -> Vec<(u32, u32)> {
         .collect()
 }
 
-/// The fields of /proc/<pid>/stat after the command name: state first.
+/// The fields of `/proc/<pid>/stat` after the command name: state first.
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;

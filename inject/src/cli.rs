@@ -29,6 +29,9 @@ pub struct InjectArgs {
     )]
     pub file: Option<PathBuf>,
 
+    // clap prints this text as help, where the angle brackets are meant
+    // as they stand, not as HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     /// Image with the legate binary at /usr/local/bin/legate [default: ghcr.io/legate-mesh/legate:<this version>]
     #[arg(long, value_name = "IMAGE")]
     pub image: Option<String>,

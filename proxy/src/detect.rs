@@ -41,7 +41,7 @@ pub const DETECT_TIMEOUT: Duration = Duration::from_millis(50);
 /// line. Past it the connection is taken for HTTP: the HTTP path is where
 /// the identity header is guarded, and a stalled start must not be a way
 /// around it.
-const LINE_PATIENCE: Duration = Duration::from_secs(10);
+pub const LINE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -82,6 +82,9 @@ Examples:
   sudo legate run --inbound-ports 8080 -- python3 -m http.server 8080
   sudo legate run --cleanup")]
 pub struct RunArgs {
+    // clap prints this text as help, where the angle brackets are meant
+    // as they stand, not as HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     /// Workload name: the identity becomes spiffe://<trust-domain>/<name>; defaults to the command's file name [config: identity.name]
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
