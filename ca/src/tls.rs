@@ -91,10 +91,12 @@ pub fn server_config(
         ClientAuth::Optional(m) => (m, false),
     };
     let verifier = Arc::new(SpiffeClientVerifier {
-        trust: Trust::Live(creds.clone()),
-        matcher,
+        check: PeerCheck {
+            trust: Trust::Live(creds.clone()),
+            matcher,
+            algs: provider.signature_verification_algorithms,
+        },
         mandatory,
-        algs: provider.signature_verification_algorithms,
     });
     let builder = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -146,11 +148,11 @@ fn build_client_config(
     alpn: Vec<Vec<u8>>,
 ) -> Arc<ClientConfig> {
     let provider = provider();
-    let verifier = Arc::new(SpiffeServerVerifier {
+    let verifier = Arc::new(SpiffeServerVerifier(PeerCheck {
         trust,
         matcher,
         algs: provider.signature_verification_algorithms,
-    });
+    }));
     let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap_or_else(|_| {
@@ -324,15 +326,57 @@ fn no_bundle() -> rustls::Error {
     )
 }
 
-struct SpiffeServerVerifier {
+/// What both verifiers check: the chain against the current bundle and
+/// the leaf's SPIFFE ID against a matcher, for one side's key usage.
+struct PeerCheck {
     trust: Trust,
     matcher: PeerMatcher,
     algs: WebPkiSupportedAlgorithms,
 }
 
+impl PeerCheck {
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), rustls::Error> {
+        let bundle = self.trust.bundle().ok_or_else(no_bundle)?;
+        verify_chain(
+            &bundle,
+            end_entity,
+            intermediates,
+            now,
+            usage,
+            &self.matcher,
+            &self.algs,
+        )
+        .map(drop)
+    }
+
+    fn tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+}
+
+/// The configs are TLS 1.3 only; a TLS 1.2 signature is never valid.
+fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::PeerIncompatible(
+        rustls::PeerIncompatible::Tls12NotOffered,
+    ))
+}
+
+struct SpiffeServerVerifier(PeerCheck);
+
 impl fmt::Debug for SpiffeServerVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SpiffeServerVerifier({})", self.matcher)
+        write!(f, "SpiffeServerVerifier({})", self.0.matcher)
     }
 }
 
@@ -345,15 +389,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let bundle = self.trust.bundle().ok_or_else(no_bundle)?;
-        verify_chain(
-            &bundle,
+        self.0.verify(
             end_entity,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
-            &self.matcher,
-            &self.algs,
         )?;
         Ok(ServerCertVerified::assertion())
     }
@@ -364,10 +404,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // The configs are TLS 1.3 only; a TLS 1.2 signature is never valid.
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -376,19 +413,17 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        self.0.tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        self.0.algs.supported_schemes()
     }
 }
 
 struct SpiffeClientVerifier {
-    trust: Trust,
-    matcher: PeerMatcher,
+    check: PeerCheck,
     mandatory: bool,
-    algs: WebPkiSupportedAlgorithms,
 }
 
 impl fmt::Debug for SpiffeClientVerifier {
@@ -396,7 +431,7 @@ impl fmt::Debug for SpiffeClientVerifier {
         write!(
             f,
             "SpiffeClientVerifier({}, mandatory: {})",
-            self.matcher, self.mandatory
+            self.check.matcher, self.mandatory
         )
     }
 }
@@ -422,15 +457,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let bundle = self.trust.bundle().ok_or_else(no_bundle)?;
-        verify_chain(
-            &bundle,
+        self.check.verify(
             end_entity,
             intermediates,
             now,
             webpki::KeyUsage::client_auth(),
-            &self.matcher,
-            &self.algs,
         )?;
         Ok(ClientCertVerified::assertion())
     }
@@ -441,9 +472,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -452,11 +481,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        self.check.tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        self.check.algs.supported_schemes()
     }
 }
 
