@@ -4,8 +4,9 @@
 //! rustls's usual hostname check cannot be used. Instead, both sides:
 //!
 //! 1. verify the peer's chain with `rustls-webpki` against the trust bundle
-//!    in the *current* [`Credentials`](crate::credentials::Credentials) snapshot (so a bundle change, such as
-//!    a new root during rotation, applies to the next handshake), then
+//!    in the *current* [`Credentials`](crate::credentials::Credentials)
+//!    snapshot (so a bundle change, such as a new root during rotation,
+//!    applies to the next handshake), then
 //! 2. read the peer's single URI SAN as a SPIFFE ID and check it against a
 //!    [`PeerMatcher`].
 //!

@@ -1,8 +1,9 @@
 //! The configuration model: every section, every key and its default.
 //!
 //! This file is the one place defaults live. Each section is declared with
-//! the `section!` macro, which also generates its decoding, merging, printing and
-//! the list of keys used for unknown-key suggestions and `LEGATE_*` names.
+//! the `section!` macro, which also generates its decoding, merging,
+//! printing and the list of keys used for unknown-key suggestions and
+//! `LEGATE_*` names.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;

@@ -23,10 +23,10 @@
 //!   patches) is passed through.
 //!
 //! A document that is not changed is written back byte for byte, comments
-//! included (the `split` module explains how). A changed document is written back
-//! with its key order and the exact text of every scalar, and with the
-//! comments above it, but without the comments inside it; the `emit`
-//! module lists what is and is not kept.
+//! included (the `split` module explains how). A changed document is
+//! written back with its key order and the exact text of every scalar, and
+//! with the comments above it, but without the comments inside it; the
+//! `emit` module lists what is and is not kept.
 //!
 //! The annotations a workload can set are in [`annotations`].
 
