@@ -134,6 +134,18 @@ pub struct HttpRow {
     pub cost: Cost,
 }
 
+/// Latency through a peer, alone or beside a bulk stream.
+#[derive(Debug, Clone)]
+pub struct BesideRow {
+    pub peer: &'static str,
+    /// The bulk stream's throughput over its whole run; `None` alone.
+    pub bulk_gbps: Option<f64>,
+    /// Ping-pong p50 and p99 in µs, where the peer carries TCP.
+    pub pingpong: Option<(f64, f64)>,
+    /// Sequential HTTP/1.1 requests, where the peer carries HTTP.
+    pub http: Option<HttpLoad>,
+}
+
 pub struct Report {
     pub ctx: Context,
     pub idle_fresh: Vec<(String, u64)>,
@@ -143,6 +155,7 @@ pub struct Report {
     pub l4: Vec<L4Row>,
     /// Every HTTP measurement, all rounds.
     pub http: Vec<HttpRow>,
+    pub beside: Vec<BesideRow>,
     /// Rounds of HTTP measurements.
     pub rounds: usize,
     pub notes: Vec<String>,
@@ -181,6 +194,7 @@ impl Report {
             idle_after: Vec::new(),
             l4: Vec::new(),
             http: Vec::new(),
+            beside: Vec::new(),
             rounds: 1,
             notes: Vec::new(),
             hold: 1000,
@@ -282,6 +296,9 @@ impl Report {
         if !self.http.is_empty() {
             self.render_http(&mut o);
         }
+        if !self.beside.is_empty() {
+            self.render_beside(&mut o);
+        }
         self.render_counts(&mut o);
         self.render_targets(&mut o);
         if !self.notes.is_empty() {
@@ -291,6 +308,38 @@ impl Report {
             }
         }
         o
+    }
+
+    fn render_beside(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "\n#### Latency alone and beside a bulk stream: 64-byte ping-pong and sequential HTTP/1.1 (wrk -t1 -c1), in µs; beside, one iperf3 stream runs through the same proxies\n"
+        );
+        let _ = writeln!(
+            o,
+            "| peer | bulk stream | ping-pong p50 | p99 | HTTP/1.1 p50 | p99 | HTTP/1.1 req/s |"
+        );
+        let _ = writeln!(o, "| --- | --- | ---: | ---: | ---: | ---: | ---: |");
+        for r in &self.beside {
+            let bulk = r
+                .bulk_gbps
+                .map_or("none".into(), |g| format!("{g:.2} Gbit/s"));
+            let (h50, h99, rps) = r.http.map_or(("-".into(), "-".into(), "-".into()), |h| {
+                (
+                    format!("{:.0}", h.p50_us),
+                    format!("{:.0}", h.p99_us),
+                    format!("{:.0}", h.rps),
+                )
+            });
+            let (p50, p99) = r.pingpong.map_or(("-".into(), "-".into()), |(a, b)| {
+                (format!("{a:.0}"), format!("{b:.0}"))
+            });
+            let _ = writeln!(
+                o,
+                "| {} | {bulk} | {p50} | {p99} | {h50} | {h99} | {rps} |",
+                r.peer
+            );
+        }
     }
 
     fn render_l4(&self, o: &mut String) {
@@ -736,6 +785,41 @@ mod tests {
                 ..Cost::default()
             },
         }
+    }
+
+    #[test]
+    fn latency_rows_show_what_each_peer_carries_and_the_stream_beside_it() {
+        let mut r = Report::new(ctx());
+        let load = HttpLoad {
+            rps: 2500.0,
+            p50_us: 400.0,
+            p99_us: 1900.0,
+            errors: 0,
+        };
+        r.beside = vec![
+            BesideRow {
+                peer: "legate",
+                bulk_gbps: Some(2.345),
+                pingpong: Some((179.4, 587.0)),
+                http: Some(load),
+            },
+            BesideRow {
+                peer: "nginx-stream",
+                bulk_gbps: None,
+                pingpong: Some((264.0, 594.0)),
+                http: None,
+            },
+            BesideRow {
+                peer: "haproxy",
+                bulk_gbps: None,
+                pingpong: None,
+                http: Some(load),
+            },
+        ];
+        let text = r.render();
+        assert!(text.contains("| legate | 2.35 Gbit/s | 179 | 587 | 400 | 1900 | 2500 |"));
+        assert!(text.contains("| nginx-stream | none | 264 | 594 | - | - | - |"));
+        assert!(text.contains("| haproxy | none | - | - | 400 | 1900 | 2500 |"));
     }
 
     #[test]

@@ -33,6 +33,9 @@ const QUIET_CORES: f64 = 0.10;
 /// The page the HTTP benchmarks fetch (256 bytes, served by nginx).
 const HTTP_PATH: &str = "/index.html";
 const BUSY_CORES: f64 = 0.25;
+/// How long a bulk stream runs before latency is measured beside it: past
+/// slow start, with every buffer on its way full.
+const BULK_LEAD: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Suite {
@@ -40,7 +43,10 @@ pub enum Suite {
     L4,
     /// The HTTP data plane: HTTP/1.1 with wrk, HTTP/2 with h2load.
     Http,
-    /// Both.
+    /// Latency of small exchanges alone and beside a bulk stream through
+    /// the same proxies.
+    Beside,
+    /// All of them.
     All,
 }
 
@@ -208,6 +214,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     if matches!(suite, Suite::Http | Suite::All) {
         bench.http(&mut report)?;
+    }
+    if matches!(suite, Suite::Beside | Suite::All) {
+        bench.beside(&mut report)?;
     }
     // Memory the proxies keep once the load is gone.
     std::thread::sleep(Duration::from_secs(2));
@@ -581,14 +590,13 @@ impl Bench {
         ))
     }
 
+    /// Whether `--peers` asks for the peer `name` (all are, without it).
+    fn wants(&self, name: &str) -> bool {
+        self.args.peers.is_empty() || self.args.peers.iter().any(|w| w == name)
+    }
+
     fn wanted(&self, peers: Vec<Peer>) -> Vec<Peer> {
-        if self.args.peers.is_empty() {
-            return peers;
-        }
-        peers
-            .into_iter()
-            .filter(|p| self.args.peers.iter().any(|w| w == p.name))
-            .collect()
+        peers.into_iter().filter(|p| self.wants(p.name)).collect()
     }
 
     fn peers_l4(&self) -> Vec<Peer> {
@@ -960,6 +968,122 @@ impl Bench {
         Ok(())
     }
 
+    /// Ping-pong and sequential HTTP/1.1 latency through each peer, first
+    /// alone, then (through the peers that carry TCP) while one iperf3
+    /// stream runs through the same proxies. What the second adds is what
+    /// a small exchange waits behind another connection's bulk data, and
+    /// the CPU the stream takes.
+    fn beside(&mut self, report: &mut Report) -> Result<()> {
+        let l4 = self.peers_l4();
+        let http = self.peers_http();
+        let mut names: Vec<&'static str> = l4.iter().map(|p| p.name).collect();
+        for p in &http {
+            if !names.contains(&p.name) {
+                names.push(p.name);
+            }
+        }
+        for name in names {
+            if !self.wants(name) {
+                continue;
+            }
+            let tcp = l4.iter().find(|p| p.name == name);
+            let h1 = http.iter().find(|p| p.name == name).map(|p| p.h1);
+            let mut runs = vec![None];
+            runs.extend(tcp.map(|p| Some(p.iperf)));
+            for bulk in runs {
+                report
+                    .beside
+                    .push(self.latency(name, tcp.map(|p| p.echo), h1, bulk)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// One row of [`Self::beside`] through the peer `name`: ping-pong to
+    /// `echo` and sequential HTTP/1.1 to `h1`, where the peer carries
+    /// them, with a bulk stream to `bulk` meanwhile when there is one.
+    fn latency(
+        &self,
+        name: &'static str,
+        echo: Option<SocketAddr>,
+        h1: Option<SocketAddr>,
+        bulk: Option<SocketAddr>,
+    ) -> Result<report::BesideRow> {
+        let secs = self.args.seconds;
+        eprintln!(
+            "legate-bench: latency {} a bulk stream, {name}",
+            if bulk.is_some() { "beside" } else { "without" },
+        );
+        measure::wait_quiet(Duration::from_secs(self.args.quiet_wait), QUIET_CORES);
+        // Long enough to outlast both measurements after its lead.
+        let length = BULK_LEAD.as_secs() + 2 * secs + 2;
+        let mut stream = match bulk {
+            Some(addr) => {
+                let cmd = self.client.command("iperf3").args([
+                    "-c".to_owned(),
+                    addr.ip().to_string(),
+                    "-p".into(),
+                    addr.port().to_string(),
+                    "-t".into(),
+                    length.to_string(),
+                    "-J".into(),
+                ]);
+                let p = cmd.spawn()?;
+                std::thread::sleep(BULK_LEAD);
+                Some(p)
+            }
+            None => None,
+        };
+        let pp = match echo {
+            Some(addr) => {
+                let args: Vec<String> = [
+                    "pingpong",
+                    "--target",
+                    &addr.to_string(),
+                    "--seconds",
+                    &secs.to_string(),
+                ]
+                .map(str::to_owned)
+                .to_vec();
+                let out = exec_bounded(
+                    self.client_tool(&args),
+                    "pingpong",
+                    Duration::from_secs(secs + 60),
+                )?;
+                let v: serde_json::Value = serde_json::from_str(&out)?;
+                let us = |k: &str| v[k].as_f64().unwrap_or(0.0);
+                Some((us("p50_us"), us("p99_us")))
+            }
+            None => None,
+        };
+        let http = match h1 {
+            Some(addr) => {
+                let cmd = self.client.command("wrk").args([
+                    "-t1".to_owned(),
+                    "-c1".into(),
+                    format!("-d{secs}s"),
+                    "--latency".into(),
+                    format!("http://{addr}{HTTP_PATH}"),
+                ]);
+                let out = exec_bounded(cmd, "wrk", Duration::from_secs(secs + 60))?;
+                Some(parse::wrk(&out)?)
+            }
+            None => None,
+        };
+        let bulk_gbps = match stream.as_mut() {
+            Some(p) => {
+                p.wait_timeout(Duration::from_secs(length + 30))?;
+                Some(parse::iperf3_bps(&p.stdout())? / 1e9)
+            }
+            None => None,
+        };
+        Ok(report::BesideRow {
+            peer: name,
+            bulk_gbps,
+            pingpong: pp,
+            http,
+        })
+    }
     /// One measured wrk run (HTTP/1.1 keep-alive) through `peer`, after a
     /// short warm-up that fills the proxies' connection pools.
     fn wrk(
