@@ -463,6 +463,14 @@ fn traces_cross_both_proxies_and_the_app_sees_the_trace_continued() {
     receiver.wait_for("the new trace's spans", |s| {
         s.iter().filter(|s| s.trace_id == new_trace).count() >= 2
     });
+    // The server's proxy exported the two traces in separate batches
+    // (the second began after the first had arrived), both over the one
+    // TLS connection it keeps to the collector.
+    assert_eq!(
+        receiver.connections(tls.port()),
+        1,
+        "one TLS connection to the collector for all exports"
+    );
 }
 
 /// A CA's certificate in a PEM file, and a certificate it issued for `ip`

@@ -119,6 +119,8 @@ pub struct Receiver {
     pub addr: SocketAddr,
     spans: Arc<Mutex<Vec<Span>>>,
     requests: Arc<Mutex<u32>>,
+    /// Connections accepted, by listening port.
+    connections: Arc<Mutex<std::collections::HashMap<u16, u32>>>,
 }
 
 impl Receiver {
@@ -127,6 +129,7 @@ impl Receiver {
             addr: SocketAddr::new(pod.ip().into(), port),
             spans: Arc::new(Mutex::new(Vec::new())),
             requests: Arc::new(Mutex::new(0)),
+            connections: Arc::default(),
         };
         r.listen(pod, port, None);
         r
@@ -156,8 +159,10 @@ impl Receiver {
             .expect("enter the pod")
             .expect("bind the receiver");
         let (s, r) = (self.spans.clone(), self.requests.clone());
+        let accepted = self.connections.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
+                *accepted.lock().unwrap().entry(port).or_default() += 1;
                 let (s, r, tls) = (s.clone(), r.clone(), tls.clone());
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
                 std::thread::spawn(move || match tls {
@@ -171,6 +176,12 @@ impl Receiver {
             }
         });
         addr
+    }
+
+    /// Connections accepted on `port` so far.
+    pub fn connections(&self, port: u16) -> u32 {
+        let accepted = self.connections.lock().unwrap();
+        accepted.get(&port).copied().unwrap_or(0)
     }
 
     pub fn spans(&self) -> Vec<Span> {

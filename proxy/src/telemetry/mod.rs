@@ -25,9 +25,11 @@
 //! **Collectors behind TLS.** An `https://` endpoint is verified against
 //! `telemetry.otlp_ca_file` when it is set, else against the system's CA
 //! bundle (`SSL_CERT_FILE`, or the distributions' usual paths); the roots
-//! are read once, at start. Each export then opens its own connection: at
-//! two batches a second at most, a handshake per batch costs little, and
-//! no connection sits idle between them.
+//! are read once, at start. The connection is kept from one export to the
+//! next, as the plain-HTTP client keeps its own: a handshake per batch
+//! would cost every proxy a little and a collector serving a whole mesh a
+//! lot. When the collector has closed it in the meantime (its idle
+//! timeout), the export goes out on a new one.
 //!
 //! Span attributes: `http.request.method`, `server.address` (the
 //! authority), `url.path` (only with `log.access_paths`),
@@ -174,7 +176,8 @@ impl std::fmt::Debug for OtlpClient {
 enum Transport {
     /// `http://`: the proxy's own HTTP/1.1 client, connections kept.
     Plain(Arc<crate::http::h1::Pool>),
-    /// `https://`: a verified TLS connection per export.
+    /// `https://`: a verified TLS connection, kept from one export to
+    /// the next.
     Tls(TlsExport),
 }
 
@@ -183,6 +186,10 @@ struct TlsExport {
     /// The name the collector's certificate must carry: the endpoint's host.
     name: ServerName<'static>,
     dial: Dial,
+    /// The connection the last export used and where it leads. Exports
+    /// come a second or two apart, and a TLS handshake for each would cost
+    /// the proxy and the collector more than the export itself.
+    kept: std::sync::Mutex<Option<(Targets, ExportSender)>>,
 }
 
 impl TlsExport {
@@ -209,6 +216,7 @@ impl TlsExport {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             name,
             dial,
+            kept: std::sync::Mutex::new(None),
         })
     }
 
@@ -231,6 +239,56 @@ impl TlsExport {
             .map_or("/", |p| p.as_str())
             .parse()
             .map_err(|e| format!("the OTLP endpoint's path: {e}"))?;
+        let request = || {
+            let mut req = http::Request::new(http_body_util::Full::new(body.clone()));
+            *req.method_mut() = head.method.clone();
+            *req.uri_mut() = head.uri.clone();
+            *req.headers_mut() = head.headers.clone();
+            req
+        };
+        if let Some(mut send) = self.take_kept(targets) {
+            match send.send_request(request()).await {
+                Ok(res) => return Ok(self.keep(targets, send, res)),
+                // The collector closed the kept connection (its idle
+                // timeout) just as the export went out, before it
+                // answered: the export goes again on a new connection (at
+                // worst the collector gets the batch twice).
+                Err(e) if e.is_canceled() || e.is_incomplete_message() => {
+                    tracing::debug!(error = %e, "kept OTLP connection was closed; reconnecting");
+                }
+                Err(e) => return Err(format!("the OTLP export failed: {e}")),
+            }
+        }
+        let mut send = self.open(targets).await?;
+        let res = send
+            .send_request(request())
+            .await
+            .map_err(|e| format!("the OTLP export failed: {e}"))?;
+        Ok(self.keep(targets, send, res))
+    }
+
+    /// The kept connection, if it leads to `targets` and can take a
+    /// request now; a closed or busy one is dropped.
+    fn take_kept(&self, targets: Targets) -> Option<ExportSender> {
+        let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        (kept.0 == targets && kept.1.is_ready()).then_some(kept.1)
+    }
+
+    /// Keeps `send` for the next export and passes its answer on. The
+    /// answer is read before the next export starts (the batch processor
+    /// waits for each), so by then the connection is ready again.
+    fn keep(
+        &self,
+        targets: Targets,
+        send: ExportSender,
+        res: http::Response<hyper::body::Incoming>,
+    ) -> http::Response<crate::pool::Body> {
+        *self.kept.lock().unwrap_or_else(|p| p.into_inner()) = Some((targets, send));
+        res.map(crate::http::boxed)
+    }
+
+    /// A new verified TLS connection to the collector, HTTP/1.1 over it.
+    async fn open(&self, targets: Targets) -> Result<ExportSender, String> {
         let tcp = self
             .dial
             .connect(&targets)
@@ -241,26 +299,22 @@ impl TlsExport {
             .connect(self.name.clone(), tcp)
             .await
             .map_err(|e| format!("TLS with the OTLP collector failed: {e}"))?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .map_err(|e| format!("HTTP with the OTLP collector failed: {e}"))?;
-        // Ends once the answer has been read and `send` is gone.
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP with the OTLP collector failed: {e}"))?;
+        // Ends when the collector closes the connection, or once `send`
+        // is gone and no answer is left to read.
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "OTLP connection ended");
             }
         });
-        let res = send
-            .send_request(http::Request::from_parts(
-                head,
-                http_body_util::Full::new(body),
-            ))
-            .await
-            .map_err(|e| format!("the OTLP export failed: {e}"))?;
-        Ok(res.map(crate::http::boxed))
+        Ok(send)
     }
 }
+
+/// The request half of an HTTP/1.1 connection to an https collector.
+type ExportSender = hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>;
 
 /// The collector's answer, up to 1 MiB.
 async fn read_answer(mut body: crate::pool::Body) -> Result<Bytes, String> {
