@@ -155,6 +155,7 @@ pub struct Report {
     pub l4: Vec<L4Row>,
     /// Every HTTP measurement, all rounds.
     pub http: Vec<HttpRow>,
+    /// Latency alone and beside a bulk stream, in the order measured.
     pub beside: Vec<BesideRow>,
     /// Rounds of HTTP measurements.
     pub rounds: usize,

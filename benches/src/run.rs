@@ -1084,6 +1084,7 @@ impl Bench {
             http,
         })
     }
+
     /// One measured wrk run (HTTP/1.1 keep-alive) through `peer`, after a
     /// short warm-up that fills the proxies' connection pools.
     fn wrk(
