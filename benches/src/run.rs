@@ -117,6 +117,12 @@ pub struct RunArgs {
     /// work (needs linux-perf).
     #[arg(long)]
     count: bool,
+    /// Pace the beside suite's bulk stream to this rate (iperf3's `-b`,
+    /// such as `1.5G`); unpaced by default. A build that moves the stream
+    /// faster also leaves less CPU to the small exchanges beside it, so
+    /// two builds' latencies compare only at one rate.
+    #[arg(long, value_name = "BITS_PER_SEC")]
+    bulk_rate: Option<String>,
 }
 
 /// One way from the client app to the server app, and the processes that
@@ -1019,7 +1025,7 @@ impl Bench {
         let length = BULK_LEAD.as_secs() + 2 * secs + 2;
         let mut stream = match bulk {
             Some(addr) => {
-                let cmd = self.client.command("iperf3").args([
+                let mut args = vec![
                     "-c".to_owned(),
                     addr.ip().to_string(),
                     "-p".into(),
@@ -1027,7 +1033,11 @@ impl Bench {
                     "-t".into(),
                     length.to_string(),
                     "-J".into(),
-                ]);
+                ];
+                if let Some(rate) = &self.args.bulk_rate {
+                    args.extend(["-b".to_owned(), rate.clone()]);
+                }
+                let cmd = self.client.command("iperf3").args(args);
                 let p = cmd.spawn()?;
                 std::thread::sleep(BULK_LEAD);
                 Some(p)
