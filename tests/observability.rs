@@ -473,6 +473,64 @@ fn traces_cross_both_proxies_and_the_app_sees_the_trace_continued() {
     );
 }
 
+/// An export that the collector reads and then drops as it closes the
+/// kept connection (its idle timeout firing just as the export arrives)
+/// is sent again on a new connection, not lost: over TLS, where the
+/// collector closes without `close_notify`, and in plain HTTP, where the
+/// export is a POST the proxy would not repeat for a client.
+#[test]
+fn an_export_the_collector_drops_while_closing_is_sent_again() {
+    let mesh = Mesh::new(&[]);
+    let collector = mesh.plain_pod("collector");
+    // Each connection answers one export and drops the next unanswered.
+    let receiver = Receiver::start_closing(&collector, 4318, 1);
+    let (roots, cert, key) = collector_certificate(collector.ip().into());
+    let tls = receiver.also_tls_closing(&collector, 4319, cert, key, 1);
+    let exporting = |name: &str, set: Vec<String>| {
+        let pod = mesh.meshed_pod(
+            name,
+            PodOptions {
+                proxy_set: set,
+                ..Default::default()
+            },
+        );
+        let app = Scripted::start(&pod.pod, PORT);
+        (pod, app)
+    };
+    let over_tls = exporting(
+        "over-tls",
+        vec![
+            format!("telemetry.otlp_endpoint=https://{tls}"),
+            format!("telemetry.otlp_ca_file={}", roots.path().display()),
+        ],
+    );
+    let plain = format!("telemetry.otlp_endpoint=http://{}", receiver.addr);
+    let in_plain = exporting("in-plain", vec![plain]);
+    let outsider = mesh.plain_pod("outsider");
+    let mut trace_no = 0x4bf9_2f35_0000u128;
+    for (server, _app) in [&over_tls, &in_plain] {
+        let url = format!("http://{}:{PORT}/headers", server.pod.ip());
+        for n in 0..3 {
+            trace_no += 1;
+            let trace = format!("{trace_no:032x}");
+            let traceparent = format!("traceparent: 00-{trace}-00f067aa0ba902b7-01");
+            let r = request(&outsider, &["-H", &traceparent, &url]);
+            assert_eq!(r.status, 200);
+            // One export at a time: the next request starts once this
+            // one's span has arrived.
+            receiver.wait_for(
+                &format!("the span of request {n} to {}", server.id()),
+                |s| s.iter().any(|s| s.trace_id == trace),
+            );
+        }
+    }
+    assert_eq!(
+        receiver.dropped(),
+        4,
+        "each proxy's second and third exports met a closing connection"
+    );
+}
+
 /// A CA's certificate in a PEM file, and a certificate it issued for `ip`
 /// (DER) with its key (PKCS#8 DER).
 fn collector_certificate(ip: std::net::IpAddr) -> (tempfile::NamedTempFile, Vec<u8>, Vec<u8>) {

@@ -121,38 +121,75 @@ pub struct Receiver {
     requests: Arc<Mutex<u32>>,
     /// Connections accepted, by listening port.
     connections: Arc<Mutex<std::collections::HashMap<u16, u32>>>,
+    /// Requests read and left unanswered as their connection closed.
+    dropped: Arc<Mutex<u32>>,
+}
+
+/// How a receiver's listener treats its connections.
+#[derive(Clone, Copy)]
+enum Keep {
+    /// Answers every request, for as long as the client keeps it.
+    Always,
+    /// Answers this many requests; reads the next one whole and closes
+    /// the connection instead of answering, as a collector whose idle
+    /// timeout fires just as a request arrives. Over TLS it closes without
+    /// `close_notify`, as a process that exits or a balancer that drops
+    /// the connection does.
+    Answering(u32),
 }
 
 impl Receiver {
     pub fn start(pod: &Pod, port: u16) -> Receiver {
+        Self::start_keeping(pod, port, Keep::Always)
+    }
+
+    /// As [`Self::start`], but each connection answers `answered` requests
+    /// and then closes on reading the next one, unanswered (see
+    /// [`Self::dropped`]).
+    pub fn start_closing(pod: &Pod, port: u16, answered: u32) -> Receiver {
+        Self::start_keeping(pod, port, Keep::Answering(answered))
+    }
+
+    fn start_keeping(pod: &Pod, port: u16, keep: Keep) -> Receiver {
         let r = Receiver {
             addr: SocketAddr::new(pod.ip().into(), port),
             spans: Arc::new(Mutex::new(Vec::new())),
             requests: Arc::new(Mutex::new(0)),
             connections: Arc::default(),
+            dropped: Arc::default(),
         };
-        r.listen(pod, port, None);
+        r.listen(pod, port, None, keep);
         r
     }
 
     /// Also receives on `port` behind TLS, presenting `cert` (DER) with
     /// `key` (PKCS#8 DER); the spans join those received in plain.
     pub fn also_tls(&self, pod: &Pod, port: u16, cert: Vec<u8>, key: Vec<u8>) -> SocketAddr {
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.into()],
-            rustls::pki_types::PrivatePkcs8KeyDer::from(key).into(),
-        )
-        .expect("the receiver's certificate");
-        self.listen(pod, port, Some(Arc::new(config)))
+        self.listen(pod, port, Some(tls_config(cert, key)), Keep::Always)
     }
 
-    fn listen(&self, pod: &Pod, port: u16, tls: Option<Arc<rustls::ServerConfig>>) -> SocketAddr {
+    /// As [`Self::also_tls`], but each connection answers `answered`
+    /// requests and then closes on reading the next one, unanswered (see
+    /// [`Self::dropped`]).
+    pub fn also_tls_closing(
+        &self,
+        pod: &Pod,
+        port: u16,
+        cert: Vec<u8>,
+        key: Vec<u8>,
+        answered: u32,
+    ) -> SocketAddr {
+        let keep = Keep::Answering(answered);
+        self.listen(pod, port, Some(tls_config(cert, key)), keep)
+    }
+
+    fn listen(
+        &self,
+        pod: &Pod,
+        port: u16,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        keep: Keep,
+    ) -> SocketAddr {
         let addr = SocketAddr::new(pod.ip().into(), port);
         let listener = pod
             .run_in(move || TcpListener::bind(addr))
@@ -160,16 +197,18 @@ impl Receiver {
             .expect("bind the receiver");
         let (s, r) = (self.spans.clone(), self.requests.clone());
         let accepted = self.connections.clone();
+        let dropped = self.dropped.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 *accepted.lock().unwrap().entry(port).or_default() += 1;
-                let (s, r, tls) = (s.clone(), r.clone(), tls.clone());
+                let (s, r, d, tls) = (s.clone(), r.clone(), dropped.clone(), tls.clone());
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
                 std::thread::spawn(move || match tls {
-                    None => serve(conn, &s, &r),
+                    None => serve(conn, &s, &r, keep, &d),
                     Some(cfg) => {
                         if let Ok(session) = rustls::ServerConnection::new(cfg) {
-                            serve(rustls::StreamOwned::new(session, conn), &s, &r);
+                            let stream = rustls::StreamOwned::new(session, conn);
+                            serve(stream, &s, &r, keep, &d);
                         }
                     }
                 });
@@ -182,6 +221,11 @@ impl Receiver {
     pub fn connections(&self, port: u16) -> u32 {
         let accepted = self.connections.lock().unwrap();
         accepted.get(&port).copied().unwrap_or(0)
+    }
+
+    /// Requests read and left unanswered by a closing connection.
+    pub fn dropped(&self) -> u32 {
+        *self.dropped.lock().unwrap()
     }
 
     pub fn spans(&self) -> Vec<Span> {
@@ -205,10 +249,32 @@ impl Receiver {
     }
 }
 
-fn serve(conn: impl Read + Write, spans: &Mutex<Vec<Span>>, requests: &Mutex<u32>) {
+fn tls_config(cert: Vec<u8>, key: Vec<u8>) -> Arc<rustls::ServerConfig> {
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.into()],
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key).into(),
+    )
+    .expect("the receiver's certificate");
+    Arc::new(config)
+}
+
+fn serve(
+    conn: impl Read + Write,
+    spans: &Mutex<Vec<Span>>,
+    requests: &Mutex<u32>,
+    keep: Keep,
+    dropped: &Mutex<u32>,
+) {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use prost::Message;
     let mut r = BufReader::new(conn);
+    let mut answered = 0;
     loop {
         let mut line = String::new();
         if r.read_line(&mut line).unwrap_or(0) == 0 {
@@ -234,6 +300,11 @@ fn serve(conn: impl Read + Write, spans: &Mutex<Vec<Span>>, requests: &Mutex<u32
         if r.read_exact(&mut body).is_err() {
             return;
         }
+        if matches!(keep, Keep::Answering(n) if answered == n) {
+            *dropped.lock().unwrap() += 1;
+            return;
+        }
+        answered += 1;
         *requests.lock().unwrap() += 1;
         if let Ok(req) = ExportTraceServiceRequest::decode(body.as_slice()) {
             let mut got = spans.lock().unwrap();

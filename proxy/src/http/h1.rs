@@ -142,7 +142,40 @@ impl Pool {
         // repeat others automatically).
         let may_resend =
             body.is_end_stream() && MethodClass::of(&parts.method) == MethodClass::Idempotent;
-        let resend = may_resend.then(|| head.clone());
+        let resend = may_resend.then(|| (head.clone(), None));
+        self.exchange(targets, head, framing, body, head_only, resend)
+    }
+
+    /// Sends a request the proxy makes itself (a telemetry export, say),
+    /// its body held whole, as [`Self::send`] does. Not being a client's,
+    /// it is the proxy's own to repeat: whatever its method, it goes again
+    /// on a new connection when a reused one turns out dead before any
+    /// answer (at worst the server gets it twice).
+    pub fn send_own(
+        self: &Arc<Self>,
+        targets: Targets,
+        req: Request<Bytes>,
+    ) -> impl Future<Output = Result<Response<Body>, Error>> + Send + 'static {
+        let (parts, bytes) = req.into_parts();
+        let body = super::full(bytes.clone());
+        let (head, framing) = encode_head(&parts, &body);
+        let head_only = parts.method == Method::HEAD;
+        let resend = Some((head.clone(), Some(bytes)));
+        self.exchange(targets, head, framing, body, head_only, resend)
+    }
+
+    /// One exchange on a pooled or new connection; `resend` is the head,
+    /// and the body when there is one, to send again on a new connection
+    /// if a reused one turns out dead.
+    fn exchange(
+        self: &Arc<Self>,
+        targets: Targets,
+        head: Bytes,
+        framing: Framing,
+        body: Body,
+        head_only: bool,
+        resend: Option<(Bytes, Option<Bytes>)>,
+    ) -> impl Future<Output = Result<Response<Body>, Error>> + Send + 'static {
         let first = Upload::new(head, framing, body);
         let pool = self.clone();
         async move {
@@ -175,10 +208,11 @@ impl Pool {
                     // An application may close an idle connection just as it
                     // is reused, and then never saw the request.
                     Err(e) if reused && !ex.got_bytes && e.stale_connection() => {
-                        let Some(head) = &resend else {
+                        let Some((head, body)) = &resend else {
                             return Err(e);
                         };
-                        upload = Some(Upload::new(head.clone(), framing, crate::http::empty()));
+                        let body = body.clone().map_or_else(super::empty, super::full);
+                        upload = Some(Upload::new(head.clone(), framing, body));
                     }
                     Err(e) => return Err(e),
                 }
@@ -1334,6 +1368,25 @@ mod tests {
             .expect_err("not repeated");
         assert!(err.to_string().contains("before it answered"), "{err}");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "the POST went once");
+    }
+
+    #[tokio::test]
+    async fn a_post_of_the_proxys_own_lost_on_a_reused_connection_is_sent_again() {
+        let (addr, accepted) = answers_once_then_drops().await;
+        let pool = pool();
+        let export = || {
+            Request::post("http://collector/v1/traces")
+                .body(Bytes::from_static(b"spans"))
+                .expect("request")
+        };
+        for _ in 0..2 {
+            let res = pool
+                .send_own(Targets::one(addr), export())
+                .await
+                .expect("answer");
+            assert_eq!(body_of(res).await.0, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "the POST went again");
     }
 
     #[tokio::test]

@@ -20,7 +20,9 @@
 //! on a thread of its own; when the queue is full new spans are dropped,
 //! never waited for. Each export is one attempt with a deadline
 //! ([`EXPORT_TIMEOUT`]), no retries, sent by a small HTTP/1.1 client on
-//! the proxy's runtime.
+//! the proxy's runtime; only an export that a kept connection lost before
+//! any answer, closed by the collector as it arrived, goes again once on a
+//! new connection.
 //!
 //! **Collectors behind TLS.** An `https://` endpoint is verified against
 //! `telemetry.otlp_ca_file` when it is set, else against the system's CA
@@ -29,7 +31,8 @@
 //! next, as the plain-HTTP client keeps its own: a handshake per batch
 //! would cost every proxy a little and a collector serving a whole mesh a
 //! lot. When the collector has closed it in the meantime (its idle
-//! timeout), the export goes out on a new one.
+//! timeout), or closes it as the export arrives, before answering, the
+//! export goes out on a new one.
 //!
 //! Span attributes: `http.request.method`, `server.address` (the
 //! authority), `url.path` (only with `log.access_paths`),
@@ -249,12 +252,14 @@ impl TlsExport {
         if let Some(mut send) = self.take_kept(targets) {
             match send.send_request(request()).await {
                 Ok(res) => return Ok(self.keep(targets, send, res)),
-                // The collector closed the kept connection (its idle
-                // timeout) just as the export went out, before it
-                // answered: the export goes again on a new connection (at
-                // worst the collector gets the batch twice).
-                Err(e) if e.is_canceled() || e.is_incomplete_message() => {
-                    tracing::debug!(error = %e, "kept OTLP connection was closed; reconnecting");
+                // The kept connection failed before any answer came: the
+                // collector closed it (its idle timeout) just as the export
+                // went out, with or without TLS's close_notify, or reset
+                // it. The export goes again on a new connection (at worst
+                // the collector gets the batch twice). An answer that is
+                // not HTTP is the collector's word, and is not resent.
+                Err(e) if !e.is_parse() && !e.is_user() => {
+                    tracing::debug!(error = %e, "kept OTLP connection failed; reconnecting");
                 }
                 Err(e) => return Err(format!("the OTLP export failed: {e}")),
             }
@@ -371,7 +376,7 @@ impl HttpClient for OtlpClient {
                 .map_err(|e| -> HttpError { e.into() })?;
             let res = match &*transport {
                 Transport::Plain(client) => client
-                    .send(targets, request.map(crate::http::full))
+                    .send_own(targets, request)
                     .await
                     .map_err(|e| -> HttpError { Box::new(e) })?,
                 Transport::Tls(tls) => tls
