@@ -151,7 +151,8 @@ section! {
         /// when unset.
         otlp_endpoint: Option<String> = None,
         /// PEM trust anchors that verify an `https://` collector; the
-        /// system's CA bundle when unset. Read at start.
+        /// system's CA bundle when unset. Read at start and again for each
+        /// new connection to the collector, so that a rotated CA is followed.
         otlp_ca_file: Option<PathBuf> = None,
         /// The fraction of new traces recorded, from 0 to 1; a request that
         /// arrives with a `traceparent` follows its caller's decision.

@@ -26,8 +26,9 @@
 //!
 //! **Collectors behind TLS.** An `https://` endpoint is verified against
 //! `telemetry.otlp_ca_file` when it is set, else against the system's CA
-//! bundle (`SSL_CERT_FILE`, or the distributions' usual paths); the roots
-//! are read once, at start. The connection is kept from one export to the
+//! bundle (`SSL_CERT_FILE`, or the distributions' usual paths); the file
+//! is read at start and again for each new connection, so a collector
+//! whose CA rotates is followed. The connection is kept from one export to the
 //! next, as the plain-HTTP client keeps its own: a handshake per batch
 //! would cost every proxy a little and a collector serving a whole mesh a
 //! lot. When the collector has closed it in the meantime (its idle
@@ -99,44 +100,83 @@ const SYSTEM_BUNDLES: [&str; 4] = [
 /// The trust anchors an https collector is verified with: every
 /// certificate of `file`, which must all be usable, or the system bundle's
 /// usable ones.
-fn collector_roots(file: Option<&Path>) -> Result<rustls::RootCertStore, TelemetryError> {
-    let bad = |what: String| TelemetryError::Roots(what);
-    let (path, strict) = match file {
-        Some(f) => (f.to_path_buf(), true),
-        None => {
-            let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-            let found = env
-                .into_iter()
-                .chain(SYSTEM_BUNDLES.iter().map(PathBuf::from))
-                .find(|p| p.is_file());
-            let Some(found) = found else {
-                return Err(bad(
-                    "no system CA bundle found; set telemetry.otlp_ca_file to a PEM file of the collector's roots"
-                        .to_owned(),
-                ));
-            };
-            (found, false)
+/// Where the collector's roots are read from: `telemetry.otlp_ca_file`,
+/// or the system's CA bundle (`SSL_CERT_FILE`, or the distributions'
+/// usual paths). Found once; the file is read again as it changes.
+struct RootsFile {
+    path: PathBuf,
+    /// Every certificate must be usable (the operator's own file), not
+    /// only some (a system bundle may hold a few that rustls refuses).
+    strict: bool,
+}
+
+impl RootsFile {
+    fn find(file: Option<&Path>) -> Result<Self, TelemetryError> {
+        if let Some(f) = file {
+            return Ok(RootsFile {
+                path: f.to_path_buf(),
+                strict: true,
+            });
         }
-    };
-    let shown = path.display();
-    let pem = std::fs::read(&path).map_err(|e| bad(format!("cannot read {shown}: {e}")))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(format!("{shown} is not PEM: {e}")))?;
-    let mut store = rustls::RootCertStore::empty();
-    if strict {
-        for c in certs {
-            store
-                .add(c)
-                .map_err(|e| bad(format!("{shown} holds an unusable certificate: {e}")))?;
+        let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+        let found = env
+            .into_iter()
+            .chain(SYSTEM_BUNDLES.iter().map(PathBuf::from))
+            .find(|p| p.is_file());
+        match found {
+            Some(path) => Ok(RootsFile {
+                path,
+                strict: false,
+            }),
+            None => Err(TelemetryError::Roots(
+                "no system CA bundle found; set telemetry.otlp_ca_file to a PEM file of the collector's roots"
+                    .to_owned(),
+            )),
         }
-    } else {
-        store.add_parsable_certificates(certs);
     }
-    if store.is_empty() {
-        return Err(bad(format!("{shown} holds no usable PEM certificate")));
+
+    fn read(&self) -> Result<Vec<u8>, TelemetryError> {
+        std::fs::read(&self.path)
+            .map_err(|e| TelemetryError::Roots(format!("cannot read {}: {e}", self.path.display())))
     }
-    Ok(store)
+
+    /// The roots in `pem`, the file's content.
+    fn parse(&self, pem: &[u8]) -> Result<rustls::RootCertStore, TelemetryError> {
+        let shown = self.path.display();
+        let bad = |what: String| TelemetryError::Roots(what);
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("{shown} is not PEM: {e}")))?;
+        let mut store = rustls::RootCertStore::empty();
+        if self.strict {
+            for c in certs {
+                store
+                    .add(c)
+                    .map_err(|e| bad(format!("{shown} holds an unusable certificate: {e}")))?;
+            }
+        } else {
+            store.add_parsable_certificates(certs);
+        }
+        if store.is_empty() {
+            return Err(bad(format!("{shown} holds no usable PEM certificate")));
+        }
+        Ok(store)
+    }
+}
+
+/// A TLS client for the collector that trusts `roots`.
+fn collector_connector(
+    roots: rustls::RootCertStore,
+) -> Result<tokio_rustls::TlsConnector, TelemetryError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| TelemetryError::Exporter(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// The URL spans are posted to: the endpoint, with `/v1/traces` when it
@@ -180,12 +220,18 @@ enum Transport {
     /// `http://`: the proxy's own HTTP/1.1 client, connections kept.
     Plain(Arc<crate::http::h1::Pool>),
     /// `https://`: a verified TLS connection, kept from one export to
-    /// the next.
-    Tls(TlsExport),
+    /// the next. Boxed: it is far larger than the other, and there is one
+    /// per proxy.
+    Tls(Box<TlsExport>),
 }
 
 struct TlsExport {
-    connector: tokio_rustls::TlsConnector,
+    roots: RootsFile,
+    /// The roots file's content as last read, and a client trusting it.
+    /// The file is read again for each new connection (exports keep
+    /// theirs, so that is rarely), and a changed one replaces the client:
+    /// a collector whose CA rotates is followed without a restart.
+    trust: std::sync::Mutex<(Vec<u8>, tokio_rustls::TlsConnector)>,
     /// The name the collector's certificate must carry: the endpoint's host.
     name: ServerName<'static>,
     dial: Dial,
@@ -207,16 +253,12 @@ impl TlsExport {
             endpoint: url.to_owned(),
             reason: format!("its host cannot be checked against a certificate: {e}"),
         })?;
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TelemetryError::Exporter(e.to_string()))?
-        .with_root_certificates(collector_roots(roots)?)
-        .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let roots = RootsFile::find(roots)?;
+        let pem = roots.read()?;
+        let connector = collector_connector(roots.parse(&pem)?)?;
         Ok(TlsExport {
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            roots,
+            trust: std::sync::Mutex::new((pem, connector)),
             name,
             dial,
             kept: std::sync::Mutex::new(None),
@@ -292,6 +334,30 @@ impl TlsExport {
         res.map(crate::http::boxed)
     }
 
+    /// A client trusting the roots file as it is now. A file that cannot
+    /// be read or holds no usable roots leaves the last good roots in
+    /// place, with a warning: a rotation caught half-written is read again
+    /// at the next connection.
+    fn connector(&self) -> tokio_rustls::TlsConnector {
+        let mut trust = self.trust.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = self.roots.read().and_then(|pem| {
+            if pem == trust.0 {
+                return Ok(None);
+            }
+            let connector = collector_connector(self.roots.parse(&pem)?)?;
+            Ok(Some((pem, connector)))
+        });
+        match fresh {
+            Ok(Some(new)) => {
+                tracing::info!(file = %self.roots.path.display(), "the OTLP collector's roots changed; using them");
+                *trust = new;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "keeping the OTLP collector's previous roots"),
+        }
+        trust.1.clone()
+    }
+
     /// A new verified TLS connection to the collector, HTTP/1.1 over it.
     async fn open(&self, targets: Targets) -> Result<ExportSender, String> {
         let tcp = self
@@ -300,7 +366,7 @@ impl TlsExport {
             .await
             .map_err(|e| format!("the OTLP collector: {e}"))?;
         let tls = self
-            .connector
+            .connector()
             .connect(self.name.clone(), tcp)
             .await
             .map_err(|e| format!("TLS with the OTLP collector failed: {e}"))?;
@@ -435,7 +501,7 @@ impl Tracing {
             keepalive: Duration::from_secs(60),
         };
         let transport = if url.starts_with("https://") {
-            Transport::Tls(TlsExport::new(&url, roots, dial)?)
+            Transport::Tls(Box::new(TlsExport::new(&url, roots, dial)?))
         } else if roots.is_some() {
             return Err(TelemetryError::RootsWithoutTls {
                 endpoint: endpoint.to_owned(),
@@ -683,6 +749,50 @@ mod tests {
             1,
             "no export to an unverified collector"
         );
+    }
+
+    #[tokio::test]
+    async fn a_collector_whose_ca_rotates_is_followed_without_a_restart() {
+        use std::sync::atomic::Ordering;
+        let (ca_old, cert_old, key_old) = ca_and_server();
+        let (ca_new, cert_new, key_new) = ca_and_server();
+        let roots = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(roots.path(), &ca_old).unwrap();
+        // The collector before and after its CA rotated (at another port,
+        // so that the kept connection cannot serve the second).
+        let (before, exports_before) = tls_collector(cert_old, key_old).await;
+        let (after, exports_after) = tls_collector(cert_new, key_new).await;
+        let dial = Dial {
+            timeout: Duration::from_secs(2),
+            keepalive: Duration::from_secs(60),
+        };
+        let url = format!("https://{before}/v1/traces");
+        let tls = TlsExport::new(&url, Some(roots.path()), dial).unwrap();
+        let export = |to: std::net::SocketAddr| {
+            http::Request::post(format!("https://{to}/v1/traces"))
+                .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+                .body(Bytes::from_static(b"spans"))
+                .unwrap()
+        };
+        tls.send(Targets::one(before), export(before))
+            .await
+            .expect("verified by the first CA");
+        let err = tls
+            .send(Targets::one(after), export(after))
+            .await
+            .expect_err("the new CA is not trusted yet");
+        assert!(err.contains("TLS"), "{err}");
+        // Roots caught half-written are not taken: the last good ones stay.
+        std::fs::write(roots.path(), "-----BEGIN CERT").unwrap();
+        tls.send(Targets::one(before), export(before))
+            .await
+            .expect("still verified by the first CA");
+        std::fs::write(roots.path(), format!("{ca_old}{ca_new}")).unwrap();
+        tls.send(Targets::one(after), export(after))
+            .await
+            .expect("the file's new roots are read for the new connection");
+        assert_eq!(exports_before.load(Ordering::SeqCst), 2);
+        assert_eq!(exports_after.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
