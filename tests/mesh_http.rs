@@ -682,6 +682,45 @@ fn http_semantics_survive_the_hop_between_proxies() {
     assert_eq!(r.status, 200);
 }
 
+/// Requests pipelined in one write, with answers that have no body (to
+/// HEAD, 204, 304), come back whole and in order, each framed right, from
+/// inside the mesh and from outside it; and the proxy's own answer to
+/// HEAD over HTTP/2 has no content.
+#[test]
+fn pipelined_requests_and_bodiless_answers_keep_their_framing() {
+    let (mesh, server, client, app) = setup(&[]);
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let wire: &[u8] = b"HEAD /headers HTTP/1.1\r\nHost: server\r\n\r\n\
+        GET /status/204/p HTTP/1.1\r\nHost: server\r\n\r\n\
+        GET /status/304/p HTTP/1.1\r\nHost: server\r\n\r\n\
+        GET /ok/p HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n";
+    let outsider = mesh.plain_pod("outsider");
+    for pod in [&client.pod, &outsider] {
+        let reply = tcp_exchange(pod, dst, wire).expect("pipelined requests");
+        let reply = String::from_utf8_lossy(&reply);
+        let statuses: Vec<&str> = reply
+            .match_indices("HTTP/1.1 ")
+            .map(|(i, _)| &reply[i + 9..i + 12])
+            .collect();
+        assert_eq!(statuses, ["200", "204", "304", "200"], "{reply:?}");
+        assert!(
+            !reply.contains('{'),
+            "the HEAD answer carried a body: {reply:?}"
+        );
+        assert!(reply.ends_with("\r\n\r\nok\n"), "{reply:?}");
+        // HEAD from an HTTP/2 client to a port nothing serves: the
+        // proxy's own 502, without the text it carries for other methods,
+        // which over HTTP/2 went out as DATA and reached the client as a
+        // protocol error in place of the status.
+        let nothing = format!("http://{}:{}/", server.pod.ip(), PORT + 1);
+        let r = request(pod, &["--http2-prior-knowledge", "-I", &nothing]);
+        assert_eq!(r.status, 502, "{}", r.headers);
+        assert!(r.headers.contains("legate-error: "), "{}", r.headers);
+        assert_eq!(r.body, "");
+    }
+    assert_eq!(app.count(&server.pod, "p"), 6);
+}
+
 /// Sends a slow request from `pod`, half-closes, and returns what came back.
 fn request_then_half_close(pod: &legate_testbed::Pod, dst: SocketAddr) -> String {
     pod.run_in(move || -> std::io::Result<String> {

@@ -47,11 +47,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def reply(self, code, body=b"", headers=()):
         self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
+        # 204 and 304 answers have no body, and a 204 no length either.
+        if code == 304:
+            self.send_header("Content-Length", str(len(body)))
+        if code in (204, 304):
+            body = b""
+        else:
+            self.send_header("Content-Length", str(len(body)))
         for k, v in headers:
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        # A HEAD answer has the GET answer's head, and no body.
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def read_body(self, hasher=None):
         total = 0
@@ -185,7 +193,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.reply(404, b"unknown path\n")
 
     # PROPFIND: a method beyond the common ones, as WebDAV servers take.
-    do_GET = do_POST = do_PUT = do_DELETE = do_PROPFIND = handle_any
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PROPFIND = handle_any
 
 
 server = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler)

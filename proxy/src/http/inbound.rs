@@ -63,11 +63,13 @@ pub(crate) fn answered(res: Response<Body>) -> Answering {
 }
 
 /// What happens once the answer is known: the request is recorded in the
-/// metrics, the access log and the trace.
+/// metrics, the access log and the trace, and an answer to HEAD loses any
+/// content (see [`super::no_content_for_head`]).
 struct Record {
     ctx: Arc<Shared>,
     obs: Observation,
     seen: Seen,
+    head: bool,
 }
 
 impl Record {
@@ -84,11 +86,13 @@ impl Record {
             ctx: ctx.clone(),
             obs,
             seen,
+            head: parts.method == http::Method::HEAD,
         }
     }
 
     fn finish(self, res: Response<Body>) -> Response<Body> {
-        self.obs.finish(&self.ctx, res, self.seen)
+        let res = self.obs.finish(&self.ctx, res, self.seen);
+        super::no_content_for_head(self.head, res)
     }
 }
 

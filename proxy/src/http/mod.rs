@@ -260,6 +260,20 @@ impl<B: hyper::body::Body + Unpin, T: Unpin> hyper::body::Body for Held<B, T> {
     }
 }
 
+/// `res` without its content when it answers a HEAD request (RFC 9110
+/// §9.3.2), its fields, `Content-Length` included, as they are. An
+/// application's answer to HEAD has none already; the proxy's own answers
+/// (502, 503, 504) carry a short text, which hyper's HTTP/1.1 server
+/// leaves out by itself but which over HTTP/2 would go out as DATA, taken
+/// by the client for a protocol error in place of the status.
+pub(crate) fn no_content_for_head(head: bool, res: http::Response<Body>) -> http::Response<Body> {
+    if !head {
+        return res;
+    }
+    let (parts, _) = res.into_parts();
+    http::Response::from_parts(parts, empty())
+}
+
 pub fn empty() -> Body {
     Empty::<Bytes>::new()
         .map_err(|never| match never {})

@@ -331,6 +331,7 @@ async fn handle(
     meter: Arc<ConnMeter>,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
+    let head = parts.method == http::Method::HEAD;
     let obs = Observation::start(&ctx, Direction::Outbound, &mut parts, client, dst);
     let mut seen = Seen::default();
     let res = route_request(
@@ -344,7 +345,7 @@ async fn handle(
     if let Some(peer) = &seen.carried {
         meter.set_peer(peer.as_ref());
     }
-    obs.finish(&ctx, res, seen)
+    super::no_content_for_head(head, obs.finish(&ctx, res, seen))
 }
 
 async fn route_request(
