@@ -721,6 +721,46 @@ fn pipelined_requests_and_bodiless_answers_keep_their_framing() {
     assert_eq!(app.count(&server.pod, "p"), 6);
 }
 
+/// What a client's request says about its own connection stays on it, and
+/// an absolute target names the host, whether the client is inside the
+/// mesh or outside it; and an HTTP/1.0 client's kept connection is
+/// announced as kept.
+#[test]
+fn hop_by_hop_fields_absolute_targets_and_http10_keep_alive_at_either_entry() {
+    let (mesh, server, client, _app) = setup(&[]);
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let outsider = mesh.plain_pod("outsider");
+    for pod in [&client.pod, &outsider] {
+        let wire = b"GET http://shop.example:8080/headers HTTP/1.1\r\nHost: other\r\n\
+            Connection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
+            Proxy-Connection: keep-alive\r\nX-End: 2\r\n\r\n";
+        let reply = tcp_exchange(pod, dst, wire).expect("request");
+        let reply = String::from_utf8_lossy(&reply);
+        let (head, body) = reply.split_once("\r\n\r\n").expect("a whole answer");
+        assert!(head.starts_with("HTTP/1.1 200"), "{reply:?}");
+        let seen: serde_json::Value = serde_json::from_str(body).expect(body);
+        assert_eq!(seen["host"], "shop.example:8080", "{seen}");
+        assert_eq!(seen["x-end"], "2", "{seen}");
+        for hop in ["connection", "x-hop", "keep-alive", "proxy-connection"] {
+            assert!(
+                seen.get(hop).is_none(),
+                "{hop} reached the application: {seen}"
+            );
+        }
+
+        // Two requests of an HTTP/1.0 client on one connection: the first
+        // asks to keep it and is told it is kept; the second does not.
+        let wire = b"GET /ok/k HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
+            GET /ok/k HTTP/1.0\r\n\r\n";
+        let reply = tcp_exchange(pod, dst, wire).expect("HTTP/1.0 requests");
+        let reply = String::from_utf8_lossy(&reply).to_ascii_lowercase();
+        let answers: Vec<&str> = reply.split("http/1.0 200").skip(1).collect();
+        assert_eq!(answers.len(), 2, "{reply:?}");
+        assert!(answers[0].contains("connection: keep-alive"), "{reply:?}");
+        assert!(!answers[1].contains("keep-alive"), "{reply:?}");
+    }
+}
+
 /// Sends a slow request from `pod`, half-closes, and returns what came back.
 fn request_then_half_close(pod: &legate_testbed::Pod, dst: SocketAddr) -> String {
     pod.run_in(move || -> std::io::Result<String> {

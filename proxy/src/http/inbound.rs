@@ -63,13 +63,13 @@ pub(crate) fn answered(res: Response<Body>) -> Answering {
 }
 
 /// What happens once the answer is known: the request is recorded in the
-/// metrics, the access log and the trace, and an answer to HEAD loses any
-/// content (see [`super::no_content_for_head`]).
+/// metrics, the access log and the trace, and the answer is shaped for
+/// the request (see [`super::Asked::shape`]).
 struct Record {
     ctx: Arc<Shared>,
     obs: Observation,
     seen: Seen,
-    head: bool,
+    asked: super::Asked,
 }
 
 impl Record {
@@ -86,13 +86,13 @@ impl Record {
             ctx: ctx.clone(),
             obs,
             seen,
-            head: parts.method == http::Method::HEAD,
+            asked: super::Asked::of(parts),
         }
     }
 
     fn finish(self, res: Response<Body>) -> Response<Body> {
         let res = self.obs.finish(&self.ctx, res, self.seen);
-        super::no_content_for_head(self.head, res)
+        self.asked.shape(res)
     }
 }
 
@@ -219,8 +219,10 @@ fn forward(
     let answer = |status, reason| crate::policy::proxy_answer(status, reason, grpc);
     // HTTP/1.1 to the application needs only the path and a Host header:
     // one the client sent is passed on as it is, without a parse or a new
-    // URI. HTTP/2 needs the URI absolute.
-    if h2 || !parts.headers.contains_key(header::HOST) {
+    // URI, unless the request named its target in absolute form, whose
+    // authority replaces it (RFC 9112 §3.2.2). HTTP/2 needs the URI
+    // absolute.
+    if h2 || parts.uri.authority().is_some() || !parts.headers.contains_key(header::HOST) {
         let Some(auth) =
             authority(&parts).or_else(|| SocketAddr::new(ip, port).to_string().parse().ok())
         else {
@@ -417,6 +419,9 @@ fn from_client(
             crate::policy::proxy_answer(StatusCode::NOT_IMPLEMENTED, FOREIGN_CODING, grpc);
         return answered(record.finish(refused));
     }
+    // What described the client's connection to this proxy is not the
+    // application's to see, as over the mesh (RFC 9110 §7.6.1).
+    strip_hop_by_hop(req.headers_mut());
     let (parts, body) = req.into_parts();
     forward(record, parts, boxed(body), dst.ip(), dst.port(), h2)
 }

@@ -260,18 +260,42 @@ impl<B: hyper::body::Body + Unpin, T: Unpin> hyper::body::Body for Held<B, T> {
     }
 }
 
-/// `res` without its content when it answers a HEAD request (RFC 9110
-/// §9.3.2), its fields, `Content-Length` included, as they are. An
-/// application's answer to HEAD has none already; the proxy's own answers
-/// (502, 503, 504) carry a short text, which hyper's HTTP/1.1 server
-/// leaves out by itself but which over HTTP/2 would go out as DATA, taken
-/// by the client for a protocol error in place of the status.
-pub(crate) fn no_content_for_head(head: bool, res: http::Response<Body>) -> http::Response<Body> {
-    if !head {
-        return res;
+/// What of a request shapes the answer the client gets, whoever made it
+/// (the application, a peer proxy or the proxy itself).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Asked {
+    head: bool,
+    http1: bool,
+}
+
+impl Asked {
+    pub fn of(parts: &http::request::Parts) -> Self {
+        Asked {
+            head: parts.method == http::Method::HEAD,
+            http1: parts.version < http::Version::HTTP_2,
+        }
     }
-    let (parts, _) = res.into_parts();
-    http::Response::from_parts(parts, empty())
+
+    /// The answer as the client is to get it:
+    /// - to HEAD, without content (RFC 9110 §9.3.2), its fields,
+    ///   `Content-Length` included, as they are. An application's answer
+    ///   has none already; the proxy's own answers (502, 503, 504) carry a
+    ///   short text, which hyper's HTTP/1.1 server leaves out by itself
+    ///   but which over HTTP/2 would go out as DATA, taken by the client
+    ///   for a protocol error in place of the status;
+    /// - to HTTP/1.x, marked HTTP/1.1, the proxy's own version (RFC 9110
+    ///   §6.2). hyper's server tells an HTTP/1.0 client whether its
+    ///   connection stays open from that mark, and said nothing for an
+    ///   answer marked HTTP/2, as one from the mesh is, while it kept the
+    ///   connection open.
+    pub fn shape(self, res: http::Response<Body>) -> http::Response<Body> {
+        let (mut parts, body) = res.into_parts();
+        if self.http1 {
+            parts.version = http::Version::HTTP_11;
+        }
+        let body = if self.head { empty() } else { body };
+        http::Response::from_parts(parts, body)
+    }
 }
 
 pub fn empty() -> Body {

@@ -331,7 +331,7 @@ async fn handle(
     meter: Arc<ConnMeter>,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
-    let head = parts.method == http::Method::HEAD;
+    let asked = super::Asked::of(&parts);
     let obs = Observation::start(&ctx, Direction::Outbound, &mut parts, client, dst);
     let mut seen = Seen::default();
     let res = route_request(
@@ -345,7 +345,7 @@ async fn handle(
     if let Some(peer) = &seen.carried {
         meter.set_peer(peer.as_ref());
     }
-    super::no_content_for_head(head, obs.finish(&ctx, res, seen))
+    asked.shape(obs.finish(&ctx, res, seen))
 }
 
 async fn route_request(
