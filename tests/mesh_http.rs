@@ -761,6 +761,107 @@ fn hop_by_hop_fields_absolute_targets_and_http10_keep_alive_at_either_entry() {
     }
 }
 
+/// Serves canned HTTP/1.1 answers in `pod` on `port`, one per request,
+/// chosen by the request's path, closing after it when its flag says so, as a
+/// server whose body ends at the close does. Anything else gets `next`.
+fn serve_canned(pod: &legate_testbed::Pod, port: u16, answers: &'static [(&str, &[u8], bool)]) {
+    use std::io::BufRead;
+    let listener = pod
+        .run_in(move || std::net::TcpListener::bind(("0.0.0.0", port)))
+        .expect("run in pod")
+        .expect("bind");
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let Ok(read) = conn.try_clone() else { return };
+                let (mut conn, mut r) = (conn, std::io::BufReader::new(read));
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                    }
+                    let path = line.split(' ').nth(1).unwrap_or("/");
+                    let (wire, close) = answers.iter().find(|(p, _, _)| *p == path).map_or(
+                        (
+                            &b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"[..],
+                            false,
+                        ),
+                        |a| (a.1, a.2),
+                    );
+                    if conn.write_all(wire).is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Answers an application frames oddly or wrongly reach the client framed
+/// right, or as the proxy's 502, and the client's connection carries its
+/// next request either way, inside the mesh and from outside it.
+#[test]
+fn odd_or_broken_answers_from_the_application_leave_the_clients_connection_usable() {
+    let (mesh, server, client, _app) = setup(&[]);
+    let outsider = mesh.plain_pod("outsider");
+    const CANNED: u16 = 9100;
+    serve_canned(
+        &server.pod,
+        CANNED,
+        &[
+            ("/until-close", b"HTTP/1.1 200 OK\r\n\r\nbody until close", true),
+            ("/http10", b"HTTP/1.0 200 OK\r\n\r\nold style", true),
+            // Transfer-Encoding wins; the length beside it must not reach
+            // the client, whose connection it broke without an answer.
+            (
+                "/length-and-chunked",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+                false,
+            ),
+            ("/bad-field", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX Bad: 1\r\n\r\nok", false),
+            ("/two-lengths", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok", false),
+        ],
+    );
+    let cases = [
+        ("/until-close", 200, "body until close"),
+        ("/http10", 200, "old style"),
+        ("/length-and-chunked", 200, "abc"),
+        ("/bad-field", 502, "legate: application_error\n"),
+        ("/two-lengths", 502, "legate: application_error\n"),
+    ];
+    for pod in [&client.pod, &outsider] {
+        for (path, status, body) in cases {
+            let first = format!("http://{}:{CANNED}{path}", server.pod.ip());
+            let next = format!("http://{}:{CANNED}/next", server.pod.ip());
+            let (ok, out, err) = curl(pod, &["-sS", "-i", "--max-time", "5", &first, &next]);
+            assert!(ok, "{path}: {err}");
+            let answers: Vec<&str> = out.split("HTTP/1.1 ").skip(1).collect();
+            assert_eq!(answers.len(), 2, "{path}: {out:?}");
+            assert!(
+                answers[0].starts_with(&status.to_string()),
+                "{path}: {out:?}"
+            );
+            assert!(
+                answers[0].ends_with(&format!("\r\n\r\n{body}")),
+                "{path}: {out:?}"
+            );
+            assert!(
+                answers[1].starts_with("200") && answers[1].ends_with("next"),
+                "{path}: {out:?}"
+            );
+        }
+    }
+}
+
 /// Sends a slow request from `pod`, half-closes, and returns what came back.
 fn request_then_half_close(pod: &legate_testbed::Pod, dst: SocketAddr) -> String {
     pod.run_in(move || -> std::io::Result<String> {

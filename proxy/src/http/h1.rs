@@ -667,6 +667,12 @@ fn parse_head(buf: &mut BytesMut, head_only: bool, unsent: bool) -> Result<Optio
             headers.append(name, value);
         }
         let (read, mut keep_alive) = framing(status, version, &headers, head_only)?;
+        if matches!(read, Read::Chunked(_)) {
+            // A length beside chunked is void, and passed on it would frame
+            // the body wrongly downstream: the client's connection closed
+            // with no answer. An intermediary removes it (RFC 9112 §6.3).
+            headers.remove(header::CONTENT_LENGTH);
+        }
         if unsent {
             // The answer came before the whole request was sent; whatever
             // follows, the connection is not reused.
@@ -1368,6 +1374,20 @@ mod tests {
             .expect_err("not repeated");
         assert!(err.to_string().contains("before it answered"), "{err}");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "the POST went once");
+    }
+
+    #[tokio::test]
+    async fn a_length_beside_chunked_is_dropped_from_the_answer() {
+        let (addr, _) = answers_once(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        )
+        .await;
+        let res = pool()
+            .send(Targets::one(addr), get("/"))
+            .await
+            .expect("answer");
+        assert!(!res.headers().contains_key(header::CONTENT_LENGTH));
+        assert_eq!(body_of(res).await.0, "abc");
     }
 
     #[tokio::test]
