@@ -903,42 +903,45 @@ fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
 
 #[test]
 fn a_websocket_echo_round_trips_through_the_mesh() {
-    let (_mesh, server, client, _app) = setup(&[]);
+    let (mesh, server, client, _app) = setup(&[]);
     let dst = SocketAddr::new(server.pod.ip().into(), PORT);
-    let echoed = client
-        .pod
-        .run_in(move || -> std::io::Result<Vec<u8>> {
-            let mut s = TcpStream::connect(dst)?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(
+    // From inside the mesh, and from outside it to the server's proxy.
+    let outsider = mesh.plain_pod("outsider");
+    for pod in [&client.pod, &outsider] {
+        let echoed = pod
+            .run_in(move || -> std::io::Result<Vec<u8>> {
+                let mut s = TcpStream::connect(dst)?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                write!(
                 s,
                 "GET /ws HTTP/1.1\r\nHost: {dst}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
             )?;
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                s.read_exact(&mut byte)?;
-                head.push(byte[0]);
-            }
-            let head = String::from_utf8_lossy(&head).to_string();
-            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-            assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
-            let payload = b"hello through the mesh";
-            let mask = [1u8, 2, 3, 4];
-            let mut frame = vec![0x81, 0x80 | payload.len() as u8];
-            frame.extend_from_slice(&mask);
-            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-            s.write_all(&frame)?;
-            let mut reply = [0u8; 2];
-            s.read_exact(&mut reply)?;
-            let mut body = vec![0u8; usize::from(reply[1] & 0x7f)];
-            s.read_exact(&mut body)?;
-            Ok(body)
-        })
-        .unwrap()
-        .expect("websocket exchange");
-    assert_eq!(echoed, b"hello through the mesh");
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    s.read_exact(&mut byte)?;
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+                assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+                let payload = b"hello through the mesh";
+                let mask = [1u8, 2, 3, 4];
+                let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+                frame.extend_from_slice(&mask);
+                frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+                s.write_all(&frame)?;
+                let mut reply = [0u8; 2];
+                s.read_exact(&mut reply)?;
+                let mut body = vec![0u8; usize::from(reply[1] & 0x7f)];
+                s.read_exact(&mut body)?;
+                Ok(body)
+            })
+            .unwrap()
+            .expect("websocket exchange");
+        assert_eq!(echoed, b"hello through the mesh");
+    }
 }
 
 /// Runs `tests/apps/grpc_echo.py` in `pod` with `args`, as an ordinary user.
