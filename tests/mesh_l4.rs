@@ -619,3 +619,38 @@ fn idle_pooled_connections_are_closed() {
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(mesh_conns(), 0, "an idle pooled connection is closed");
 }
+
+/// A meshed port nothing listens on behaves as a refused connection would
+/// without the mesh, as near as a proxy that already accepted can make it:
+/// the client's connection is reset, whether it speaks first or waits,
+/// from inside the mesh and from outside it.
+#[test]
+fn a_port_nothing_listens_on_resets_the_clients_connection() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("server", PodOptions::default());
+    let client = mesh.meshed_pod("client", PodOptions::default());
+    let outsider = mesh.plain_pod("outsider");
+    let dst = std::net::SocketAddr::new(server.pod.ip().into(), 9999);
+    for pod in [&client.pod, &outsider] {
+        for speaks in [false, true] {
+            let read = pod
+                .run_in(move || -> std::io::Result<std::io::Result<usize>> {
+                    let mut s = TcpStream::connect(dst)?;
+                    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+                    if speaks {
+                        if let Err(e) = s.write_all(b"\x00\x01binary") {
+                            return Ok(Err(e));
+                        }
+                    }
+                    Ok(s.read(&mut [0u8; 16]))
+                })
+                .expect("run in pod")
+                .expect("connect");
+            assert_eq!(
+                read.map_err(|e| e.kind()),
+                Err(std::io::ErrorKind::ConnectionReset),
+                "speaking first: {speaks}"
+            );
+        }
+    }
+}
