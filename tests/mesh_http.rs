@@ -862,6 +862,26 @@ fn odd_or_broken_answers_from_the_application_leave_the_clients_connection_usabl
     }
 }
 
+/// The trailer fields of a chunked upload reach the application, whichever
+/// entry the request takes.
+#[test]
+fn a_chunked_requests_trailers_reach_the_application() {
+    let (mesh, server, client, _app) = setup(&[]);
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let outsider = mesh.plain_pod("outsider");
+    let wire: &[u8] = b"POST /trailers-in HTTP/1.1\r\nHost: server\r\n\
+        Transfer-Encoding: chunked\r\nTrailer: x-sum\r\nConnection: close\r\n\r\n\
+        3\r\nabc\r\n0\r\nx-sum: 7\r\n\r\n";
+    for pod in [&client.pod, &outsider] {
+        let reply = tcp_exchange(pod, dst, wire).expect("chunked upload");
+        let reply = String::from_utf8_lossy(&reply);
+        let (head, body) = reply.split_once("\r\n\r\n").expect("a whole answer");
+        assert!(head.starts_with("HTTP/1.1 200"), "{reply:?}");
+        let trailers: serde_json::Value = serde_json::from_str(body).expect(body);
+        assert_eq!(trailers["x-sum"], "7", "{reply:?}");
+    }
+}
+
 /// Sends a slow request from `pod`, half-closes, and returns what came back.
 fn request_then_half_close(pod: &legate_testbed::Pod, dst: SocketAddr) -> String {
     pod.run_in(move || -> std::io::Result<String> {

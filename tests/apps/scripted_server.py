@@ -8,7 +8,7 @@ the application:
   /ok/KEY                      200
   /fail/N/KEY                  500 for the first N requests, then 200
   /always500/KEY               500
-  /status/CODE/KEY             that status
+  /status/CODE/KEY             that status (204 and 304 without content)
   /slowfirst/KEY/SECONDS       the first request sleeps, later ones answer at once
   /sleep/SECONDS/KEY           sleeps, then 200
   /reset/N/KEY                 resets the connection for the first N requests
@@ -16,6 +16,7 @@ the application:
   /sink/KEY                    reads the body in pieces; "<length> <sha256>"
   /headers                     the request headers as JSON
   /trailers                    a chunked response with a trailer
+  /trailers-in                 the trailer fields of a chunked request, as JSON
   /ws                          a WebSocket echo (one text frame at a time)
 """
 
@@ -62,14 +63,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def read_body(self, hasher=None):
+        self.trailers = {}
         total = 0
         data = bytearray()
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip(), 16)
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
+                    while True:
+                        line = self.rfile.readline()
+                        if line in (b"\r\n", b"\n", b""):
+                            break
+                        name, _, value = line.decode("latin-1").partition(":")
+                        self.trailers[name.strip().lower()] = value.strip()
                     break
                 chunk = self.rfile.read(size)
                 self.rfile.readline()
@@ -176,6 +182,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if op == "count":
             with lock:
                 return self.reply(200, str(counts.get(parts[1], 0)).encode())
+        if op == "trailers-in":
+            return self.reply(200, json.dumps(self.trailers).encode(),
+                              [("Content-Type", "application/json")])
         if op == "headers":
             return self.reply(200, json.dumps({k.lower(): v for k, v in self.headers.items()}).encode(),
                               [("Content-Type", "application/json")])
