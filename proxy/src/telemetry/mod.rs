@@ -97,9 +97,6 @@ const SYSTEM_BUNDLES: [&str; 4] = [
     "/etc/ssl/cert.pem",
 ];
 
-/// The trust anchors an https collector is verified with: every
-/// certificate of `file`, which must all be usable, or the system bundle's
-/// usable ones.
 /// Where the collector's roots are read from: `telemetry.otlp_ca_file`,
 /// or the system's CA bundle (`SSL_CERT_FILE`, or the distributions'
 /// usual paths). Found once; the file is read again as it changes.
