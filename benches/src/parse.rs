@@ -15,6 +15,34 @@ pub fn iperf3_bps(json: &str) -> Result<f64> {
         .ok_or_else(|| "iperf3 output has no end.sum_received.bits_per_second".into())
 }
 
+/// The ping-pong client's report (`legate-bench tool pingpong`): round
+/// trips made and their latency percentiles, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PingPong {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub count: u64,
+}
+
+/// The ping-pong client's JSON; a field missing is an error, not a zero
+/// in the tables.
+pub fn pingpong(json: &str) -> Result<PingPong> {
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    let us = |k: &str| {
+        v[k].as_f64()
+            .ok_or_else(|| format!("pingpong output lacks {k}: {json}"))
+    };
+    Ok(PingPong {
+        p50_us: us("p50_us")?,
+        p99_us: us("p99_us")?,
+        p999_us: us("p999_us")?,
+        count: v["count"]
+            .as_u64()
+            .ok_or_else(|| format!("pingpong output lacks count: {json}"))?,
+    })
+}
+
 /// Requests per second and latency percentiles, in microseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct HttpLoad {
@@ -154,6 +182,18 @@ requests: 412345 total, 412345 started, 412345 done, 412340 succeeded, 5 failed,
         assert_eq!(l.errors, 5);
         assert_eq!(l.p50_us, 200.0);
         assert_eq!(l.p99_us, 300.0);
+    }
+
+    #[test]
+    fn a_pingpong_report_is_read_whole_or_refused() {
+        let ok = r#"{"count":10,"p50_us":120.5,"p99_us":300.0,"p999_us":410.0}"#;
+        let p = pingpong(ok).unwrap();
+        assert_eq!(
+            (p.count, p.p50_us, p.p99_us, p.p999_us),
+            (10, 120.5, 300.0, 410.0)
+        );
+        let e = pingpong(r#"{"count":10,"p50_us":120.5}"#).unwrap_err();
+        assert!(e.to_string().contains("p99_us"), "{e}");
     }
 
     #[test]

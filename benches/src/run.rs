@@ -774,6 +774,25 @@ impl Bench {
         self.client.command(&self.exe).arg("tool").args(args)
     }
 
+    /// 64-byte round trips to the echo server at `target` from the client
+    /// pod for `--seconds`.
+    fn pingpong(&self, target: SocketAddr) -> Result<parse::PingPong> {
+        let secs = self.args.seconds;
+        let args = [
+            "pingpong".to_owned(),
+            "--target".into(),
+            target.to_string(),
+            "--seconds".into(),
+            secs.to_string(),
+        ];
+        let out = exec_bounded(
+            self.client_tool(&args),
+            "pingpong",
+            Duration::from_secs(secs + 60),
+        )?;
+        parse::pingpong(&out)
+    }
+
     fn l4(&mut self, report: &mut Report) -> Result<()> {
         let peers = self.wanted(self.peers_l4());
         let rounds = self.args.rounds as usize;
@@ -883,28 +902,13 @@ impl Bench {
         }
         for peer in peers {
             eprintln!("legate-bench: L4 latency, {}", peer.name);
-            let args: Vec<String> = [
-                "pingpong",
-                "--target",
-                &peer.echo.to_string(),
-                "--seconds",
-                &secs.to_string(),
-            ]
-            .map(str::to_owned)
-            .to_vec();
-            let (out, cost) = self.measured(peer, "ping-pong", report, || {
-                exec_bounded(
-                    self.client_tool(&args),
-                    "pingpong",
-                    Duration::from_secs(secs + 60),
-                )
-            })?;
-            let v: serde_json::Value = serde_json::from_str(&out)?;
+            let (pp, cost) =
+                self.measured(peer, "ping-pong", report, || self.pingpong(peer.echo))?;
             let row = report.l4_mut(peer.name);
-            row.pp_p50_us = v["p50_us"].as_f64().unwrap_or(0.0);
-            row.pp_p99_us = v["p99_us"].as_f64().unwrap_or(0.0);
-            row.pp_p999_us = v["p999_us"].as_f64().unwrap_or(0.0);
-            row.pp_count = v["count"].as_u64().unwrap_or(0);
+            row.pp_p50_us = pp.p50_us;
+            row.pp_p99_us = pp.p99_us;
+            row.pp_p999_us = pp.p999_us;
+            row.pp_count = pp.count;
             row.pp_cost = cost;
         }
         for peer in peers {
@@ -1046,23 +1050,8 @@ impl Bench {
         };
         let pp = match echo {
             Some(addr) => {
-                let args: Vec<String> = [
-                    "pingpong",
-                    "--target",
-                    &addr.to_string(),
-                    "--seconds",
-                    &secs.to_string(),
-                ]
-                .map(str::to_owned)
-                .to_vec();
-                let out = exec_bounded(
-                    self.client_tool(&args),
-                    "pingpong",
-                    Duration::from_secs(secs + 60),
-                )?;
-                let v: serde_json::Value = serde_json::from_str(&out)?;
-                let us = |k: &str| v[k].as_f64().unwrap_or(0.0);
-                Some((us("p50_us"), us("p99_us")))
+                let pp = self.pingpong(addr)?;
+                Some((pp.p50_us, pp.p99_us))
             }
             None => None,
         };
