@@ -288,13 +288,14 @@ impl Asked {
     ///   connection stays open from that mark, and said nothing for an
     ///   answer marked HTTP/2, as one from the mesh is, while it kept the
     ///   connection open.
-    pub fn shape(self, res: http::Response<Body>) -> http::Response<Body> {
-        let (mut parts, body) = res.into_parts();
+    pub fn shape(self, mut res: http::Response<Body>) -> http::Response<Body> {
         if self.http1 {
-            parts.version = http::Version::HTTP_11;
+            *res.version_mut() = http::Version::HTTP_11;
         }
-        let body = if self.head { empty() } else { body };
-        http::Response::from_parts(parts, body)
+        if self.head {
+            *res.body_mut() = empty();
+        }
+        res
     }
 }
 
