@@ -862,6 +862,73 @@ fn odd_or_broken_answers_from_the_application_leave_the_clients_connection_usabl
     }
 }
 
+/// A request whose Host is missing (HTTP/1.1) or doubled is refused with
+/// 400 before it reaches the application, at both entries: two copies
+/// could name one host to the proxy's policy and another to the
+/// application.
+#[test]
+fn requests_with_a_missing_or_doubled_host_are_refused_at_either_entry() {
+    let (mesh, server, client, app) = setup(&[]);
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let outsider = mesh.plain_pod("outsider");
+    let refused: [(&'static [u8], &str); 4] = [
+        (
+            b"GET /ok/host HTTP/1.1\r\nX-A: 1\r\n\r\n",
+            "HTTP/1.1 request without a Host header",
+        ),
+        (
+            b"GET /ok/host HTTP/1.1\r\nHost: shop\r\nHost: admin\r\n\r\n",
+            "request with more than one Host header",
+        ),
+        (
+            b"GET /ok/host HTTP/1.0\r\nHost: shop\r\nHost: shop\r\n\r\n",
+            "request with more than one Host header",
+        ),
+        (
+            b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            "HTTP/1.1 request without a Host header",
+        ),
+    ];
+    for pod in [&client.pod, &outsider] {
+        for (wire, why) in refused {
+            let reply = raw_exchange(pod, dst, wire);
+            assert!(reply.contains(" 400 "), "{reply:?}");
+            assert!(reply.contains(&format!("legate-error: {why}")), "{reply:?}");
+        }
+        // HTTP/1.0 may leave Host out.
+        let reply = raw_exchange(pod, dst, b"GET /ok/host10 HTTP/1.0\r\n\r\n");
+        assert!(reply.contains(" 200 "), "{reply:?}");
+    }
+    assert_eq!(app.count(&server.pod, "host"), 0);
+    assert_eq!(app.count(&server.pod, "host10"), 2);
+}
+
+/// A request whose own body breaks off (chunked framing that cannot be
+/// read, fewer bytes than its length) is answered 400 as the client's
+/// fault, not 502 as the application's, whichever entry it takes.
+#[test]
+fn a_broken_request_body_is_the_clients_fault_at_either_entry() {
+    let (mesh, server, client, _app) = setup(&[]);
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let outsider = mesh.plain_pod("outsider");
+    let broken: [&'static [u8]; 2] = [
+        b"POST /sink/body HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n\
+          fffffffffffffffffff\r\nabc\r\n0\r\n\r\n",
+        b"POST /sink/body HTTP/1.1\r\nHost: s\r\nContent-Length: 10\r\n\r\nabc",
+    ];
+    for pod in [&client.pod, &outsider] {
+        for wire in broken {
+            let reply = raw_exchange(pod, dst, wire);
+            assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+            assert!(
+                reply.contains("legate-error: request body could not be read"),
+                "{reply:?}"
+            );
+        }
+    }
+}
+
 /// The trailer fields of a chunked upload reach the application, whichever
 /// entry the request takes.
 #[test]

@@ -20,7 +20,7 @@ use tracing::debug;
 use super::client::FixedConnector;
 use super::outbound::{finish_upgrade, proxy_answer};
 use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token};
-use super::{only_chunked, FOREIGN_CODING};
+use super::{host_fault, only_chunked, BODY_UNREADABLE, FOREIGN_CODING};
 use super::{remove_client_id, CLIENT_ID_HEADER, PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
 use crate::h2server::Tunnel;
@@ -105,11 +105,24 @@ trait AppError: std::fmt::Display {
     fn is_refused(&self) -> bool {
         false
     }
+
+    /// Whether the request's own body broke off on its way from the
+    /// client: the client's fault, not the application's.
+    fn is_request_body(&self) -> bool {
+        false
+    }
 }
 
 impl AppError for super::h1::Error {
     fn is_connect(&self) -> bool {
         super::h1::Error::is_connect(self)
+    }
+
+    fn is_request_body(&self) -> bool {
+        matches!(
+            self,
+            super::h1::Error::Body(_) | super::h1::Error::BodyLength(_)
+        )
     }
 }
 
@@ -163,6 +176,10 @@ where
                 );
                 res.extensions_mut().insert(crate::h2server::Refuse);
                 res
+            }
+            Err(e) if e.is_request_body() => {
+                debug!(port, error = %e, "the client's request body broke off");
+                crate::policy::proxy_answer(StatusCode::BAD_REQUEST, BODY_UNREADABLE, grpc)
             }
             Err(e) => {
                 debug!(port, error = %e, "request to the application failed");
@@ -383,6 +400,9 @@ fn from_client(
     };
     let record = Record::start(ctx, &mut parts, client, dst, seen);
     let mut req = Request::from_parts(parts, body);
+    if let Some(fault) = host_fault(&req) {
+        return answered(record.finish(proxy_answer(StatusCode::BAD_REQUEST, fault)));
+    }
     // Replaces any copy the client sent.
     remove_client_id(req.headers_mut());
     if let Some(v) = peer.and_then(|p| p.header.as_ref()) {

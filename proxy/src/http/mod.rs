@@ -167,6 +167,30 @@ pub fn only_chunked(headers: &HeaderMap) -> Option<bool> {
 /// Why a request in a transfer coding other than chunked is refused.
 pub const FOREIGN_CODING: &str = "transfer coding other than chunked";
 
+/// Why a request is answered 400 when its own body broke off (bad chunked
+/// framing, a length it did not keep, a client gone mid-upload).
+pub const BODY_UNREADABLE: &str = "request body could not be read";
+
+/// Why an HTTP/1.x request's Host header makes it one to refuse, if it
+/// does. RFC 9112 §3.2 has a server answer 400 to an HTTP/1.1 request
+/// without Host, and to any request with more than one: two copies can
+/// name two hosts to two readers of the same request (the proxy's policy
+/// and the application, or a cache behind it). HTTP/1.0 may leave Host
+/// out; HTTP/2 names its authority otherwise.
+pub fn host_fault<B>(req: &http::Request<B>) -> Option<&'static str> {
+    if req.version() >= http::Version::HTTP_2 {
+        return None;
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() == http::Version::HTTP_11 => {
+            Some("HTTP/1.1 request without a Host header")
+        }
+        (Some(_), Some(_)) => Some("request with more than one Host header"),
+        _ => None,
+    }
+}
+
 /// The protocol token of an HTTP/1.1 upgrade request (`websocket`), if it is one.
 ///
 /// An upgrade to `h2c` alone is not one: it asks to switch the hop to

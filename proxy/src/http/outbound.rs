@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use super::replay::RequestBody;
 use super::{absolute_uri, authority, boxed, empty, only_chunked, strip_hop_by_hop};
-use super::{upgrade_token, Held, FOREIGN_CODING};
+use super::{host_fault, upgrade_token, Held, BODY_UNREADABLE, FOREIGN_CODING};
 use super::{PROTO_HEADER, TARGET_HEADER};
 use crate::batch::Batched;
 use crate::detect::Protocol;
@@ -129,9 +129,6 @@ impl<F: Future<Output = Response<Body>>> Future for Answered<F> {
         self.project().inner.poll(cx).map(Ok)
     }
 }
-
-/// The answer's reason when the application's request body broke off.
-const BODY_UNREADABLE: &str = "request body could not be read";
 
 /// An answer the proxy makes itself, for a request that is not gRPC.
 pub fn proxy_answer(status: StatusCode, reason: &str) -> Response<Body> {
@@ -355,6 +352,9 @@ async fn route_request(
     target: &HeaderValue,
     seen: &mut Seen,
 ) -> Response<Body> {
+    if let Some(fault) = host_fault(&req) {
+        return proxy_answer(StatusCode::BAD_REQUEST, fault);
+    }
     let live = ctx.live();
     if let Some(token) = upgrade_token(&req) {
         // Boxed so that the common path does not carry its space.
