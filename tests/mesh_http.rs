@@ -988,6 +988,58 @@ fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
     );
 }
 
+/// An upgrade the application declines (with a 2xx or any other answer
+/// but 101) gets that answer, and the client's connection goes on as
+/// HTTP/1.1; an upgrade request with a body reaches the application whole,
+/// as the ordinary request it then is. Alike inside the mesh, where an
+/// upgrade rides an extended CONNECT, and from outside it.
+#[test]
+fn declined_upgrades_and_upgrades_with_a_body_go_on_as_http_at_either_entry() {
+    let (mesh, server, client, _app) = setup(&[]);
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let outsider = mesh.plain_pod("outsider");
+    const NEXT: &str = "GET /headers HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n";
+    const WS: &str = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let cases = [
+        // The scripted server answers these paths without switching.
+        (
+            format!("GET /ok/ws HTTP/1.1\r\nHost: s\r\n{WS}\r\n{NEXT}"),
+            "200",
+            "ok\n",
+        ),
+        (
+            format!("GET /nothing HTTP/1.1\r\nHost: s\r\n{WS}\r\n{NEXT}"),
+            "404",
+            "unknown path\n",
+        ),
+        (
+            format!("POST /sink/wsb HTTP/1.1\r\nHost: s\r\n{WS}Content-Length: 3\r\n\r\nabc{NEXT}"),
+            "200",
+            "3 ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+        ),
+    ];
+    for pod in [&client.pod, &outsider] {
+        for (wire, status, body) in &cases {
+            let reply = tcp_exchange(pod, dst, wire.as_bytes()).expect("exchange");
+            let reply = String::from_utf8_lossy(&reply);
+            let (first, next) = reply
+                .split_once("\r\n\r\n")
+                .and_then(|(head, rest)| Some((head, rest.strip_prefix(body)?)))
+                .unwrap_or_else(|| panic!("no whole first answer: {reply:?}"));
+            assert!(
+                first.starts_with(&format!("HTTP/1.1 {status}")),
+                "{reply:?}"
+            );
+            assert!(next.starts_with("HTTP/1.1 200"), "{reply:?}");
+            let (_, seen) = next.split_once("\r\n\r\n").expect("a whole second answer");
+            let seen: serde_json::Value = serde_json::from_str(seen).expect(seen);
+            assert_eq!(seen["host"], "s", "{seen}");
+            assert!(seen.get("upgrade").is_none(), "{seen}");
+        }
+    }
+}
+
 #[test]
 fn a_websocket_echo_round_trips_through_the_mesh() {
     let (mesh, server, client, _app) = setup(&[]);

@@ -31,6 +31,7 @@ use tracing::debug;
 
 use crate::h2stream::{BodyPipe, RecvBody, StreamIo};
 use crate::http::inbound::Answering;
+use crate::http::DECLINED_HEADER;
 use crate::pool::{Body, CONN_WINDOW, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW};
 
 /// Streams one peer proxy may have open on a connection.
@@ -222,7 +223,9 @@ impl Future for Exchange {
             return Poll::Ready(());
         }
         if let Some(recv) = tunnel {
-            if head.status.is_success() {
+            // An upgrade the application declined is answered as it was,
+            // 2xx included: the marker tells the peer it is no tunnel.
+            if head.status.is_success() && !head.headers.contains_key(DECLINED_HEADER) {
                 let Some(relay) = head.extensions.remove::<Tunnel>().and_then(|t| t.take()) else {
                     debug!("a CONNECT was answered with success but no tunnel; resetting");
                     respond.send_reset(h2::Reason::INTERNAL_ERROR);

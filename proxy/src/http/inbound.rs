@@ -21,7 +21,7 @@ use super::client::FixedConnector;
 use super::outbound::{finish_upgrade, proxy_answer};
 use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token};
 use super::{host_fault, only_chunked, BODY_UNREADABLE, FOREIGN_CODING};
-use super::{remove_client_id, CLIENT_ID_HEADER, PROTO_HEADER, TARGET_HEADER};
+use super::{remove_client_id, CLIENT_ID_HEADER, DECLINED_HEADER, PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
 use crate::h2server::Tunnel;
 use crate::inbound::app_targets;
@@ -355,11 +355,17 @@ async fn upgrade_from_peer(
     match upgrade_direct(&connector, Request::from_parts(parts, empty())).await {
         Ok((res, to_app)) => {
             if res.status() != StatusCode::SWITCHING_PROTOCOLS {
-                return response_to_client(res.map(boxed));
+                let mut res = response_to_client(res.map(boxed));
+                res.headers_mut()
+                    .insert(DECLINED_HEADER, HeaderValue::from_static("1"));
+                return res;
             }
             // Over HTTP/2 an accepted extended CONNECT is a 200.
             let (mut head, _) = res.into_parts();
             strip_hop_by_hop(&mut head.headers);
+            // The application's copy would make the tunnel's answer look
+            // declined.
+            head.headers.remove(DECLINED_HEADER);
             head.status = StatusCode::OK;
             let idle = ctx.config.proxy.idle_timeout;
             head.extensions

@@ -9,7 +9,9 @@
 //! port) and [`PROTO_HEADER`] (the HTTP version the application spoke, so
 //! HTTP/1.1 leaves the server's proxy as HTTP/1.1 again). An HTTP/1.1
 //! `Upgrade` (WebSocket) crosses as an extended `CONNECT` (RFC 8441) and
-//! becomes a byte tunnel once the server answers `101`.
+//! becomes a byte tunnel once the server answers `101`; any other answer
+//! crosses back marked with [`DECLINED_HEADER`] and is passed on as the
+//! answer it is, the client's connection going on as HTTP/1.1.
 //!
 //! The server's proxy adds [`CLIENT_ID_HEADER`] with the client's verified
 //! SPIFFE ID and removes any copy a client sent, on every inbound path, so
@@ -35,6 +37,11 @@ pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static(CLIENT_ID);
 pub const TARGET_HEADER: HeaderName = HeaderName::from_static("legate-target");
 /// The HTTP version the client application spoke; proxy to proxy only.
 pub const PROTO_HEADER: HeaderName = HeaderName::from_static("legate-proto");
+/// Marks the application's answer to an upgrade it declined (any answer
+/// but `101`), carried back over the mesh as the answer to the extended
+/// CONNECT: a `2xx` to a CONNECT would otherwise mean the tunnel is open.
+/// Proxy to proxy only.
+pub const DECLINED_HEADER: HeaderName = HeaderName::from_static("legate-upgrade-declined");
 
 /// Removes every copy of [`CLIENT_ID_HEADER`] a client may have sent,
 /// spellings with `_` for `-` included: CGI, WSGI and PHP hand a header to
@@ -198,8 +205,16 @@ pub fn host_fault<B>(req: &http::Request<B>) -> Option<&'static str> {
 /// deprecates it, and a server may ignore any `Upgrade`. Such a request
 /// (curl's `--http2` sends one to an `http://` URL) is forwarded as the
 /// plain HTTP/1.1 request it also is, without its hop-by-hop `Upgrade`.
-pub fn upgrade_token<B>(req: &http::Request<B>) -> Option<HeaderValue> {
-    if req.version() != http::Version::HTTP_11 {
+/// So is one with a body or a method other than GET: the mesh carries an
+/// upgrade as an extended CONNECT (RFC 8441), which has neither, and
+/// WebSocket, the upgrade in use, is a GET without one (RFC 6455 4.1).
+/// It is declined alike at both entries and for every destination, as
+/// RFC 9110 7.8 lets any hop decline an upgrade.
+pub fn upgrade_token<B: hyper::body::Body>(req: &http::Request<B>) -> Option<HeaderValue> {
+    if req.version() != http::Version::HTTP_11
+        || req.method() != http::Method::GET
+        || !req.body().is_end_stream()
+    {
         return None;
     }
     let connection_upgrade = req
@@ -444,7 +459,7 @@ mod tests {
                 .version(version)
                 .header(header::CONNECTION, connection)
                 .header(header::UPGRADE, upgrade)
-                .body(())
+                .body(Empty::<Bytes>::new())
                 .expect("request");
             upgrade_token(&req)
         };
@@ -463,6 +478,20 @@ mod tests {
         assert_eq!(upgrade(v11, "Upgrade, HTTP2-Settings", "h2c"), None);
         assert_eq!(upgrade(v11, "Upgrade", "H2C"), None);
         assert!(upgrade(v11, "Upgrade", "websocket, h2c").is_some());
+        // Only a GET without a body rides the mesh's extended CONNECT.
+        let with = |method: http::Method, body: &'static str| {
+            let req = http::Request::builder()
+                .method(method)
+                .uri("/")
+                .header(header::CONNECTION, "Upgrade")
+                .header(header::UPGRADE, "websocket")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .expect("request");
+            upgrade_token(&req)
+        };
+        assert!(with(http::Method::GET, "").is_some());
+        assert_eq!(with(http::Method::GET, "abc"), None);
+        assert_eq!(with(http::Method::POST, ""), None);
     }
 
     #[test]

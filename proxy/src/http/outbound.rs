@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use super::replay::RequestBody;
 use super::{absolute_uri, authority, boxed, empty, only_chunked, strip_hop_by_hop};
-use super::{host_fault, upgrade_token, Held, BODY_UNREADABLE, FOREIGN_CODING};
+use super::{host_fault, upgrade_token, Held, BODY_UNREADABLE, DECLINED_HEADER, FOREIGN_CODING};
 use super::{PROTO_HEADER, TARGET_HEADER};
 use crate::batch::Batched;
 use crate::detect::Protocol;
@@ -605,8 +605,9 @@ async fn upgrade(
     };
     let (mut head, recv) = res.into_parts();
     strip_hop_by_hop(&mut head.headers);
-    if head.status != StatusCode::OK {
-        // The server declined the upgrade: its answer goes back as it is.
+    if head.headers.remove(DECLINED_HEADER).is_some() || head.status != StatusCode::OK {
+        // The server declined the upgrade: its answer goes back as it is,
+        // and the client's connection goes on as HTTP/1.1.
         let body = RecvBody::new(recv, &head.headers);
         return Response::from_parts(head, body.map_err(BoxError::from).boxed());
     }
