@@ -929,6 +929,76 @@ fn a_broken_request_body_is_the_clients_fault_at_either_entry() {
     }
 }
 
+/// A streamed answer (server-sent events, a long poll, a progress feed)
+/// reaches the client piece by piece: each small piece arrives while the
+/// application still holds back the next, which it sends only once the
+/// client has seen the one before. A proxy that waited for more would
+/// leave the client with nothing and this test waiting.
+#[test]
+fn a_streamed_answer_arrives_piece_by_piece_at_either_entry() {
+    use std::sync::mpsc;
+    const EVENTS: usize = 3;
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("server", PodOptions::default());
+    let client = mesh.meshed_pod("client", PodOptions::default());
+    let outsider = mesh.plain_pod("outsider");
+    let (seen_tx, seen_rx) = mpsc::channel::<()>();
+    let listener = server
+        .pod
+        .run_in(|| std::net::TcpListener::bind(("0.0.0.0", PORT)))
+        .expect("run in pod")
+        .expect("bind");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut head = [0u8; 1024];
+            let _ = conn.read(&mut head);
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n",
+            );
+            for i in 0..EVENTS {
+                let event = format!("data: {i}\n\n");
+                let _ = write!(conn, "{:x}\r\n{event}\r\n", event.len());
+                // The next piece waits until the client has this one.
+                if seen_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+                    return;
+                }
+            }
+            let _ = conn.write_all(b"0\r\n\r\n");
+        }
+    });
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    for pod in [&client.pod, &outsider] {
+        let seen_tx = seen_tx.clone();
+        let got = pod
+            .run_in(move || -> std::io::Result<String> {
+                let mut s = TcpStream::connect(dst)?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"GET /events HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")?;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                for i in 0..EVENTS {
+                    let want = format!("data: {i}\n\n");
+                    while !String::from_utf8_lossy(&got).contains(&want) {
+                        let n = s.read(&mut buf)?;
+                        if n == 0 {
+                            return Err(std::io::ErrorKind::UnexpectedEof.into());
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    let _ = seen_tx.send(());
+                }
+                s.read_to_end(&mut got)?;
+                Ok(String::from_utf8_lossy(&got).into_owned())
+            })
+            .expect("run in pod")
+            .expect("every piece in turn");
+        assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+        assert!(got.ends_with("0\r\n\r\n"), "{got:?}");
+    }
+}
+
 /// The trailer fields of a chunked upload reach the application, whichever
 /// entry the request takes.
 #[test]
