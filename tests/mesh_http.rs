@@ -1612,3 +1612,96 @@ fn a_gibibyte_upload_streams_with_bounded_proxy_memory() {
         "proxy memory grew with the body: {peak:?} KiB"
     );
 }
+
+/// Bytes that follow no protocol, or start one and break it, thrown at
+/// every entry (the server's mesh port from outside, the application's
+/// port from outside and through the client's proxy, the client's proxy's
+/// outbound listener addressed directly) while an upload
+/// crosses the mesh: the upload arrives whole, both proxies stay up, and
+/// a new request afterwards is answered.
+#[test]
+fn junk_at_every_entry_disturbs_no_other_connection() {
+    let (mesh, mut server, mut client, _app) = setup(&[]);
+    let outsider = mesh.plain_pod("outsider");
+    let mut upload = client
+        .pod
+        .command("bash")
+        .args([
+            "-c",
+            &format!(
+                "head -c 16777216 /dev/zero | curl -sS --max-time 120 --limit-rate 4M -T - -X POST {}",
+                url(&server, "/sink/junk")
+            ),
+        ])
+        .uid(APP_UID)
+        .spawn()
+        .expect("upload");
+    let app_port = SocketAddr::new(server.pod.ip().into(), PORT);
+    let mesh_port = SocketAddr::new(server.pod.ip().into(), 15006);
+    // Starts that a parser takes a step into before the junk.
+    let starts: [&[u8]; 6] = [
+        b"",
+        b"GET / HTTP/1.1\r\nHost: s\r\n",
+        b"POST /sink/j HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        b"\x16\x03\x03\xff\xff",
+    ];
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut throws = Vec::new();
+    for i in 0..180 {
+        let mut wire = starts[i % starts.len()].to_vec();
+        let len = (next() % 2048) as usize;
+        wire.extend((0..len).map(|_| next() as u8));
+        throws.push(wire);
+    }
+    let throw = |pod: &legate_testbed::Pod, dst: SocketAddr, throws: &[Vec<u8>]| {
+        pod.run_in(|| {
+            for wire in throws {
+                let Ok(mut s) = TcpStream::connect(dst) else {
+                    continue;
+                };
+                let _ = s.set_read_timeout(Some(Duration::from_millis(30)));
+                let _ = s.write_all(wire);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                let _ = s.read(&mut [0u8; 4096]);
+            }
+        })
+        .expect("run in pod");
+    };
+    throw(&outsider, mesh_port, &throws);
+    throw(&outsider, app_port, &throws);
+    throw(&client.pod, app_port, &throws);
+    // The client's proxy's own listener, addressed directly.
+    throw(
+        &client.pod,
+        "127.0.0.1:15001".parse().expect("address"),
+        &throws,
+    );
+    let still_running = upload.try_wait().expect("upload status").is_none();
+    upload
+        .wait_timeout(Duration::from_secs(150))
+        .expect("the upload finishes");
+    assert_eq!(
+        upload.stdout(),
+        "16777216 080acf35a507ac9849cfcba47dc2ad83e01b75663a516279c8b9d243b719643e",
+        "{}",
+        upload.stderr()
+    );
+    for pod in [&mut server, &mut client] {
+        assert!(
+            pod.proxy.try_wait().expect("proxy status").is_none(),
+            "a proxy exited: {}",
+            pod.proxy.stderr()
+        );
+    }
+    let r = request(&client.pod, &[&url(&server, "/ok/after")]);
+    assert_eq!(r.status, 200, "{}", r.headers);
+    assert!(still_running, "the upload ended before the junk did");
+}
