@@ -862,10 +862,10 @@ fn odd_or_broken_answers_from_the_application_leave_the_clients_connection_usabl
     }
 }
 
-/// A request whose Host is missing (HTTP/1.1) or doubled is refused with
-/// 400 before it reaches the application, at both entries: two copies
-/// could name one host to the proxy's policy and another to the
-/// application.
+/// A request whose Host is missing (HTTP/1.1) or doubled (HTTP/1.x or
+/// HTTP/2) is refused with 400 before it reaches the application, at both
+/// entries: two copies could name one host to the proxy's policy and
+/// another to the application.
 #[test]
 fn requests_with_a_missing_or_doubled_host_are_refused_at_either_entry() {
     let (mesh, server, client, app) = setup(&[]);
@@ -899,9 +899,43 @@ fn requests_with_a_missing_or_doubled_host_are_refused_at_either_entry() {
         // HTTP/1.0 may leave Host out.
         let reply = raw_exchange(pod, dst, b"GET /ok/host10 HTTP/1.0\r\n\r\n");
         assert!(reply.contains(" 200 "), "{reply:?}");
+        // Nor may an HTTP/2 request name two.
+        let (status, why) = h2_with_two_hosts(pod, dst);
+        assert_eq!(status, 400, "{why}");
+        assert_eq!(why, "request with more than one Host header");
     }
     assert_eq!(app.count(&server.pod, "host"), 0);
     assert_eq!(app.count(&server.pod, "host10"), 2);
+}
+
+/// Sends an HTTP/2 request with two Host fields and no `:authority` from
+/// `pod`; returns the answer's status and its `legate-error`.
+fn h2_with_two_hosts(pod: &legate_testbed::Pod, dst: SocketAddr) -> (u16, String) {
+    pod.run_in(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let tcp = tokio::net::TcpStream::connect(dst).await.expect("connect");
+            let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+            tokio::spawn(conn);
+            let req = http::Request::get("/ok/host")
+                .header("host", "shop")
+                .header("host", "admin")
+                .body(())
+                .unwrap();
+            let (res, _) = send.send_request(req, true).expect("send");
+            let res = tokio::time::timeout(Duration::from_secs(10), res)
+                .await
+                .expect("an answer in time")
+                .expect("an answer");
+            let why = res.headers().get("legate-error").cloned();
+            let why = why.and_then(|v| v.to_str().ok().map(str::to_owned));
+            (res.status().as_u16(), why.unwrap_or_default())
+        })
+    })
+    .expect("run in pod")
 }
 
 /// A request whose own body breaks off (chunked framing that cannot be

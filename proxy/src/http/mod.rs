@@ -178,16 +178,14 @@ pub const FOREIGN_CODING: &str = "transfer coding other than chunked";
 /// framing, a length it did not keep, a client gone mid-upload).
 pub const BODY_UNREADABLE: &str = "request body could not be read";
 
-/// Why an HTTP/1.x request's Host header makes it one to refuse, if it
-/// does. RFC 9112 §3.2 has a server answer 400 to an HTTP/1.1 request
-/// without Host, and to any request with more than one: two copies can
-/// name two hosts to two readers of the same request (the proxy's policy
-/// and the application, or a cache behind it). HTTP/1.0 may leave Host
-/// out; HTTP/2 names its authority otherwise.
+/// Why a request's Host header makes it one to refuse, if it does. RFC
+/// 9112 §3.2 has a server answer 400 to an HTTP/1.1 request without Host,
+/// and to any request with more than one: two copies can name two hosts
+/// to two readers of the same request (the proxy's policy and the
+/// application, or a cache behind it). An HTTP/2 request that names its
+/// authority in Host fields has the same ambiguity with two; HTTP/1.0 may
+/// leave Host out, and HTTP/2 may name its authority in `:authority`.
 pub fn host_fault<B>(req: &http::Request<B>) -> Option<&'static str> {
-    if req.version() >= http::Version::HTTP_2 {
-        return None;
-    }
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (None, _) if req.version() == http::Version::HTTP_11 => {
