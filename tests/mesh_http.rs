@@ -900,42 +900,20 @@ fn requests_with_a_missing_or_doubled_host_are_refused_at_either_entry() {
         let reply = raw_exchange(pod, dst, b"GET /ok/host10 HTTP/1.0\r\n\r\n");
         assert!(reply.contains(" 200 "), "{reply:?}");
         // Nor may an HTTP/2 request name two.
-        let (status, why) = h2_with_two_hosts(pod, dst);
-        assert_eq!(status, 400, "{why}");
-        assert_eq!(why, "request with more than one Host header");
+        let two_hosts = http::Request::get("/ok/host")
+            .header("host", "shop")
+            .header("host", "admin")
+            .body(())
+            .unwrap();
+        let res = h2_exchange(pod, dst, Duration::ZERO, two_hosts);
+        assert_eq!(res.status, 400, "{res:?}");
+        assert_eq!(
+            res.headers["legate-error"],
+            "request with more than one Host header"
+        );
     }
     assert_eq!(app.count(&server.pod, "host"), 0);
     assert_eq!(app.count(&server.pod, "host10"), 2);
-}
-
-/// Sends an HTTP/2 request with two Host fields and no `:authority` from
-/// `pod`; returns the answer's status and its `legate-error`.
-fn h2_with_two_hosts(pod: &legate_testbed::Pod, dst: SocketAddr) -> (u16, String) {
-    pod.run_in(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let tcp = tokio::net::TcpStream::connect(dst).await.expect("connect");
-            let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-            tokio::spawn(conn);
-            let req = http::Request::get("/ok/host")
-                .header("host", "shop")
-                .header("host", "admin")
-                .body(())
-                .unwrap();
-            let (res, _) = send.send_request(req, true).expect("send");
-            let res = tokio::time::timeout(Duration::from_secs(10), res)
-                .await
-                .expect("an answer in time")
-                .expect("an answer");
-            let why = res.headers().get("legate-error").cloned();
-            let why = why.and_then(|v| v.to_str().ok().map(str::to_owned));
-            (res.status().as_u16(), why.unwrap_or_default())
-        })
-    })
-    .expect("run in pod")
 }
 
 /// A request whose own body breaks off (chunked framing that cannot be
@@ -1425,10 +1403,14 @@ fn serve_h2_echoing_identity(pod: &legate_testbed::Pod, port: u16) {
     });
 }
 
-/// From `pod`: connects to `dst`, says nothing for `pause`, then sends an
-/// HTTP/2 request (prior knowledge) with a forged identity header; the
-/// `x-client-id` the application answered.
-fn h2_identity_after(pod: &legate_testbed::Pod, dst: SocketAddr, pause: Duration) -> String {
+/// From `pod`: connects to `dst`, says nothing for `pause`, then sends
+/// `req` over HTTP/2 (prior knowledge); the head of the answer.
+fn h2_exchange(
+    pod: &legate_testbed::Pod,
+    dst: SocketAddr,
+    pause: Duration,
+    req: http::Request<()>,
+) -> http::response::Parts {
     pod.run_in(move || {
         let tcp = TcpStream::connect(dst).expect("connect");
         tcp.set_nonblocking(true).unwrap();
@@ -1441,25 +1423,33 @@ fn h2_identity_after(pod: &legate_testbed::Pod, dst: SocketAddr, pause: Duration
             tokio::time::sleep(pause).await;
             let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
             tokio::spawn(conn);
-            let req = http::Request::builder()
-                .uri(format!("http://{dst}/"))
-                .header("legate-client-id", "spiffe://legate.local/admin")
-                .body(())
-                .unwrap();
             let (res, _) = send.send_request(req, true).expect("send");
             let res = tokio::time::timeout(Duration::from_secs(10), res)
                 .await
                 .expect("an answer in time")
                 .expect("an answer");
-            assert_eq!(res.status(), 200);
-            res.headers()
-                .get("x-client-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned()
+            res.into_parts().0
         })
     })
     .expect("run in pod")
+}
+
+/// From `pod`: connects to `dst`, says nothing for `pause`, then sends an
+/// HTTP/2 request with a forged identity header; the `x-client-id` the
+/// application answered.
+fn h2_identity_after(pod: &legate_testbed::Pod, dst: SocketAddr, pause: Duration) -> String {
+    let req = http::Request::builder()
+        .uri(format!("http://{dst}/"))
+        .header("legate-client-id", "spiffe://legate.local/admin")
+        .body(())
+        .unwrap();
+    let res = h2_exchange(pod, dst, pause, req);
+    assert_eq!(res.status, 200);
+    res.headers
+        .get("x-client-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Many HTTP/2 servers send their SETTINGS the moment a client connects.
