@@ -260,6 +260,118 @@ fn a_reload_changes_retries_for_new_requests_keeps_connections_and_refuses_bad_f
     assert!(client.proxy.stderr().contains("shutdown requested"));
 }
 
+/// From `pod`: one line to the echo server at `dst` and its echo, on a
+/// new connection.
+fn echo_once(pod: &legate_testbed::Pod, dst: SocketAddr, text: &str) -> std::io::Result<String> {
+    let text = format!("{text}\n");
+    pod.run_in(move || {
+        let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        (&s).write_all(text.as_bytes())?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line)?;
+        Ok(line)
+    })
+    .expect("run in pod")
+}
+
+#[test]
+fn a_peer_proxy_that_restarts_is_reached_over_mtls_again_never_in_plaintext() {
+    let mesh = Mesh::new(&[]);
+    let mut server = mesh.meshed_pod("server", PodOptions::default());
+    let client = mesh.meshed_pod("client", PodOptions::default());
+    let _app = Scripted::start(&server.pod, PORT);
+    let dir = shared_dir().unwrap();
+    let echo = dir.path().join("echo.py");
+    write_readable(&echo, ECHO.as_bytes()).unwrap();
+    let _echo = server
+        .pod
+        .command("python3")
+        .arg(&echo)
+        .arg(ECHO_PORT.to_string())
+        .uid(APP_UID)
+        .spawn()
+        .expect("echo server");
+    let echo_addr = SocketAddr::new(server.pod.ip().into(), ECHO_PORT);
+    server
+        .pod
+        .wait_for_port(echo_addr, Duration::from_secs(10))
+        .unwrap();
+    let headers = format!("http://{}:{PORT}/headers", server.pod.ip());
+    // The identity the server's application was given, if the request
+    // was answered.
+    let identity_seen = || -> Option<Option<String>> {
+        let (ok, body, _) = curl(&client.pod, &["--max-time", "3", "-f", &headers]);
+        ok.then(|| {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            v["legate-client-id"].as_str().map(str::to_owned)
+        })
+    };
+    assert_eq!(identity_seen(), Some(Some(client.id().to_owned())));
+    assert_eq!(
+        echo_once(&client.pod, echo_addr, "before").unwrap(),
+        "before\n"
+    );
+
+    // A crash. While the server's proxy is away its capture rules stay, so
+    // nothing answers, over the mesh or in plaintext; the client's proxy
+    // meanwhile finds the peer's mesh port refusing, several times over.
+    server.proxy.kill().unwrap();
+    for _ in 0..6 {
+        assert_eq!(
+            identity_seen(),
+            None,
+            "answered with the server's proxy down"
+        );
+        assert!(echo_once(&client.pod, echo_addr, "down").is_err());
+        std::thread::sleep(Duration::from_millis(150));
+    }
+
+    // Back again: every request and connection is carried over mTLS as
+    // before (after the pool's backoff), never in plaintext, which the
+    // server's permissive proxy would pass on without an identity.
+    mesh.restart_proxy(&mut server).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut answered = 0;
+    while answered < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the server was not reached again"
+        );
+        match identity_seen() {
+            Some(id) => {
+                assert_eq!(id.as_deref(), Some(client.id()), "carried in plaintext");
+                answered += 1;
+            }
+            None => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    let mut echoed = 0;
+    while echoed < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the echo server was not reached again"
+        );
+        match echo_once(&client.pod, echo_addr, "after") {
+            Ok(line) => {
+                assert_eq!(line, "after\n");
+                echoed += 1;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    let text = scrape(&server.pod);
+    let opened = |peer: &str| {
+        metric(
+            &text,
+            "legate_tcp_connections_opened_total",
+            &[("direction", "inbound"), ("peer", peer)],
+        )
+    };
+    assert_eq!(opened("none"), 0.0, "plaintext reached the server:\n{text}");
+    assert!(opened(client.id()) >= 1.0, "{text}");
+}
+
 /// Voluntary context switches of each thread of `pid`: its id, its name
 /// and the count.
 fn wakeups(pid: u32) -> Vec<(String, String, u64)> {

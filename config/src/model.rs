@@ -254,7 +254,9 @@ section! {
         pool_max_streams: u32 = 100,
         /// A pooled connection carrying no streams for this long is closed.
         pool_idle_timeout: Duration = Duration::from_secs(90),
-        /// How long the result of checking a destination for a proxy is kept.
+        /// How long the result of checking a destination for a proxy is
+        /// kept; a destination found meshed stays so until this long after
+        /// its proxy last answered, its connections failing meanwhile.
         probe_ttl: Duration = Duration::from_secs(30),
         /// Ports whose traffic skips protocol detection: opaque TCP from
         /// the client's proxy on, and on the server's proxy also inside

@@ -131,7 +131,7 @@ async fn opaque(
     };
     let upstream = match live.router.route(dst) {
         Route::Passthrough => None,
-        Route::Mesh { key, probe } => {
+        Route::Mesh { key, probe, renew } => {
             if !ctx.identity.is_ready() {
                 let wait = tokio::time::timeout(cfg.handshake_timeout, ctx.identity.ready());
                 if wait.await.is_err() {
@@ -143,7 +143,7 @@ async fn opaque(
             }
             match ctx.pool().tunnel(&key, dst).await {
                 Ok(tunnel) => {
-                    if probe {
+                    if probe || renew {
                         live.router.learn(dst.ip(), true);
                     }
                     Some(Upstream::Mesh(Box::new(tunnel)))
@@ -154,10 +154,8 @@ async fn opaque(
                     None
                 }
                 Err(e) => {
-                    if matches!(e, TunnelError::Connect(_)) {
-                        // The peer proxy may be gone; check again next time.
-                        live.router.forget(dst.ip());
-                    }
+                    // A peer known to be meshed stays so while it does not
+                    // answer (see `crate::router`): no plaintext fallback.
                     warn!(%client, %dst, reason = e.reason(), error = %e, "mesh connection failed; closing the application's connection");
                     meter().fail(e.reason());
                     socket::reset(app);

@@ -17,6 +17,16 @@
 //!    is *not* a reason to fall back: something answers on the mesh port,
 //!    so the connection fails instead of leaking plaintext.
 //!
+//! A destination known to be meshed stays so while its proxy keeps
+//! answering: a connection that reaches it renews the answer once a quarter
+//! of the TTL has passed. When its proxy stops answering (a crash, a
+//! restart, an upgrade) the destination's connections fail, as they would
+//! in plaintext too, since its capture rules outlive the proxy; they are
+//! not sent in plaintext, which the proxy, once back, would take as from a
+//! client outside the mesh. Only when a whole TTL has passed since the
+//! proxy last answered does a probe decide again, so that a destination
+//! whose proxy was removed for good is reached in plaintext after that.
+//!
 //! `strict` destinations are dialled in-band: the connection goes to the
 //! original destination itself and the peer's capture rules bring it to its
 //! proxy. That is what makes Kubernetes Service virtual IPs work, where
@@ -43,8 +53,14 @@ pub enum Route {
     /// The destination has no proxy, or is configured plaintext.
     Passthrough,
     /// Through the peer proxy. `probe` is set when the peer is not yet known
-    /// to be meshed, so a refused connect means plaintext instead of failure.
-    Mesh { key: PeerKey, probe: bool },
+    /// to be meshed, so a refused connect means plaintext instead of failure;
+    /// `renew` when it is known but not lately confirmed, so a connection
+    /// that reaches it should say so with [`Router::learn`].
+    Mesh {
+        key: PeerKey,
+        probe: bool,
+        renew: bool,
+    },
 }
 
 /// The routing table and the probe cache.
@@ -93,6 +109,7 @@ impl Router {
                     identity,
                 },
                 probe: false,
+                renew: false,
             },
             DestinationMode::Auto => {
                 if !self.mesh_networks.iter().any(|n| n.contains(&dst.ip())) {
@@ -103,20 +120,28 @@ impl Router {
                     identity,
                 };
                 match self.cached(dst.ip()) {
-                    Some(true) => Route::Mesh { key, probe: false },
-                    Some(false) => Route::Passthrough,
-                    None => Route::Mesh { key, probe: true },
+                    Some((true, age)) => Route::Mesh {
+                        key,
+                        probe: false,
+                        renew: age >= self.ttl / 4,
+                    },
+                    Some((false, _)) => Route::Passthrough,
+                    None => Route::Mesh {
+                        key,
+                        probe: true,
+                        renew: false,
+                    },
                 }
             }
         }
     }
 
-    fn cached(&self, ip: IpAddr) -> Option<bool> {
+    /// What is known of an address, and how long ago it was learned.
+    fn cached(&self, ip: IpAddr) -> Option<(bool, Duration)> {
         let probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
-        probes
-            .get(&ip)
-            .filter(|(_, at)| at.elapsed() < self.ttl)
-            .map(|(meshed, _)| *meshed)
+        let (meshed, at) = probes.get(&ip)?;
+        let age = at.elapsed();
+        (age < self.ttl).then_some((*meshed, age))
     }
 
     /// Records what a connection learned about an address.
@@ -132,12 +157,6 @@ impl Router {
             }
         }
         probes.insert(ip, (meshed, Instant::now()));
-    }
-
-    /// Forgets an address, so that the next connection probes it again.
-    pub fn forget(&self, ip: IpAddr) {
-        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
-        probes.remove(&ip);
     }
 
     /// The exact identity required for a destination, if configured.
@@ -178,7 +197,7 @@ mod tests {
     fn unknown_mesh_addresses_are_probed_on_the_inbound_port_then_cached() {
         let r = router(vec![]);
         let dst: SocketAddr = "10.200.0.3:8080".parse().unwrap();
-        let Route::Mesh { key, probe } = r.route(dst) else {
+        let Route::Mesh { key, probe, .. } = r.route(dst) else {
             panic!("expected a mesh route")
         };
         assert!(probe);
@@ -207,11 +226,33 @@ mod tests {
                     dial: vip,
                     identity: None
                 },
-                probe: false
+                probe: false,
+                renew: false
             }
         );
         // A strict destination stays strict whatever a probe learned.
         r.learn(vip.ip(), false);
         assert!(matches!(r.route(vip), Route::Mesh { probe: false, .. }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_meshed_address_is_renewed_while_it_answers_and_probed_a_ttl_after() {
+        let r = router(vec![]);
+        let dst: SocketAddr = "10.200.0.3:8080".parse().unwrap();
+        r.learn(dst.ip(), true);
+        let mesh = |probe, renew| matches!(r.route(dst), Route::Mesh { probe: p, renew: n, .. } if p == probe && n == renew);
+        assert!(mesh(false, false));
+        // A quarter of the TTL on, a connection that reaches the peer is
+        // asked to renew the answer.
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert!(mesh(false, true));
+        r.learn(dst.ip(), true);
+        assert!(mesh(false, false));
+        // Unconfirmed for a whole TTL, the address is probed again, and
+        // only then may a refused connect mean plaintext.
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert!(mesh(false, true));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(mesh(true, false));
     }
 }

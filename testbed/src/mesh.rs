@@ -193,6 +193,8 @@ pub struct MeshedPod {
     /// The pod's name, also its workload name.
     pub name: String,
     identity: String,
+    /// What the proxy was started with, for a restart.
+    opts: PodOptions,
 }
 
 impl MeshedPod {
@@ -255,9 +257,21 @@ impl Mesh {
             proxy,
             name: name.to_owned(),
             identity,
+            opts,
         };
         wait_ready(&meshed)?;
         Ok(meshed)
+    }
+
+    /// Starts a pod's proxy again with the options it first had (killing
+    /// it first if it still runs; its capture rules stay as they are) and
+    /// waits until it is ready. The pod must have the mesh's own CA.
+    pub fn restart_proxy(&self, m: &mut MeshedPod) -> Result<()> {
+        if m.proxy.try_wait()?.is_none() {
+            m.proxy.kill()?;
+        }
+        m.proxy = self.start_proxy(&self.ca, &m.pod, &m.name, &m.identity, &m.opts)?;
+        wait_ready(m)
     }
 
     fn start_proxy(

@@ -194,7 +194,7 @@ async fn mesh_sender(
     dst: SocketAddr,
     grpc: bool,
 ) -> Result<Option<Sender>, AttemptError> {
-    let Route::Mesh { key, probe } = router.route(dst) else {
+    let Route::Mesh { key, probe, renew } = router.route(dst) else {
         return Ok(None);
     };
     let cfg = &ctx.config.proxy;
@@ -212,7 +212,7 @@ async fn mesh_sender(
     }
     match ctx.pool().sender(&key).await {
         Ok(s) => {
-            if probe {
+            if probe || renew {
                 router.learn(dst.ip(), true);
             }
             Ok(Some(s))
@@ -222,10 +222,8 @@ async fn mesh_sender(
             Ok(None)
         }
         Err(e) => {
-            if matches!(e, TunnelError::Connect(_)) {
-                router.forget(dst.ip());
-            }
-
+            // A peer known to be meshed stays so while it does not answer
+            // (see `crate::router`): the request fails, never goes plaintext.
             warn!(%dst, reason = e.reason(), error = %e, "mesh connection failed");
             Err(AttemptError::Failed(Failure::Connect))
         }
