@@ -3,7 +3,9 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
 
 use common::*;
 
@@ -24,6 +26,95 @@ fn meshed_to_non_meshed_works_in_plaintext() {
         "a destination without a proxy gets the bytes as they are"
     );
     assert!(!pcap.contains(b"legate/h2"));
+}
+
+/// From `pod`, `n` connections at once to the echo server at `dst`, each
+/// sending a line and reading its echo within `wait`: the ones that failed.
+fn echo_burst(pod: &legate_testbed::Pod, dst: SocketAddr, n: usize, wait: Duration) -> Vec<String> {
+    pod.run_in(move || {
+        let conns: Vec<_> = (0..n)
+            .map(|i| {
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    let mut s = TcpStream::connect(dst)?;
+                    s.set_read_timeout(Some(wait))?;
+                    let line = format!("line {i}\n");
+                    s.write_all(line.as_bytes())?;
+                    let mut back = vec![0; line.len()];
+                    s.read_exact(&mut back)?;
+                    if back != line.as_bytes() {
+                        return Err(std::io::Error::other("another echo"));
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        conns
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, c)| match c.join() {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("connection {i}: {e}")),
+                Err(_) => Some(format!("connection {i} panicked")),
+            })
+            .collect()
+    })
+    .expect("run in pod")
+}
+
+#[test]
+fn a_destination_whose_mesh_port_drops_connects_is_reached_in_plaintext_by_every_connection() {
+    let mesh = Mesh::new(&[]);
+    // The probe of a destination nothing answers for waits the connect
+    // timeout; longer than the echo's wait below, a second probe in the
+    // way of a connection would fail it.
+    let client = mesh.meshed_pod(
+        "client",
+        PodOptions {
+            proxy_set: vec![
+                "proxy.connect_timeout=6s".into(),
+                "proxy.probe_ttl=3s".into(),
+            ],
+            ..Default::default()
+        },
+    );
+    let legacy = mesh.plain_pod("legacy");
+    legacy
+        .exec([
+            "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "15006", "-j", "DROP",
+        ])
+        .unwrap();
+    let listener = legacy
+        .run_in(|| TcpListener::bind(("0.0.0.0", 7000)))
+        .unwrap()
+        .unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let dst = SocketAddr::new(legacy.ip().into(), 7000);
+
+    // First contact: a burst of connections (a pool filling at start-up)
+    // waits for the one probe, then every connection goes in plaintext;
+    // none is reset because another connection's probe failed.
+    let failed = echo_burst(&client.pod, dst, 20, Duration::from_secs(12));
+    assert!(failed.is_empty(), "{failed:?}\n{}", client.proxy.stderr());
+
+    // Once the answer's TTL has passed, connections go on in plaintext
+    // at once while the destination is probed again in the background,
+    // rather than one of them waiting the connect timeout.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(3500));
+        let failed = echo_burst(&client.pod, dst, 5, Duration::from_secs(3));
+        assert!(failed.is_empty(), "{failed:?}\n{}", client.proxy.stderr());
+    }
 }
 
 #[test]

@@ -10,7 +10,6 @@ use tracing::{debug, warn};
 use crate::detect::{detect_or_silent, late_bytes, settle, Protocol, Settled};
 use crate::metrics::{protocol_label, Detected, Direction};
 use crate::policy::LimitKind;
-use crate::pool::TunnelError;
 use crate::relay::relay;
 use crate::router::Route;
 use crate::socket;
@@ -131,6 +130,10 @@ async fn opaque(
     };
     let upstream = match live.router.route(dst) {
         Route::Passthrough => None,
+        Route::Recheck(key) => {
+            crate::router::recheck(ctx.clone(), live.router.clone(), key);
+            None
+        }
         Route::Mesh { key, probe, renew } => {
             if !ctx.identity.is_ready() {
                 let wait = tokio::time::timeout(cfg.handshake_timeout, ctx.identity.ready());
@@ -148,7 +151,7 @@ async fn opaque(
                     }
                     Some(Upstream::Mesh(Box::new(tunnel)))
                 }
-                Err(TunnelError::Connect(e)) if probe => {
+                Err(e) if probe && e.unanswered() => {
                     debug!(%dst, error = %e, "no proxy answers at the destination; using plaintext");
                     live.router.learn(dst.ip(), false);
                     None

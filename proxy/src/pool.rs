@@ -84,8 +84,10 @@ pub enum TunnelError {
     )]
     Backoff {
         addr: SocketAddr,
-        last: String,
+        last: &'static str,
         wait: Duration,
+        /// The failure was a connect that nothing answered.
+        unanswered: bool,
     },
     #[error("HTTP/2 with the peer proxy at {addr} failed: {source}")]
     Http {
@@ -113,6 +115,18 @@ impl TunnelError {
             TunnelError::Backoff { .. } => "reconnect_backoff",
             TunnelError::Http { .. } => "http2_error",
             TunnelError::Refused { .. } => "refused_by_peer",
+        }
+    }
+
+    /// Whether nothing answered at the peer's mesh port: this connect
+    /// failed, or another one did a moment ago and the pool waits before
+    /// dialling again. For a destination being probed, the answer that it
+    /// has no proxy, for every connection that waited on the same probe.
+    pub fn unanswered(&self) -> bool {
+        match self {
+            TunnelError::Connect(_) => true,
+            TunnelError::Backoff { unanswered, .. } => *unanswered,
+            _ => false,
         }
     }
 }
@@ -182,7 +196,15 @@ struct PeerState {
     conns: Vec<Conn>,
     /// Consecutive failed opens, and when the next may be tried.
     failures: u32,
-    retry_at: Option<(Instant, String)>,
+    retry_at: Option<Failed>,
+}
+
+/// The last failed open of a connection to a peer.
+struct Failed {
+    /// When the next open may be tried.
+    retry_at: Instant,
+    reason: &'static str,
+    unanswered: bool,
 }
 
 #[derive(Default)]
@@ -418,7 +440,7 @@ impl Pool {
             state.conns.retain(|c| {
                 !c.streams.is_closed() && c.streams.idle_for(now).is_none_or(|d| d < idle)
             });
-            !state.conns.is_empty() || state.retry_at.as_ref().is_some_and(|(at, _)| *at > now)
+            !state.conns.is_empty() || state.retry_at.as_ref().is_some_and(|f| f.retry_at > now)
         });
     }
 
@@ -463,12 +485,13 @@ impl Pool {
             return Ok((c.send.clone(), c.streams.clone(), c.peer.clone()));
         }
         let now = Instant::now();
-        if let Some((at, last)) = &state.retry_at {
-            if *at > now {
+        if let Some(f) = &state.retry_at {
+            if f.retry_at > now {
                 return Err(TunnelError::Backoff {
                     addr: key.dial,
-                    last: last.clone(),
-                    wait: *at - now,
+                    last: f.reason,
+                    wait: f.retry_at - now,
+                    unanswered: f.unanswered,
                 });
             }
         }
@@ -493,7 +516,11 @@ impl Pool {
                     .saturating_mul(1 << state.failures.min(16).saturating_sub(1))
                     .min(BACKOFF_MAX);
                 let wait = ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0);
-                state.retry_at = Some((Instant::now() + wait, e.reason().to_owned()));
+                state.retry_at = Some(Failed {
+                    retry_at: Instant::now() + wait,
+                    reason: e.reason(),
+                    unanswered: e.unanswered(),
+                });
                 Err(e)
             }
         }
@@ -649,6 +676,7 @@ mod tests {
         let second = pool.sender(&key).await.err().unwrap();
         assert!(matches!(second, TunnelError::Backoff { .. }), "{second}");
         assert!(second.to_string().contains("connect_refused"), "{second}");
+        assert!(second.unanswered(), "{second}");
         tokio::time::sleep(BACKOFF_BASE).await;
         let third = pool.sender(&key).await.err().unwrap();
         assert!(

@@ -13,7 +13,8 @@
 //!    opens is used at once; a refused or unanswered connect means no proxy
 //!    there, and the destination is reached in plaintext. Either answer is
 //!    cached per address for `proxy.probe_ttl`, so the probe costs one
-//!    connect per address and TTL. A TLS failure after a successful connect
+//!    connect per address and TTL; connections that come while it is under
+//!    way wait for it and take its answer. A TLS failure after a successful connect
 //!    is *not* a reason to fall back: something answers on the mesh port,
 //!    so the connection fails instead of leaking plaintext.
 //!
@@ -27,6 +28,14 @@
 //! proxy last answered does a probe decide again, so that a destination
 //! whose proxy was removed for good is reached in plaintext after that.
 //!
+//! A destination found to have no proxy is probed again in the background
+//! when its TTL has passed, its connections going on in plaintext
+//! meanwhile: a probe that nothing answers (a firewall that drops the
+//! connect) would otherwise hold a connection for the whole connect
+//! timeout once every TTL. That holds for a TTL after the answer expired;
+//! an address unused for longer is probed before its next connection, as
+//! if new.
+//!
 //! `strict` destinations are dialled in-band: the connection goes to the
 //! original destination itself and the peer's capture rules bring it to its
 //! proxy. That is what makes Kubernetes Service virtual IPs work, where
@@ -38,7 +47,7 @@
 //! carried in plaintext, which a permissive server still accepts.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -46,12 +55,17 @@ use legate_config::{DestinationMode, DestinationRule, SpiffeId};
 use tokio::time::Instant;
 
 use crate::pool::PeerKey;
+use crate::Shared;
+use tracing::debug;
 
 /// How one outbound connection is carried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// The destination has no proxy, or is configured plaintext.
     Passthrough,
+    /// In plaintext, as a probe a while ago found no proxy; the caller
+    /// probes again in the background ([`recheck`]).
+    Recheck(PeerKey),
     /// Through the peer proxy. `probe` is set when the peer is not yet known
     /// to be meshed, so a refused connect means plaintext instead of failure;
     /// `renew` when it is known but not lately confirmed, so a connection
@@ -119,14 +133,22 @@ impl Router {
                     dial: SocketAddr::new(dst.ip(), self.inbound_port),
                     identity,
                 };
-                match self.cached(dst.ip()) {
-                    Some((true, age)) => Route::Mesh {
+                let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+                let known = probes.get_mut(&dst.ip()).map(|(meshed, at)| (*meshed, at));
+                match known {
+                    Some((true, at)) if at.elapsed() < self.ttl => Route::Mesh {
                         key,
                         probe: false,
-                        renew: age >= self.ttl / 4,
+                        renew: at.elapsed() >= self.ttl / 4,
                     },
-                    Some((false, _)) => Route::Passthrough,
-                    None => Route::Mesh {
+                    Some((false, at)) if at.elapsed() < self.ttl => Route::Passthrough,
+                    Some((false, at)) if at.elapsed() < self.ttl * 2 => {
+                        // This connection's recheck answers for the next
+                        // TTL's connections too.
+                        *at = Instant::now();
+                        Route::Recheck(key)
+                    }
+                    _ => Route::Mesh {
                         key,
                         probe: true,
                         renew: false,
@@ -134,14 +156,6 @@ impl Router {
                 }
             }
         }
-    }
-
-    /// What is known of an address, and how long ago it was learned.
-    fn cached(&self, ip: IpAddr) -> Option<(bool, Duration)> {
-        let probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
-        let (meshed, at) = probes.get(&ip)?;
-        let age = at.elapsed();
-        (age < self.ttl).then_some((*meshed, age))
     }
 
     /// Records what a connection learned about an address.
@@ -159,10 +173,38 @@ impl Router {
         probes.insert(ip, (meshed, Instant::now()));
     }
 
+    /// Forgets an address, so that its next connection probes it itself.
+    fn forget(&self, ip: IpAddr) {
+        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        probes.remove(&ip);
+    }
+
     /// The exact identity required for a destination, if configured.
     pub fn identity_for(&self, dst: SocketAddr) -> Option<SpiffeId> {
         self.rule(dst).and_then(|r| r.identity.clone())
     }
+}
+
+/// Probes a destination of [`Route::Recheck`] on the calling worker's
+/// pool, without holding up the connection that asked, and records what
+/// it finds: a proxy (whose connection stays pooled for the next ones), no
+/// answer, or neither (a TLS failure), in which case the next connection
+/// probes for itself and fails as any probe that meets a TLS failure.
+pub(crate) fn recheck(ctx: Arc<Shared>, router: Arc<Router>, key: PeerKey) {
+    if !ctx.identity.is_ready() {
+        return;
+    }
+    tokio::spawn(async move {
+        let ip = key.dial.ip();
+        match ctx.pool().sender(&key).await {
+            Ok(_) => router.learn(ip, true),
+            Err(e) if e.unanswered() => router.learn(ip, false),
+            Err(e) => {
+                debug!(peer = %key.dial, error = %e, "probing again for a proxy failed");
+                router.forget(ip);
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -254,5 +296,25 @@ mod tests {
         assert!(mesh(false, true));
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(mesh(true, false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_without_a_proxy_is_rechecked_in_the_background_for_a_ttl() {
+        let r = router(vec![]);
+        let dst: SocketAddr = "10.200.0.3:8080".parse().unwrap();
+        r.learn(dst.ip(), false);
+        assert_eq!(r.route(dst), Route::Passthrough);
+        // Expired: one connection asks for a recheck and goes on in
+        // plaintext; the next ones take the answer as renewed.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(matches!(r.route(dst), Route::Recheck(k) if k.dial.port() == 15006));
+        assert_eq!(r.route(dst), Route::Passthrough);
+        // A recheck that finds a proxy meshes the next connection.
+        r.learn(dst.ip(), true);
+        assert!(matches!(r.route(dst), Route::Mesh { probe: false, .. }));
+        // Unused for more than two TTLs, the address is probed as new.
+        r.learn(dst.ip(), false);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(matches!(r.route(dst), Route::Mesh { probe: true, .. }));
     }
 }

@@ -189,13 +189,18 @@ enum AttemptError {
 /// A stream to the destination's proxy, or `None` when the destination
 /// turned out to have none (the request then goes direct).
 async fn mesh_sender(
-    ctx: &Shared,
-    router: &Router,
+    ctx: &Arc<Shared>,
+    router: &Arc<Router>,
     dst: SocketAddr,
     grpc: bool,
 ) -> Result<Option<Sender>, AttemptError> {
-    let Route::Mesh { key, probe, renew } = router.route(dst) else {
-        return Ok(None);
+    let (key, probe, renew) = match router.route(dst) {
+        Route::Mesh { key, probe, renew } => (key, probe, renew),
+        Route::Passthrough => return Ok(None),
+        Route::Recheck(key) => {
+            crate::router::recheck(ctx.clone(), router.clone(), key);
+            return Ok(None);
+        }
     };
     let cfg = &ctx.config.proxy;
     if !ctx.identity.is_ready()
@@ -217,7 +222,7 @@ async fn mesh_sender(
             }
             Ok(Some(s))
         }
-        Err(TunnelError::Connect(_)) if probe => {
+        Err(e) if probe && e.unanswered() => {
             router.learn(dst.ip(), false);
             Ok(None)
         }
@@ -234,8 +239,8 @@ async fn mesh_sender(
 /// `deadline`. Records in `seen` how the request was carried.
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
-    ctx: &Shared,
-    router: &Router,
+    ctx: &Arc<Shared>,
+    router: &Arc<Router>,
     dst: SocketAddr,
     target: &HeaderValue,
     mut parts: http::request::Parts,
@@ -549,7 +554,7 @@ fn header_value(addr: SocketAddr) -> HeaderValue {
 /// tunnel once the server agrees.
 async fn upgrade(
     ctx: Arc<Shared>,
-    router: &Router,
+    router: &Arc<Router>,
     mut req: Request<Incoming>,
     dst: SocketAddr,
     token: HeaderValue,
