@@ -134,18 +134,21 @@ impl Router {
                     identity,
                 };
                 let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
-                let known = probes.get_mut(&dst.ip()).map(|(meshed, at)| (*meshed, at));
+                let now = Instant::now();
+                let known = probes
+                    .get_mut(&dst.ip())
+                    .map(|(meshed, at)| (*meshed, now.saturating_duration_since(*at), at));
                 match known {
-                    Some((true, at)) if at.elapsed() < self.ttl => Route::Mesh {
+                    Some((true, age, _)) if age < self.ttl => Route::Mesh {
                         key,
                         probe: false,
-                        renew: at.elapsed() >= self.ttl / 4,
+                        renew: age >= self.ttl / 4,
                     },
-                    Some((false, at)) if at.elapsed() < self.ttl => Route::Passthrough,
-                    Some((false, at)) if at.elapsed() < self.ttl * 2 => {
+                    Some((false, age, _)) if age < self.ttl => Route::Passthrough,
+                    Some((false, age, at)) if age < self.ttl * 2 => {
                         // This connection's recheck answers for the next
                         // TTL's connections too.
-                        *at = Instant::now();
+                        *at = now;
                         Route::Recheck(key)
                     }
                     _ => Route::Mesh {
