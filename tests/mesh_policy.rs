@@ -2,12 +2,14 @@
 //! and strict servers, per-port authorization and foreign certificates.
 
 mod common;
+mod obs_support;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use common::*;
+use obs_support::{metric, scrape};
 
 #[test]
 fn meshed_to_non_meshed_works_in_plaintext() {
@@ -114,6 +116,129 @@ fn a_destination_whose_mesh_port_drops_connects_is_reached_in_plaintext_by_every
         std::thread::sleep(Duration::from_millis(3500));
         let failed = echo_burst(&client.pod, dst, 5, Duration::from_secs(3));
         assert!(failed.is_empty(), "{failed:?}\n{}", client.proxy.stderr());
+    }
+}
+
+/// In `pod`, after its proxy's own rules, what kube-proxy does on a node:
+/// connections to `service` are rewritten to one of `backends`, chosen at
+/// random for each connection.
+fn balance(pod: &legate_testbed::Pod, service: SocketAddr, backends: &[SocketAddr]) {
+    let n = backends.len();
+    for (i, backend) in backends.iter().enumerate() {
+        let probability = format!("{:.4}", 1.0 / (n - i) as f64);
+        let (ip, port, to) = (
+            service.ip().to_string(),
+            service.port().to_string(),
+            backend.to_string(),
+        );
+        let mut rule = vec![
+            "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", &ip, "--dport", &port,
+        ];
+        if i + 1 < n {
+            rule.extend([
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &probability,
+            ]);
+        }
+        rule.extend(["-j", "DNAT", "--to-destination", &to]);
+        pod.exec(rule).unwrap();
+    }
+}
+
+#[test]
+fn connections_to_a_service_address_are_spread_over_its_pods_as_without_the_mesh() {
+    let mesh = Mesh::new(&[]);
+    let a = mesh.meshed_pod("web-a", PodOptions::default());
+    let b = mesh.meshed_pod("web-b", PodOptions::default());
+    let (_web_a, _site_a) = http_server(&a.pod, 8080, "a");
+    let (_web_b, _site_b) = http_server(&b.pod, 8080, "b");
+    for (pod, name) in [(&a.pod, b"a"), (&b.pod, b"b")] {
+        let listener = pod
+            .run_in(|| TcpListener::bind(("0.0.0.0", 9000)))
+            .unwrap()
+            .unwrap();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let _ = conn.write_all(name);
+            }
+        });
+    }
+    // A service CIDR marked strict, as the README has it for Kubernetes.
+    let dir = shared_dir().unwrap();
+    let config = dir.path().join("legate.toml");
+    write_readable(
+        &config,
+        b"[[proxy.destinations]]\ncidrs = [\"10.200.250.0/24\"]\nmode = \"strict\"\n",
+    )
+    .unwrap();
+    let client = mesh.meshed_pod(
+        "client",
+        PodOptions {
+            config: Some(config),
+            ..Default::default()
+        },
+    );
+    let web: SocketAddr = "10.200.250.1:80".parse().unwrap();
+    let raw: SocketAddr = "10.200.250.1:90".parse().unwrap();
+    let pods = |port| [&a, &b].map(|p| SocketAddr::new(p.pod.ip().into(), port));
+    balance(&client.pod, web, &pods(8080));
+    balance(&client.pod, raw, &pods(9000));
+
+    // Each new connection of the application's is a new choice, over the
+    // mesh as without it: HTTP ...
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..24 {
+        let (ok, body, err) = curl(&client.pod, &[&format!("http://{web}/")]);
+        assert!(ok, "{err}\n{}", client.proxy.stderr());
+        *seen.entry(body).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "HTTP answered by {seen:?}");
+    // ... and opaque TCP.
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..24 {
+        let got = tcp_exchange(&client.pod, raw, b"").unwrap();
+        *seen
+            .entry(String::from_utf8_lossy(&got).into_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "TCP answered by {seen:?}");
+    // Over mTLS, each pod's proxy seeing the client's identity.
+    for p in [&a, &b] {
+        let text = scrape(&p.pod);
+        let from_client = metric(
+            &text,
+            "legate_tcp_connections_opened_total",
+            &[("direction", "inbound"), ("peer", client.id())],
+        );
+        assert!(from_client > 0.0, "{text}");
+        let plaintext = metric(
+            &text,
+            "legate_tcp_connections_opened_total",
+            &[("direction", "inbound"), ("peer", "none")],
+        );
+        assert_eq!(plaintext, 0.0, "{text}");
+    }
+    // Each of those mesh connections closed with its application
+    // connection, not left open to the idle timeout.
+    for p in [&a, &b] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = scrape(&p.pod);
+            let active = metric(
+                &text,
+                "legate_tcp_connections_active",
+                &[("direction", "inbound")],
+            );
+            if active == 0.0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

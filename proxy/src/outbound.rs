@@ -144,7 +144,7 @@ async fn opaque(
                     return None;
                 }
             }
-            match ctx.pool().tunnel(&key, dst).await {
+            match ctx.pool().tunnel(&key, dst, key.in_band(dst)).await {
                 Ok(tunnel) => {
                     if probe || renew {
                         live.router.learn(dst.ip(), true);

@@ -95,6 +95,8 @@ pub enum TunnelError {
         #[source]
         source: h2::Error,
     },
+    #[error("the connection to the peer proxy at {addr} ended as it was opened")]
+    Closed { addr: SocketAddr },
     #[error("the peer proxy refused the tunnel to {target}: {status} {reason}")]
     Refused {
         target: SocketAddr,
@@ -115,6 +117,7 @@ impl TunnelError {
             TunnelError::Backoff { .. } => "reconnect_backoff",
             TunnelError::Http { .. } => "http2_error",
             TunnelError::Refused { .. } => "refused_by_peer",
+            TunnelError::Closed { .. } => "connection_closed",
         }
     }
 
@@ -136,6 +139,16 @@ impl TunnelError {
 pub struct PeerKey {
     pub dial: SocketAddr,
     pub identity: Option<SpiffeId>,
+}
+
+impl PeerKey {
+    /// Whether the peer is dialled at the application's own destination
+    /// (a `strict` route, see [`crate::router`]), where the network may
+    /// choose another server for each connection, rather than at a peer
+    /// proxy's mesh port.
+    pub fn in_band(&self, dst: SocketAddr) -> bool {
+        self.dial == dst
+    }
 }
 
 /// Timeouts and socket options for new connections.
@@ -341,6 +354,37 @@ impl Sender {
     }
 }
 
+/// A mesh connection of one application connection's own, for a
+/// destination dialled in-band (see [`crate::router`]): the network may send
+/// each new connection to such an address to another server, as kube-proxy
+/// does for a Service address, and a connection shared by all of a worker's
+/// application connections would take every one of them to the server it
+/// happened to reach first. The connection ends once the last clone of this
+/// handle and the last of its streams are gone.
+#[derive(Clone)]
+pub struct Own {
+    send: SendRequest<Bytes>,
+    streams: Arc<Streams>,
+    peer: Option<SpiffeId>,
+    dial: SocketAddr,
+}
+
+impl Own {
+    /// A stream on the connection, unless the connection has ended.
+    pub fn sender(&self) -> Option<Sender> {
+        if self.streams.is_closed() {
+            return None;
+        }
+        self.streams.open.fetch_add(1, Ordering::AcqRel);
+        Some(Sender {
+            send: self.send.clone(),
+            peer: self.peer.clone(),
+            dial: self.dial,
+            _guard: StreamGuard(self.streams.clone()),
+        })
+    }
+}
+
 /// A body of known length is announced as such, as an HTTP/1.1 message of
 /// that length would be: the server's proxy can then hand it on without
 /// chunking.
@@ -461,9 +505,37 @@ impl Pool {
         })
     }
 
-    /// Opens a tunnel through the peer at `key.dial` to `target`.
-    pub async fn tunnel(&self, key: &PeerKey, target: SocketAddr) -> Result<Tunnel, TunnelError> {
-        self.sender(key).await?.connect(target).await
+    /// Opens a tunnel through the peer at `key.dial` to `target`, on a
+    /// pooled connection or, with `own`, on a connection of its own.
+    pub async fn tunnel(
+        &self,
+        key: &PeerKey,
+        target: SocketAddr,
+        own: bool,
+    ) -> Result<Tunnel, TunnelError> {
+        let sender = if own {
+            let own = self.own(key).await?;
+            own.sender()
+                .ok_or_else(|| TunnelError::Closed { addr: key.dial })?
+        } else {
+            self.sender(key).await?
+        };
+        sender.connect(target).await
+    }
+
+    /// Opens a connection to the peer at `key.dial` that is not shared
+    /// through the pool.
+    pub async fn own(&self, key: &PeerKey) -> Result<Own, TunnelError> {
+        let streams = Arc::new(Streams::new(self.epoch));
+        // Counted as its senders are made, not as a pooled checkout.
+        streams.open.store(0, Ordering::Relaxed);
+        let (send, peer) = Box::pin(self.open(key, streams.clone())).await?;
+        Ok(Own {
+            send,
+            streams,
+            peer,
+            dial: key.dial,
+        })
     }
 
     /// Picks the least-loaded live connection, or opens one.

@@ -42,7 +42,13 @@
 //! kube-proxy rewrites the service address and port to a pod's on the node:
 //! mark the service CIDR `strict` (a fully meshed cluster) and the rewritten
 //! connection lands on the chosen pod's proxy, which reads the pod port from
-//! its own `SO_ORIGINAL_DST`. Probing cannot see through a virtual IP (its
+//! its own `SO_ORIGINAL_DST`. Since kube-proxy chooses a pod for each new
+//! connection, each application connection to an in-band destination gets
+//! a mesh connection of its own ([`crate::pool::Own`]) instead of a stream
+//! on a pooled one, which would take them all to the pod the pooled
+//! connection reached: the service is balanced over its pods as without
+//! the mesh, at the cost of a handshake per application connection.
+//! Probing cannot see through a virtual IP (its
 //! mesh port is not a service port), so an unmarked service address is
 //! carried in plaintext, which a permissive server still accepts.
 
@@ -66,7 +72,9 @@ pub enum Route {
     /// In plaintext, as a probe a while ago found no proxy; the caller
     /// probes again in the background ([`recheck`]).
     Recheck(PeerKey),
-    /// Through the peer proxy. `probe` is set when the peer is not yet known
+    /// Through the peer proxy, dialled at `key.dial`: the destination
+    /// itself for an in-band route ([`PeerKey::in_band`]), its mesh port
+    /// otherwise. `probe` is set when the peer is not yet known
     /// to be meshed, so a refused connect means plaintext instead of failure;
     /// `renew` when it is known but not lately confirmed, so a connection
     /// that reaches it should say so with [`Router::learn`].

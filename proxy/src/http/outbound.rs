@@ -29,7 +29,7 @@ use crate::detect::Protocol;
 use crate::h2stream::{RecvBody, StreamIo};
 use crate::metrics::Direction;
 use crate::policy::{self, Failure, LimitKind, Limits, Next, Outcome, Stop};
-use crate::pool::{Body, BoxError, Sender, TunnelError};
+use crate::pool::{Body, BoxError, Own, PeerKey, Sender, TunnelError};
 use crate::relay::relay;
 use crate::router::{Route, Router};
 use crate::socket::Targets;
@@ -46,13 +46,14 @@ pub(crate) async fn serve(
     proto: Protocol,
     meter: Arc<ConnMeter>,
 ) {
-    // Every request of the connection names the same destination to the
-    // peer proxy: encode it once.
-    let target = header_value(dst);
+    let conn = Arc::new(AppConn {
+        target: header_value(dst),
+        own: tokio::sync::Mutex::new(None),
+    });
     let answer = {
         let (ctx, meter) = (ctx.clone(), meter.clone());
         move |req| Answered {
-            inner: handle(ctx.clone(), req, client, dst, target.clone(), meter.clone()),
+            inner: handle(ctx.clone(), req, client, dst, conn.clone(), meter.clone()),
         }
     };
     let io = Metered::new(app, meter);
@@ -130,6 +131,16 @@ impl<F: Future<Output = Response<Body>>> Future for Answered<F> {
     }
 }
 
+/// What the requests of one application connection share.
+struct AppConn {
+    /// The destination, as every request names it to the peer proxy:
+    /// encoded once.
+    target: HeaderValue,
+    /// The connection's own mesh connection, for an in-band destination
+    /// (see [`crate::pool::Own`]); opened by its first request.
+    own: tokio::sync::Mutex<Option<Own>>,
+}
+
 /// An answer the proxy makes itself, for a request that is not gRPC.
 pub fn proxy_answer(status: StatusCode, reason: &str) -> Response<Body> {
     policy::proxy_answer(status, reason, false)
@@ -192,6 +203,7 @@ async fn mesh_sender(
     ctx: &Arc<Shared>,
     router: &Arc<Router>,
     dst: SocketAddr,
+    conn: &AppConn,
     grpc: bool,
 ) -> Result<Option<Sender>, AttemptError> {
     let (key, probe, renew) = match router.route(dst) {
@@ -215,7 +227,12 @@ async fn mesh_sender(
             grpc,
         )));
     }
-    match ctx.pool().sender(&key).await {
+    let sender = if key.in_band(dst) {
+        own_sender(ctx, &key, conn).await
+    } else {
+        ctx.pool().sender(&key).await
+    };
+    match sender {
         Ok(s) => {
             if probe || renew {
                 router.learn(dst.ip(), true);
@@ -235,6 +252,21 @@ async fn mesh_sender(
     }
 }
 
+/// A stream on the application connection's own mesh connection, opening
+/// it (again, once it has ended) if need be.
+async fn own_sender(ctx: &Shared, key: &PeerKey, conn: &AppConn) -> Result<Sender, TunnelError> {
+    let mut own = conn.own.lock().await;
+    if let Some(sender) = own.as_ref().and_then(Own::sender) {
+        return Ok(sender);
+    }
+    let opened = ctx.pool().own(key).await?;
+    let sender = opened
+        .sender()
+        .ok_or(TunnelError::Closed { addr: key.dial })?;
+    *own = Some(opened);
+    Ok(sender)
+}
+
 /// One attempt: over the mesh or direct, failing as the given timeout at
 /// `deadline`. Records in `seen` how the request was carried.
 #[allow(clippy::too_many_arguments)]
@@ -242,7 +274,7 @@ async fn attempt(
     ctx: &Arc<Shared>,
     router: &Arc<Router>,
     dst: SocketAddr,
-    target: &HeaderValue,
+    conn: &AppConn,
     mut parts: http::request::Parts,
     body: Body,
     limits: &Arc<Limits>,
@@ -257,7 +289,7 @@ async fn attempt(
             }
             AttemptError::Answer(e.answer(grpc))
         })?;
-        let sender = mesh_sender(ctx, router, dst, grpc).await?;
+        let sender = mesh_sender(ctx, router, dst, conn, grpc).await?;
         drop(pending);
         seen.peer = sender.as_ref().and_then(|s| s.peer.clone());
         seen.carried = Some(seen.peer.clone());
@@ -270,7 +302,7 @@ async fn attempt(
                 }
                 // Otherwise an origin-form HTTP/1.x request: h2 sends it
                 // with `:scheme: http`, no `:authority` and its Host header.
-                parts.headers.insert(TARGET_HEADER, target.clone());
+                parts.headers.insert(TARGET_HEADER, conn.target.clone());
                 parts.headers.insert(
                     PROTO_HEADER,
                     HeaderValue::from_static(proto_name(app_version)),
@@ -327,7 +359,7 @@ async fn handle(
     req: Request<Incoming>,
     client: SocketAddr,
     dst: SocketAddr,
-    target: HeaderValue,
+    conn: Arc<AppConn>,
     meter: Arc<ConnMeter>,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
@@ -338,7 +370,7 @@ async fn handle(
         &ctx,
         Request::from_parts(parts, body),
         dst,
-        &target,
+        &conn,
         &mut seen,
     )
     .await;
@@ -352,7 +384,7 @@ async fn route_request(
     ctx: &Arc<Shared>,
     req: Request<Incoming>,
     dst: SocketAddr,
-    target: &HeaderValue,
+    conn: &AppConn,
     seen: &mut Seen,
 ) -> Response<Body> {
     if let Some(fault) = host_fault(&req) {
@@ -361,7 +393,16 @@ async fn route_request(
     let live = ctx.live();
     if let Some(token) = upgrade_token(&req) {
         // Boxed so that the common path does not carry its space.
-        return Box::pin(upgrade(ctx.clone(), &live.router, req, dst, token, seen)).await;
+        return Box::pin(upgrade(
+            ctx.clone(),
+            &live.router,
+            req,
+            dst,
+            conn,
+            token,
+            seen,
+        ))
+        .await;
     }
     let grpc = policy::is_grpc(req.headers());
     if !hyper::body::Body::is_end_stream(req.body())
@@ -449,7 +490,7 @@ async fn route_request(
             ctx,
             &live.router,
             dst,
-            target,
+            conn,
             attempt_parts(&mut parts),
             body.attempt(),
             &dest.limits,
@@ -557,12 +598,13 @@ async fn upgrade(
     router: &Arc<Router>,
     mut req: Request<Incoming>,
     dst: SocketAddr,
+    conn: &AppConn,
     token: HeaderValue,
     seen: &mut Seen,
 ) -> Response<Body> {
     let from_app = hyper::upgrade::on(&mut req);
     let idle = ctx.config.proxy.idle_timeout;
-    let sender = match mesh_sender(&ctx, router, dst, false).await {
+    let sender = match mesh_sender(&ctx, router, dst, conn, false).await {
         Ok(s) => s,
         Err(AttemptError::Failed(f)) => return f.answer(false),
         Err(AttemptError::Answer(answer)) => return answer,
