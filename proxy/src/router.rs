@@ -70,7 +70,7 @@ pub enum Route {
     /// The destination has no proxy, or is configured plaintext.
     Passthrough,
     /// In plaintext, as a probe a while ago found no proxy; the caller
-    /// probes again in the background ([`recheck`]).
+    /// probes again in the background (`router::recheck`).
     Recheck(PeerKey),
     /// Through the peer proxy, dialled at `key.dial`: the destination
     /// itself for an in-band route ([`PeerKey::in_band`]), its mesh port
