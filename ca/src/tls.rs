@@ -170,7 +170,9 @@ fn build_client_config(
     // verification and carries the identities of the first handshake: an
     // expired certificate, one under a since-retired root, or (for the CA
     // client) the absence of a certificate before bootstrap would ride the
-    // ticket. Mesh connections are pooled, so full handshakes are rare.
+    // ticket. Mesh connections are pooled, so full handshakes are rare;
+    // only a `strict` destination (a Service address) costs one per
+    // application connection.
     config.resumption = rustls::client::Resumption::disabled();
     Arc::new(config)
 }
