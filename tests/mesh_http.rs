@@ -1323,6 +1323,8 @@ enum H2Answer {
     Respond(http::Response<()>),
     /// Answers, then closes the connection gracefully (GOAWAY).
     RespondAndClose(http::Response<()>),
+    /// Sends the head of the answer, and its end only a minute later.
+    RespondAndHold(http::Response<()>),
     /// Resets the stream with `REFUSED_STREAM`: never seen.
     Refuse,
 }
@@ -1361,6 +1363,14 @@ where
                             H2Answer::RespondAndClose(res) => {
                                 let _ = respond.send_response(res, true);
                                 conn.graceful_shutdown();
+                            }
+                            H2Answer::RespondAndHold(res) => {
+                                if let Ok(mut body) = respond.send_response(res, false) {
+                                    tokio::spawn(async move {
+                                        tokio::time::sleep(Duration::from_secs(60)).await;
+                                        let _ = body.send_data(Default::default(), true);
+                                    });
+                                }
                             }
                             H2Answer::Refuse => respond.send_reset(h2::Reason::REFUSED_STREAM),
                         }
@@ -1521,6 +1531,103 @@ fn streams_an_application_refuses_while_closing_a_connection_are_sent_again() {
         "{text}"
     );
     assert!(text.contains("status codes: 1000 2xx"), "{text}");
+}
+
+#[test]
+fn a_pod_that_drains_behind_a_service_address_hands_new_streams_to_another() {
+    let mesh = Mesh::new(&[]);
+    let mut a = mesh.meshed_pod("web-a", PodOptions::default());
+    let b = mesh.meshed_pod("web-b", PodOptions::default());
+    let answer_as = |pod: &'static str| {
+        move |req: &http::Request<h2::RecvStream>, _| {
+            let res = http::Response::builder()
+                .header("x-pod", pod)
+                .body(())
+                .unwrap_or_default();
+            if req.method() == http::Method::POST {
+                H2Answer::RespondAndHold(res)
+            } else {
+                H2Answer::Respond(res)
+            }
+        }
+    };
+    serve_h2(&a.pod, 8443, answer_as("a"));
+    serve_h2(&b.pod, 8443, answer_as("b"));
+    let (config, _dir) = strict_config("10.200.250.0/24");
+    let client = mesh.meshed_pod(
+        "client",
+        PodOptions {
+            config: Some(config),
+            ..Default::default()
+        },
+    );
+    let service: SocketAddr = "10.200.250.1:443".parse().unwrap();
+    let at = |p: &MeshedPod| SocketAddr::new(p.pod.ip().into(), 8443);
+    balance(&client.pod, service, &[at(&a)]);
+
+    // One HTTP/2 connection of the application's, as a gRPC channel keeps.
+    let tcp = client
+        .pod
+        .run_in(move || TcpStream::connect(service))
+        .unwrap()
+        .expect("connect to the service");
+    tcp.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+        let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(conn);
+        let request = |method: &str| {
+            http::Request::builder()
+                .method(method)
+                .uri(format!("http://{service}/"))
+                .body(())
+                .unwrap()
+        };
+        let answered_by = |res: &http::Response<h2::RecvStream>| {
+            res.headers()
+                .get("x-pod")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let (res, _) = send.send_request(request("GET"), true).unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(10), res)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answered_by(&res), "a");
+        // A stream that stays open (a watch, a stream of events), so that
+        // pod a's proxy keeps the mesh connection while it drains.
+        let (res, _held) = send.send_request(request("POST"), true).unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(10), res)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answered_by(&res), "a");
+
+        // Pod a leaves the service and its proxy drains (a rolling
+        // update); the channel's next call is answered by pod b, not
+        // refused by a proxy that takes no new streams.
+        balance(&client.pod, service, &[at(&b)]);
+        a.proxy.signal(legate_testbed::Signal::SIGTERM).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (res, _) = send.send_request(request("GET"), true).unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(10), res)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (res.status(), answered_by(&res)),
+            (http::StatusCode::OK, "b".to_owned()),
+            "{:?}\n{}",
+            res.headers(),
+            client.proxy.stderr()
+        );
+    });
 }
 
 #[test]

@@ -119,36 +119,6 @@ fn a_destination_whose_mesh_port_drops_connects_is_reached_in_plaintext_by_every
     }
 }
 
-/// In `pod`, after its proxy's own rules, what kube-proxy does on a node:
-/// connections to `service` are rewritten to one of `backends`, chosen at
-/// random for each connection.
-fn balance(pod: &legate_testbed::Pod, service: SocketAddr, backends: &[SocketAddr]) {
-    let n = backends.len();
-    for (i, backend) in backends.iter().enumerate() {
-        let probability = format!("{:.4}", 1.0 / (n - i) as f64);
-        let (ip, port, to) = (
-            service.ip().to_string(),
-            service.port().to_string(),
-            backend.to_string(),
-        );
-        let mut rule = vec![
-            "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", &ip, "--dport", &port,
-        ];
-        if i + 1 < n {
-            rule.extend([
-                "-m",
-                "statistic",
-                "--mode",
-                "random",
-                "--probability",
-                &probability,
-            ]);
-        }
-        rule.extend(["-j", "DNAT", "--to-destination", &to]);
-        pod.exec(rule).unwrap();
-    }
-}
-
 #[test]
 fn connections_to_a_service_address_are_spread_over_its_pods_as_without_the_mesh() {
     let mesh = Mesh::new(&[]);
@@ -167,14 +137,7 @@ fn connections_to_a_service_address_are_spread_over_its_pods_as_without_the_mesh
             }
         });
     }
-    // A service CIDR marked strict, as the README has it for Kubernetes.
-    let dir = shared_dir().unwrap();
-    let config = dir.path().join("legate.toml");
-    write_readable(
-        &config,
-        b"[[proxy.destinations]]\ncidrs = [\"10.200.250.0/24\"]\nmode = \"strict\"\n",
-    )
-    .unwrap();
+    let (config, _dir) = strict_config("10.200.250.0/24");
     let client = mesh.meshed_pod(
         "client",
         PodOptions {

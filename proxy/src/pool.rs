@@ -174,7 +174,9 @@ struct Conn {
 /// A connection's open streams, and since when it has had none.
 struct Streams {
     open: AtomicUsize,
-    /// Set by the connection's task when the connection has ended.
+    /// Set by the connection's task when the connection has ended, or
+    /// when the peer said it takes no new streams on it (GOAWAY): no new
+    /// stream is put on it.
     closed: AtomicBool,
     /// Milliseconds since the pool's epoch when the last stream closed.
     idle_since: AtomicU64,
@@ -275,10 +277,21 @@ impl Sender {
         end: bool,
     ) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), TunnelError> {
         // Waits while the peer's limit on concurrent streams is reached.
-        std::future::poll_fn(|cx| self.send.poll_ready(cx))
-            .await
-            .map_err(self.error())?;
-        self.send.send_request(req, end).map_err(self.error())
+        let sent = match std::future::poll_fn(|cx| self.send.poll_ready(cx)).await {
+            Ok(()) => self.send.send_request(req, end),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &sent {
+            if e.is_go_away() && e.is_remote() {
+                // The peer takes no new streams here (a draining proxy),
+                // though the connection lives on for those in flight: the
+                // next stream, this one's retry among them, goes on a new
+                // connection, which may reach another proxy (a new one, or
+                // another pod of a Service).
+                self._guard.0.closed.store(true, Ordering::Release);
+            }
+        }
+        sent.map_err(self.error())
     }
 
     /// Sends a request to the peer proxy and waits for its response head.

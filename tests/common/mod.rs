@@ -235,3 +235,51 @@ pub fn request(pod: &Pod, args: &[&str]) -> Reply {
         };
     }
 }
+
+/// In `pod`, after its proxy's own rules, what kube-proxy does on a node:
+/// connections to `service` are rewritten to one of `backends`, chosen at
+/// random for each connection. Called again for the same service, it
+/// replaces the backends (as when a pod leaves the service).
+pub fn balance(pod: &Pod, service: SocketAddr, backends: &[SocketAddr]) {
+    let chain = format!("SVC-{}", service.port());
+    let (ip, port) = (service.ip().to_string(), service.port().to_string());
+    let jump = |op: &str| {
+        pod.exec([
+            "iptables", "-t", "nat", op, "OUTPUT", "-p", "tcp", "-d", &ip, "--dport", &port, "-j",
+            &chain,
+        ])
+    };
+    if jump("-C").is_err() {
+        pod.exec(["iptables", "-t", "nat", "-N", &chain]).unwrap();
+        jump("-A").unwrap();
+    }
+    pod.exec(["iptables", "-t", "nat", "-F", &chain]).unwrap();
+    let n = backends.len();
+    for (i, backend) in backends.iter().enumerate() {
+        let probability = format!("{:.4}", 1.0 / (n - i) as f64);
+        let to = backend.to_string();
+        let mut rule = vec!["iptables", "-t", "nat", "-A", &chain];
+        if i + 1 < n {
+            rule.extend([
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &probability,
+            ]);
+        }
+        rule.extend(["-p", "tcp", "-j", "DNAT", "--to-destination", &to]);
+        pod.exec(rule).unwrap();
+    }
+}
+
+/// A configuration file that marks `cidr` `strict`, as the README has it
+/// for a Kubernetes service CIDR, and the directory that holds it.
+pub fn strict_config(cidr: &str) -> (std::path::PathBuf, tempfile::TempDir) {
+    let dir = shared_dir().expect("config dir");
+    let config = dir.path().join("legate.toml");
+    let text = format!("[[proxy.destinations]]\ncidrs = [\"{cidr}\"]\nmode = \"strict\"\n");
+    write_readable(&config, text.as_bytes()).expect("config file");
+    (config, dir)
+}
