@@ -33,6 +33,24 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
+/// Starts the echo server in `pod` on [`ECHO_PORT`]; returns it (it stops
+/// when dropped) and its address.
+fn start_echo(pod: &legate_testbed::Pod) -> (legate_testbed::Process, SocketAddr) {
+    let dir = shared_dir().unwrap();
+    let echo = dir.path().join("echo.py");
+    write_readable(&echo, ECHO.as_bytes()).unwrap();
+    let process = pod
+        .command("python3")
+        .arg(&echo)
+        .arg(ECHO_PORT.to_string())
+        .uid(APP_UID)
+        .spawn()
+        .expect("echo server");
+    let addr = SocketAddr::new(pod.ip().into(), ECHO_PORT);
+    pod.wait_for_port(addr, Duration::from_secs(10)).unwrap();
+    (process, addr)
+}
+
 /// Waits until the proxy has counted `n` reloads with this result.
 fn wait_reloads(client: &MeshedPod, result: &str, n: f64) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -170,22 +188,7 @@ fn a_reload_changes_retries_for_new_requests_keeps_connections_and_refuses_bad_f
         },
     );
     let app = Scripted::start(&server.pod, PORT);
-    let dir = shared_dir().unwrap();
-    let echo = dir.path().join("echo.py");
-    write_readable(&echo, ECHO.as_bytes()).unwrap();
-    let _echo = server
-        .pod
-        .command("python3")
-        .arg(&echo)
-        .arg(ECHO_PORT.to_string())
-        .uid(APP_UID)
-        .spawn()
-        .expect("echo server");
-    let echo_addr = SocketAddr::new(server.pod.ip().into(), ECHO_PORT);
-    server
-        .pod
-        .wait_for_port(echo_addr, Duration::from_secs(10))
-        .unwrap();
+    let (_echo, echo_addr) = start_echo(&server.pod);
     let url = |path: &str| format!("http://{}:{PORT}{path}", server.pod.ip());
 
     // No retries yet.
@@ -281,22 +284,7 @@ fn a_peer_proxy_that_restarts_is_reached_over_mtls_again_never_in_plaintext() {
     let mut server = mesh.meshed_pod("server", PodOptions::default());
     let client = mesh.meshed_pod("client", PodOptions::default());
     let _app = Scripted::start(&server.pod, PORT);
-    let dir = shared_dir().unwrap();
-    let echo = dir.path().join("echo.py");
-    write_readable(&echo, ECHO.as_bytes()).unwrap();
-    let _echo = server
-        .pod
-        .command("python3")
-        .arg(&echo)
-        .arg(ECHO_PORT.to_string())
-        .uid(APP_UID)
-        .spawn()
-        .expect("echo server");
-    let echo_addr = SocketAddr::new(server.pod.ip().into(), ECHO_PORT);
-    server
-        .pod
-        .wait_for_port(echo_addr, Duration::from_secs(10))
-        .unwrap();
+    let (_echo, echo_addr) = start_echo(&server.pod);
     let headers = format!("http://{}:{PORT}/headers", server.pod.ip());
     // The identity the server's application was given, if the request
     // was answered.

@@ -1553,14 +1553,7 @@ fn a_pod_that_drains_behind_a_service_address_hands_new_streams_to_another() {
     };
     serve_h2(&a.pod, 8443, answer_as("a"));
     serve_h2(&b.pod, 8443, answer_as("b"));
-    let (config, _dir) = strict_config("10.200.250.0/24");
-    let client = mesh.meshed_pod(
-        "client",
-        PodOptions {
-            config: Some(config),
-            ..Default::default()
-        },
-    );
+    let (client, _config) = service_client(&mesh, "client");
     let service: SocketAddr = "10.200.250.1:443".parse().unwrap();
     let at = |p: &MeshedPod| SocketAddr::new(p.pod.ip().into(), 8443);
     balance(&client.pod, service, &[at(&a)]);

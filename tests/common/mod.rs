@@ -274,12 +274,23 @@ pub fn balance(pod: &Pod, service: SocketAddr, backends: &[SocketAddr]) {
     }
 }
 
-/// A configuration file that marks `cidr` `strict`, as the README has it
-/// for a Kubernetes service CIDR, and the directory that holds it.
-pub fn strict_config(cidr: &str) -> (std::path::PathBuf, tempfile::TempDir) {
+/// Where the tests' Service addresses are; the README has the service CIDR
+/// marked `strict`.
+pub const SERVICE_CIDR: &str = "10.200.250.0/24";
+
+/// A meshed pod `name` whose proxy marks [`SERVICE_CIDR`] `strict`, and the
+/// directory of its configuration file.
+pub fn service_client(mesh: &Mesh, name: &str) -> (MeshedPod, tempfile::TempDir) {
     let dir = shared_dir().expect("config dir");
     let config = dir.path().join("legate.toml");
-    let text = format!("[[proxy.destinations]]\ncidrs = [\"{cidr}\"]\nmode = \"strict\"\n");
+    let text = format!("[[proxy.destinations]]\ncidrs = [\"{SERVICE_CIDR}\"]\nmode = \"strict\"\n");
     write_readable(&config, text.as_bytes()).expect("config file");
-    (config, dir)
+    let pod = mesh.meshed_pod(
+        name,
+        PodOptions {
+            config: Some(config),
+            ..Default::default()
+        },
+    );
+    (pod, dir)
 }
