@@ -12,7 +12,10 @@
 //! `proxy.pool_idle_timeout` is closed. After a failed connect or
 //! handshake, a peer is not dialled again until a backoff (50 ms doubling
 //! to 5 s, with jitter) has passed: callers meanwhile fail at once instead
-//! of each paying a timeout.
+//! of each paying a timeout. A connection whose peer refuses a new stream
+//! with GOAWAY (a draining proxy) takes no more. A destination dialled
+//! in-band (a Service address) is the exception to sharing: each
+//! application connection to it has a connection of its own ([`Own`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
