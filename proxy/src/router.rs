@@ -13,10 +13,11 @@
 //!    opens is used at once; a refused or unanswered connect means no proxy
 //!    there, and the destination is reached in plaintext. Either answer is
 //!    cached per address for `proxy.probe_ttl`, so the probe costs one
-//!    connect per address and TTL; connections that come while it is under
-//!    way wait for it and take its answer. A TLS failure after a successful connect
-//!    is *not* a reason to fall back: something answers on the mesh port,
-//!    so the connection fails instead of leaking plaintext.
+//!    connect per address and TTL; connections that come while it is
+//!    under way wait for it and take its answer. A TLS failure after a
+//!    successful connect is *not* a reason to fall back: something answers
+//!    on the mesh port, so the connection fails instead of leaking
+//!    plaintext.
 //!
 //! A destination known to be meshed stays so while its proxy keeps
 //! answering: a connection that reaches it renews the answer once a quarter
@@ -48,9 +49,9 @@
 //! on a pooled one, which would take them all to the pod the pooled
 //! connection reached: the service is balanced over its pods as without
 //! the mesh, at the cost of a handshake per application connection.
-//! Probing cannot see through a virtual IP (its
-//! mesh port is not a service port), so an unmarked service address is
-//! carried in plaintext, which a permissive server still accepts.
+//! Probing cannot see through a virtual IP (its mesh port is not a service
+//! port), so an unmarked service address is carried in plaintext, which a
+//! permissive server still accepts.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -74,8 +75,8 @@ pub enum Route {
     Recheck(PeerKey),
     /// Through the peer proxy, dialled at `key.dial`: the destination
     /// itself for an in-band route ([`PeerKey::in_band`]), its mesh port
-    /// otherwise. `probe` is set when the peer is not yet known
-    /// to be meshed, so a refused connect means plaintext instead of failure;
+    /// otherwise. `probe` is set when the peer is not yet known to be
+    /// meshed, so a refused connect means plaintext instead of failure;
     /// `renew` when it is known but not lately confirmed, so a connection
     /// that reaches it should say so with [`Router::learn`].
     Mesh {
