@@ -1587,20 +1587,21 @@ fn a_pod_that_drains_behind_a_service_address_hands_new_streams_to_another() {
                 .unwrap_or("")
                 .to_owned()
         };
-        let (res, _) = send.send_request(request("GET"), true).unwrap();
-        let res = tokio::time::timeout(Duration::from_secs(10), res)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(answered_by(&res), "a");
-        // A stream that stays open (a watch, a stream of events), so that
+        // The answer's head; its body stays open while the answer is kept.
+        let mut call = |method| {
+            let (res, _) = send.send_request(request(method), true).unwrap();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), res)
+                    .await
+                    .expect("an answer in time")
+                    .expect("an answer")
+            }
+        };
+        assert_eq!(answered_by(&call("GET").await), "a");
+        // An answer that stays open (a watch, a stream of events), so that
         // pod a's proxy keeps the mesh connection while it drains.
-        let (res, _held) = send.send_request(request("POST"), true).unwrap();
-        let res = tokio::time::timeout(Duration::from_secs(10), res)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(answered_by(&res), "a");
+        let held = call("POST").await;
+        assert_eq!(answered_by(&held), "a");
 
         // Pod a leaves the service and its proxy drains (a rolling
         // update); the channel's next call is answered by pod b, not
@@ -1608,11 +1609,7 @@ fn a_pod_that_drains_behind_a_service_address_hands_new_streams_to_another() {
         balance(&client.pod, service, &[at(&b)]);
         a.proxy.signal(legate_testbed::Signal::SIGTERM).unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (res, _) = send.send_request(request("GET"), true).unwrap();
-        let res = tokio::time::timeout(Duration::from_secs(10), res)
-            .await
-            .unwrap()
-            .unwrap();
+        let res = call("GET").await;
         assert_eq!(
             (res.status(), answered_by(&res)),
             (http::StatusCode::OK, "b".to_owned()),

@@ -187,9 +187,11 @@ struct Streams {
 }
 
 impl Streams {
-    fn new(epoch: Instant) -> Self {
+    /// A new connection's count, with the `open` streams its opener
+    /// claims.
+    fn new(epoch: Instant, open: usize) -> Self {
         Streams {
-            open: AtomicUsize::new(1),
+            open: AtomicUsize::new(open),
             closed: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             epoch,
@@ -542,9 +544,8 @@ impl Pool {
     /// Opens a connection to the peer at `key.dial` that is not shared
     /// through the pool.
     pub async fn own(&self, key: &PeerKey) -> Result<Own, TunnelError> {
-        let streams = Arc::new(Streams::new(self.epoch));
         // Counted as its senders are made, not as a pooled checkout.
-        streams.open.store(0, Ordering::Relaxed);
+        let streams = Arc::new(Streams::new(self.epoch, 0));
         let (send, peer) = Box::pin(self.open(key, streams.clone())).await?;
         Ok(Own {
             send,
@@ -586,7 +587,7 @@ impl Pool {
         // Boxed: dialling and the handshakes make a future of several
         // kilobytes, and every request's future would otherwise carry (and
         // move) that space although nearly all of them find a connection.
-        let streams = Arc::new(Streams::new(self.epoch));
+        let streams = Arc::new(Streams::new(self.epoch, 1));
         match Box::pin(self.open(key, streams.clone())).await {
             Ok((send, peer_id)) => {
                 state.failures = 0;
