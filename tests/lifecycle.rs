@@ -1,6 +1,7 @@
 //! The proxy's lifecycle: draining on SIGTERM and on the admin server's
-//! shutdown, and configuration reloads that change policy without
-//! dropping established connections.
+//! shutdown, configuration reloads that change policy without dropping
+//! established connections, and what a client's proxy does when a peer
+//! proxy restarts or vanishes.
 
 mod common;
 mod obs_support;
@@ -358,6 +359,85 @@ fn a_peer_proxy_that_restarts_is_reached_over_mtls_again_never_in_plaintext() {
     };
     assert_eq!(opened("none"), 0.0, "plaintext reached the server:\n{text}");
     assert!(opened(client.id()) >= 1.0, "{text}");
+}
+
+#[test]
+fn a_peer_that_vanishes_without_a_word_fails_its_requests_and_tunnels_within_seconds() {
+    let mesh = Mesh::new(&[]);
+    let server = mesh.meshed_pod("server", PodOptions::default());
+    // One worker, so that every request and tunnel rides the one pooled
+    // connection the first request opens.
+    let client = mesh.meshed_pod(
+        "client",
+        PodOptions {
+            proxy_set: vec!["proxy.workers=1".into()],
+            ..Default::default()
+        },
+    );
+    let _app = Scripted::start(&server.pod, PORT);
+    let (_echo, echo_addr) = start_echo(&server.pod);
+    let url = format!("http://{}:{PORT}/headers", server.pod.ip());
+    assert_eq!(request(&client.pod, &[&url]).status, 200);
+    let tunnel = client
+        .pod
+        .run_in(|| TcpStream::connect_timeout(&echo_addr, Duration::from_secs(2)))
+        .unwrap()
+        .unwrap();
+    (&tunnel).write_all(b"before\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&tunnel).read_line(&mut line).unwrap();
+    assert_eq!(line, "before\n");
+
+    // The server's node is gone as a crash or a cut link leaves it: no
+    // FIN, no reset, nothing answers.
+    let rules = |op: &str| {
+        for chain in ["INPUT", "OUTPUT"] {
+            server
+                .pod
+                .exec(["iptables", op, chain, "-p", "tcp", "-j", "DROP"])
+                .unwrap();
+        }
+    };
+    rules("-I");
+    // What is sent to it now goes unacknowledged, and the mesh connection
+    // carrying it is given up after ten seconds (TCP_USER_TIMEOUT), not
+    // at the next unanswered keep-alive ping, up to 40 s away: the
+    // request is answered 502 by the proxy, the tunnel is closed.
+    let sent = std::thread::spawn(move || {
+        tunnel
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        (&tunnel).write_all(b"during\n").unwrap();
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut &tunnel, &mut rest).map(|_| rest)
+    });
+    let r = request(&client.pod, &["--max-time", "30", &url]);
+    assert_eq!(r.status, 502, "{r:?}\n{}", client.proxy.stderr());
+    assert!(r.header("legate-error").is_some(), "{r:?}");
+    match sent.join().unwrap() {
+        Ok(rest) => assert!(rest.is_empty(), "{rest:?}"),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the tunnel was still open after 30 s"
+        ),
+    }
+
+    // Back on the network, the server is reached over the mesh again.
+    rules("-D");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (ok, body, err) = curl(&client.pod, &["--max-time", "3", "-f", &url]);
+        if ok {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["legate-client-id"].as_str(), Some(client.id()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "not reached again: {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Voluntary context switches of each thread of `pid`: its id, its name

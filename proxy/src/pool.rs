@@ -66,10 +66,14 @@ const SEND_BUFFER: usize = 1 << 20;
 /// it would get through without the mesh.
 pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// A connection is pinged this often, and closed when a ping goes
-/// unanswered for `PING_TIMEOUT`: a peer that vanished without a FIN (a
+/// unanswered for `PEER_SILENCE`: a peer that vanished without a FIN (a
 /// deleted pod, a cut link) would otherwise hold its streams forever.
 const PING_INTERVAL: Duration = Duration::from_secs(30);
-const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a peer proxy may leave a ping, or bytes sent to it,
+/// unanswered before its connection is given up: the pings' timeout and
+/// both ends' [`socket::give_up_unacknowledged`]. Ten seconds let TCP
+/// retransmit a lost segment about five times.
+pub(crate) const PEER_SILENCE: Duration = Duration::from_secs(10);
 
 /// Why a tunnel to a peer proxy could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -448,10 +452,10 @@ pub(crate) async fn keep_alive(pings: Option<h2::PingPong>) -> String {
     };
     loop {
         tokio::time::sleep(PING_INTERVAL).await;
-        match tokio::time::timeout(PING_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+        match tokio::time::timeout(PEER_SILENCE, pings.ping(h2::Ping::opaque())).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return format!("keep-alive ping failed: {e}"),
-            Err(_) => return format!("no answer to a keep-alive ping in {PING_TIMEOUT:?}"),
+            Err(_) => return format!("no answer to a keep-alive ping in {PEER_SILENCE:?}"),
         }
     }
 }
@@ -623,6 +627,7 @@ impl Pool {
     ) -> Result<(SendRequest<Bytes>, Option<SpiffeId>), TunnelError> {
         let s = self.settings;
         let tcp = socket::connect(key.dial, s.connect_timeout, s.keepalive).await?;
+        socket::give_up_unacknowledged(&tcp, PEER_SILENCE);
         let config = self.identity.client_config(key.identity.as_ref());
         let name = ServerName::IpAddress(key.dial.ip().into());
         let mut tls = tokio::time::timeout(

@@ -12,6 +12,13 @@
 //!   vanished without a FIN (a deleted pod, a rebooted node) is otherwise
 //!   only noticed by the idle timeout, an hour later by default; keepalive
 //!   frees its connection slot and its buffers within minutes.
+//! - On mesh connections only, `TCP_USER_TIMEOUT` (see
+//!   [`give_up_unacknowledged`]): a request sent to a peer proxy that
+//!   vanished without a FIN (a crashed node, a cut link) otherwise waited
+//!   for the next keep-alive ping to go unanswered, up to 40 s, and
+//!   through a pooled connection every request to that peer waited with
+//!   it. The application's own connections keep the kernel's patience
+//!   (minutes of retransmission), as they would without the proxy.
 //! - A connect timeout (`proxy.connect_timeout`, 3 s by default): long
 //!   enough for one lost SYN to be retransmitted (the first retry comes
 //!   after 1 s), short enough that a client behind the proxy sees a dead
@@ -48,6 +55,13 @@ pub fn tune(stream: &TcpStream, keepalive: Duration) {
         .with_interval(Duration::from_secs(10))
         .with_retries(3);
     let _ = SockRef::from(stream).set_tcp_keepalive(&ka);
+}
+
+/// Makes the kernel give up `stream` once data sent on it has gone
+/// unacknowledged for `limit`, failing its reads and writes. Failing to
+/// set it only costs dead-peer detection, never correctness.
+pub fn give_up_unacknowledged(stream: &TcpStream, limit: Duration) {
+    let _ = SockRef::from(stream).set_tcp_user_timeout(Some(limit));
 }
 
 /// Why an outbound connect failed.
