@@ -1553,7 +1553,9 @@ fn a_pod_that_drains_behind_a_service_address_hands_new_streams_to_another() {
     };
     serve_h2(&a.pod, 8443, answer_as("a"));
     serve_h2(&b.pod, 8443, answer_as("b"));
-    let (client, _config) = service_client(&mesh, "client");
+    // No retries: the call after the drain must not be sent to the
+    // draining proxy at all, rather than be refused there and retried.
+    let (client, _config) = service_client(&mesh, "client", &["proxy.http.attempts=1"]);
     let service: SocketAddr = "10.200.250.1:443".parse().unwrap();
     let at = |p: &MeshedPod| SocketAddr::new(p.pod.ip().into(), 8443);
     balance(&client.pod, service, &[at(&a)]);

@@ -137,7 +137,7 @@ fn connections_to_a_service_address_are_spread_over_its_pods_as_without_the_mesh
             }
         });
     }
-    let (client, _config) = service_client(&mesh, "client");
+    let (client, _config) = service_client(&mesh, "client", &[]);
     let web: SocketAddr = "10.200.250.1:80".parse().unwrap();
     let raw: SocketAddr = "10.200.250.1:90".parse().unwrap();
     let pods = |port| [&a, &b].map(|p| SocketAddr::new(p.pod.ip().into(), port));

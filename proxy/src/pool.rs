@@ -12,8 +12,11 @@
 //! `proxy.pool_idle_timeout` is closed. After a failed connect or
 //! handshake, a peer is not dialled again until a backoff (50 ms doubling
 //! to 5 s, with jitter) has passed: callers meanwhile fail at once instead
-//! of each paying a timeout. A connection whose peer refuses a new stream
-//! with GOAWAY (a draining proxy) takes no more. A destination dialled
+//! of each paying a timeout. A connection whose peer has said GOAWAY (a
+//! draining proxy) takes no new streams: h2 knows it once the frame is
+//! read, before anything is sent, so a request that comes later goes on
+//! another connection whatever its retry policy (see [`takes_no_streams`]),
+//! and only one racing the frame is refused, and retried. A destination dialled
 //! in-band (a Service address) is the exception to sharing: each
 //! application connection to it has a connection of its own ([`Own`]).
 
@@ -397,9 +400,14 @@ impl Own {
         if self.streams.is_closed() {
             return None;
         }
+        let mut send = self.send.clone();
+        if takes_no_streams(&mut send) {
+            self.streams.closed.store(true, Ordering::Release);
+            return None;
+        }
         self.streams.open.fetch_add(1, Ordering::AcqRel);
         Some(Sender {
-            send: self.send.clone(),
+            send,
             peer: self.peer.clone(),
             dial: self.dial,
             _guard: StreamGuard(self.streams.clone()),
@@ -422,6 +430,16 @@ pub(crate) fn set_content_length(head: &mut http::request::Parts, body: &Body) {
         head.headers
             .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
     }
+}
+
+/// Whether the connection behind `send` will open no more streams: its
+/// peer said GOAWAY or its stream ids ran out. h2 answers from what its
+/// connection task has already read, without sending or waiting; `send`
+/// is a copy that never waits for a stream of its own, so it is never
+/// left pending.
+fn takes_no_streams(send: &mut SendRequest<Bytes>) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    matches!(send.poll_ready(&mut cx), std::task::Poll::Ready(Err(_)))
 }
 
 /// Which open connection takes a new stream, given each one's streams in
@@ -567,13 +585,20 @@ impl Pool {
     ) -> Result<(SendRequest<Bytes>, Arc<Streams>, Option<SpiffeId>), TunnelError> {
         let s = &self.settings;
         let mut state = peer.state.lock().await;
-        state.conns.retain(|c| !c.streams.is_closed());
-        let loads = state
-            .conns
-            .iter()
-            .map(|c| c.streams.open.load(Ordering::Relaxed));
-        if let Some(i) = choose(loads, s.max_streams, s.max_connections) {
-            let c = &state.conns[i];
+        loop {
+            state.conns.retain(|c| !c.streams.is_closed());
+            let loads = state
+                .conns
+                .iter()
+                .map(|c| c.streams.open.load(Ordering::Relaxed));
+            let Some(i) = choose(loads, s.max_streams, s.max_connections) else {
+                break;
+            };
+            let c = &mut state.conns[i];
+            if takes_no_streams(&mut c.send) {
+                c.streams.closed.store(true, Ordering::Release);
+                continue;
+            }
             c.streams.open.fetch_add(1, Ordering::AcqRel);
             return Ok((c.send.clone(), c.streams.clone(), c.peer.clone()));
         }
@@ -781,5 +806,33 @@ mod tests {
         tokio::time::sleep(BACKOFF_BASE * 2).await;
         pool.sweep();
         assert!(pool.peers.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_peer_said_goaway_is_seen_to_take_no_streams() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(b).await.unwrap();
+            // One request in flight keeps the connection open past the
+            // GOAWAY, as a draining proxy's long answer does.
+            let (_req, _respond) = conn.accept().await.unwrap().unwrap();
+            conn.graceful_shutdown();
+            std::future::poll_fn(|cx| conn.poll_closed(cx)).await
+        });
+        let (mut send, conn) = h2::client::handshake(a).await.unwrap();
+        tokio::spawn(conn);
+        assert!(!takes_no_streams(&mut send));
+        let (_in_flight, _) = send
+            .send_request(http::Request::get("http://a/").body(()).unwrap(), true)
+            .unwrap();
+        let mut copy = send.clone();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !takes_no_streams(&mut copy) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the GOAWAY is seen");
+        assert!(!server.is_finished());
     }
 }

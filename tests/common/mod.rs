@@ -278,9 +278,9 @@ pub fn balance(pod: &Pod, service: SocketAddr, backends: &[SocketAddr]) {
 /// marked `strict`.
 pub const SERVICE_CIDR: &str = "10.200.250.0/24";
 
-/// A meshed pod `name` whose proxy marks [`SERVICE_CIDR`] `strict`, and the
-/// directory of its configuration file.
-pub fn service_client(mesh: &Mesh, name: &str) -> (MeshedPod, tempfile::TempDir) {
+/// A meshed pod `name` whose proxy marks [`SERVICE_CIDR`] `strict` and
+/// takes the settings `set`, and the directory of its configuration file.
+pub fn service_client(mesh: &Mesh, name: &str, set: &[&str]) -> (MeshedPod, tempfile::TempDir) {
     let dir = shared_dir().expect("config dir");
     let config = dir.path().join("legate.toml");
     let text = format!("[[proxy.destinations]]\ncidrs = [\"{SERVICE_CIDR}\"]\nmode = \"strict\"\n");
@@ -289,6 +289,7 @@ pub fn service_client(mesh: &Mesh, name: &str) -> (MeshedPod, tempfile::TempDir)
         name,
         PodOptions {
             config: Some(config),
+            proxy_set: set.iter().map(|&s| s.to_owned()).collect(),
             ..Default::default()
         },
     );
