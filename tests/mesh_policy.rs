@@ -178,8 +178,31 @@ fn connections_to_a_service_address_are_spread_over_its_pods_as_without_the_mesh
         );
         assert_eq!(plaintext, 0.0, "{text}");
     }
+    // An application connection held open has its mesh connection
+    // counted apart from the pooled ones while it lasts.
+    let held = client
+        .pod
+        .run_in(move || TcpStream::connect(web))
+        .unwrap()
+        .unwrap();
+    let own = || {
+        let text = scrape(&client.pod);
+        let pooled = metric(&text, "legate_pool_connections", &[]);
+        (metric(&text, "legate_own_connections", &[]), pooled)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while own() != (1.0, 0.0) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", own());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(held);
     // Each of those mesh connections closed with its application
     // connection, not left open to the idle timeout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while own() != (0.0, 0.0) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", own());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     for p in [&a, &b] {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {

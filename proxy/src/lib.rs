@@ -373,6 +373,7 @@ impl Shared {
         }
         let pool = metrics::PoolStatus {
             connections: self.pools.iter().map(pool::Pool::open_connections).sum(),
+            own_connections: self.pools.iter().map(pool::Pool::own_connections).sum(),
             handshakes,
         };
         self.metrics

@@ -32,6 +32,7 @@
 //! | `legate_http_pending_requests` | gauge | `route` |
 //! | `legate_http_in_flight_requests` | gauge | `route` |
 //! | `legate_pool_connections` | gauge | |
+//! | `legate_own_connections` | gauge | |
 //! | `legate_identity_cert_expiry_timestamp_seconds` | gauge | |
 //! | `legate_identity_cert_renewals_total` | counter | |
 //! | `legate_identity_cert_renewal_failures_total` | counter | |
@@ -359,6 +360,9 @@ const DETECTED: [&str; 4] = ["http1", "http2", "opaque", "skipped"];
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PoolStatus {
     pub connections: usize,
+    /// Connections of one application connection each, to in-band
+    /// destinations (see `crate::pool::Own`).
+    pub own_connections: usize,
     pub handshakes: (u64, [u64; 3]),
 }
 
@@ -880,6 +884,13 @@ impl prometheus_client::collector::Collector for Scrape {
             MetricType::Gauge,
             ConstGauge::new(i64::try_from(self.pool.connections).unwrap_or(i64::MAX)),
         )?;
+        single(
+            &mut enc,
+            "legate_own_connections",
+            "mTLS connections open to peer proxies, each for one application connection to an in-band destination",
+            MetricType::Gauge,
+            ConstGauge::new(i64::try_from(self.pool.own_connections).unwrap_or(i64::MAX)),
+        )?;
 
         let expiry = self
             .cert
@@ -987,6 +998,7 @@ mod tests {
         m.tls_handshake(Direction::Inbound, Err(TlsFailure::HandshakeTimeout));
         let pool = PoolStatus {
             connections: 2,
+            own_connections: 3,
             handshakes: (5, [1, 0, 0]),
         };
         let text = m.render(Vec::new(), pool, CertStatus::default());
@@ -1035,6 +1047,7 @@ mod tests {
             1.0
         );
         assert_eq!(get("legate_pool_connections"), 2.0);
+        assert_eq!(get("legate_own_connections"), 3.0);
         assert_eq!(
             get(r#"legate_tls_handshakes_total{direction="outbound"}"#),
             5.0

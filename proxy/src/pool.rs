@@ -248,6 +248,10 @@ pub struct Pool {
     peers: Mutex<foldhash::HashMap<PeerKey, Arc<Peer>>>,
     epoch: Instant,
     handshakes: Handshakes,
+    /// Connections of one application connection each ([`Own`]) now open:
+    /// they are in no peer's list, so they are counted as they open and
+    /// their tasks end.
+    own_open: Arc<AtomicUsize>,
 }
 
 /// mTLS handshakes with peer proxies, for metrics: completed, and failed by
@@ -497,6 +501,7 @@ impl Pool {
             peers: Mutex::new(foldhash::HashMap::default()),
             epoch: Instant::now(),
             handshakes: Handshakes::default(),
+            own_open: Arc::default(),
         }
     }
 
@@ -568,7 +573,8 @@ impl Pool {
     pub async fn own(&self, key: &PeerKey) -> Result<Own, TunnelError> {
         // Counted as its senders are made, not as a pooled checkout.
         let streams = Arc::new(Streams::new(self.epoch, 0));
-        let (send, peer) = Box::pin(self.open(key, streams.clone())).await?;
+        let counted = Some(self.own_open.clone());
+        let (send, peer) = Box::pin(self.open(key, streams.clone(), counted)).await?;
         Ok(Own {
             send,
             streams,
@@ -617,7 +623,7 @@ impl Pool {
         // kilobytes, and every request's future would otherwise carry (and
         // move) that space although nearly all of them find a connection.
         let streams = Arc::new(Streams::new(self.epoch, 1));
-        match Box::pin(self.open(key, streams.clone())).await {
+        match Box::pin(self.open(key, streams.clone(), None)).await {
             Ok((send, peer_id)) => {
                 state.failures = 0;
                 state.retry_at = None;
@@ -644,11 +650,13 @@ impl Pool {
         }
     }
 
-    /// TCP connect, mTLS handshake and HTTP/2 handshake to a peer proxy.
+    /// TCP connect, mTLS handshake and HTTP/2 handshake to a peer proxy;
+    /// `counted` counts the connection while it is open.
     async fn open(
         &self,
         key: &PeerKey,
         streams: Arc<Streams>,
+        counted: Option<Arc<AtomicUsize>>,
     ) -> Result<(SendRequest<Bytes>, Option<SpiffeId>), TunnelError> {
         let s = self.settings;
         let tcp = socket::connect(key.dial, s.connect_timeout, s.keepalive).await?;
@@ -697,6 +705,9 @@ impl Pool {
             })?;
         let dial = key.dial;
         let pings = conn.ping_pong();
+        if let Some(c) = &counted {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         tokio::spawn(async move {
             tokio::select! {
                 res = &mut conn => {
@@ -709,12 +720,20 @@ impl Pool {
                 }
             }
             streams.closed.store(true, Ordering::Release);
+            if let Some(c) = counted {
+                c.fetch_sub(1, Ordering::Relaxed);
+            }
         });
         debug!(peer = %dial, id = ?peer_id, "opened mesh connection");
         Ok((send, peer_id))
     }
 
-    /// Connections currently open, for metrics and tests.
+    /// Connections of one application connection each now open.
+    pub fn own_connections(&self) -> usize {
+        self.own_open.load(Ordering::Relaxed)
+    }
+
+    /// Pooled connections currently open, for metrics and tests.
     pub fn open_connections(&self) -> usize {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers
