@@ -15,9 +15,9 @@
 //! of each paying a timeout. A connection whose peer has said GOAWAY (a
 //! draining proxy) takes no new streams: h2 knows it once the frame is
 //! read, before anything is sent, so a request that comes later goes on
-//! another connection whatever its retry policy (see [`takes_no_streams`]),
-//! and only one racing the frame is refused, and retried. A destination dialled
-//! in-band (a Service address) is the exception to sharing: each
+//! another connection whatever its retry policy (see `takes_no_streams`),
+//! and only one racing the frame is refused, and retried. A destination
+//! dialled in-band (a Service address) is the exception to sharing: each
 //! application connection to it has a connection of its own ([`Own`]).
 
 use std::net::SocketAddr;
