@@ -19,7 +19,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use http::HeaderMap;
 use hyper::body::{Body as _, Frame, SizeHint};
@@ -260,20 +260,17 @@ fn io_error(e: h2::Error) -> io::Error {
     }
 }
 
-impl AsyncRead for StreamIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
+impl StreamIo {
+    /// Waits for received bytes unless some are at hand; leaves `buf`
+    /// empty at the end of the stream.
+    fn poll_received(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // An empty DATA frame is not the end of the stream: reading nothing
         // would tell the caller it was.
-        while this.buf.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
+        while self.buf.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    this.buf = data;
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.buf = data;
                 }
                 Some(Err(e)) if matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL)) => {
                     return Poll::Ready(Ok(()));
@@ -282,10 +279,57 @@ impl AsyncRead for StreamIo {
                 None => return Poll::Ready(Ok(())),
             }
         }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for StreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        ready!(this.poll_received(cx))?;
         let n = this.buf.len().min(out.remaining());
         out.put_slice(&this.buf[..n]);
         this.buf.advance(n);
         Poll::Ready(Ok(()))
+    }
+}
+
+/// Hands over the received frames themselves.
+impl crate::relay::ReadSide for StreamIo {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &mut BytesMut,
+    ) -> Poll<io::Result<Bytes>> {
+        ready!(self.poll_received(cx))?;
+        Poll::Ready(Ok(std::mem::take(&mut self.buf)))
+    }
+}
+
+/// Sends the chunks read as they are, as much of each as the peer's
+/// window takes.
+impl crate::relay::WriteSide for StreamIo {
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let send = &mut self.send;
+        let Some(n) = ready!(poll_capacity(send, chunk.len(), cx)) else {
+            return Poll::Ready(Err(closed(send, cx)));
+        };
+        let n = n.min(chunk.len());
+        match send.send_data(chunk.split_to(n), false) {
+            Ok(()) => Poll::Ready(Ok(n)),
+            Err(_) => Poll::Ready(Err(closed(send, cx))),
+        }
     }
 }
 
@@ -295,6 +339,8 @@ impl AsyncWrite for StreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        // A copy of what the window takes; the relay hands over owned
+        // chunks instead.
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }

@@ -6,21 +6,33 @@
 //! is shut down too, and data still flows the other way until that side
 //! finishes. A connection with no bytes in either direction for the idle
 //! timeout is closed.
+//!
+//! Bytes move as owned chunks ([`Bytes`]) from one side's
+//! [`ReadSide::poll_read_chunk`] to the other's
+//! [`WriteSide::poll_write_chunk`]. A socket reads into the relay's
+//! buffer and writes from a slice; an HTTP/2 stream (a tunnel through the
+//! mesh) hands over the frames it received and takes the chunks read as
+//! they are, so a tunnel's bytes are not copied between the socket and the
+//! stream on either proxy.
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
-/// Largest read: four full TLS records. It lives on the stack while a
-/// read is copied on, so its size costs an idle connection nothing, and
-/// bulk transfers make a quarter of the calls they would with one record.
+/// Room for a read: four full TLS records, so that bulk transfers make a
+/// quarter of the calls they would with one record. Smaller reads share
+/// one buffer until less than half of it is left.
 const BUF_SIZE: usize = 64 * 1024;
+
+/// Reads shorter than this are copied out of the read buffer rather than
+/// cut from it: copying them costs less than a buffer per message.
+const COPY_BELOW: usize = 4 * 1024;
 
 /// Bytes one direction moves in one go before it yields.
 const YIELD_AFTER: u64 = 128 * 1024;
@@ -43,6 +55,90 @@ pub enum RelayError {
     Io(#[from] io::Error),
 }
 
+thread_local! {
+    /// A read buffer the relays of this thread gave back. A direction
+    /// that has nothing to read parks its buffer here, and the next one
+    /// to read takes it: small exchanges (a request, a ping) then neither
+    /// allocate nor free 64 KiB each, which glibc answered with a heap
+    /// trim and a regrow, and idle connections still hold no buffer.
+    static SPARE: std::cell::Cell<Option<BytesMut>> = const { std::cell::Cell::new(None) };
+}
+
+/// An empty read buffer of [`BUF_SIZE`]: this thread's spare, or a new one.
+fn spare_room() -> BytesMut {
+    SPARE
+        .take()
+        .unwrap_or_else(|| BytesMut::with_capacity(BUF_SIZE))
+}
+
+/// Parks `room` as this thread's spare when nothing read into it is still
+/// in use; otherwise it is freed with the last chunk cut from it.
+fn park_room(mut room: BytesMut) {
+    if room.is_empty() && room.try_reclaim(BUF_SIZE) {
+        SPARE.set(Some(room));
+    }
+}
+
+/// The reading end of a side of a relay.
+pub trait ReadSide: AsyncRead + Unpin {
+    /// The next bytes read, empty at the end of the stream. The default
+    /// reads into `room`, which the relay keeps between reads and drops
+    /// when there is nothing to read.
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        room: &mut BytesMut,
+    ) -> Poll<io::Result<Bytes>> {
+        // The old buffer is taken back once every chunk cut from it has
+        // been written and dropped; while one is still queued (in an
+        // HTTP/2 stream, say) another buffer is taken.
+        if room.capacity() < BUF_SIZE / 2 && !room.try_reclaim(BUF_SIZE) {
+            *room = spare_room();
+        }
+        ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut *self),
+            cx,
+            room
+        ))?;
+        if room.len() < COPY_BELOW {
+            // Copied out, the buffer stays free for the next read and can
+            // be parked when the connection goes quiet; cut from it, a
+            // small message queued for another task would keep 64 KiB
+            // from being used again.
+            let chunk = Bytes::copy_from_slice(room);
+            room.clear();
+            return Poll::Ready(Ok(chunk));
+        }
+        Poll::Ready(Ok(room.split().freeze()))
+    }
+}
+
+/// The writing end of a side of a relay.
+pub trait WriteSide: AsyncWrite + Unpin {
+    /// Writes from the front of `chunk` and advances it past what was
+    /// taken; how much that was.
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut *self).poll_write(cx, chunk))?;
+        chunk.advance(n);
+        Poll::Ready(Ok(n))
+    }
+}
+
+// Sockets and the streams wrapping them read into the relay's buffer and
+// write from a slice: the defaults.
+impl ReadSide for tokio::net::TcpStream {}
+impl WriteSide for tokio::net::TcpStream {}
+impl ReadSide for tokio::io::DuplexStream {}
+impl WriteSide for tokio::io::DuplexStream {}
+impl<T: AsyncRead + Unpin> ReadSide for crate::telemetry::conn::Metered<T> {}
+impl<T: AsyncWrite + Unpin> WriteSide for crate::telemetry::conn::Metered<T> {}
+impl<T: hyper::rt::Read + hyper::rt::Write + Unpin> ReadSide for hyper_util::rt::TokioIo<T> {}
+impl<T: hyper::rt::Read + hyper::rt::Write + Unpin> WriteSide for hyper_util::rt::TokioIo<T> {}
+
 /// Copies both ways until both sides finish, a side fails, or the
 /// connection idles for `idle`.
 pub async fn relay<A, B>(
@@ -51,8 +147,8 @@ pub async fn relay<A, B>(
     idle: Duration,
 ) -> Result<Transferred, RelayError>
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: ReadSide + WriteSide,
+    B: ReadSide + WriteSide,
 {
     let start = Instant::now();
     // Milliseconds from `start` to the latest read that brought bytes,
@@ -93,17 +189,17 @@ where
 
 /// One direction of a relay.
 ///
-/// Reads land in a buffer on the stack and are written straight on. Only
-/// bytes the writer cannot take at once are kept on the heap, and that
-/// buffer is freed as soon as it is drained and the reader has nothing
-/// more. An idle connection therefore holds no buffer at all: a thousand
-/// open connections cost their sockets and tasks, not 32 MiB of copies
-/// waiting for data that may never come.
+/// Each chunk read is written on at once; what the writer cannot take yet
+/// stays in `held`. The read buffer is dropped whenever the reader has
+/// nothing more, so an idle connection holds no buffer at all: a thousand
+/// open connections cost their sockets and tasks, not a buffer for each
+/// direction waiting for data that may never come.
 #[derive(Default)]
 struct Pipe {
-    held: Vec<u8>,
-    /// The part of `held` not yet written.
-    at: usize,
+    /// Read and not yet written.
+    held: Bytes,
+    /// Room for the next reads.
+    room: BytesMut,
     eof: bool,
     /// Set once the writer has been shut down: this direction is over.
     done: bool,
@@ -121,77 +217,55 @@ impl Pipe {
         writer: &mut W,
     ) -> Poll<io::Result<u64>>
     where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        R: ReadSide,
+        W: WriteSide,
     {
         if self.done {
             return Poll::Ready(Ok(self.moved));
         }
         let start = self.moved;
         loop {
+            while !self.held.is_empty() {
+                // Pending keeps the rest; the writer wakes us when it has room.
+                let n = ready!(writer.poll_write_chunk(cx, &mut self.held))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.moved += n as u64;
+                self.unflushed = true;
+            }
+            // Written: let go of the read buffer it points into.
+            self.held = Bytes::new();
             // Hand the thread back after a burst, once everything read has
             // been written: a writer that queues for another task (an
             // HTTP/2 stream, sent by its connection's task) must let that
             // task run, or the data leaves in one late burst while the
             // pipeline behind it idles.
-            if self.moved - start >= YIELD_AFTER && self.at >= self.held.len() {
+            if self.moved - start >= YIELD_AFTER {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
-            }
-            while self.at < self.held.len() {
-                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.held[self.at..]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.at += n;
-                self.moved += n as u64;
-                self.unflushed = true;
             }
             if self.eof {
                 ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
                 self.done = true;
                 return Poll::Ready(Ok(self.moved));
             }
-            let mut stack = [MaybeUninit::<u8>::uninit(); BUF_SIZE];
-            let mut buf = ReadBuf::uninit(&mut stack);
-            match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) => {}
+            match reader.poll_read_chunk(cx, &mut self.room) {
+                Poll::Ready(Ok(chunk)) if chunk.is_empty() => self.eof = true,
+                Poll::Ready(Ok(chunk)) => {
+                    self.read += chunk.len() as u64;
+                    self.held = chunk;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
                     // Nothing to read and nothing held: give the buffer back
-                    // and push out whatever the writer still buffers.
-                    self.held = Vec::new();
-                    self.at = 0;
+                    // and push out whatever the writer still holds.
+                    park_room(std::mem::take(&mut self.room));
                     if self.unflushed {
                         ready!(Pin::new(&mut *writer).poll_flush(cx))?;
                         self.unflushed = false;
                     }
                     return Poll::Pending;
-                }
-            }
-            let data = buf.filled();
-            if data.is_empty() {
-                self.eof = true;
-                continue;
-            }
-            self.read += data.len() as u64;
-            let mut off = 0;
-            while off < data.len() {
-                match Pin::new(&mut *writer).poll_write(cx, &data[off..]) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(n)) => {
-                        off += n;
-                        self.moved += n as u64;
-                        self.unflushed = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {
-                        // The writer is full and will wake us; keep the rest.
-                        self.held.clear();
-                        self.held.extend_from_slice(&data[off..]);
-                        self.at = 0;
-                        return Poll::Pending;
-                    }
                 }
             }
         }
@@ -201,7 +275,7 @@ impl Pipe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 
     #[tokio::test]
     async fn half_close_reaches_the_server_and_it_can_still_answer() {
@@ -273,10 +347,7 @@ mod tests {
             Poll::Ready(())
         });
         poll.await;
-        assert!(
-            pipe.held.capacity() > 0,
-            "the writer was full: bytes are held"
-        );
+        assert!(!pipe.held.is_empty(), "the writer was full: bytes are held");
         let mut got = vec![0u8; 5000];
         let drain = async {
             far.read_exact(&mut got).await.unwrap();
@@ -289,7 +360,8 @@ mod tests {
         let (_, copied) = tokio::join!(drain, copy);
         copied.unwrap();
         assert_eq!(got, vec![1u8; 5000]);
-        assert_eq!(pipe.held.capacity(), 0, "an idle direction kept its buffer");
+        assert_eq!(pipe.room.capacity(), 0, "an idle direction kept its buffer");
+        assert!(pipe.held.is_empty());
     }
 
     /// Always has bytes until `left` runs out, and never makes its caller
@@ -311,8 +383,12 @@ mod tests {
         }
     }
 
+    impl ReadSide for Endless {}
+
     /// Takes every write at once.
     struct Sink;
+
+    impl WriteSide for Sink {}
 
     impl AsyncWrite for Sink {
         fn poll_write(
