@@ -59,8 +59,8 @@ thread_local! {
     /// A read buffer the relays of this thread gave back. A direction
     /// that has nothing to read parks its buffer here, and the next one
     /// to read takes it: small exchanges (a request, a ping) then neither
-    /// allocate nor free 64 KiB each, which glibc answered with a heap
-    /// trim and a regrow, and idle connections still hold no buffer.
+    /// allocate nor free 64 KiB each, and idle connections still hold no
+    /// buffer.
     static SPARE: std::cell::Cell<Option<BytesMut>> = const { std::cell::Cell::new(None) };
 }
 
@@ -132,7 +132,9 @@ pub trait WriteSide: AsyncWrite + Unpin {
 // write from a slice: the defaults.
 impl ReadSide for tokio::net::TcpStream {}
 impl WriteSide for tokio::net::TcpStream {}
+#[cfg(test)]
 impl ReadSide for tokio::io::DuplexStream {}
+#[cfg(test)]
 impl WriteSide for tokio::io::DuplexStream {}
 impl<T: AsyncRead + Unpin> ReadSide for crate::telemetry::conn::Metered<T> {}
 impl<T: AsyncWrite + Unpin> WriteSide for crate::telemetry::conn::Metered<T> {}
