@@ -281,6 +281,28 @@ impl StreamIo {
         }
         Poll::Ready(Ok(()))
     }
+
+    /// Sends the front of `len` bytes, as much as the peer's window takes:
+    /// `take(n)` hands over those `n` bytes. How many went.
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        take: impl FnOnce(usize) -> Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if len == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let send = &mut self.send;
+        let Some(n) = ready!(poll_capacity(send, len, cx)) else {
+            return Poll::Ready(Err(closed(send, cx)));
+        };
+        let n = n.min(len);
+        match send.send_data(take(n), false) {
+            Ok(()) => Poll::Ready(Ok(n)),
+            Err(_) => Poll::Ready(Err(closed(send, cx))),
+        }
+    }
 }
 
 impl AsyncRead for StreamIo {
@@ -318,18 +340,7 @@ impl crate::relay::WriteSide for StreamIo {
         cx: &mut Context<'_>,
         chunk: &mut Bytes,
     ) -> Poll<io::Result<usize>> {
-        if chunk.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let send = &mut self.send;
-        let Some(n) = ready!(poll_capacity(send, chunk.len(), cx)) else {
-            return Poll::Ready(Err(closed(send, cx)));
-        };
-        let n = n.min(chunk.len());
-        match send.send_data(chunk.split_to(n), false) {
-            Ok(()) => Poll::Ready(Ok(n)),
-            Err(_) => Poll::Ready(Err(closed(send, cx))),
-        }
+        self.poll_send(cx, chunk.len(), |n| chunk.split_to(n))
     }
 }
 
@@ -341,18 +352,7 @@ impl AsyncWrite for StreamIo {
     ) -> Poll<io::Result<usize>> {
         // A copy of what the window takes; the relay hands over owned
         // chunks instead.
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let send = &mut self.send;
-        let Some(n) = ready!(poll_capacity(send, buf.len(), cx)) else {
-            return Poll::Ready(Err(closed(send, cx)));
-        };
-        let n = n.min(buf.len());
-        match send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
-            Ok(()) => Poll::Ready(Ok(n)),
-            Err(_) => Poll::Ready(Err(closed(send, cx))),
-        }
+        self.poll_send(cx, buf.len(), |n| Bytes::copy_from_slice(&buf[..n]))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
