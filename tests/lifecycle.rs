@@ -366,11 +366,12 @@ fn a_peer_that_vanishes_without_a_word_fails_its_requests_and_tunnels_within_sec
     let mesh = Mesh::new(&[]);
     let server = mesh.meshed_pod("server", PodOptions::default());
     // One worker, so that every request and tunnel rides the one pooled
-    // connection the first request opens.
+    // connection the first request opens; a peer timeout shorter than the
+    // default 10 s, to see that the setting is the one obeyed.
     let client = mesh.meshed_pod(
         "client",
         PodOptions {
-            proxy_set: vec!["proxy.workers=1".into()],
+            proxy_set: vec!["proxy.workers=1".into(), "proxy.peer_timeout=3s".into()],
             ..Default::default()
         },
     );
@@ -400,9 +401,10 @@ fn a_peer_that_vanishes_without_a_word_fails_its_requests_and_tunnels_within_sec
     };
     rules("-I");
     // What is sent to it now goes unacknowledged, and the mesh connection
-    // carrying it is given up after ten seconds (TCP_USER_TIMEOUT), not
-    // at the next unanswered keep-alive ping, up to 40 s away: the
+    // carrying it is given up after `proxy.peer_timeout` (TCP_USER_TIMEOUT),
+    // not at the next unanswered keep-alive ping, up to 33 s away: the
     // request is answered 502 by the proxy, the tunnel is closed.
+    let cut = Instant::now();
     let sent = std::thread::spawn(move || {
         tunnel
             .set_read_timeout(Some(Duration::from_secs(30)))
@@ -412,8 +414,15 @@ fn a_peer_that_vanishes_without_a_word_fails_its_requests_and_tunnels_within_sec
         std::io::Read::read_to_end(&mut &tunnel, &mut rest).map(|_| rest)
     });
     let r = request(&client.pod, &["--max-time", "30", &url]);
+    let waited = cut.elapsed();
     assert_eq!(r.status, 502, "{r:?}\n{}", client.proxy.stderr());
     assert!(r.header("legate-error").is_some(), "{r:?}");
+    // Three seconds and the retransmission that notices them; the default
+    // would have taken ten.
+    assert!(
+        waited < Duration::from_secs(8),
+        "answered after {waited:?}, not after the 3 s peer timeout"
+    );
     match sent.join().unwrap() {
         Ok(rest) => assert!(rest.is_empty(), "{rest:?}"),
         Err(e) => assert!(

@@ -21,6 +21,7 @@ pub mod types;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use toml::Value;
 
@@ -277,6 +278,15 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
         if d.is_zero() {
             rule(&format!("proxy.{name}"), "must be greater than zero".into());
         }
+    }
+    if p.peer_timeout < Duration::from_secs(1) {
+        rule(
+            "proxy.peer_timeout",
+            format!(
+                "{:?} is too short: a segment lost once and retransmitted would break the connection; use 1s or more (default 10s)",
+                p.peer_timeout
+            ),
+        );
     }
     if p.workers > 256 {
         rule(

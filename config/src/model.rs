@@ -231,6 +231,13 @@ section! {
         idle_timeout: Duration = Duration::from_secs(3600),
         /// Idle time before TCP keepalive probes start.
         tcp_keepalive: Duration = Duration::from_secs(60),
+        /// How long a peer proxy may leave bytes sent to it unacknowledged,
+        /// or a keep-alive ping unanswered, before the mesh connection to
+        /// it is given up and what rides it fails (requests with 502). The
+        /// default lets TCP retransmit a lost segment about five times;
+        /// shorter fails over sooner from a crashed node or a cut link,
+        /// longer rides out network stalls that long.
+        peer_timeout: Duration = Duration::from_secs(10),
         /// How long in-flight work may take to finish after SIGTERM.
         drain_grace: Duration = Duration::from_secs(25),
         /// Threads that carry traffic, each with its own event loop and its

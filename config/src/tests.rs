@@ -714,3 +714,26 @@ fn workers_must_be_a_sensible_thread_count() {
     };
     assert_eq!(load(&good).unwrap().config.proxy.workers, 2);
 }
+
+#[test]
+fn peer_timeout_defaults_to_ten_seconds_and_refuses_less_than_one() {
+    assert_eq!(
+        load(&Sources::default()).unwrap().config.proxy.peer_timeout,
+        std::time::Duration::from_secs(10)
+    );
+    let short = Sources {
+        flags: vec![flag("proxy.peer_timeout", "500ms")],
+        ..Default::default()
+    };
+    let text = load(&short).unwrap_err().to_string();
+    assert!(text.contains("proxy.peer_timeout"), "{text}");
+    assert!(text.contains("1s or more"), "{text}");
+    let longer = Sources {
+        flags: vec![flag("proxy.peer_timeout", "1m")],
+        ..Default::default()
+    };
+    assert_eq!(
+        load(&longer).unwrap().config.proxy.peer_timeout,
+        std::time::Duration::from_secs(60)
+    );
+}

@@ -102,12 +102,14 @@ fn builder() -> h2::server::Builder {
 }
 
 /// Serves one connection from a peer proxy until it closes, `drained`
-/// resolves and its streams finish, or a keep-alive ping goes unanswered.
+/// resolves and its streams finish, or a keep-alive ping goes unanswered
+/// for `silence`. `patience` bounds the wait for the HTTP/2 preface.
 /// `answer` makes each request's answer; a `CONNECT` reaches it with an
 /// empty body, its stream being the tunnel.
 pub(crate) async fn serve<T, D, A>(
     io: T,
     patience: Duration,
+    silence: Duration,
     drained: D,
     mut answer: A,
 ) -> Result<(), Ended>
@@ -119,7 +121,7 @@ where
     let mut conn = tokio::time::timeout(patience, builder().handshake::<_, Bytes>(io))
         .await
         .map_err(|_| Ended::Preface(patience))??;
-    let keep_alive = crate::pool::keep_alive(conn.ping_pong());
+    let keep_alive = crate::pool::keep_alive(conn.ping_pong(), silence);
     tokio::pin!(keep_alive, drained);
     let mut draining = false;
     let mut streams = FuturesUnordered::new();
@@ -293,7 +295,13 @@ mod tests {
         let drained = async move {
             let _ = drained.await;
         };
-        let server = tokio::spawn(serve(server_io, Duration::from_secs(5), drained, answer));
+        let server = tokio::spawn(serve(
+            server_io,
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+            drained,
+            answer,
+        ));
         let (client, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .handshake(client_io)
@@ -495,6 +503,7 @@ mod tests {
         let ended = serve(
             server_io,
             Duration::from_millis(50),
+            Duration::from_secs(10),
             std::future::pending(),
             |_req| answered(Response::new(crate::http::empty())),
         )

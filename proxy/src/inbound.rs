@@ -199,7 +199,7 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
     let cfg = &ctx.config.proxy;
     let meter = ctx.conn_meter(Direction::Inbound, client, dst, "mtls");
     let acceptor = TlsAcceptor::from(ctx.identity.server_config());
-    socket::give_up_unacknowledged(&sock, crate::pool::PEER_SILENCE);
+    socket::give_up_unacknowledged(&sock, cfg.peer_timeout);
     let sock = Metered::new(sock, meter.clone());
     let failed = |f: TlsFailure, reason: &'static str| {
         ctx.metrics.tls_handshake(Direction::Inbound, Err(f));
@@ -237,6 +237,7 @@ async fn serve_mesh(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr, dst: 
     let served = crate::h2server::serve(
         Batched::new(tls),
         cfg.handshake_timeout,
+        cfg.peer_timeout,
         ctx.drained(),
         |req| stream(&ctx, req, client, dst, &mesh_peer),
     )

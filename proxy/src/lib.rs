@@ -411,6 +411,7 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     );
     check("proxy.idle_timeout", a.idle_timeout == b.idle_timeout);
     check("proxy.tcp_keepalive", a.tcp_keepalive == b.tcp_keepalive);
+    check("proxy.peer_timeout", a.peer_timeout == b.peer_timeout);
     check("proxy.drain_grace", a.drain_grace == b.drain_grace);
     check("proxy.probe_ttl", a.probe_ttl == b.probe_ttl);
     check("proxy.opaque_ports", a.opaque_ports == b.opaque_ports);
@@ -507,6 +508,7 @@ impl Proxy {
                             max_connections: p.pool_max_connections as usize,
                             max_streams: p.pool_max_streams as usize,
                             idle_timeout: p.pool_idle_timeout,
+                            peer_timeout: p.peer_timeout,
                         },
                     )
                 })

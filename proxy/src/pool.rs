@@ -69,14 +69,11 @@ const SEND_BUFFER: usize = 1 << 20;
 /// it would get through without the mesh.
 pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// A connection is pinged this often, and closed when a ping goes
-/// unanswered for `PEER_SILENCE`: a peer that vanished without a FIN (a
-/// deleted pod, a cut link) would otherwise hold its streams forever.
+/// unanswered for `proxy.peer_timeout`: a peer that vanished without a FIN
+/// (a deleted pod, a cut link) and to which nothing is being sent would
+/// otherwise hold the connection forever. While bytes are outstanding,
+/// both ends' [`socket::give_up_unacknowledged`] ends it sooner.
 const PING_INTERVAL: Duration = Duration::from_secs(30);
-/// How long a peer proxy may leave a ping, or bytes sent to it,
-/// unanswered before its connection is given up: the pings' timeout and
-/// both ends' [`socket::give_up_unacknowledged`]. Ten seconds let TCP
-/// retransmit a lost segment about five times.
-pub(crate) const PEER_SILENCE: Duration = Duration::from_secs(10);
 
 /// Why a tunnel to a peer proxy could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +170,9 @@ pub struct PoolSettings {
     pub max_streams: usize,
     /// A connection without streams for this long is closed.
     pub idle_timeout: Duration,
+    /// How long the peer may leave a ping, or bytes sent to it,
+    /// unanswered before the connection is given up.
+    pub peer_timeout: Duration,
 }
 
 struct Conn {
@@ -467,17 +467,17 @@ fn choose(
     loads.enumerate().min_by_key(|&(_, l)| l).map(|(i, _)| i)
 }
 
-/// Pings the peer until it fails to answer; returns why.
-pub(crate) async fn keep_alive(pings: Option<h2::PingPong>) -> String {
+/// Pings the peer until it fails to answer within `patience`; returns why.
+pub(crate) async fn keep_alive(pings: Option<h2::PingPong>, patience: Duration) -> String {
     let Some(mut pings) = pings else {
         return std::future::pending().await;
     };
     loop {
         tokio::time::sleep(PING_INTERVAL).await;
-        match tokio::time::timeout(PEER_SILENCE, pings.ping(h2::Ping::opaque())).await {
+        match tokio::time::timeout(patience, pings.ping(h2::Ping::opaque())).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return format!("keep-alive ping failed: {e}"),
-            Err(_) => return format!("no answer to a keep-alive ping in {PEER_SILENCE:?}"),
+            Err(_) => return format!("no answer to a keep-alive ping in {patience:?}"),
         }
     }
 }
@@ -660,7 +660,7 @@ impl Pool {
     ) -> Result<(SendRequest<Bytes>, Option<SpiffeId>), TunnelError> {
         let s = self.settings;
         let tcp = socket::connect(key.dial, s.connect_timeout, s.keepalive).await?;
-        socket::give_up_unacknowledged(&tcp, PEER_SILENCE);
+        socket::give_up_unacknowledged(&tcp, s.peer_timeout);
         let config = self.identity.client_config(key.identity.as_ref());
         let name = ServerName::IpAddress(key.dial.ip().into());
         let mut tls = tokio::time::timeout(
@@ -705,6 +705,7 @@ impl Pool {
             })?;
         let dial = key.dial;
         let pings = conn.ping_pong();
+        let patience = s.peer_timeout;
         if let Some(c) = &counted {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -715,7 +716,7 @@ impl Pool {
                         debug!(peer = %dial, error = %e, "connection to peer proxy ended");
                     }
                 }
-                why = keep_alive(pings) => {
+                why = keep_alive(pings, patience) => {
                     debug!(peer = %dial, why, "closing the connection to the peer proxy");
                 }
             }
@@ -803,6 +804,7 @@ mod tests {
                 max_connections: 4,
                 max_streams: 100,
                 idle_timeout: Duration::from_secs(90),
+                peer_timeout: Duration::from_secs(10),
             },
         );
         let key = PeerKey {
