@@ -31,7 +31,8 @@
 //! [`Live`] value behind an `ArcSwap`, read once per connection or request.
 //! [`Shared::reload`] swaps in a new one; connections and requests already
 //! under way keep the one they started with, so nothing established is
-//! dropped. Everything else (listeners, identity, timeouts) needs a restart.
+//! dropped. Everything else (listeners, identity, timeouts) needs a restart,
+//! and a reload that changes it says which keys wait for one.
 
 pub mod access;
 pub mod admin;
@@ -156,7 +157,8 @@ impl Live {
             // Keep the probe cache unless the rules it depends on changed.
             Some(o)
                 if o.config.proxy.destinations == p.destinations
-                    && o.config.proxy.mesh_networks == p.mesh_networks =>
+                    && o.config.proxy.mesh_networks == p.mesh_networks
+                    && o.config.proxy.probe_ttl == p.probe_ttl =>
             {
                 o.router.clone()
             }
@@ -390,34 +392,77 @@ impl Shared {
 
 /// Keys outside the reloadable policy whose values differ.
 fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
-    let (a, b) = (&running.proxy, &new.proxy);
+    // Taken apart field by field, without `..`: a key added to the model
+    // does not compile here until it is sorted into what a reload applies
+    // and what waits for a restart, so none is ignored without a word.
+    let legate_config::ProxyConfig {
+        uid,
+        gid,
+        outbound_port,
+        inbound_port,
+        admin_listen,
+        mode,
+        connect_timeout,
+        handshake_timeout,
+        idle_timeout,
+        tcp_keepalive,
+        peer_timeout,
+        drain_grace,
+        workers,
+        mesh_networks: _,
+        pool_max_connections,
+        pool_max_streams,
+        pool_idle_timeout,
+        probe_ttl: _,
+        opaque_ports,
+        destinations: _,
+        authz: _,
+        http: _,
+    } = &running.proxy;
+    let b = &new.proxy;
     let mut out = Vec::new();
-    let mut check = |key: &'static str, same: bool| {
-        if !same {
-            out.push(key);
-        }
-    };
-    check("proxy.outbound_port", a.outbound_port == b.outbound_port);
-    check("proxy.inbound_port", a.inbound_port == b.inbound_port);
-    check("proxy.admin_listen", a.admin_listen == b.admin_listen);
-    check("proxy.mode", a.mode == b.mode);
-    check(
-        "proxy.connect_timeout",
-        a.connect_timeout == b.connect_timeout,
+    macro_rules! restart {
+        ($($key:ident),* $(,)?) => {
+            $(if *$key != b.$key {
+                out.push(concat!("proxy.", stringify!($key)));
+            })*
+        };
+    }
+    restart!(
+        uid,
+        gid,
+        outbound_port,
+        inbound_port,
+        admin_listen,
+        mode,
+        connect_timeout,
+        handshake_timeout,
+        idle_timeout,
+        tcp_keepalive,
+        peer_timeout,
+        drain_grace,
+        workers,
+        pool_max_connections,
+        pool_max_streams,
+        pool_idle_timeout,
+        opaque_ports,
     );
-    check(
-        "proxy.handshake_timeout",
-        a.handshake_timeout == b.handshake_timeout,
-    );
-    check("proxy.idle_timeout", a.idle_timeout == b.idle_timeout);
-    check("proxy.tcp_keepalive", a.tcp_keepalive == b.tcp_keepalive);
-    check("proxy.peer_timeout", a.peer_timeout == b.peer_timeout);
-    check("proxy.drain_grace", a.drain_grace == b.drain_grace);
-    check("proxy.probe_ttl", a.probe_ttl == b.probe_ttl);
-    check("proxy.opaque_ports", a.opaque_ports == b.opaque_ports);
-    check("proxy.workers", a.workers == b.workers);
-    check("identity", running.identity == new.identity);
-    check("telemetry", running.telemetry == new.telemetry);
+    let legate_config::LogConfig {
+        level: _,
+        format,
+        access: _,
+        access_sample: _,
+        access_paths: _,
+    } = &running.log;
+    if *format != new.log.format {
+        out.push("log.format");
+    }
+    if running.identity != new.identity {
+        out.push("identity");
+    }
+    if running.telemetry != new.telemetry {
+        out.push("telemetry");
+    }
     out
 }
 
@@ -717,5 +762,55 @@ mod tests {
             size <= 2048,
             "a connection's future is {size} bytes: box the large state that made it grow"
         );
+    }
+
+    fn with(sets: &[(&str, &str)]) -> Config {
+        let sources = legate_config::Sources {
+            flags: sets
+                .iter()
+                .map(|(path, value)| legate_config::FlagValue {
+                    path: (*path).into(),
+                    value: (*value).into(),
+                    flag: format!("--set {path}={value}"),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        legate_config::load(&sources).expect("valid").config
+    }
+
+    #[test]
+    fn a_reload_names_every_changed_key_it_cannot_apply() {
+        let running = with(&[]);
+        // The pool's bounds were once missing from the list: a reload
+        // that changed them said nothing, and they never took effect.
+        let new = with(&[
+            ("proxy.pool_max_streams", "10"),
+            ("proxy.pool_max_connections", "2"),
+            ("proxy.pool_idle_timeout", "5s"),
+            ("proxy.peer_timeout", "30s"),
+            ("log.format", "json"),
+            ("proxy.connect_timeout", "1s"),
+        ]);
+        assert_eq!(
+            needs_restart(&running, &new),
+            [
+                "proxy.connect_timeout",
+                "proxy.peer_timeout",
+                "proxy.pool_max_connections",
+                "proxy.pool_max_streams",
+                "proxy.pool_idle_timeout",
+                "log.format",
+            ]
+        );
+        // What a reload applies is not reported.
+        let policy = with(&[
+            ("proxy.http.attempts", "3"),
+            ("proxy.probe_ttl", "5s"),
+            ("proxy.mesh_networks", "10.200.0.0/16"),
+            ("log.level", "debug"),
+            ("log.access", "on"),
+        ]);
+        assert_eq!(needs_restart(&running, &policy), Vec::<&str>::new());
     }
 }
