@@ -64,6 +64,8 @@ enum Command {
     Demo,
     /// Wait until the local proxy is ready; for startup ordering and health checks
     WaitReady(crate::wait_ready::WaitReadyArgs),
+    /// Diagnose the meshing of this network namespace: capture rules, the proxy's listeners and uid, readiness, certificate, CA; exits 1 when a check fails
+    Check(crate::check::CheckArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,6 +201,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Demo => crate::demo::run(),
         Command::WaitReady(args) => match load_config(&cli.global, None, Vec::new()) {
             Ok(loaded) => crate::wait_ready::run(&args, &loaded.config),
+            Err(code) => code,
+        },
+        Command::Check(args) => match load_config(&cli.global, None, Vec::new()) {
+            Ok(loaded) => crate::check::run(&args, &loaded.config),
             Err(code) => code,
         },
     }

@@ -4,6 +4,7 @@
 //! overrides, loads the layered configuration, sets up logging and hands
 //! over to the crate that owns the capability.
 
+mod check;
 mod cli;
 mod demo;
 mod identity;

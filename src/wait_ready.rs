@@ -24,30 +24,46 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     legate_config::parse_duration(s)
 }
 
+/// One `GET` to the admin server: the status and the body. The body is
+/// read to the end of the connection (`Connection: close`), at most 1 MiB.
+pub(crate) fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Error, ErrorKind};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    s.take(1 << 20).read_to_end(&mut answer)?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| Error::new(ErrorKind::InvalidData, "not an HTTP/1.1 answer"))?;
+    Ok((status, body.to_owned()))
+}
+
 /// One `GET /ready`; true on a 200 answer.
 pub(crate) fn ready(addr: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
+    matches!(get(addr, "/ready"), Ok((200, _)))
+}
+
+/// The admin server's address as seen from this namespace:
+/// `proxy.admin_listen`, on loopback when it listens on every address.
+pub(crate) fn local_admin(config: &Config) -> SocketAddr {
+    let listen = config.proxy.admin_listen;
+    if listen.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], listen.port()))
+    } else {
+        listen
     }
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
 
 pub fn run(args: &WaitReadyArgs, config: &Config) -> ExitCode {
-    let addr = args.admin.unwrap_or_else(|| {
-        let listen = config.proxy.admin_listen;
-        if listen.ip().is_unspecified() {
-            SocketAddr::from(([127, 0, 0, 1], listen.port()))
-        } else {
-            listen
-        }
-    });
+    let addr = args.admin.unwrap_or_else(|| local_admin(config));
     let deadline = Instant::now() + args.timeout;
     loop {
         if ready(addr) {
