@@ -1497,4 +1497,178 @@ mod tests {
         assert!(chunk_size(b"1g\r").is_err());
         assert!(chunk_size(b"11111111111111111\r").is_err());
     }
+
+    /// A response as an application might frame it, and what the client
+    /// must receive of it.
+    struct Generated {
+        wire: Vec<u8>,
+        status: u16,
+        body: Vec<u8>,
+        trailers: Vec<(String, String)>,
+    }
+
+    /// A random well-formed answer: interim 1xx answers first, then a body
+    /// framed by `Content-Length`, by chunks (sizes in either case, with
+    /// zeros in front, extensions, trailers) or by closing the connection.
+    fn generate(rng: &mut rand::rngs::StdRng) -> Generated {
+        use rand::Rng;
+        let mut wire = Vec::new();
+        for _ in 0..rng.random_range(0..3) {
+            wire.extend_from_slice(if rng.random_bool(0.5) {
+                &b"HTTP/1.1 100 Continue\r\n\r\n"[..]
+            } else {
+                &b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"[..]
+            });
+        }
+        let status = [200u16, 201, 404, 500, 503][rng.random_range(0..5)];
+        let len = match rng.random_range(0..4) {
+            0 => 0,
+            1 => rng.random_range(1..16),
+            _ => rng.random_range(16..5000),
+        };
+        let body: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        wire.extend_from_slice(format!("HTTP/1.1 {status} Whatever\r\n").as_bytes());
+        for i in 0..rng.random_range(0..4) {
+            let name = if rng.random_bool(0.5) {
+                "X-Field"
+            } else {
+                "x-field"
+            };
+            let pad = if rng.random_bool(0.5) { " " } else { "" };
+            wire.extend_from_slice(format!("{name}-{i}:{pad}value {i}{pad}\r\n").as_bytes());
+        }
+        let mut trailers = Vec::new();
+        match rng.random_range(0..3) {
+            0 => {
+                wire.extend_from_slice(format!("Content-Length: {len}\r\n\r\n").as_bytes());
+                wire.extend_from_slice(&body);
+            }
+            1 => {
+                wire.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                let mut rest = &body[..];
+                while !rest.is_empty() {
+                    let n = rng.random_range(1..=rest.len().min(1500));
+                    let size = if rng.random_bool(0.5) {
+                        format!("{n:x}")
+                    } else {
+                        format!("00{n:X}")
+                    };
+                    let ext = if rng.random_bool(0.3) {
+                        ";name=value"
+                    } else {
+                        ""
+                    };
+                    wire.extend_from_slice(format!("{size}{ext}\r\n").as_bytes());
+                    wire.extend_from_slice(&rest[..n]);
+                    wire.extend_from_slice(b"\r\n");
+                    rest = &rest[n..];
+                }
+                wire.extend_from_slice(b"0\r\n");
+                for i in 0..rng.random_range(0..3) {
+                    let t = (format!("x-trailer-{i}"), format!("t{i}"));
+                    wire.extend_from_slice(format!("{}: {}\r\n", t.0, t.1).as_bytes());
+                    trailers.push(t);
+                }
+                wire.extend_from_slice(b"\r\n");
+            }
+            _ => {
+                wire.extend_from_slice(b"Connection: close\r\n\r\n");
+                wire.extend_from_slice(&body);
+            }
+        }
+        Generated {
+            wire,
+            status,
+            body,
+            trailers,
+        }
+    }
+
+    /// An application that reads one request, writes `wire` in pieces of
+    /// random sizes and closes.
+    async fn answers_in_pieces(wire: Vec<u8>, seed: u64) -> SocketAddr {
+        let wire = Arc::new(wire);
+        let (addr, _) = app(move |mut sock, _| {
+            let wire = wire.clone();
+            async move {
+                use rand::{Rng, SeedableRng};
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                if read_head(&mut sock).await.is_none() {
+                    return;
+                }
+                let mut rest = &wire[..];
+                while !rest.is_empty() {
+                    let n = rng.random_range(1..=rest.len().min(700));
+                    if sock.write_all(&rest[..n]).await.is_err() {
+                        return;
+                    }
+                    rest = &rest[n..];
+                    if rng.random_bool(0.3) {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
+        })
+        .await;
+        addr
+    }
+
+    #[tokio::test]
+    async fn random_answers_split_anywhere_arrive_whole() {
+        use rand::SeedableRng;
+        for seed in 0..150u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let g = generate(&mut rng);
+            let addr = answers_in_pieces(g.wire, seed).await;
+            let res = pool()
+                .send(Targets::one(addr), get("/"))
+                .await
+                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            assert_eq!(res.status().as_u16(), g.status, "seed {seed}");
+            let (body, trailers) = body_of(res).await;
+            assert_eq!(body, g.body, "seed {seed}");
+            let got: Vec<(String, String)> = trailers
+                .iter()
+                .flat_map(|t| t.iter())
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_owned()))
+                .collect();
+            assert_eq!(got, g.trailers, "seed {seed}");
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupted_answers_end_in_an_answer_or_an_error_never_a_hang() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..300u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut wire = generate(&mut rng).wire;
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..wire.len());
+                match rng.random_range(0..4) {
+                    0 => wire[at] = rng.random(),
+                    1 => wire.truncate(at),
+                    2 => {
+                        let junk: Vec<u8> =
+                            (0..rng.random_range(1..8)).map(|_| rng.random()).collect();
+                        wire.splice(at..at, junk);
+                    }
+                    _ => wire[at] = b"\r\n:;0 \t"[rng.random_range(0..7)],
+                }
+                if wire.is_empty() {
+                    break;
+                }
+            }
+            let addr = answers_in_pieces(wire, seed).await;
+            // The application closes once it has written: whatever the
+            // bytes said, the exchange ends, with an answer whose body
+            // ends (cleanly or not) or with an error.
+            let ended = tokio::time::timeout(Duration::from_secs(10), async {
+                if let Ok(res) = pool().send(Targets::one(addr), get("/")).await {
+                    let _ = res.into_body().collect().await;
+                }
+            })
+            .await;
+            assert!(ended.is_ok(), "seed {seed}: the exchange did not end");
+        }
+    }
 }
