@@ -2,13 +2,15 @@
 //! namespace it runs in, the questions an operator asks first when traffic
 //! does not flow: are the capture rules in place, is the proxy listening as
 //! the uid those rules exempt, is it ready, does it hold a certificate that
-//! is being renewed, and can the CA be reached.
+//! is being renewed, what trouble has it counted, and can the CA be
+//! reached.
 //!
 //! Each check reads what is there (the rules through the `init` crate, the
 //! listening sockets from `/proc/net/tcp`, the proxy through its admin
-//! server) and compares it with the configuration given, so it is run with
-//! the same file, `LEGATE_*` variables and flags as the proxy. A failed
-//! check says what to change; the exit code is 1 when one failed.
+//! server: `/live`, `/ready`, `/identity`, `/metrics`) and compares it
+//! with the configuration given, so it is run with the same file,
+//! `LEGATE_*` variables and flags as the proxy. A failed check says what
+//! to change; the exit code is 1 when one failed.
 
 use std::fmt;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -359,6 +361,15 @@ fn proxy_and_identity(admin: SocketAddr) -> Vec<Finding> {
         }
     };
     let ready = matches!(get(admin, "/ready"), Ok((200, _)));
+    let traffic = match get(admin, "/metrics") {
+        Ok((200, body)) => traffic(&body),
+        Ok((status, _)) => Finding::new(
+            "traffic",
+            Verdict::Fail,
+            format!("/metrics answered {status}"),
+        ),
+        Err(e) => Finding::new("traffic", Verdict::Fail, format!("/metrics failed: {e}")),
+    };
     let proxy = match (live, ready) {
         (true, true) => Finding::new("proxy", Verdict::Ok, format!("live and ready at {admin}")),
         _ => Finding::new(
@@ -379,7 +390,98 @@ fn proxy_and_identity(admin: SocketAddr) -> Vec<Finding> {
         ),
         Err(e) => Finding::new("identity", Verdict::Fail, format!("/identity failed: {e}")),
     };
-    vec![proxy, identity]
+    vec![proxy, identity, traffic]
+}
+
+/// One sample of the Prometheus text format: name, labels, value.
+fn samples(text: &str) -> impl Iterator<Item = (&str, Vec<(&str, &str)>, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let value: f64 = value.parse().ok()?;
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    Some((k, v.trim_matches('"')))
+                })
+                .collect();
+            Some((name, labels, value))
+        })
+}
+
+/// What the proxy's counters say has gone wrong since it started: failed
+/// mTLS handshakes, endpoints ejected by breakers, requests refused at a
+/// limit or denied a retry by the budget, refused reloads, dropped access
+/// log lines. Counters only grow, so a warning may be about the past; the
+/// proxy's log says when.
+fn traffic(metrics: &str) -> Finding {
+    const NAME: &str = "traffic";
+    let label = |labels: &[(&str, &str)], key: &str| {
+        labels
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or(String::new(), |(_, v)| (*v).to_owned())
+    };
+    let mut seen = Vec::new();
+    for (name, labels, value) in samples(metrics) {
+        if value <= 0.0 {
+            continue;
+        }
+        let n = value as u64;
+        let line = match name {
+            "legate_tls_handshake_failures_total" => format!(
+                "{n} {} mTLS handshakes failed ({})",
+                label(&labels, "direction"),
+                label(&labels, "reason")
+            ),
+            "legate_http_breakers" if label(&labels, "state") == "open" => format!(
+                "{n} endpoints of route {} ejected by an open breaker",
+                label(&labels, "route")
+            ),
+            "legate_http_limit_rejections_total" => format!(
+                "{n} requests of route {} refused at {}",
+                label(&labels, "route"),
+                label(&labels, "limit")
+            ),
+            "legate_http_retries_budget_exhausted_total" => format!(
+                "{n} retries of route {} denied by the retry budget",
+                label(&labels, "route")
+            ),
+            "legate_config_reloads_total" if label(&labels, "result") == "error" => {
+                format!("{n} configuration reloads refused")
+            }
+            "legate_access_log_dropped_total" => {
+                format!("{n} access log lines dropped (stdout too slow)")
+            }
+            _ => continue,
+        };
+        seen.push(line);
+    }
+    if seen.is_empty() {
+        return Finding::new(
+            NAME,
+            Verdict::Ok,
+            "since the proxy started: no failed mTLS handshake, open breaker, limit \
+             rejection, exhausted retry budget, refused reload or dropped log line",
+        );
+    }
+    let mut f = Finding::new(
+        NAME,
+        Verdict::Warn,
+        format!("since the proxy started, {} kinds of trouble:", seen.len()),
+    )
+    .fix(
+        "the proxy's log names each occurrence; failed handshakes (handshake_failed) are \
+         usually a peer whose certificate another CA or trust domain issued",
+    );
+    f.detail = seen;
+    f
 }
 
 /// Judges the proxy's `/identity` answer: a certificate in hand, and
@@ -518,6 +620,36 @@ mod tests {
         assert_eq!(l.owners(15001), [0, 1337]);
         assert_eq!(l.owners(15006), [1337]);
         assert!(l.owners(80).is_empty());
+    }
+
+    #[test]
+    fn troubles_are_read_from_the_metrics() {
+        let quiet = "# HELP legate_tls_handshakes_total x
+legate_tls_handshakes_total{direction=\"outbound\"} 12
+legate_tls_handshake_failures_total{direction=\"outbound\",reason=\"handshake_failed\"} 0
+legate_http_breakers{route=\"default\",state=\"open\"} 0
+legate_http_breakers{route=\"default\",state=\"closed\"} 3
+legate_config_reloads_total{result=\"ok\"} 2
+legate_config_reloads_total{result=\"error\"} 0
+";
+        assert_eq!(traffic(quiet).verdict, Verdict::Ok);
+        let troubled = quiet
+            .replace(
+                "reason=\"handshake_failed\"} 0",
+                "reason=\"handshake_failed\"} 4",
+            )
+            .replace("state=\"open\"} 0", "state=\"open\"} 1")
+            .replace("result=\"error\"} 0", "result=\"error\"} 1");
+        let f = traffic(&troubled);
+        assert_eq!(f.verdict, Verdict::Warn, "{f}");
+        assert_eq!(
+            f.detail,
+            [
+                "4 outbound mTLS handshakes failed (handshake_failed)",
+                "1 endpoints of route default ejected by an open breaker",
+                "1 configuration reloads refused",
+            ]
+        );
     }
 
     #[test]

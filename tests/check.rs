@@ -45,12 +45,12 @@ fn check_passes_a_meshed_pod_and_names_what_is_wrong_elsewhere() {
 
     let (ok, out) = check(&mesh, &web.pod, std::slice::from_ref(&ca));
     assert!(ok, "{out}");
-    for name in ["capture", "listeners", "proxy", "identity", "CA"] {
+    for name in ["capture", "listeners", "proxy", "identity", "traffic", "CA"] {
         assert!(line(&out, name).starts_with("ok "), "{out}");
     }
     assert!(line(&out, "identity").contains(web.id()), "{out}");
     assert!(line(&out, "listeners").contains("uid 1337"), "{out}");
-    assert!(out.contains("5 ok, 0 warnings, 0 failed"), "{out}");
+    assert!(out.contains("6 ok, 0 warnings, 0 failed"), "{out}");
 
     // From the sidecar, which may not read netfilter rules: a warning that
     // says where to look instead, not a failure.
@@ -61,7 +61,24 @@ fn check_passes_a_meshed_pod_and_names_what_is_wrong_elsewhere() {
         capture.starts_with("WARN") && capture.contains("CAP_NET_ADMIN"),
         "{out}"
     );
-    assert!(out.contains("4 ok, 1 warning, 0 failed"), "{out}");
+    assert!(out.contains("5 ok, 1 warning, 0 failed"), "{out}");
+
+    // A pod whose certificate another CA issued calls: the handshakes it
+    // fails show on the server's side.
+    let rogue_ca = Ca::start(&mesh.bed, "rogue-ca", &[]);
+    let rogue = mesh.meshed_pod_of(&rogue_ca, "rogue", PodOptions::default());
+    let (_, answer, _) = curl(
+        &rogue.pod,
+        &["-i", &format!("http://{}:8080/", web.pod.ip())],
+    );
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    let (ok, out) = check(&mesh, &web.pod, std::slice::from_ref(&ca));
+    assert!(ok, "a warning fails nothing:\n{out}");
+    assert!(line(&out, "traffic").starts_with("WARN"), "{out}");
+    assert!(
+        out.contains("inbound mTLS handshakes failed (handshake_failed)"),
+        "{out}"
+    );
 
     // Checked against a configuration whose proxy uid is not the one the
     // proxy runs as: the rules do not exempt that uid, and the listeners
