@@ -2,8 +2,8 @@
 //! namespace it runs in, the questions an operator asks first when traffic
 //! does not flow: are the capture rules in place, is the proxy listening as
 //! the uid those rules exempt, is it ready, does it hold a certificate that
-//! is being renewed, what trouble has it counted, and can the CA be
-//! reached.
+//! is being renewed, how long do the CAs behind it have, what trouble has
+//! it counted, and can the CA be reached.
 //!
 //! Each check reads what is there (the rules through the `init` crate, the
 //! listening sockets from `/proc/net/tcp`, the proxy through its admin
@@ -381,16 +381,76 @@ fn proxy_and_identity(admin: SocketAddr) -> Vec<Finding> {
         )
         .fix("see the identity line below and the proxy's log"),
     };
-    let identity = match get(admin, "/identity") {
-        Ok((200, body)) => identity(&body),
-        Ok((status, _)) => Finding::new(
-            "identity",
-            Verdict::Fail,
-            format!("/identity answered {status}"),
+    let (identity, trust) = match get(admin, "/identity") {
+        Ok((200, body)) => (identity(&body), trust(&body)),
+        Ok((status, _)) => (
+            Finding::new(
+                "identity",
+                Verdict::Fail,
+                format!("/identity answered {status}"),
+            ),
+            None,
         ),
-        Err(e) => Finding::new("identity", Verdict::Fail, format!("/identity failed: {e}")),
+        Err(e) => (
+            Finding::new("identity", Verdict::Fail, format!("/identity failed: {e}")),
+            None,
+        ),
     };
-    vec![proxy, identity, traffic]
+    let mut out = vec![proxy, identity];
+    out.extend(trust);
+    out.push(traffic);
+    out
+}
+
+/// Below this much time left, a root or intermediate is a warning: rotating
+/// takes a release of the CA and a renewal of every workload, and the mesh
+/// stops when it runs out (Linkerd's check warns at the same point).
+const AUTHORITY_WARNING: Duration = Duration::from_secs(60 * 86_400);
+
+/// Judges the CAs behind the certificate, from the `authorities` of the
+/// proxy's `/identity`: the one that expires first decides. `None` before
+/// the proxy holds a certificate (the identity line says so).
+fn trust(body: &str) -> Option<Finding> {
+    const NAME: &str = "trust";
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let all = v["authorities"].as_array()?;
+    let first = all
+        .iter()
+        .filter_map(|a| {
+            Some((
+                a["expires_in_seconds"].as_u64()?,
+                a["role"].as_str()?,
+                a["subject"].as_str().unwrap_or(""),
+            ))
+        })
+        .min_by_key(|(left, _, _)| *left)?;
+    let (left, role, subject) = first;
+    let what = format!("{role} {subject:?}");
+    let fix = "rotate with `legate ca rotate` and, once every certificate the old root \
+               issued has expired, `legate ca rotate --retire` (ca/README.md)";
+    Some(if left == 0 {
+        Finding::new(NAME, Verdict::Fail, format!("the {what} has expired")).fix(fix)
+    } else if left < AUTHORITY_WARNING.as_secs() {
+        Finding::new(
+            NAME,
+            Verdict::Warn,
+            format!("the {what} expires in {}", human(left)),
+        )
+        .fix(fix)
+    } else {
+        let roots = all.iter().filter(|a| a["role"] == "root").count();
+        let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        Finding::new(
+            NAME,
+            Verdict::Ok,
+            format!(
+                "{} and {}; the first to expire, the {what}, has {} left",
+                plural(roots, "root"),
+                plural(all.len() - roots, "intermediate"),
+                human(left)
+            ),
+        )
+    })
 }
 
 /// One sample of the Prometheus text format: name, labels, value.
@@ -530,13 +590,13 @@ fn identity(body: &str) -> Finding {
     }
 }
 
-/// `90061` seconds as `1d 1h 1m`, to the minute.
+/// `3660` seconds as `1h 1m`, `90061` as `1d 1h`.
 fn human(secs: u64) -> String {
     let (d, h, m) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60);
     match (d, h) {
         (0, 0) => format!("{m}m"),
         (0, _) => format!("{h}h {m}m"),
-        _ => format!("{d}d {h}h {m}m"),
+        _ => format!("{d}d {h}h"),
     }
 }
 
@@ -650,6 +710,26 @@ legate_config_reloads_total{result=\"error\"} 0
                 "1 configuration reloads refused",
             ]
         );
+    }
+
+    #[test]
+    fn the_first_authority_to_expire_decides() {
+        let body = |root: u64, intermediate: u64| {
+            format!(
+                r#"{{"authorities":[{{"role":"intermediate","subject":"CN=i","expires_in_seconds":{intermediate}}},{{"role":"root","subject":"CN=r","expires_in_seconds":{root}}}]}}"#
+            )
+        };
+        let year = 365 * 86_400;
+        let ok = trust(&body(10 * year, year)).expect("judged");
+        assert_eq!(ok.verdict, Verdict::Ok, "{ok}");
+        assert!(ok.seen.contains("intermediate \"CN=i\", has 365d"), "{ok}");
+        let soon = trust(&body(10 * year, 30 * 86_400)).expect("judged");
+        assert_eq!(soon.verdict, Verdict::Warn, "{soon}");
+        assert!(soon.seen.contains("expires in 30d"), "{soon}");
+        let gone = trust(&body(0, year)).expect("judged");
+        assert_eq!(gone.verdict, Verdict::Fail, "{gone}");
+        assert!(gone.seen.contains("root \"CN=r\" has expired"), "{gone}");
+        assert!(trust(r#"{"authorities":[]}"#).is_none());
     }
 
     #[test]

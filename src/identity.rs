@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use legate_ca::{ClientAuth, CredentialsHandle, PeerMatcher, RenewalStats};
 use legate_config::{SpiffeId, TrustDomain};
-use legate_proxy::{IdentityStatus, MeshIdentity, MESH_ALPN};
+use legate_proxy::{Authority, IdentityStatus, MeshIdentity, MESH_ALPN};
 use rustls::{ClientConfig, ServerConfig};
 
 /// The workload identity as the proxy sees it.
@@ -117,10 +117,30 @@ impl MeshIdentity for CaIdentity {
                 .as_ref()
                 .map(|c| pem_blocks(&c.bundle().to_pem()))
                 .unwrap_or_default(),
+            authorities: creds.as_ref().map(|c| authorities(c)).unwrap_or_default(),
             renewals: self.stats.as_ref().map_or(0, |s| s.renewals()),
             renewal_failures: self.stats.as_ref().map_or(0, |s| s.failures()),
         }
     }
+}
+
+/// The intermediates of the chain and the bundle's roots, each with its
+/// expiry; a certificate that does not parse is left out (the handshake
+/// that uses it reports it).
+fn authorities(creds: &legate_ca::Credentials) -> Vec<Authority> {
+    let intermediates = creds.chain().iter().skip(1).map(|c| ("intermediate", c));
+    let roots = creds.bundle().certs().iter().map(|c| ("root", c));
+    intermediates
+        .chain(roots)
+        .filter_map(|(role, der)| {
+            let (subject, not_after) = legate_ca::inspect::subject_and_expiry(der).ok()?;
+            Some(Authority {
+                role,
+                subject,
+                not_after,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -45,12 +45,22 @@ fn check_passes_a_meshed_pod_and_names_what_is_wrong_elsewhere() {
 
     let (ok, out) = check(&mesh, &web.pod, std::slice::from_ref(&ca));
     assert!(ok, "{out}");
-    for name in ["capture", "listeners", "proxy", "identity", "traffic", "CA"] {
+    for name in [
+        "capture",
+        "listeners",
+        "proxy",
+        "identity",
+        "trust",
+        "traffic",
+        "CA",
+    ] {
         assert!(line(&out, name).starts_with("ok "), "{out}");
     }
     assert!(line(&out, "identity").contains(web.id()), "{out}");
     assert!(line(&out, "listeners").contains("uid 1337"), "{out}");
-    assert!(out.contains("6 ok, 0 warnings, 0 failed"), "{out}");
+    // The test CA's intermediate (a year) expires before its root (ten).
+    assert!(line(&out, "trust").contains("the intermediate"), "{out}");
+    assert!(out.contains("7 ok, 0 warnings, 0 failed"), "{out}");
 
     // From the sidecar, which may not read netfilter rules: a warning that
     // says where to look instead, not a failure.
@@ -61,7 +71,7 @@ fn check_passes_a_meshed_pod_and_names_what_is_wrong_elsewhere() {
         capture.starts_with("WARN") && capture.contains("CAP_NET_ADMIN"),
         "{out}"
     );
-    assert!(out.contains("5 ok, 1 warning, 0 failed"), "{out}");
+    assert!(out.contains("6 ok, 1 warning, 0 failed"), "{out}");
 
     // A pod whose certificate another CA issued calls: the handshakes it
     // fails show on the server's side.

@@ -24,6 +24,16 @@ pub fn inspect_file(path: &Path) -> Result<String, CaError> {
     describe(&certs, SystemTime::now()).map_err(|r| CaError::material(path, r))
 }
 
+/// A certificate's subject and the end of its validity.
+pub fn subject_and_expiry(der: &[u8]) -> Result<(String, SystemTime), String> {
+    let cert = pki::parse_cert(der)?;
+    let secs = cert.validity().not_after.timestamp();
+    let not_after = u64::try_from(secs)
+        .map(|s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s))
+        .map_err(|_| format!("notAfter {secs} is before 1970"))?;
+    Ok((cert.subject().to_string(), not_after))
+}
+
 /// Describes a list of certificates, leaf first.
 pub fn describe(certs: &[CertificateDer<'_>], now: SystemTime) -> Result<String, String> {
     let parsed: Vec<X509Certificate<'_>> = certs

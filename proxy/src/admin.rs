@@ -6,7 +6,7 @@
 //! | `GET /ready` | 200 once a certificate is held (the listeners are bound before this server starts); 503 before, and again while draining |
 //! | `GET /metrics` | Prometheus text format; see [`crate::metrics`] |
 //! | `GET /config` | the configuration in force, as TOML, secrets redacted |
-//! | `GET /identity` | JSON: the SPIFFE ID, the certificate's validity, renewal counts and the trust bundle's roots as PEM |
+//! | `GET /identity` | JSON: the SPIFFE ID, the certificate's validity, renewal counts, the trust bundle's roots as PEM, and the expiry of each root and intermediate |
 //! | `GET /access-log` | JSON: whether access logs are on, the sample and whether paths are logged |
 //! | `PUT /access-log` | body `on`, `off`, or a sample from 0 to 1 (which also turns logging on) |
 //! | `PUT /log-level` | body: a tracing filter such as `debug` or `info,legate_proxy=trace` |
@@ -64,10 +64,23 @@ fn unix(t: Option<SystemTime>) -> serde_json::Value {
 
 fn identity(shared: &Shared) -> Answer {
     let s = shared.identity.status();
+    let now = SystemTime::now();
     let expires_in = s
         .not_after
-        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .and_then(|t| t.duration_since(now).ok())
         .map_or(serde_json::Value::Null, |d| d.as_secs().into());
+    let authorities: Vec<serde_json::Value> = s
+        .authorities
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "role": a.role,
+                "subject": a.subject,
+                "not_after": unix(Some(a.not_after)),
+                "expires_in_seconds": a.not_after.duration_since(now).map_or(0, |d| d.as_secs()),
+            })
+        })
+        .collect();
     json(&serde_json::json!({
         "id": s.id.as_ref().map(|i| i.as_str()),
         "ready": shared.identity.is_ready(),
@@ -77,6 +90,7 @@ fn identity(shared: &Shared) -> Answer {
         "renewals": s.renewals,
         "renewal_failures": s.renewal_failures,
         "roots": s.roots,
+        "authorities": authorities,
     }))
 }
 

@@ -67,7 +67,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
-pub use tls::{Identity, IdentityStatus, MeshIdentity, MESH_ALPN};
+pub use tls::{Authority, Identity, IdentityStatus, MeshIdentity, MESH_ALPN};
 
 /// Serves a hyper server connection to its end; once the proxy starts to
 /// drain, asks it to finish gracefully (after the request in flight for

@@ -57,10 +57,23 @@ pub struct IdentityStatus {
     pub not_after: Option<SystemTime>,
     /// The trust bundle's roots, as PEM.
     pub roots: Vec<String>,
+    /// The CAs behind the certificate: the intermediates of its chain and
+    /// the bundle's roots, with their expiry (one of them expiring stops
+    /// the mesh as surely as the workload certificate).
+    pub authorities: Vec<Authority>,
     /// Certificates obtained so far, the first included.
     pub renewals: u64,
     /// Attempts to obtain one that failed.
     pub renewal_failures: u64,
+}
+
+/// A CA certificate the workload's trust depends on.
+#[derive(Debug, Clone)]
+pub struct Authority {
+    /// `root` or `intermediate`.
+    pub role: &'static str,
+    pub subject: String,
+    pub not_after: SystemTime,
 }
 
 /// Shared handle to the identity.
