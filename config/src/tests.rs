@@ -737,3 +737,14 @@ fn peer_timeout_defaults_to_ten_seconds_and_refuses_less_than_one() {
         std::time::Duration::from_secs(60)
     );
 }
+
+#[test]
+fn a_duration_too_long_for_the_clock_is_an_error_not_a_crash() {
+    let huge = Sources {
+        flags: vec![flag("proxy.http.request_timeout", "100000000000d")],
+        ..Default::default()
+    };
+    let text = load(&huge).unwrap_err().to_string();
+    assert!(text.contains("proxy.http.request_timeout"), "{text}");
+    assert!(text.contains("100 years"), "{text}");
+}

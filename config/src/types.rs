@@ -10,7 +10,14 @@ use toml::Value;
 use crate::field::{as_text, Scalar};
 use crate::scalar_field;
 
-/// Parses `500ms`, `10s`, `5m`, `24h`, `7d` and sums like `1h30m`.
+/// The longest duration any setting takes: a century. No timeout or
+/// lifetime needs more, and adding much more to the clock overflows it
+/// (a timeout of 10^11 days made every request panic where its deadline
+/// was computed).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Parses `500ms`, `10s`, `5m`, `24h`, `7d` and sums like `1h30m`, up to
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s == "0" {
@@ -43,8 +50,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "d" => n * 86400.0,
             u => return Err(format!("unknown unit `{u}`; use ms, s, m, h or d")),
         };
-        total += Duration::try_from_secs_f64(secs)
-            .map_err(|_| "the duration is too large".to_string())?;
+        total = Duration::try_from_secs_f64(secs)
+            .ok()
+            .and_then(|part| total.checked_add(part))
+            .filter(|t| *t <= MAX_DURATION)
+            .ok_or_else(|| {
+                format!("`{s}` is longer than 36500d (100 years), the most any setting takes")
+            })?;
         rest = &after[unit_len..];
     }
     Ok(total)
@@ -834,6 +846,19 @@ mod tests {
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
         assert!(parse_duration("10y").unwrap_err().contains("unknown unit"));
+        // Parts that each fit a Duration but not their sum, and values
+        // that fit but would overflow a clock they are added to, are
+        // refused with a reason, never a panic.
+        for huge in [
+            "10000000000000000000s10000000000000000000s",
+            "100000000000d",
+            "36500d1ms",
+            "1e400s",
+        ] {
+            let e = parse_duration(huge).unwrap_err();
+            assert!(e.contains("36500d") || e.contains("unit"), "{huge}: {e}");
+        }
+        assert_eq!(parse_duration("36500d"), Ok(MAX_DURATION));
         assert_eq!(format_duration(Duration::from_secs(86400)), "1d");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
