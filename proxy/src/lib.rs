@@ -392,60 +392,39 @@ impl Shared {
 
 /// Keys outside the reloadable policy whose values differ.
 fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
-    // Taken apart field by field, without `..`: a key added to the model
-    // does not compile here until it is sorted into what a reload applies
-    // and what waits for a restart, so none is ignored without a word.
-    let legate_config::ProxyConfig {
-        uid,
-        gid,
-        outbound_port,
-        inbound_port,
-        admin_listen,
-        mode,
-        connect_timeout,
-        handshake_timeout,
-        idle_timeout,
-        tcp_keepalive,
-        peer_timeout,
-        drain_grace,
-        workers,
-        mesh_networks: _,
-        pool_max_connections,
-        pool_max_streams,
-        pool_idle_timeout,
-        probe_ttl: _,
-        opaque_ports,
-        destinations: _,
-        authz: _,
-        http: _,
-    } = &running.proxy;
-    let b = &new.proxy;
     let mut out = Vec::new();
-    macro_rules! restart {
-        ($($key:ident),* $(,)?) => {
-            $(if *$key != b.$key {
+    // The pattern names every field, without `..`: a key added to the
+    // model does not compile here until it is sorted into what waits for a
+    // restart and what a reload applies, so none is ignored without a word.
+    macro_rules! sort {
+        (restart: [$($key:ident),* $(,)?], reloaded: [$($live:ident),* $(,)?] $(,)?) => {
+            let legate_config::ProxyConfig { $($key,)* $($live: _,)* } = &running.proxy;
+            $(if *$key != new.proxy.$key {
                 out.push(concat!("proxy.", stringify!($key)));
             })*
         };
     }
-    restart!(
-        uid,
-        gid,
-        outbound_port,
-        inbound_port,
-        admin_listen,
-        mode,
-        connect_timeout,
-        handshake_timeout,
-        idle_timeout,
-        tcp_keepalive,
-        peer_timeout,
-        drain_grace,
-        workers,
-        pool_max_connections,
-        pool_max_streams,
-        pool_idle_timeout,
-        opaque_ports,
+    sort!(
+        restart: [
+            uid,
+            gid,
+            outbound_port,
+            inbound_port,
+            admin_listen,
+            mode,
+            connect_timeout,
+            handshake_timeout,
+            idle_timeout,
+            tcp_keepalive,
+            peer_timeout,
+            drain_grace,
+            workers,
+            pool_max_connections,
+            pool_max_streams,
+            pool_idle_timeout,
+            opaque_ports,
+        ],
+        reloaded: [mesh_networks, probe_ttl, destinations, authz, http],
     );
     let legate_config::LogConfig {
         level: _,
