@@ -371,4 +371,142 @@ multi: a
             Err(EmitError::ComplexKey)
         );
     }
+
+    /// A small deterministic generator (splitmix64), so that a failing
+    /// seed can be run again.
+    struct Gen(u64);
+
+    impl Gen {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn pick<'a>(&mut self, of: &[&'a str]) -> &'a str {
+            of[self.below(of.len())]
+        }
+        /// Characters that quoting and escaping must carry: quotes,
+        /// backslashes, YAML indicators, accents, an emoji.
+        fn text(&mut self, newlines: bool) -> String {
+            const PIECES: &[&str] = &[
+                "a", "Z", "7", " ", "'", "\"", "\\", "#", ": ", "-", "{", "}", "[", "]", ",", "&",
+                "*", "!", "|", ">", "%", "@", "`", "é", "日", "🦀", "\t", "~", "?",
+            ];
+            let mut t = String::new();
+            for _ in 0..self.below(12) {
+                if newlines && self.below(8) == 0 {
+                    t.push('\n');
+                } else {
+                    t.push_str(self.pick(PIECES));
+                }
+            }
+            t
+        }
+    }
+
+    /// The source text of a scalar that fits on one line after `key: `.
+    fn inline_scalar(g: &mut Gen) -> String {
+        match g.below(3) {
+            0 => g
+                .pick(&[
+                    "0644",
+                    "yes",
+                    "no",
+                    "~",
+                    "null",
+                    "1e3",
+                    "-1",
+                    "0x1F",
+                    "true",
+                    "a b",
+                    "a:b",
+                    "http://x:80/y?q=1",
+                    "foo#bar",
+                    "x-y_z",
+                    "é",
+                    "1.0",
+                    ".inf",
+                    "2001-12-14",
+                    "a 'b' c",
+                ])
+                .to_owned(),
+            1 => format!("'{}'", g.text(false).replace('\'', "''")),
+            _ => {
+                let mut out = String::from("\"");
+                for c in g.text(true).chars() {
+                    match c {
+                        '"' => out.push_str("\\\""),
+                        '\\' => out.push_str("\\\\"),
+                        '\n' => out.push_str("\\n"),
+                        '\t' => out.push_str("\\t"),
+                        c => out.push(c),
+                    }
+                }
+                if g.below(4) == 0 {
+                    out.push_str("\\x01\\u00e9");
+                }
+                out.push('"');
+                out
+            }
+        }
+    }
+
+    /// A mapping at `indent` spaces with random keys and values: scalars,
+    /// literal blocks, nested mappings and sequences.
+    fn mapping(g: &mut Gen, indent: usize, depth: usize, out: &mut String) {
+        let pad = " ".repeat(indent);
+        for k in 0..1 + g.below(4) {
+            let key = match g.below(3) {
+                0 => format!("'key {k}: x'"),
+                _ => format!("k{k}"),
+            };
+            match (g.below(5), depth < 3) {
+                (0, true) => {
+                    out.push_str(&format!("{pad}{key}:\n"));
+                    mapping(g, indent + 2, depth + 1, out);
+                }
+                (1, true) => {
+                    out.push_str(&format!("{pad}{key}:\n"));
+                    for _ in 0..1 + g.below(3) {
+                        if g.below(2) == 0 {
+                            out.push_str(&format!("{pad}- {}\n", inline_scalar(g)));
+                        } else {
+                            out.push_str(&format!("{pad}-\n"));
+                            mapping(g, indent + 2, depth + 1, out);
+                        }
+                    }
+                }
+                (2, _) => {
+                    let chomp = g.pick(&["", "-", "+"]);
+                    out.push_str(&format!("{pad}{key}: |{chomp}\n"));
+                    for _ in 0..1 + g.below(3) {
+                        let words = g.text(false).replace(['\t', '\n'], " ");
+                        out.push_str(&format!("{pad}  line{}\n", words.trim_end()));
+                    }
+                    if chomp == "+" {
+                        out.push('\n');
+                    }
+                }
+                _ => out.push_str(&format!("{pad}{key}: {}\n", inline_scalar(g))),
+            }
+        }
+    }
+
+    #[test]
+    fn random_documents_mean_the_same_once_rewritten() {
+        for seed in 0..400u64 {
+            let mut g = Gen(seed);
+            let mut src = String::new();
+            mapping(&mut g, 0, 0, &mut src);
+            // The source must itself be valid YAML, or the generator is wrong.
+            assert!(Yaml::load_from_str(&src).is_ok(), "seed {seed}:\n{src}");
+            let outcome = std::panic::catch_unwind(|| roundtrip(&src));
+            assert!(outcome.is_ok(), "seed {seed}, source:\n{src}");
+        }
+    }
 }
