@@ -300,6 +300,35 @@ fn demo() -> Result<bool, String> {
         ok: status == "HTTP 502",
     });
 
+    // 7. The diagnosis from web's namespace, which has just seen rogue's
+    // handshake fail.
+    let checked = legate
+        .command(&web.pod)
+        .args([
+            "check",
+            "--set",
+            &format!("identity.ca_address={}", mesh.ca.address()),
+        ])
+        .output()
+        .map_err(|e| format!("legate check: {e}"))?;
+    let report = String::from_utf8_lossy(&checked.stdout);
+    let summary = report.lines().last().unwrap_or_default().to_owned();
+    let warned = report
+        .lines()
+        .find(|l| l.contains("mTLS handshakes failed"))
+        .map(str::trim)
+        .unwrap_or_default();
+    outcomes.push(Outcome {
+        scene: "web's namespace: legate check",
+        expected: "no check fails; rogue's handshake counted",
+        seen: if warned.is_empty() {
+            summary.clone()
+        } else {
+            format!("{summary}; {warned}")
+        },
+        ok: checked.status.success() && !warned.is_empty(),
+    });
+
     let mut all_ok = true;
     for (i, o) in outcomes.iter().enumerate() {
         all_ok &= o.ok;

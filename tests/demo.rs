@@ -17,7 +17,7 @@ fn the_demo_runs_every_scene_and_cleans_up() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("all 8 checks behaved as expected"),
+        stdout.contains("all 9 checks behaved as expected"),
         "{stdout}"
     );
     assert!(!stdout.contains("UNEXPECTED"), "{stdout}");
