@@ -253,7 +253,14 @@ impl Pipe {
                 return Poll::Ready(Ok(self.moved));
             }
             match reader.poll_read_chunk(cx, &mut self.room) {
-                Poll::Ready(Ok(chunk)) if chunk.is_empty() => self.eof = true,
+                Poll::Ready(Ok(chunk)) if chunk.is_empty() => {
+                    // Nothing more will be read this way. Kept until the
+                    // relay ended, the buffer that read the end stayed
+                    // with every connection closing at once, and their
+                    // sum with the heap after they had gone.
+                    park_room(std::mem::take(&mut self.room));
+                    self.eof = true;
+                }
                 Poll::Ready(Ok(chunk)) => {
                     self.read += chunk.len() as u64;
                     self.held = chunk;
@@ -364,6 +371,28 @@ mod tests {
         assert_eq!(got, vec![1u8; 5000]);
         assert_eq!(pipe.room.capacity(), 0, "an idle direction kept its buffer");
         assert!(pipe.held.is_empty());
+    }
+
+    /// A direction that read the end of its stream gives its buffer back
+    /// at once, so that connections closing together reuse one buffer a
+    /// thread instead of each holding its own until the other direction
+    /// ends too.
+    #[tokio::test]
+    async fn a_direction_at_its_end_holds_no_buffer() {
+        let (mut app, mut reader) = tokio::io::duplex(1 << 20);
+        // The far side never reads: the shutdown that follows the end is
+        // still pending when the poll returns.
+        let (mut writer, _far) = tokio::io::duplex(10);
+        app.write_all(b"last words").await.unwrap();
+        app.shutdown().await.unwrap();
+        SPARE.take();
+        let mut pipe = Pipe::default();
+        let moved =
+            std::future::poll_fn(|cx| Poll::Ready(pipe.poll_copy(cx, &mut reader, &mut writer)))
+                .await;
+        assert!(pipe.eof, "the end was read ({moved:?})");
+        assert_eq!(pipe.room.capacity(), 0, "the direction kept its buffer");
+        assert!(SPARE.take().is_some(), "the buffer is the thread's spare");
     }
 
     /// Always has bytes until `left` runs out, and never makes its caller
