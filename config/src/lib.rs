@@ -263,6 +263,20 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
             );
         }
     }
+    for (path, addr, default) in [
+        ("proxy.admin_listen", p.admin_listen, 15000),
+        ("ca.listen", c.ca.listen, 15012),
+    ] {
+        if addr.port() == 0 {
+            rule(
+                path,
+                format!(
+                    "port 0 would listen on a port the system picks, which no probe, client or \
+                     scraper can know; give a fixed one (default {default})"
+                ),
+            );
+        }
+    }
     if p.uid == 0 {
         rule(
             "proxy.uid",

@@ -748,3 +748,16 @@ fn a_duration_too_long_for_the_clock_is_an_error_not_a_crash() {
     assert!(text.contains("proxy.http.request_timeout"), "{text}");
     assert!(text.contains("100 years"), "{text}");
 }
+
+#[test]
+fn listeners_others_must_find_refuse_port_zero() {
+    for key in ["proxy.admin_listen", "ca.listen"] {
+        let zero = Sources {
+            flags: vec![flag(key, "127.0.0.1:0")],
+            ..Default::default()
+        };
+        let text = load(&zero).unwrap_err().to_string();
+        assert!(text.contains(key), "{text}");
+        assert!(text.contains("fixed one"), "{text}");
+    }
+}
