@@ -3,7 +3,7 @@
 //! image health check).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -54,11 +54,10 @@ pub(crate) fn ready(addr: SocketAddr) -> bool {
 /// The admin server's address as seen from this namespace:
 /// `proxy.admin_listen`, on loopback when it listens on every address.
 pub(crate) fn local_admin(config: &Config) -> SocketAddr {
-    let listen = config.proxy.admin_listen;
-    if listen.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], listen.port()))
-    } else {
-        listen
+    match config.proxy.admin_listen {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => (Ipv4Addr::LOCALHOST, a.port()).into(),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => (Ipv6Addr::LOCALHOST, a.port()).into(),
+        other => other,
     }
 }
 
@@ -77,5 +76,22 @@ pub fn run(args: &WaitReadyArgs, config: &Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_port_is_asked_on_loopback() {
+        let asked = |listen: &str| {
+            let mut c = Config::default();
+            c.proxy.admin_listen = listen.parse().expect("address");
+            local_admin(&c)
+        };
+        assert_eq!(asked("0.0.0.0:15000"), "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(asked("[::]:15000"), "[::1]:15000".parse().unwrap());
+        assert_eq!(asked("10.1.2.3:9"), "10.1.2.3:9".parse().unwrap());
     }
 }

@@ -51,7 +51,7 @@ mod host;
 mod process;
 
 use std::ffi::{CString, OsStr, OsString};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode};
 use std::time::{Duration, Instant};
@@ -305,7 +305,7 @@ fn wrap(args: RunArgs, config: Config) -> Result<u8, RunError> {
         gid: Gid::from_raw(config.proxy.gid),
         groups: Vec::new(),
     };
-    let admin = admin_address(config.proxy.admin_listen);
+    let admin = crate::wait_ready::local_admin(&config);
     let opts = Options::from_config(&config.init);
     let signals = Signals::start()?;
 
@@ -463,15 +463,6 @@ fn proxy_config(
     }
     ident.token = None;
     Ok(out)
-}
-
-/// Where to ask the proxy whether it is ready.
-fn admin_address(listen: SocketAddr) -> SocketAddr {
-    match listen {
-        SocketAddr::V4(a) if a.ip().is_unspecified() => (Ipv4Addr::LOCALHOST, a.port()).into(),
-        SocketAddr::V6(a) if a.ip().is_unspecified() => (Ipv6Addr::LOCALHOST, a.port()).into(),
-        other => other,
-    }
 }
 
 fn wait_ready(
@@ -707,21 +698,5 @@ mod tests {
         assert!(e.contains("proxy.uid"), "{e}");
         let root = command_credentials(Some("root"), None, &c).unwrap();
         assert_eq!((root.uid.as_raw(), root.gid.as_raw()), (0, 0));
-    }
-
-    #[test]
-    fn the_admin_port_is_asked_on_loopback() {
-        assert_eq!(
-            admin_address("0.0.0.0:15000".parse().unwrap()),
-            "127.0.0.1:15000".parse().unwrap()
-        );
-        assert_eq!(
-            admin_address("[::]:15000".parse().unwrap()),
-            "[::1]:15000".parse().unwrap()
-        );
-        assert_eq!(
-            admin_address("10.1.2.3:9".parse().unwrap()),
-            "10.1.2.3:9".parse().unwrap()
-        );
     }
 }
