@@ -26,7 +26,7 @@
 //!   `bundle_refresh`, so new roots spread long before they sign anything
 //!   a workload must verify.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -52,18 +52,67 @@ pub enum TokenSource {
     File(PathBuf),
 }
 
+/// The longest a token file may take to read. The read runs off the
+/// runtime's threads, as a file on a stalled network mount blocks its
+/// reader; past this the attempt fails and is retried like any other.
+const TOKEN_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The most a token file may hold. A token is a few hundred bytes (a
+/// Kubernetes one a kilobyte or two): more is another file.
+const MAX_TOKEN_FILE: u64 = 64 * 1024;
+
 impl TokenSource {
-    fn read(&self) -> Result<Option<Secret>, CaError> {
+    async fn read(&self) -> Result<Option<Secret>, CaError> {
         match self {
             TokenSource::None => Ok(None),
             TokenSource::Inline(s) => Ok(Some(s.clone())),
             TokenSource::File(p) => {
-                let text = files::read_string(p)?;
-                let t = text.trim();
-                Ok((!t.is_empty()).then(|| Secret::new(t)))
+                let path = p.clone();
+                let read = tokio::task::spawn_blocking(move || read_token_file(&path));
+                match tokio::time::timeout(TOKEN_READ_TIMEOUT, read).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(e)) => Err(CaError::Usage(format!(
+                        "reading identity.token_file {} failed: {e}",
+                        p.display()
+                    ))),
+                    Err(_) => Err(CaError::Usage(format!(
+                        "reading identity.token_file {} took longer than {}s; is it on a mount that stopped answering?",
+                        p.display(),
+                        TOKEN_READ_TIMEOUT.as_secs()
+                    ))),
+                }
             }
         }
     }
+}
+
+/// The token in `path`, or `None` when the file is empty. Only a regular
+/// file is opened: opening a FIFO waits for a writer, and a device may
+/// never end.
+fn read_token_file(path: &Path) -> Result<Option<Secret>, CaError> {
+    let meta = std::fs::metadata(path).map_err(|e| CaError::io("read", path, e))?;
+    if !meta.is_file() {
+        return Err(CaError::Usage(format!(
+            "identity.token_file {} is not a regular file; point it at the file that holds the token",
+            path.display()
+        )));
+    }
+    if meta.len() > MAX_TOKEN_FILE {
+        return Err(CaError::Usage(format!(
+            "identity.token_file {} holds {} bytes, far more than a token; point it at the file that holds the token alone",
+            path.display(),
+            meta.len()
+        )));
+    }
+    let text = files::read_string(path)?;
+    let token = text.trim();
+    if token.lines().nth(1).is_some() {
+        return Err(CaError::Usage(format!(
+            "identity.token_file {} holds more than one line; a token is one line: write the token alone into it",
+            path.display()
+        )));
+    }
+    Ok((!token.is_empty()).then(|| Secret::new(token)))
 }
 
 /// How the manager finds and talks to the CA.
@@ -164,8 +213,16 @@ impl IdentityManager {
         if let Some(dir) = &opts.cert_dir {
             match load_dir(dir) {
                 Ok(Some(c)) if c.id() == &opts.id && c.is_valid_at(SystemTime::now()) => {
-                    info!(id = %c.id(), dir = %dir.display(), "using the certificate kept from the last run");
-                    handle.store(c);
+                    match kept_verifies(&c, bootstrap.as_deref()) {
+                        Ok(()) => {
+                            info!(id = %c.id(), dir = %dir.display(), "using the certificate kept from the last run");
+                            handle.store(c);
+                        }
+                        Err(why) => warn!(
+                            dir = %dir.display(),
+                            "not using the certificate kept from the last run: {why}; asking the CA for a new one"
+                        ),
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => debug!("no usable certificate in {}: {e}", dir.display()),
@@ -215,16 +272,20 @@ impl IdentityManager {
     /// certificate to authenticate when it is valid, the token otherwise.
     pub async fn fetch(&self) -> Result<Arc<Credentials>, CaError> {
         let current = self.handle.load_valid();
-        let token = self.opts.token.read()?;
+        let token = self.opts.token.read().await?;
         let first = if current.is_some() {
             None
         } else {
             token.as_ref()
         };
         if current.is_none() && token.is_none() {
-            return Err(CaError::Usage(
-                "no valid certificate and no bootstrap token: set identity.token or identity.token_file (mint one with `legate ca token`)".into(),
-            ));
+            return Err(CaError::Usage(match &self.opts.token {
+                TokenSource::File(p) => format!(
+                    "no valid certificate, and identity.token_file {} is empty: write a token into it (mint one with `legate ca token`)",
+                    p.display()
+                ),
+                _ => "no valid certificate and no bootstrap token: set identity.token or identity.token_file (mint one with `legate ca token`)".into(),
+            }));
         }
         match self.fetch_with(first).await {
             Err(CaError::Client(e))
@@ -272,7 +333,7 @@ impl IdentityManager {
             ))
         })?;
         if let Some(dir) = &self.opts.cert_dir {
-            save_dir(dir, &creds)?;
+            keep(dir, &creds);
         }
         self.handle.store(creds);
         self.handle
@@ -292,11 +353,15 @@ impl IdentityManager {
         info!(roots = bundle.certs().len(), "the trust bundle changed");
         let updated = current.with_bundle(Arc::new(bundle));
         if let Some(dir) = &self.opts.cert_dir {
-            files::write_atomic(
+            // The kept copy serves the next start only: failing to write
+            // it must not keep the new roots from this one.
+            if let Err(e) = files::write_atomic(
                 &dir.join(BUNDLE_FILE),
                 updated.bundle().to_pem().as_bytes(),
                 PUBLIC,
-            )?;
+            ) {
+                warn!(dir = %dir.display(), "cannot keep the new trust bundle for the next start ({e}); make identity.cert_dir a writable directory");
+            }
         }
         self.handle.store(updated);
         Ok(true)
@@ -389,6 +454,56 @@ pub(crate) fn save_dir(dir: &std::path::Path, c: &Credentials) -> Result<(), CaE
         c.bundle().to_pem().as_bytes(),
         PUBLIC,
     )
+}
+
+/// Keeps the credentials in `dir` for the next start. They are in use
+/// whether or not that works: the copy only spares the next start a
+/// token, so a directory that cannot be written is worth a warning, not a
+/// proxy that never becomes ready while the CA signs certificate after
+/// certificate for it.
+fn keep(dir: &Path, creds: &Credentials) {
+    if let Err(e) = save_dir(dir, creds) {
+        let hint = if dir.exists() && !dir.is_dir() {
+            " (it is not a directory)"
+        } else {
+            ""
+        };
+        warn!(
+            dir = %dir.display(),
+            "cannot keep the certificate for the next start{hint}: {e}; it is in use all the same, but the next start needs a token: make identity.cert_dir a writable directory"
+        );
+    }
+}
+
+/// Whether kept credentials verify as peers would verify them: against
+/// their own bundle, and against the configured `identity.ca_bundle` when
+/// there is one. A certificate from a CA that was replaced since (`legate
+/// ca init --force`, a move to another CA), or kept beside another CA's
+/// bundle, would otherwise be served until its half-life while every peer
+/// refused it, and its bundle would be trusted to verify the CA.
+fn kept_verifies(c: &Credentials, configured: Option<&Bundle>) -> Result<(), String> {
+    let provider = tls::provider();
+    let check = |bundle: &Bundle| {
+        tls::verify_chain(
+            bundle,
+            &c.chain()[0],
+            &c.chain()[1..],
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            &PeerMatcher::Exact(c.id().clone()),
+            &provider.signature_verification_algorithms,
+        )
+    };
+    check(c.bundle())
+        .map_err(|e| format!("it does not verify against the bundle kept with it ({e})"))?;
+    if let Some(bundle) = configured {
+        check(bundle).map_err(|e| {
+            format!(
+                "it does not verify against identity.ca_bundle ({e}); the CA was probably replaced"
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn load_dir(dir: &std::path::Path) -> Result<Option<Credentials>, CaError> {
