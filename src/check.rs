@@ -27,7 +27,7 @@ use crate::wait_ready::{get, local_admin};
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// The admin address to ask; defaults to proxy.admin_listen on localhost
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "IP:PORT")]
     admin: Option<SocketAddr>,
 }
 
