@@ -3,7 +3,7 @@
 //! does not flow: are the capture rules in place, is the proxy listening as
 //! the uid those rules exempt, is it ready, does it hold a certificate that
 //! is being renewed, how long do the CAs behind it have, what trouble has
-//! it counted, and can the CA be reached.
+//! it counted, and does the CA answer as the CA.
 //!
 //! Each check reads what is there (the rules through the `init` crate, the
 //! listening sockets from `/proc/net/tcp`, the proxy through its admin
@@ -31,6 +31,8 @@ pub struct CheckArgs {
     admin: Option<SocketAddr>,
 }
 
+/// How long the CA may take to answer once connected.
+const CA_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection to the CA may take before it counts as unreachable.
 const CA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most differing rule lines shown; `legate init --check` shows them all.
@@ -600,7 +602,7 @@ fn human(secs: u64) -> String {
     }
 }
 
-/// Whether the CA, when one is configured, accepts connections.
+/// Whether the CA, when one is configured, can be reached and is the CA.
 fn ca(config: &Config) -> Finding {
     const NAME: &str = "CA";
     let Some(address) = &config.identity.ca_address else {
@@ -624,9 +626,7 @@ fn ca(config: &Config) -> Finding {
     let mut last = None;
     for addr in &addrs {
         match TcpStream::connect_timeout(addr, CA_CONNECT_TIMEOUT) {
-            Ok(_) => {
-                return Finding::new(NAME, Verdict::Ok, format!("{address} accepts connections"))
-            }
+            Ok(_) => return ca_answers(config, address),
             Err(e) if addrs.len() == 1 => last = Some(e.to_string()),
             Err(e) => last = Some(format!("{addr}: {e}")),
         }
@@ -640,6 +640,62 @@ fn ca(config: &Config) -> Finding {
         ),
     )
     .fix("check that `legate ca serve` runs there, and any firewall or NetworkPolicy between")
+}
+
+/// A CA that accepts connections: whether it is the CA, as the proxy
+/// would verify it (TLS with the CA's SPIFFE ID, under
+/// `identity.ca_bundle`), and answers. A port that accepts and then fails
+/// the handshake or stays silent renews nothing.
+fn ca_answers(config: &Config, address: &str) -> Finding {
+    const NAME: &str = "CA";
+    let Some(path) = &config.identity.ca_bundle else {
+        return Finding::new(
+            NAME,
+            Verdict::Ok,
+            format!("{address} accepts connections (identity.ca_bundle is not set here, so it was not verified)"),
+        );
+    };
+    let bundle = match std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|pem| legate_ca::Bundle::from_pem(&pem).map_err(|e| e.to_string()))
+    {
+        Ok(b) => std::sync::Arc::new(b),
+        Err(e) => {
+            return Finding::new(
+                NAME,
+                Verdict::Fail,
+                format!("identity.ca_bundle {} cannot be used: {e}", path.display()),
+            )
+            .fix("point identity.ca_bundle at the CA's bundle (`legate ca bundle --dir <ca dir>` prints it)")
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return Finding::new(NAME, Verdict::Fail, format!("cannot start the check: {e}")),
+    };
+    let client = legate_ca::client::CaClient::new(
+        address,
+        &config.identity.trust_domain,
+        &legate_ca::CredentialsHandle::new(),
+        Some(bundle),
+        CA_ANSWER_TIMEOUT,
+    );
+    match runtime.block_on(client.health()) {
+        Ok(()) => Finding::new(
+            NAME,
+            Verdict::Ok,
+            format!("{address} answers as the CA, verified under identity.ca_bundle"),
+        ),
+        Err(e) => Finding::new(
+            NAME,
+            Verdict::Fail,
+            format!("{address} accepts connections but does not answer as the CA: {e}"),
+        )
+        .fix("check that `legate ca serve` listens there and that identity.ca_bundle and identity.trust_domain are the CA's"),
+    }
 }
 
 #[cfg(test)]

@@ -62,6 +62,31 @@ fn check_passes_a_meshed_pod_and_names_what_is_wrong_elsewhere() {
     assert!(line(&out, "trust").contains("the intermediate"), "{out}");
     assert!(out.contains("7 ok, 0 warnings, 0 failed"), "{out}");
 
+    // With the bundle, the CA is verified as the proxy verifies it; under
+    // the wrong trust domain it is not the CA the proxy would accept.
+    let bundle = mesh.ca.bundle_file().expect("bundle");
+    let mut verified = vec![
+        ca.clone(),
+        format!("identity.ca_bundle={}", bundle.display()),
+        format!(
+            "identity.trust_domain={}",
+            legate_testbed::mesh::TRUST_DOMAIN
+        ),
+    ];
+    let (_, out) = check(&mesh, &web.pod, &verified);
+    let line_ca = line(&out, "CA");
+    assert!(
+        line_ca.starts_with("ok ") && line_ca.contains("answers as the CA"),
+        "{out}"
+    );
+    verified[2] = "identity.trust_domain=elsewhere.test".into();
+    let (ok, out) = check(&mesh, &web.pod, &verified);
+    assert!(!ok, "{out}");
+    assert!(
+        line(&out, "CA").contains("does not answer as the CA"),
+        "{out}"
+    );
+
     // From the sidecar, which may not read netfilter rules: a warning that
     // says where to look instead, not a failure.
     let (ok, out) = check_as(&mesh, &web.pod, std::slice::from_ref(&ca), PROXY_UID);
