@@ -537,6 +537,34 @@ fn mistakes_are_refused_with_the_fix() {
     assert_eq!(code, Some(125));
     assert!(stderr.contains("--ca HOST:PORT"), "{stderr}");
 
+    // A trust bundle that is not one is named as given, before anything
+    // starts, not through the copy the proxy would have read.
+    let files = shared_dir().unwrap();
+    let garbage = files.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let garbage = garbage.to_str().unwrap();
+    let (code, _, stderr) = finish(run(
+        &pod,
+        &[
+            "--ca",
+            "10.200.0.9:15012",
+            "--token-file",
+            garbage,
+            "--ca-bundle",
+            garbage,
+            "--",
+            "true",
+        ],
+    ));
+    assert_eq!(code, Some(125), "{stderr}");
+    assert!(
+        stderr.contains("--ca-bundle")
+            && stderr.contains(garbage)
+            && stderr.contains("not a usable trust bundle")
+            && !stderr.contains("usual cause"),
+        "{stderr}"
+    );
+
     // A pod's rules are not a run's: refused, and --cleanup leaves them.
     legate().run(&pod, &["init"]).expect("legate init");
     let with_init = tables(&pod);

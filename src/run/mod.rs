@@ -457,6 +457,17 @@ fn proxy_config(
             }
             if let Some(path) = &config.identity.ca_bundle {
                 let bundle = read("--ca-bundle", path)?;
+                // Checked here: the proxy would read the copy, and its error
+                // would name a file that is gone once the run ends.
+                if let Err(e) = legate_ca::Bundle::from_pem(&bundle) {
+                    return Err(RunError::Config {
+                        field: "--ca-bundle".into(),
+                        problem: format!(
+                            "{} is not a usable trust bundle ({e}); give the CA's roots in PEM, as `legate ca bundle` prints them",
+                            path.display()
+                        ),
+                    });
+                }
                 ident.ca_bundle = Some(work.write_public("bundle.pem", &bundle)?);
             }
         }
