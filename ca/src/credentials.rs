@@ -55,7 +55,12 @@ impl Bundle {
                     .map(|a| a.to_owned())
                     .map_err(|e| CredentialsError::Bundle {
                         index,
-                        reason: format!("{e:?}"),
+                        reason: match e {
+                            webpki::Error::BadDer | webpki::Error::TrailingData(_) => format!(
+                                "its PEM block does not hold a well-formed X.509 certificate ({e:?})"
+                            ),
+                            _ => format!("cannot be a root: {e:?}"),
+                        },
                     })
             })
             .collect::<Result<_, _>>()?;

@@ -47,13 +47,38 @@ pub(crate) fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, St
         match item {
             Ok((SectionKind::Certificate, der)) => out.push(CertificateDer::from(der)),
             Ok(_) => {}
-            Err(e) => return Err(format!("not valid PEM: {e}")),
+            Err(e) => return Err(pem_problem(&e)),
         }
     }
     if out.is_empty() {
-        return Err("no PEM CERTIFICATE block found".into());
+        return Err(if pem.first() == Some(&0x30) {
+            "no PEM CERTIFICATE block found; this looks like DER: convert it with `openssl x509 -inform DER -in FILE -out FILE.pem`".into()
+        } else {
+            "no PEM CERTIFICATE block found (a `-----BEGIN CERTIFICATE-----` line and its END line)"
+                .into()
+        });
     }
     Ok(out)
+}
+
+/// A PEM reading error in words: the parser's own text shows a section's
+/// label as a list of byte values.
+pub(crate) fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => format!(
+            "not valid PEM: a block has no `-----END {}-----` line (is the file cut off?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        E::IllegalSectionStart { line } => format!(
+            "not valid PEM: a BEGIN line is malformed: {}",
+            String::from_utf8_lossy(line)
+        ),
+        E::Base64Decode(why) => {
+            format!("not valid PEM: the text between BEGIN and END is not base64 ({why})")
+        }
+        other => format!("not valid PEM: {other}"),
+    }
 }
 
 const OID_EC_PUBLIC_KEY: &[u64] = &[1, 2, 840, 10045, 2, 1];
@@ -292,5 +317,28 @@ mod tests {
     fn durations_read_well() {
         assert_eq!(human(Duration::from_secs(86399)), "23h59m");
         assert_eq!(human(Duration::from_secs(9)), "9s");
+    }
+}
+
+#[cfg(test)]
+mod pem_tests {
+    use super::*;
+
+    #[test]
+    fn pem_mistakes_are_told_in_words() {
+        let cut = b"-----BEGIN CERTIFICATE-----\nMIIB\n";
+        let e = parse_certs(cut).expect_err("cut off");
+        assert!(e.contains("no `-----END CERTIFICATE-----` line"), "{e}");
+        let der = [0x30, 0x82, 0x01, 0x0a, 0x02];
+        let e = parse_certs(&der).expect_err("DER");
+        assert!(e.contains("looks like DER"), "{e}");
+        let e = parse_certs(b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n")
+            .expect_err("bad base64");
+        assert!(e.contains("not base64"), "{e}");
+        let junk = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let e = crate::credentials::Bundle::from_pem(junk)
+            .expect_err("junk")
+            .to_string();
+        assert!(e.contains("well-formed X.509"), "{e}");
     }
 }
