@@ -73,18 +73,47 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{nonce:016x}.tmp"))
 }
 
+/// The most read from one file of keys, certificates or tokens: a bundle of
+/// thousands of roots fits many times over. Reading stops there, so that a
+/// device such as `/dev/zero` given by mistake ends in an error instead of
+/// taking every byte of memory. Pipes stay allowed (`<(...)` in a shell).
+const MAX_MATERIAL: u64 = 64 << 20;
+
 pub(crate) fn read(path: &Path) -> Result<Vec<u8>, CaError> {
-    fs::read(path).map_err(|e| CaError::io("read", path, e))
+    use std::io::Read;
+    let file = fs::File::open(path).map_err(|e| CaError::io("read", path, e))?;
+    let mut data = Vec::new();
+    file.take(MAX_MATERIAL + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| CaError::io("read", path, e))?;
+    if data.len() as u64 > MAX_MATERIAL {
+        return Err(CaError::material(
+            path,
+            format!(
+                "more than {} MiB; that is no key, certificate or token: check the path",
+                MAX_MATERIAL >> 20
+            ),
+        ));
+    }
+    Ok(data)
 }
 
 pub(crate) fn read_string(path: &Path) -> Result<String, CaError> {
-    fs::read_to_string(path).map_err(|e| CaError::io("read", path, e))
+    String::from_utf8(read(path)?).map_err(|_| CaError::material(path, "not text (UTF-8)"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_device_that_never_ends_is_refused_not_read_to_the_end() {
+        let e = read(Path::new("/dev/zero"))
+            .expect_err("endless")
+            .to_string();
+        assert!(e.contains("more than 64 MiB"), "{e}");
+    }
 
     #[test]
     fn secrets_are_0600_and_never_silently_replaced() {
