@@ -218,10 +218,58 @@ fn config_check(global: &GlobalArgs, file: Option<PathBuf>) -> ExitCode {
                 eprintln!("error: 1 configuration error:\n  - {e}");
                 return ExitCode::FAILURE;
             }
+            for warning in file_warnings(&loaded.config) {
+                eprintln!("warning: {warning}");
+            }
             print_out(&loaded.config.to_toml())
         }
         Err(code) => code,
     }
+}
+
+/// What is wrong, on this machine, with the files the configuration names
+/// for the proxy: warnings, not errors, since a configuration is often
+/// checked somewhere else than where it runs. The proxy refuses the same
+/// mistakes when it starts, later and in a log.
+fn file_warnings(config: &legate_config::Config) -> Vec<String> {
+    use std::path::Path;
+    let mut out = Vec::new();
+    let file = |key: &str, path: &Path, out: &mut Vec<String>| -> Option<Vec<u8>> {
+        match std::fs::metadata(path) {
+            Err(e) => out.push(format!("{key} {}: {e}", path.display())),
+            Ok(m) if !m.is_file() => {
+                out.push(format!("{key} {} is not a regular file", path.display()))
+            }
+            Ok(_) => match std::fs::read(path) {
+                Ok(data) => return Some(data),
+                Err(e) => out.push(format!("{key} {}: {e}", path.display())),
+            },
+        }
+        None
+    };
+    let id = &config.identity;
+    if let Some(path) = &id.ca_bundle {
+        if let Some(pem) = file("identity.ca_bundle", path, &mut out) {
+            if let Err(e) = legate_ca::Bundle::from_pem(&pem) {
+                out.push(format!("identity.ca_bundle {}: {e}", path.display()));
+            }
+        }
+    }
+    if let Some(path) = &id.token_file {
+        file("identity.token_file", path, &mut out);
+    }
+    if let Some(path) = &config.telemetry.otlp_ca_file {
+        file("telemetry.otlp_ca_file", path, &mut out);
+    }
+    if let Some(dir) = &id.cert_dir {
+        if dir.exists() && !dir.is_dir() {
+            out.push(format!(
+                "identity.cert_dir {} is not a directory",
+                dir.display()
+            ));
+        }
+    }
+    out
 }
 
 fn config_keys() -> ExitCode {

@@ -79,6 +79,40 @@ fn config_check_reports_every_mistake_and_exits_1() {
     assert!(out.stdout.is_empty());
 }
 
+/// Files the configuration names are looked at where it is checked: what
+/// is wrong with them is a warning (the configuration may be meant for
+/// another machine), and the check still passes.
+#[test]
+fn config_check_warns_of_the_files_it_names_that_cannot_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let missing = dir.path().join("missing-token");
+    let body = format!(
+        "[identity]\nca_bundle = \"{}\"\ntoken_file = \"{}\"\ncert_dir = \"{}\"\n\n[telemetry]\notlp_endpoint = \"https://collector.test:4317\"\notlp_ca_file = \"{}\"\n",
+        garbage.display(),
+        missing.display(),
+        garbage.display(),
+        dir.path().display(),
+    );
+    let f = config_file(&body);
+    let out = legate(&["config", "check", f.path().to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    for needle in [
+        "warning: identity.ca_bundle",
+        "no PEM CERTIFICATE block",
+        "warning: identity.token_file",
+        "No such file",
+        "warning: identity.cert_dir",
+        "is not a directory",
+        "warning: telemetry.otlp_ca_file",
+        "is not a regular file",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+}
+
 #[test]
 fn config_check_prints_the_effective_config_with_secrets_redacted() {
     let f = config_file("[proxy]\nmode = \"strict\"\nidle_timeout = \"10m\"\n");
