@@ -51,6 +51,21 @@ impl Bundle {
             .iter()
             .enumerate()
             .map(|(index, c)| {
+                // A workload's own certificate pasted into a bundle would
+                // make every certificate it signs trusted, were it able to
+                // sign; refused, so that the mistake shows where it is made.
+                // A certificate without basicConstraints (X.509 v1 roots)
+                // is left to the chain check.
+                if let Ok(parsed) = pki::parse_cert(c) {
+                    if let Ok(Some(bc)) = parsed.basic_constraints() {
+                        if !bc.value.ca {
+                            return Err(CredentialsError::Bundle {
+                                index,
+                                reason: "is not a CA certificate (basicConstraints CA:FALSE); a bundle holds roots, not a workload's certificate".into(),
+                            });
+                        }
+                    }
+                }
                 webpki::anchor_from_trusted_cert(c)
                     .map(|a| a.to_owned())
                     .map_err(|e| CredentialsError::Bundle {

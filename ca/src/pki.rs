@@ -341,4 +341,22 @@ mod pem_tests {
             .to_string();
         assert!(e.contains("well-formed X.509"), "{e}");
     }
+
+    #[test]
+    fn a_bundle_refuses_a_certificate_that_says_it_is_no_ca() {
+        let make = |is_ca| {
+            let key = KeyPair::generate().expect("key");
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.is_ca = is_ca;
+            let cert = p.self_signed(&key).expect("cert");
+            CertificateDer::from(cert.der().to_vec())
+        };
+        let leaf = make(rcgen::IsCa::ExplicitNoCa);
+        let e = crate::credentials::Bundle::new(vec![leaf])
+            .expect_err("a leaf is no root")
+            .to_string();
+        assert!(e.contains("not a CA certificate"), "{e}");
+        let root = make(rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained));
+        crate::credentials::Bundle::new(vec![root]).expect("a root is");
+    }
 }
