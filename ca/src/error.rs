@@ -25,6 +25,9 @@ pub enum CaError {
     /// A command-line or configuration combination that cannot work.
     #[error("{0}")]
     Usage(String),
+    /// The CA's own identity, which no workload may hold.
+    #[error("{0} is the CA's own identity: clients accept whoever presents it as the CA, so no token or certificate is issued for it; choose another identity (any path other than /legate/ca)")]
+    ReservedIdentity(legate_config::SpiffeId),
     #[error("cannot retire: {0}")]
     Retire(String),
     #[error("signing failed: {0}")]

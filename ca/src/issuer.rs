@@ -48,6 +48,8 @@ pub enum CsrError {
     Unsupported(String),
     #[error("the CSR carries no URI SAN; add the SPIFFE ID {0} as its URI SAN")]
     MissingIdentity(SpiffeId),
+    #[error("{0} is the CA's own identity, which only the CA itself holds (clients accept whoever presents it as the CA); request a workload identity instead")]
+    ReservedIdentity(SpiffeId),
     #[error("the CSR asks for {requested} but the request is authenticated as {authenticated}; request the authenticated identity (tokens and certificates are bound to one identity)")]
     IdentityMismatch {
         requested: String,
@@ -67,6 +69,7 @@ impl CsrError {
             CsrError::Unsupported(_) => "unsupported_extension",
             CsrError::MissingIdentity(_) => "missing_identity",
             CsrError::IdentityMismatch { .. } => "identity_mismatch",
+            CsrError::ReservedIdentity(_) => "reserved_identity",
         }
     }
 }
@@ -80,9 +83,24 @@ pub fn csr_der_from_pem(pem: &str) -> Result<Vec<u8>, CsrError> {
     Ok(der.as_ref().to_vec())
 }
 
+/// Whether `id` is the identity the CA's API presents in its trust domain
+/// ([`crate::ca_server_id`]). Clients check only that the CA presents this
+/// ID, so a workload holding it could pose as the CA.
+pub fn is_ca_identity(id: &SpiffeId) -> bool {
+    id.trust_domain()
+        .parse()
+        .map(|td| *id == crate::ca_server_id(&td))
+        .unwrap_or(false)
+}
+
 /// Checks a CSR against the identity the request authenticated as and
 /// returns the public key to certify.
 pub fn check_csr(der: &[u8], authorized: &SpiffeId) -> Result<SubjectPublicKeyInfo, CsrError> {
+    // Before anything else: no credential, token or renewal certificate,
+    // may obtain the CA's own identity through the API.
+    if is_ca_identity(authorized) {
+        return Err(CsrError::ReservedIdentity(authorized.clone()));
+    }
     if der.len() > MAX_CSR_DER {
         return Err(CsrError::Malformed(format!(
             "{} bytes is larger than the {MAX_CSR_DER}-byte limit",
@@ -386,6 +404,18 @@ mod tests {
             check_csr(&vec![0u8; MAX_CSR_DER + 1], &a),
             Err(CsrError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn refuses_the_cas_own_identity() {
+        let ca = id("spiffe://td/legate/ca");
+        assert_eq!(
+            check_csr(&csr(&[uri("spiffe://td/legate/ca")], |_| {}), &ca).unwrap_err(),
+            CsrError::ReservedIdentity(ca.clone())
+        );
+        // Neighbouring paths are ordinary workload identities.
+        let other = id("spiffe://td/legate/ca2");
+        assert!(check_csr(&csr(&[uri("spiffe://td/legate/ca2")], |_| {}), &other).is_ok());
     }
 
     #[test]

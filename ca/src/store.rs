@@ -660,8 +660,13 @@ pub fn trust_domain(dir: &Path) -> Result<TrustDomain, CaError> {
         .map_err(|e| CaError::material(dir.join(STATE_FILE), format!("trust domain: {e}")))
 }
 
-/// Mints a bootstrap token for `id` with the CA's token key.
+/// Mints a bootstrap token for `id` with the CA's token key. Refuses the
+/// CA's own identity: a certificate for it would let its holder pose as the
+/// CA to every client.
 pub fn mint_token(dir: &Path, id: &SpiffeId, ttl: Duration) -> Result<String, CaError> {
+    if crate::issuer::is_ca_identity(id) {
+        return Err(CaError::ReservedIdentity(id.clone()));
+    }
     let state = read_state(dir)?;
     if id.trust_domain() != state.trust_domain {
         return Err(CaError::Usage(format!(
@@ -802,6 +807,11 @@ impl Authority {
         cfg: &CaConfig,
         now: SystemTime,
     ) -> Result<(Issued, Vec<CertificateDer<'static>>), CaError> {
+        // The API refuses this identity in the CSR check already; refusing
+        // here too keeps any other caller from signing it.
+        if crate::issuer::is_ca_identity(id) {
+            return Err(CaError::ReservedIdentity(id.clone()));
+        }
         let signer = &self.active;
         let issued = signer.issue(key, id, &[], cfg.cert_ttl, cfg.backdate, now)?;
         self.record(signer.generation(), issued.not_after, cfg.cert_ttl)?;
