@@ -28,6 +28,14 @@ pub enum CaError {
     /// The CA's own identity, which no workload may hold.
     #[error("{0} is the CA's own identity: clients accept whoever presents it as the CA, so no token or certificate is issued for it; choose another identity (any path other than /legate/ca)")]
     ReservedIdentity(legate_config::SpiffeId),
+    /// A generation's `issued-until` record exists but is unusable, so how
+    /// long its certificates stay valid is unknown.
+    #[error("{}: {reason}, so it is unknown how long certificates from generation {generation} stay valid. If you know their latest expiry, write it there as Unix seconds (e.g. `date -d '2030-01-01' +%s`); otherwise wait until every certificate it issued has expired (at most ca.cert_ttl after it stopped signing) and then delete the file", path.display())]
+    IssuedUntil {
+        path: PathBuf,
+        generation: u32,
+        reason: String,
+    },
     #[error("cannot retire: {0}")]
     Retire(String),
     #[error("signing failed: {0}")]

@@ -564,7 +564,9 @@ pub fn rotate(dir: &Path, cfg: &CaConfig, imported: Option<&Import>) -> Result<S
     state.active = id;
     write_state(dir, &state)?;
     let roots = write_bundle(dir, &state)?;
-    let until = read_issued_until(dir, old);
+    // Only a hint in the report; `retire` reads the file again and refuses
+    // if it is unusable.
+    let until = read_issued_until(dir, old).ok().flatten();
     let mut out = format!(
         "generation {id} now signs; the bundle carries {} roots\n{}",
         roots.len(),
@@ -594,10 +596,35 @@ fn fmt_unix(t: u64) -> String {
         .unwrap_or_else(|_| t.to_string())
 }
 
-fn read_issued_until(dir: &Path, gen: u32) -> Option<u64> {
-    fs::read_to_string(gen_dir(dir, gen).join(ISSUED_UNTIL))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
+/// The recorded `issued-until` of a generation. Only a missing file means
+/// nothing was issued (the CA writes it before the first certificate leaves);
+/// a file that cannot be read or parsed is an error, because guessing "never
+/// issued" could retire a root while its certificates are still in use.
+fn read_issued_until(dir: &Path, gen: u32) -> Result<Option<u64>, CaError> {
+    let path = gen_dir(dir, gen).join(ISSUED_UNTIL);
+    let bad = |reason: String| CaError::IssuedUntil {
+        path: path.clone(),
+        generation: gen,
+        reason,
+    };
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        // A dangling symlink also reads as NotFound; only a path that is
+        // truly absent means nothing was recorded.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound && fs::symlink_metadata(&path).is_err() =>
+        {
+            return Ok(None)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(bad("is a symlink to a file that does not exist".into()))
+        }
+        Err(e) => return Err(bad(format!("cannot be read ({e})"))),
+    };
+    text.trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| bad(format!("holds {:?}, not Unix seconds", text.trim())))
 }
 
 /// Retires every generation except the signing one, once nothing it issued
@@ -616,17 +643,17 @@ pub fn retire(dir: &Path, now: SystemTime) -> Result<String, CaError> {
             "generation {active} is the only live one; run `legate ca rotate` first"
         )));
     }
-    let busy: Vec<String> = candidates
-        .iter()
-        .filter_map(|&id| match read_issued_until(dir, id) {
-            Some(t) if t > now_s => Some(format!(
+    let mut busy = Vec::new();
+    for &id in &candidates {
+        match read_issued_until(dir, id)? {
+            Some(t) if t > now_s => busy.push(format!(
                 "generation {id} issued certificates that may be valid until {} ({} from now)",
                 fmt_unix(t),
                 pki::human(Duration::from_secs(t - now_s))
             )),
-            _ => None,
-        })
-        .collect();
+            _ => {}
+        }
+    }
     if !busy.is_empty() {
         return Err(CaError::Retire(format!(
             "{}; retiring its root now would break them. Try again after that time",
@@ -760,7 +787,7 @@ impl Authority {
         }
         let mut issued = HashMap::new();
         for g in state.live() {
-            issued.insert(g.id, read_issued_until(dir, g.id).unwrap_or(0));
+            issued.insert(g.id, read_issued_until(dir, g.id)?.unwrap_or(0));
         }
         Ok(Authority {
             dir: dir.to_owned(),

@@ -31,3 +31,39 @@ fn the_authority_does_not_sign_the_cas_own_identity() {
         .expect_err("signed the CA's identity");
     assert!(matches!(err, CaError::ReservedIdentity(_)), "{err}");
 }
+
+/// A CA with two generations, the first one retirable but for its record.
+fn rotated_ca() -> tempfile::TempDir {
+    let cfg = config(Duration::from_secs(60));
+    let dir = ca_dir(&cfg);
+    store::rotate(dir.path(), &cfg, None).unwrap();
+    dir
+}
+
+#[test]
+fn retire_refuses_an_unusable_issued_until_record() {
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    let garbage = rotated_ca();
+    std::fs::write(garbage.path().join("gen-1/issued-until"), "soon\n").unwrap();
+    let directory = rotated_ca();
+    std::fs::create_dir(directory.path().join("gen-1/issued-until")).unwrap();
+    let dangling = rotated_ca();
+    std::os::unix::fs::symlink(
+        dangling.path().join("nowhere"),
+        dangling.path().join("gen-1/issued-until"),
+    )
+    .unwrap();
+    for dir in [&garbage, &directory, &dangling] {
+        let err = store::retire(dir.path(), later).expect_err("retired without a record");
+        let text = err.to_string();
+        assert!(matches!(err, CaError::IssuedUntil { .. }), "{text}");
+        assert!(text.contains("gen-1/issued-until"), "{text}");
+        assert!(text.contains("Unix seconds"), "{text}");
+        // Nothing changed: both roots stay in the bundle.
+        let bundle = std::fs::read_to_string(dir.path().join("bundle.pem")).unwrap();
+        assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
+    }
+    // A missing record means nothing was issued.
+    let missing = rotated_ca();
+    store::retire(missing.path(), later).unwrap();
+}
