@@ -101,8 +101,9 @@ pub(crate) fn parse_key(pem: &[u8]) -> Result<KeyPair, String> {
         ),
         _ => return Err("unsupported private key format".into()),
     };
-    KeyPair::try_from(&PrivatePkcs8KeyDer::from(pkcs8))
-        .map_err(|e| format!("the private key cannot be used for signing: {e}"))
+    KeyPair::try_from(&PrivatePkcs8KeyDer::from(pkcs8)).map_err(|e| {
+        format!("the private key cannot be used for signing ({e}); legate signs with {SUPPORTED_CA_KEYS}")
+    })
 }
 
 /// The PKCS#8 DER of a key pair, for writing it out.
@@ -194,6 +195,49 @@ fn der_oid(arcs: &[u64]) -> Vec<u8> {
         .unwrap_or_default();
     der_tlv(0x06, &oid)
 }
+
+/// Why a CA certificate's key cannot be used, if it cannot: ring, and so
+/// both signing here and verification in every peer, handles only ECDSA
+/// P-256 and P-384 and RSA of 2048 to 8192 bits. Other key types are left
+/// to the signature checks that follow.
+pub(crate) fn unsupported_ca_key(cert: &X509Certificate<'_>) -> Option<String> {
+    use x509_parser::oid_registry::{
+        OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+    };
+    use x509_parser::public_key::PublicKey;
+    let spki = cert.public_key();
+    let what = if spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        match curve {
+            Some(c) if c == OID_EC_P256 || c == OID_NIST_EC_P384 => return None,
+            Some(c) => match c.to_id_string().as_str() {
+                "1.3.132.0.35" => "an ECDSA P-521 key".to_string(),
+                "1.3.132.0.10" => "an ECDSA secp256k1 key".to_string(),
+                other => format!("an EC key on curve {other}"),
+            },
+            None => "an EC key without a named curve".to_string(),
+        }
+    } else if spki.algorithm.algorithm == OID_PKCS1_RSAENCRYPTION {
+        match spki.parsed() {
+            Ok(PublicKey::RSA(k)) if (2048..=8192).contains(&k.key_size()) => return None,
+            Ok(PublicKey::RSA(k)) => format!("a {}-bit RSA key", k.key_size()),
+            _ => "an RSA key that does not parse".to_string(),
+        }
+    } else {
+        return None;
+    };
+    Some(format!(
+        "its key is {what}, which legate cannot sign or verify with; use {SUPPORTED_CA_KEYS}"
+    ))
+}
+
+/// The CA key types legate supports, for error messages.
+pub(crate) const SUPPORTED_CA_KEYS: &str =
+    "an ECDSA P-256 or P-384 key, or an RSA key of 2048 to 8192 bits";
 
 /// Parses one DER certificate.
 pub(crate) fn parse_cert<'a>(der: &'a [u8]) -> Result<X509Certificate<'a>, String> {

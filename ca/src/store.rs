@@ -238,6 +238,11 @@ fn check_ca_cert(path: &Path, der: &CertificateDer<'_>, now: SystemTime) -> Resu
         }
         Err(e) => return Err(CaError::material(path, format!("bad basicConstraints: {e}"))),
     }
+    // Before any signature check, which would fail with a misleading
+    // "not signed by" for a key type ring cannot verify.
+    if let Some(reason) = pki::unsupported_ca_key(&c) {
+        return Err(CaError::material(path, reason));
+    }
     if let Ok(Some(ku)) = c.key_usage() {
         if !ku.value.key_cert_sign() {
             return Err(CaError::material(
@@ -252,7 +257,13 @@ fn check_ca_cert(path: &Path, der: &CertificateDer<'_>, now: SystemTime) -> Resu
         return Err(CaError::material(path, "not valid yet; check the clock"));
     }
     if now >= na {
-        return Err(CaError::material(path, "expired"));
+        return Err(CaError::material(
+            path,
+            format!(
+                "expired at {}; nothing it signs verifies. Use a certificate that is still valid (in a CA directory, `legate ca rotate` adds a new generation)",
+                c.validity().not_after
+            ),
+        ));
     }
     Ok(())
 }
@@ -297,6 +308,65 @@ fn check_signed_by(
     })
 }
 
+/// Checks that `root` is a usable, self-signed root.
+fn check_root(path: &Path, root: &CertificateDer<'_>, now: SystemTime) -> Result<(), CaError> {
+    check_ca_cert(path, root, now)?;
+    check_signed_by(path, root, root).map_err(|_| {
+        CaError::material(
+            path,
+            "not self-signed, so it is not a root; pass it as --intermediate-cert and its root as --root-cert",
+        )
+    })
+}
+
+/// Checks the intermediates below a checked root: each a usable CA signed
+/// by the next, and every basicConstraints pathLenConstraint leaving room
+/// for the CAs below it. webpki, which peers verify with, ignores
+/// pathLenConstraint, so the self-test cannot catch it; openssl and other
+/// verifiers reject such chains. `init` and `serve` share this.
+fn check_chain(
+    root_path: &Path,
+    root: &CertificateDer<'_>,
+    chain_path: &Path,
+    chain: &[CertificateDer<'_>],
+    now: SystemTime,
+) -> Result<(), CaError> {
+    if chain.is_empty() {
+        return Err(CaError::material(chain_path, "no certificate"));
+    }
+    if chain.iter().any(|c| c.as_ref() == root.as_ref()) {
+        return Err(CaError::material(
+            chain_path,
+            "the intermediate is the root itself; give the intermediate the root signed, or give only --root-cert and --root-key and legate creates the intermediate",
+        ));
+    }
+    for (i, c) in chain.iter().enumerate() {
+        check_ca_cert(chain_path, c, now)?;
+        let parent = chain.get(i + 1).unwrap_or(root);
+        check_signed_by(chain_path, c, parent)?;
+        check_path_len(chain_path, c, i)?;
+    }
+    check_path_len(root_path, root, chain.len())
+}
+
+/// Checks that `der`'s pathLenConstraint, if any, allows `below`
+/// intermediates under it.
+fn check_path_len(path: &Path, der: &CertificateDer<'_>, below: usize) -> Result<(), CaError> {
+    let c = pki::parse_cert(der).map_err(|r| CaError::material(path, r))?;
+    let Ok(Some(bc)) = c.basic_constraints() else {
+        return Ok(());
+    };
+    match bc.value.path_len_constraint {
+        Some(n) if (n as usize) < below => Err(CaError::material(
+            path,
+            format!(
+                "its basicConstraints pathlen:{n} allows {n} intermediate(s) below it, but the chain has {below}, so certificates it issues fail verification (\"path length constraint exceeded\"); use a certificate with pathlen:{below} or more, or without pathlen"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn import(
     td: &TrustDomain,
     gen: u32,
@@ -314,13 +384,7 @@ fn import(
     let Some(root) = roots.into_iter().next() else {
         return Err(CaError::material(&imp.root_cert, "no certificate"));
     };
-    check_ca_cert(&imp.root_cert, &root, now)?;
-    check_signed_by(&imp.root_cert, &root, &root).map_err(|_| {
-        CaError::material(
-            &imp.root_cert,
-            "not self-signed, so it is not a root; pass it as --intermediate-cert and its root as --root-cert",
-        )
-    })?;
+    check_root(&imp.root_cert, &root, now)?;
     let root_key = match &imp.root_key {
         Some(p) => {
             let k = read_key(p)?;
@@ -332,11 +396,9 @@ fn import(
     let (chain, key) = match (&imp.intermediate_cert, &imp.intermediate_key) {
         (Some(cp), Some(kp)) => {
             let chain = read_one_cert(cp)?;
-            for (i, c) in chain.iter().enumerate() {
-                check_ca_cert(cp, c, now)?;
-                let parent = chain.get(i + 1).unwrap_or(&root);
-                check_signed_by(cp, c, parent)?;
-            }
+            // The chain before the key, so that a key type legate cannot use
+            // is named from the certificate rather than as a parse failure.
+            check_chain(&imp.root_cert, &root, cp, &chain, now)?;
             let key = read_key(kp)?;
             check_key_matches(kp, &chain[0], &key)?;
             (chain, key)
@@ -348,7 +410,10 @@ fn import(
                 )
             })?;
             let (inter, key) = new_intermediate(td, gen, &root, rk, cfg, now)?;
-            (vec![inter], key)
+            let chain = vec![inter];
+            // The root's pathlen must leave room for the new intermediate.
+            check_chain(&imp.root_cert, &root, &imp.root_cert, &chain, now)?;
+            (chain, key)
         }
         _ => {
             return Err(CaError::Usage(
@@ -373,8 +438,10 @@ fn import(
 }
 
 /// Issues a throwaway workload certificate and verifies it as peers will,
-/// so that a chain that cannot work (path length, name constraints, key
-/// usages, mismatched files) is refused at init rather than at 3 a.m.
+/// so that a chain that cannot work (name constraints, key usages,
+/// mismatched files) is refused at init rather than at 3 a.m. Path length
+/// is not among them: webpki ignores pathLenConstraint, so [`check_chain`]
+/// checks it.
 fn self_test(td: &TrustDomain, gen: u32, m: &Material, now: SystemTime) -> Result<(), String> {
     let signer = SigningCa::new(gen, m.chain.clone(), m.key.clone_key()?, m.root.clone())?;
     let id = SpiffeId::new(td, ["legate", "self-test"])?;

@@ -67,3 +67,158 @@ fn retire_refuses_an_unusable_issued_until_record() {
     let missing = rotated_ca();
     store::retire(missing.path(), later).unwrap();
 }
+
+/// Runs a shell script of openssl commands in `d`, panicking on failure.
+fn sh(d: &std::path::Path, script: &str) {
+    let (ok, text) = run(
+        "sh",
+        &["-c", &format!("set -e; cd '{}'; {script}", path_str(d))],
+    );
+    assert!(ok, "{script}: {text}");
+}
+
+/// `NAME.key` made by `openssl genpkey` with `alg` (such as
+/// `-algorithm EC -pkeyopt ec_paramgen_curve:P-256`).
+fn key(d: &std::path::Path, name: &str, alg: &str) {
+    sh(d, &format!("openssl genpkey {alg} -out {name}.key"));
+}
+
+/// A self-signed root `NAME.crt` over `NAME.key`, with extra basicConstraints.
+fn root(d: &std::path::Path, name: &str, bc: &str) {
+    sh(
+        d,
+        &format!(
+            "openssl req -x509 -new -key {name}.key -subj /CN={name} -days 30 \
+             -addext basicConstraints=critical,CA:TRUE{bc} \
+             -addext keyUsage=critical,keyCertSign,cRLSign -out {name}.crt"
+        ),
+    );
+}
+
+/// An intermediate `NAME.crt` over `NAME.key`, signed by `parent`.
+fn intermediate(d: &std::path::Path, name: &str, parent: &str, bc: &str) {
+    sh(
+        d,
+        &format!(
+            "printf 'basicConstraints=critical,CA:TRUE{bc}\\nkeyUsage=critical,keyCertSign,cRLSign\\n' > {name}.ext; \
+             openssl req -new -key {name}.key -subj /CN={name} -out {name}.csr; \
+             openssl x509 -req -in {name}.csr -CA {parent}.crt -CAkey {parent}.key \
+             -CAcreateserial -days 20 -extfile {name}.ext -out {name}.crt"
+        ),
+    );
+}
+
+const P256: &str = "-algorithm EC -pkeyopt ec_paramgen_curve:P-256";
+
+fn init_with(
+    d: &std::path::Path,
+    root: &str,
+    root_key: bool,
+    inter: Option<&str>,
+) -> Result<String, CaError> {
+    let imp = store::Import {
+        root_cert: d.join(format!("{root}.crt")),
+        root_key: root_key.then(|| d.join(format!("{root}.key"))),
+        intermediate_cert: inter.map(|i| d.join(format!("{i}.crt"))),
+        intermediate_key: inter.map(|i| d.join(format!("{i}.key"))),
+    };
+    store::init(
+        &d.join("ca"),
+        &td(),
+        &config(Duration::from_secs(60)),
+        Some(&imp),
+        false,
+    )
+}
+
+#[test]
+fn init_refuses_a_root_whose_pathlen_leaves_no_room_for_the_intermediate() {
+    let d = tempfile::tempdir().unwrap();
+    let d = d.path();
+    key(d, "root0", P256);
+    root(d, "root0", ",pathlen:0");
+    key(d, "inter", P256);
+    intermediate(d, "inter", "root0", ",pathlen:0");
+    for result in [
+        init_with(d, "root0", false, Some("inter")),
+        init_with(d, "root0", true, None),
+    ] {
+        let text = result.expect_err("pathlen:0 root imported").to_string();
+        assert!(text.contains("root0.crt"), "{text}");
+        assert!(text.contains("pathlen:0"), "{text}");
+    }
+    // pathlen:1 over an intermediate with pathlen:0 is fine.
+    key(d, "root1", P256);
+    root(d, "root1", ",pathlen:1");
+    key(d, "inter1", P256);
+    intermediate(d, "inter1", "root1", ",pathlen:0");
+    init_with(d, "root1", false, Some("inter1")).unwrap();
+}
+
+#[test]
+fn init_names_an_unsupported_root_or_intermediate_key() {
+    let d = tempfile::tempdir().unwrap();
+    let d = d.path();
+    for (name, alg, what) in [
+        (
+            "p521",
+            "-algorithm EC -pkeyopt ec_paramgen_curve:P-521",
+            "P-521",
+        ),
+        (
+            "k256",
+            "-algorithm EC -pkeyopt ec_paramgen_curve:secp256k1",
+            "secp256k1",
+        ),
+        (
+            "rsa1024",
+            "-algorithm RSA -pkeyopt rsa_keygen_bits:1024",
+            "1024-bit RSA",
+        ),
+    ] {
+        key(d, name, alg);
+        root(d, name, "");
+        let text = init_with(d, name, true, None).unwrap_err().to_string();
+        assert!(text.contains(what), "{text}");
+        assert!(text.contains("P-256"), "{text}");
+        assert!(!text.contains("not self-signed"), "{text}");
+    }
+    key(d, "root", P256);
+    root(d, "root", "");
+    for (name, alg, what) in [
+        (
+            "ip521",
+            "-algorithm EC -pkeyopt ec_paramgen_curve:P-521",
+            "P-521",
+        ),
+        (
+            "irsa",
+            "-algorithm RSA -pkeyopt rsa_keygen_bits:1024",
+            "1024-bit RSA",
+        ),
+    ] {
+        key(d, name, alg);
+        intermediate(d, name, "root", "");
+        let text = init_with(d, "root", false, Some(name))
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains(what), "{text}");
+        assert!(!text.contains("Could not parse"), "{text}");
+    }
+}
+
+#[test]
+fn init_refuses_the_root_given_as_its_own_intermediate() {
+    let d = tempfile::tempdir().unwrap();
+    let d = d.path();
+    key(d, "root", P256);
+    root(d, "root", "");
+    let text = init_with(d, "root", false, Some("root"))
+        .expect_err("root imported as its own intermediate")
+        .to_string();
+    assert!(
+        text.contains("the intermediate is the root itself"),
+        "{text}"
+    );
+    assert!(!d.join("ca/state.json").exists());
+}
