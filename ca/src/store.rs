@@ -939,12 +939,18 @@ impl Authority {
     }
 }
 
+/// Loads a generation's signer, after the checks `init` runs on imported
+/// material: files may have been replaced, or simply expired, since, and
+/// serving with them would fail every request with a misleading reason.
 fn load_signer(dir: &Path, gen: u32) -> Result<SigningCa, CaError> {
     let g = gen_dir(dir, gen);
     let Some(root) = read_one_cert(&g.join(ROOT_CERT))?.into_iter().next() else {
         return Err(CaError::material(g.join(ROOT_CERT), "no certificate"));
     };
     let chain = read_one_cert(&g.join(INTER_CERT))?;
+    let now = SystemTime::now();
+    check_root(&g.join(ROOT_CERT), &root, now)?;
+    check_chain(&g.join(ROOT_CERT), &root, &g.join(INTER_CERT), &chain, now)?;
     let key = read_key(&g.join(INTER_KEY))?;
     check_key_matches(&g.join(INTER_KEY), &chain[0], &key)?;
     SigningCa::new(gen, chain, key, root).map_err(|r| CaError::material(g.join(INTER_CERT), r))

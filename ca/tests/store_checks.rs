@@ -222,3 +222,100 @@ fn init_refuses_the_root_given_as_its_own_intermediate() {
     );
     assert!(!d.join("ca/state.json").exists());
 }
+
+/// A CA cert over `key` for `cn`, valid `from`..`to` (Unix seconds),
+/// signed by `issuer` or by itself.
+fn ca_cert(
+    cn: &str,
+    key: &rcgen::KeyPair,
+    from: i64,
+    to: i64,
+    ca: bool,
+    issuer: Option<&rcgen::Issuer<'_, rcgen::KeyPair>>,
+) -> String {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.is_ca = if ca {
+        rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained)
+    } else {
+        rcgen::IsCa::ExplicitNoCa
+    };
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    p.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
+    p.not_after = time::OffsetDateTime::from_unix_timestamp(to).unwrap();
+    match issuer {
+        Some(i) => p.signed_by(key, i).unwrap().pem(),
+        None => p.self_signed(key).unwrap().pem(),
+    }
+}
+
+#[test]
+fn serve_refuses_a_ca_directory_whose_chain_no_longer_works() {
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (past, later) = (now - 86400, now + 86400);
+    // (file replaced, its new content from (root pem, root key), file named, reason)
+    type Make = fn(&str, &rcgen::KeyPair, i64, i64) -> String;
+    let cases: [(&str, Make, &str); 4] = [
+        (
+            "intermediate.crt",
+            |root, rk, past, _| {
+                let issuer = rcgen::Issuer::from_ca_cert_pem(root, rk.clone_key()).unwrap();
+                let k = rcgen::KeyPair::generate().unwrap();
+                ca_cert("old", &k, past - 10, past, true, Some(&issuer))
+            },
+            "expired",
+        ),
+        (
+            "intermediate.crt",
+            |root, rk, past, later| {
+                let issuer = rcgen::Issuer::from_ca_cert_pem(root, rk.clone_key()).unwrap();
+                let k = rcgen::KeyPair::generate().unwrap();
+                ca_cert("leaf", &k, past, later, false, Some(&issuer))
+            },
+            "not a CA",
+        ),
+        (
+            "intermediate.crt",
+            |_, _, past, later| {
+                let other = rcgen::KeyPair::generate().unwrap();
+                let root = ca_cert("other", &other, past, later, true, None);
+                let issuer = rcgen::Issuer::from_ca_cert_pem(&root, other).unwrap();
+                let k = rcgen::KeyPair::generate().unwrap();
+                ca_cert("stray", &k, past, later, true, Some(&issuer))
+            },
+            "issued by",
+        ),
+        (
+            "root.crt",
+            |_, rk, past, _| ca_cert("old root", rk, past - 10, past, true, None),
+            "expired",
+        ),
+    ];
+    for (file, make, why) in cases {
+        let dir = ca_dir(&config(Duration::from_secs(60)));
+        let g = dir.path().join("gen-1");
+        let root = std::fs::read_to_string(g.join("root.crt")).unwrap();
+        let rk = rcgen::KeyPair::from_pem(&std::fs::read_to_string(g.join("root.key")).unwrap())
+            .unwrap();
+        std::fs::write(g.join(file), make(&root, &rk, past, later)).unwrap();
+        let err = match store::Authority::load(dir.path()) {
+            Ok(_) => panic!("loaded with a replaced {file} ({why})"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(file), "{err}");
+        assert!(err.contains(why), "{err}");
+    }
+}
+
+trait CloneKey {
+    fn clone_key(&self) -> rcgen::KeyPair;
+}
+
+impl CloneKey for rcgen::KeyPair {
+    fn clone_key(&self) -> rcgen::KeyPair {
+        rcgen::KeyPair::from_pem(&self.serialize_pem()).unwrap()
+    }
+}
