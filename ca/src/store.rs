@@ -774,7 +774,13 @@ pub fn mint_token(dir: &Path, id: &SpiffeId, ttl: Duration) -> Result<String, Ca
 
 fn load_token_key(dir: &Path) -> Result<TokenKey, CaError> {
     let path = dir.join(TOKEN_KEY);
-    TokenKey::from_bytes(&files::read(&path)?).map_err(|e| CaError::material(path, e.to_string()))
+    TokenKey::from_bytes(&files::read(&path)?).map_err(|e| {
+        // Name the real file in the advice rather than a placeholder.
+        let text = e
+            .to_string()
+            .replace("DIR/token.key", &path.display().to_string());
+        CaError::material(&path, text)
+    })
 }
 
 /// Identifies a version of `state.json`, to notice changes cheaply.

@@ -47,8 +47,11 @@ pub enum TokenError {
     NotYetValid(Duration),
     #[error("the token names {0:?}, which is not a valid SPIFFE ID")]
     BadIdentity(String),
-    #[error("the token key must be at least 32 bytes; recreate it with `legate ca init --force`")]
-    ShortKey,
+    /// The key file holds raw bytes (not text or base64), as `init` writes.
+    /// The advice replaces only the token key: `init --force` would also
+    /// replace the roots and break every issued certificate.
+    #[error("the token key is {0} bytes but must be at least 32 raw random bytes; restore token.key from a backup, or write a new one with `(umask 077; head -c 32 /dev/urandom > DIR/token.key)` (tokens minted with the old key stop working; roots and certificates are unaffected)")]
+    ShortKey(usize),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -69,7 +72,7 @@ impl TokenKey {
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, TokenError> {
         if bytes.len() < Self::LEN {
-            return Err(TokenError::ShortKey);
+            return Err(TokenError::ShortKey(bytes.len()));
         }
         Ok(TokenKey(hmac::Key::new(hmac::HMAC_SHA256, bytes)))
     }
@@ -157,6 +160,15 @@ mod tests {
         let now = SystemTime::now();
         let t = key.mint(&id("spiffe://td/a"), Duration::from_secs(60), now);
         assert_eq!(key.verify(&t, now).unwrap(), id("spiffe://td/a"));
+    }
+
+    #[test]
+    fn a_short_key_is_refused_with_advice_that_keeps_the_roots() {
+        let err = TokenKey::from_bytes(&[7u8; 31]).err().unwrap();
+        assert_eq!(err, TokenError::ShortKey(31));
+        let text = err.to_string();
+        assert!(text.contains("head -c 32 /dev/urandom"), "{text}");
+        assert!(!text.contains("init --force"), "{text}");
     }
 
     #[test]

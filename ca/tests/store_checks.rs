@@ -319,3 +319,18 @@ impl CloneKey for rcgen::KeyPair {
         rcgen::KeyPair::from_pem(&self.serialize_pem()).unwrap()
     }
 }
+
+#[test]
+fn a_short_token_key_gets_advice_that_keeps_the_roots() {
+    let dir = ca_dir(&config(Duration::from_secs(60)));
+    let key = dir.path().join("token.key");
+    std::fs::write(&key, b"too short\n").unwrap();
+    let err = store::mint_token(dir.path(), &id("web"), Duration::from_secs(60))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("head -c 32 /dev/urandom > {}", key.display())),
+        "{err}"
+    );
+    assert!(!err.contains("--force"), "{err}");
+}
