@@ -213,6 +213,38 @@ pub fn check_csr(der: &[u8], authorized: &SpiffeId) -> Result<SubjectPublicKeyIn
     SubjectPublicKeyInfo::from_der(spki.raw).map_err(|e| CsrError::WeakKey(e.to_string()))
 }
 
+/// Why `name` cannot be a DNS SAN, if it cannot. rcgen encodes any ASCII
+/// string, so without this check "a b" or an IP address would end up as a
+/// dNSName no client ever matches. A leading `*.` wildcard label is allowed.
+pub fn dns_name_problem(name: &str) -> Option<String> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        // legate clients verify the CA by its SPIFFE ID, so reaching it by
+        // IP needs no SAN; there is no option for IP SANs.
+        return Some(format!(
+            "{name:?} is an IP address, not a DNS name; legate clients check only the CA's SPIFFE ID, so they can reach it by IP without it, and the CA certificate has no option for IP SANs"
+        ));
+    }
+    let body = name.strip_prefix("*.").unwrap_or(name);
+    if body.is_empty() || name.len() > 253 {
+        return Some(format!(
+            "{name:?} is not a DNS name (it must be 1 to 253 characters)"
+        ));
+    }
+    for label in body.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !ok {
+            return Some(format!(
+                "{name:?} is not a DNS name: each dot-separated label must be 1 to 63 letters, digits or '-' (not at either end), with no trailing dot"
+            ));
+        }
+    }
+    None
+}
+
 /// A certificate the CA signed.
 #[derive(Debug, Clone)]
 pub struct Issued {
@@ -295,6 +327,11 @@ impl SigningCa {
             .map_err(|e| CaError::Signing(format!("{id} cannot be encoded: {e}")))?;
         p.subject_alt_names.push(SanType::URI(uri));
         for d in dns_names {
+            if let Some(problem) = dns_name_problem(d) {
+                return Err(CaError::Usage(format!(
+                    "--dns-name / ca.dns_names: {problem}"
+                )));
+            }
             let name = d
                 .as_str()
                 .try_into()
@@ -416,6 +453,20 @@ mod tests {
         // Neighbouring paths are ordinary workload identities.
         let other = id("spiffe://td/legate/ca2");
         assert!(check_csr(&csr(&[uri("spiffe://td/legate/ca2")], |_| {}), &other).is_ok());
+    }
+
+    #[test]
+    fn dns_names_must_be_dns_names() {
+        for good in ["ca", "legate-ca.mesh.svc.cluster.local", "*.example.com"] {
+            assert_eq!(dns_name_problem(good), None, "{good}");
+        }
+        for bad in ["a b", "", "-x.example", "x..y", "x.", "ca_1", "*."] {
+            assert!(dns_name_problem(bad).is_some(), "{bad:?} accepted");
+        }
+        for ip in ["10.0.0.1", "::1"] {
+            let p = dns_name_problem(ip).unwrap();
+            assert!(p.contains("IP address"), "{p}");
+        }
     }
 
     #[test]

@@ -334,3 +334,21 @@ fn a_short_token_key_gets_advice_that_keeps_the_roots() {
     );
     assert!(!err.contains("--force"), "{err}");
 }
+
+#[tokio::test]
+async fn serve_refuses_dns_names_that_are_not_dns_names() {
+    let mut cfg = config(Duration::from_secs(60));
+    let dir = ca_dir(&cfg);
+    for bad in ["a b", "10.0.0.1"] {
+        cfg.dns_names = vec![bad.into()];
+        let err = match legate_ca::server::Server::bind(dir.path(), &cfg).await {
+            Ok(_) => panic!("served with DNS name {bad:?}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("ca.dns_names") && err.contains(bad), "{err}");
+    }
+    cfg.dns_names = vec!["legate-ca.mesh.svc".into()];
+    legate_ca::server::Server::bind(dir.path(), &cfg)
+        .await
+        .unwrap();
+}
