@@ -188,6 +188,22 @@ async fn every_rejection_is_clear_and_the_ca_keeps_serving() {
     let (status, code, _) = refused(client.issue(&good_csr, None).await);
     assert_eq!((status, code.as_str()), (401, "unauthenticated"));
 
+    // A token for the CA's own identity, minted with the key directly
+    // (`legate ca token` refuses it): the API refuses to issue it.
+    let ca_id = legate_ca::ca_server_id(&td());
+    let for_ca = Secret::new(key.mint(&ca_id, Duration::from_secs(60), SystemTime::now()));
+    let (status, code, reason) = refused(
+        client
+            .issue(&csr(vec![uri(ca_id.as_str())]), Some(&for_ca))
+            .await,
+    );
+    assert_eq!(
+        (status, code.as_str()),
+        (403, "reserved_identity"),
+        "{reason}"
+    );
+    assert!(reason.contains("CA's own identity"), "{reason}");
+
     // A token for A with a CSR for B.
     let token_a = token(dir.path(), &a);
     let (status, code, reason) = refused(
