@@ -308,14 +308,17 @@ fn check_signed_by(
     })
 }
 
-/// Checks that `root` is a usable, self-signed root.
-fn check_root(path: &Path, root: &CertificateDer<'_>, now: SystemTime) -> Result<(), CaError> {
+/// Checks that `root` is a usable, self-signed root. `fix` says what to do
+/// if it is not: at import, which flags to use; at load, which file to restore.
+fn check_root(
+    path: &Path,
+    root: &CertificateDer<'_>,
+    now: SystemTime,
+    fix: &str,
+) -> Result<(), CaError> {
     check_ca_cert(path, root, now)?;
     check_signed_by(path, root, root).map_err(|_| {
-        CaError::material(
-            path,
-            "not self-signed, so it is not a root; pass it as --intermediate-cert and its root as --root-cert",
-        )
+        CaError::material(path, format!("not self-signed, so it is not a root; {fix}"))
     })
 }
 
@@ -384,7 +387,12 @@ fn import(
     let Some(root) = roots.into_iter().next() else {
         return Err(CaError::material(&imp.root_cert, "no certificate"));
     };
-    check_root(&imp.root_cert, &root, now)?;
+    check_root(
+        &imp.root_cert,
+        &root,
+        now,
+        "pass it as --intermediate-cert and its root as --root-cert",
+    )?;
     let root_key = match &imp.root_key {
         Some(p) => {
             let k = read_key(p)?;
@@ -955,7 +963,12 @@ fn load_signer(dir: &Path, gen: u32) -> Result<SigningCa, CaError> {
     };
     let chain = read_one_cert(&g.join(INTER_CERT))?;
     let now = SystemTime::now();
-    check_root(&g.join(ROOT_CERT), &root, now)?;
+    check_root(
+        &g.join(ROOT_CERT),
+        &root,
+        now,
+        "restore this generation's root certificate",
+    )?;
     check_chain(&g.join(ROOT_CERT), &root, &g.join(INTER_CERT), &chain, now)?;
     let key = read_key(&g.join(INTER_KEY))?;
     check_key_matches(&g.join(INTER_KEY), &chain[0], &key)?;

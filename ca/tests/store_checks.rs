@@ -258,7 +258,17 @@ fn serve_refuses_a_ca_directory_whose_chain_no_longer_works() {
     let (past, later) = (now - 86400, now + 86400);
     // (file replaced, its new content from (root pem, root key), file named, reason)
     type Make = fn(&str, &rcgen::KeyPair, i64, i64) -> String;
-    let cases: [(&str, Make, &str); 4] = [
+    let cases: [(&str, Make, &str); 5] = [
+        (
+            "root.crt",
+            |_, rk, past, later| {
+                let other = rcgen::KeyPair::generate().unwrap();
+                let top = ca_cert("other", &other, past, later, true, None);
+                let issuer = rcgen::Issuer::from_ca_cert_pem(&top, other).unwrap();
+                ca_cert("not a root", rk, past, later, true, Some(&issuer))
+            },
+            "restore this generation's root",
+        ),
         (
             "intermediate.crt",
             |root, rk, past, _| {
