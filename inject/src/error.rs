@@ -56,6 +56,16 @@ pub enum InjectError {
     #[error("{at}: hostNetwork is true, so legate does not inject it: the iptables rules `legate init` installs would capture the node's own traffic, not just this pod's. Leave the workload out of the mesh with the pod annotation legate.dev/inject: \"false\"")]
     HostNetwork { at: Location },
 
+    #[error("{at}: YAML merge keys (`<<`) are not supported in {place} (one is at {path}): Kubernetes applies them, but legate would check and inject the object as if they were not there; expand them first, e.g. with `kubectl create --dry-run=client -o yaml -f FILE`, and inject the result")]
+    MergeKey {
+        at: Location,
+        /// `an object with a pod template`, or `a Kubernetes object` when
+        /// the key is at the top level.
+        place: &'static str,
+        /// The mapping holding the key, such as `spec.template.spec`.
+        path: String,
+    },
+
     #[error("{at}: annotation {annotation}: {message}")]
     Annotation {
         at: Location,

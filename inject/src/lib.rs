@@ -18,7 +18,11 @@
 //!   `legate.dev/inject: "false"`, is left as it is, so running inject
 //!   twice gives the same output as running it once;
 //! - a pod with `hostNetwork: true` is refused: its iptables rules would
-//!   capture the node's traffic;
+//!   capture the node's traffic; `!!bool true` counts as `true`;
+//! - an object with a pod template that holds a YAML merge key (`<<`), and
+//!   any object with one at its top level, is refused: Kubernetes applies
+//!   merge keys and this crate does not, so the checks above could be
+//!   judging a pod other than the one that would run;
 //! - every other document (Services, ConfigMaps, partial objects such as
 //!   patches) is passed through.
 //!
@@ -101,6 +105,7 @@ pub fn inject(input: &str, opts: &Options) -> Result<Injected, InjectError> {
             what: describe(&doc),
         };
         let changed = if is_list(&doc) {
+            no_top_merge_key(&doc, &at)?;
             let mut changed = false;
             if let Some(items) = as_map_mut(&mut doc)
                 .and_then(|m| get_mut(m, "items"))
@@ -235,10 +240,21 @@ fn object(
             action,
         })
     };
+    no_top_merge_key(doc, at)?;
     let Some(path) = template_path(&kind) else {
         report(Action::NoPodTemplate);
         return Ok(false);
     };
+    // Anywhere inside an object with a pod template, a merge key may supply
+    // `hostNetwork`, the annotations or the containers the checks below
+    // look for, and Kubernetes would see them where this tree does not.
+    if let Some(path) = merge_key(doc, "") {
+        return Err(InjectError::MergeKey {
+            at: at.clone(),
+            place: "an object with a pod template",
+            path,
+        });
+    }
     let workload_annotations = as_map(doc).and_then(annotations_of);
     let prefix: String = path.iter().map(|p| format!("{p}.")).collect();
 
@@ -361,6 +377,55 @@ fn object(
     Ok(true)
 }
 
+/// Refuses a merge key at the top level of any object: it may supply the
+/// `kind` (or a List's `items`), so not even the kind read without it can
+/// be trusted to say that the object holds no pods.
+fn no_top_merge_key(doc: &Yaml<'_>, at: &Location) -> Result<(), InjectError> {
+    match as_map(doc) {
+        Some(m) if m.keys().any(node::is_merge_key) => Err(InjectError::MergeKey {
+            at: at.clone(),
+            place: "a Kubernetes object",
+            path: "the top level".into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Where in `node` the first merge key is: the dotted path of the mapping
+/// that holds it (`spec.template.spec`, `spec.containers[0]`), or `None`.
+fn merge_key(node: &Yaml<'_>, path: &str) -> Option<String> {
+    let here = || {
+        if path.is_empty() {
+            "the top level".to_owned()
+        } else {
+            path.to_owned()
+        }
+    };
+    if let Some(m) = as_map(node) {
+        for (k, v) in m {
+            if node::is_merge_key(k) {
+                return Some(here());
+            }
+            let key = text(k).unwrap_or("?");
+            let inner = if path.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{path}.{key}")
+            };
+            if let Some(found) = merge_key(v, &inner) {
+                return Some(found);
+            }
+        }
+    } else if let Some(items) = as_seq(node) {
+        for (i, item) in items.iter().enumerate() {
+            if let Some(found) = merge_key(item, &format!("{path}[{i}]")) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
 /// Refuses a pod that already uses the names legate adds.
 fn check_names(spec: &Mapping<'_>, at: &Location, prefix: &str) -> Result<(), InjectError> {
     let names = |key: &str| -> Vec<String> {
@@ -405,4 +470,87 @@ fn check_names(spec: &Mapping<'_>, at: &Location, prefix: &str) -> Result<(), In
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(yaml: &str) -> Result<Injected, InjectError> {
+        inject(yaml, &Options::new("0.1.0"))
+    }
+
+    const POD: &str = "kind: Pod\nmetadata: {name: web}\n";
+
+    #[test]
+    fn merge_keys_are_refused_where_they_could_hide_anything() {
+        let refused = [
+            // hostNetwork that Kubernetes applies and the check would miss.
+            format!("{POD}spec:\n  <<: {{hostNetwork: true}}\n  containers: [{{name: app}}]\n"),
+            // An annotation hidden from validation.
+            "x: &ann {legate.dev/mod: strict}\nkind: Pod\nmetadata:\n  annotations: {<<: *ann}\nspec:\n  containers: [{name: app}]\n"
+                .to_owned(),
+            // Containers that would be missed as "no containers".
+            "b: &b {containers: [{name: app}]}\nkind: Deployment\nspec:\n  template:\n    spec: {<<: *b}\n"
+                .to_owned(),
+            // A kind supplied by a merge key.
+            "<<: {kind: Pod}\nspec:\n  containers: [{name: app}]\n".to_owned(),
+            // The same inside a List, and in a List's own top level.
+            "kind: List\nitems:\n- kind: Pod\n  spec:\n    <<: {hostNetwork: true}\n    containers: [{name: app}]\n"
+                .to_owned(),
+            "kind: List\n<<: {items: [{kind: Pod, spec: {containers: [{name: a}]}}]}\n".to_owned(),
+            // The explicit spelling of a merge key.
+            format!("{POD}spec:\n  !!merge x: {{hostNetwork: true}}\n  containers: [{{name: app}}]\n"),
+        ];
+        for yaml in refused {
+            let e = run(&yaml).expect_err(&yaml);
+            assert!(matches!(e, InjectError::MergeKey { .. }), "{yaml}: {e}");
+            let e = e.to_string();
+            assert!(
+                e.contains("`<<`") && e.contains("kubectl create --dry-run=client"),
+                "{e}"
+            );
+        }
+        let e = run(&format!(
+            "{POD}spec:\n  <<: {{hostNetwork: true}}\n  containers: [{{name: app}}]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("Pod web") && e.contains("(one is at spec)"),
+            "{e}"
+        );
+        // Objects without pods keep their merge keys below the top level.
+        let config = "kind: ConfigMap\nmetadata: {name: c}\ndata:\n  <<: {a: b}\n";
+        assert_eq!(run(config).unwrap().text, config);
+    }
+
+    #[test]
+    fn tagged_host_network_is_refused_like_plain_true() {
+        for value in [
+            "!!bool true",
+            "!!bool \"true\"",
+            "!!bool yes",
+            "!<tag:yaml.org,2002:bool> on",
+        ] {
+            let yaml =
+                format!("{POD}spec:\n  hostNetwork: {value}\n  containers: [{{name: app}}]\n");
+            let e = run(&yaml).expect_err(&yaml);
+            assert!(matches!(e, InjectError::HostNetwork { .. }), "{value}: {e}");
+        }
+        // Not booleans to Kubernetes, so not a host-network pod; the API
+        // server refuses the string itself.
+        for value in ["!!str true", "\"true\"", "!!bool false", "false"] {
+            let yaml =
+                format!("{POD}spec:\n  hostNetwork: {value}\n  containers: [{{name: app}}]\n");
+            run(&yaml).unwrap_or_else(|e| panic!("{value}: {e}"));
+        }
+    }
+
+    #[test]
+    fn tagged_null_lists_are_filled_in() {
+        let yaml = format!("{POD}spec:\n  initContainers: !!null\n  volumes: !!null ''\n  containers: [{{name: app}}]\n");
+        let out = run(&yaml).unwrap().text;
+        assert!(out.contains("- name: legate-init"), "{out}");
+    }
 }

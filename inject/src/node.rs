@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 
-use saphyr::{Mapping, ScalarStyle, Yaml};
+use saphyr::{Mapping, ScalarStyle, Tag, Yaml};
 
 /// The text of a scalar node, whatever its style; `None` for collections.
 pub(crate) fn text<'a>(node: &'a Yaml<'_>) -> Option<&'a str> {
@@ -20,23 +20,54 @@ pub(crate) fn text<'a>(node: &'a Yaml<'_>) -> Option<&'a str> {
     }
 }
 
-/// Whether a scalar is a plain (unquoted) boolean `true` as Kubernetes'
-/// YAML 1.1 reader sees it.
+/// Whether `tag` is the core-schema tag `tag:yaml.org,2002:<name>`, however
+/// it was written (`!!bool`, or verbatim as `!<tag:yaml.org,2002:bool>`).
+/// A `%TAG !! ...` directive that points `!!` elsewhere makes it another tag.
+fn is_core_tag(tag: &Tag, name: &str) -> bool {
+    const CORE: &str = "tag:yaml.org,2002:";
+    let full = format!("{}{}", tag.handle, tag.suffix);
+    full.strip_prefix(CORE) == Some(name)
+}
+
+/// Whether a scalar is a boolean `true` as Kubernetes' YAML 1.1 reader sees
+/// it: a plain `true`, `yes`, `on` (any of their spellings), or any of
+/// those with an explicit `!!bool` tag, which makes even a quoted scalar a
+/// boolean. Any other tag (`!!str`, a local `!tag`) makes it something
+/// Kubernetes does not read as `true`.
 pub(crate) fn is_true(node: &Yaml<'_>) -> bool {
-    match node {
-        Yaml::Representation(s, ScalarStyle::Plain, None) => matches!(
-            s.as_ref(),
+    let truthy = |s: &str| {
+        matches!(
+            s,
             "true" | "True" | "TRUE" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" | "y" | "Y"
-        ),
+        )
+    };
+    match node {
+        Yaml::Representation(s, ScalarStyle::Plain, None) => truthy(s),
+        Yaml::Representation(s, _, Some(tag)) => is_core_tag(tag, "bool") && truthy(s),
+        Yaml::Tagged(tag, inner) => is_core_tag(tag, "bool") && text(inner).is_some_and(truthy),
         _ => false,
     }
 }
 
-/// Whether a node is null: an empty plain scalar, `~` or `null`.
+/// Whether a node is null: an empty plain scalar, `~` or `null`, also when
+/// tagged `!!null` (then in any style, as for `!!bool`).
 pub(crate) fn is_null(node: &Yaml<'_>) -> bool {
-    matches!(node, Yaml::Representation(s, ScalarStyle::Plain, None)
-        if matches!(s.as_ref(), "" | "~" | "null" | "Null" | "NULL"))
-        || matches!(node, Yaml::BadValue)
+    let null = |s: &str| matches!(s, "" | "~" | "null" | "Null" | "NULL");
+    match node {
+        Yaml::Representation(s, ScalarStyle::Plain, None) => null(s),
+        Yaml::Representation(s, _, Some(tag)) => is_core_tag(tag, "null") && null(s),
+        Yaml::BadValue => true,
+        _ => false,
+    }
+}
+
+/// Whether a mapping key is a YAML merge key: `<<`, or one tagged
+/// `!!merge`. Kubernetes' YAML reader applies merge keys; this crate
+/// does not, so a document holding one must not be judged by its tree.
+pub(crate) fn is_merge_key(key: &Yaml<'_>) -> bool {
+    text(key) == Some("<<")
+        || matches!(key, Yaml::Representation(_, _, Some(tag)) | Yaml::Tagged(tag, _)
+            if is_core_tag(tag, "merge"))
 }
 
 pub(crate) fn as_map<'a, 'i>(node: &'a Yaml<'i>) -> Option<&'a Mapping<'i>> {
