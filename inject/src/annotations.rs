@@ -185,8 +185,137 @@ impl Annotations<'_, '_> {
                 )),
             }
         };
-        Ok([one(CPU_REQUEST)?, one(MEMORY_REQUEST)?, one(MEMORY_LIMIT)?])
+        let out = [one(CPU_REQUEST)?, one(MEMORY_REQUEST)?, one(MEMORY_LIMIT)?];
+        // Kubernetes refuses a negative quantity and a request above its
+        // limit when the pod is created; say so here, naming the
+        // annotation, rather than leave the operator a rejected apply.
+        let mut values = [0; 3];
+        for (i, (name, _)) in [CPU_REQUEST, MEMORY_REQUEST, MEMORY_LIMIT]
+            .into_iter()
+            .enumerate()
+        {
+            values[i] = match quantity(&out[i]) {
+                Ok(v) => v,
+                Err(QuantityError::Negative) => {
+                    return Err((
+                        name.to_owned(),
+                        format!(
+                            "{:?} is negative, and Kubernetes refuses negative resources; write a positive quantity such as 100m or 64Mi",
+                            out[i]
+                        ),
+                    ))
+                }
+                Err(QuantityError::TooLarge) => {
+                    return Err((
+                        name.to_owned(),
+                        format!(
+                            "{:?} is larger than any machine; write a quantity such as 100m or 64Mi",
+                            out[i]
+                        ),
+                    ))
+                }
+            };
+        }
+        if values[1] > values[2] {
+            let (request, limit) = (MEMORY_REQUEST.0, MEMORY_LIMIT.0);
+            let set = |name: &str| self.get(name).ok().flatten().is_some();
+            let whence = if set(limit) {
+                format!("{:?}, from {limit}", out[2])
+            } else {
+                format!("{:?} (the default; {limit} sets it)", out[2])
+            };
+            let (named, fix) = if set(request) {
+                (request, format!("lower {request} or raise {limit}"))
+            } else {
+                (limit, format!("raise {limit} or lower {request}"))
+            };
+            return Err((
+                named.to_owned(),
+                format!(
+                    "the memory request {:?} is larger than the memory limit {whence}, and Kubernetes refuses a request above its limit; {fix}",
+                    out[1]
+                ),
+            ));
+        }
+        Ok(out)
     }
+}
+
+/// Why a quantity that [`is_quantity`] accepts cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+enum QuantityError {
+    Negative,
+    /// More than `u128` nano-units: far beyond any machine.
+    TooLarge,
+}
+
+/// The value of a quantity that [`is_quantity`] accepts, in nano-units
+/// (`1` is `1_000_000_000`, `1Mi` is `1_048_576_000_000_000`), so that
+/// quantities in different suffixes compare exactly. A fraction of a
+/// nano-unit is rounded up, as Kubernetes rounds it. Negative zero is zero.
+fn quantity(s: &str) -> Result<u128, QuantityError> {
+    let (negative, body) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let digits_end = body
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(body.len());
+    let (number, suffix) = body.split_at(digits_end);
+    let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+    // The value is `mantissa * 10^ten * 2^two` nano-units.
+    let mut mantissa: u128 = 0;
+    for c in int.chars().chain(frac.chars()) {
+        let d = u128::from(c.to_digit(10).unwrap_or(0));
+        mantissa = mantissa
+            .checked_mul(10)
+            .and_then(|m| m.checked_add(d))
+            .ok_or(QuantityError::TooLarge)?;
+    }
+    let frac_len = i64::try_from(frac.len()).map_err(|_| QuantityError::TooLarge)?;
+    let (mut ten, two): (i64, u32) = match suffix {
+        "" => (0, 0),
+        "n" => (-9, 0),
+        "u" => (-6, 0),
+        "m" => (-3, 0),
+        "k" => (3, 0),
+        "M" => (6, 0),
+        "G" => (9, 0),
+        "T" => (12, 0),
+        "P" => (15, 0),
+        "E" => (18, 0),
+        "Ki" => (0, 10),
+        "Mi" => (0, 20),
+        "Gi" => (0, 30),
+        "Ti" => (0, 40),
+        "Pi" => (0, 50),
+        "Ei" => (0, 60),
+        e => (
+            e[1..].parse::<i64>().map_err(|_| QuantityError::TooLarge)?,
+            0,
+        ),
+    };
+    ten = ten.saturating_add(9).saturating_sub(frac_len);
+    let mut value = mantissa
+        .checked_mul(1u128 << two)
+        .ok_or(QuantityError::TooLarge)?;
+    if value != 0 {
+        if ten >= 0 {
+            let scale = u32::try_from(ten)
+                .ok()
+                .and_then(|t| 10u128.checked_pow(t))
+                .ok_or(QuantityError::TooLarge)?;
+            value = value.checked_mul(scale).ok_or(QuantityError::TooLarge)?;
+        } else {
+            // Below a nano-unit: round up, as Kubernetes does.
+            let scale = u32::try_from(-ten).ok().and_then(|t| 10u128.checked_pow(t));
+            value = scale.map_or(1, |scale| value.div_ceil(scale));
+        }
+    }
+    if negative && value != 0 {
+        return Err(QuantityError::Negative);
+    }
+    Ok(value)
 }
 
 /// Checks one value with `legate_config`, as the container will read it.
@@ -281,6 +410,72 @@ mod tests {
         for q in ["", "Mi", "50 m", "1.2.3", "64MB", "e3", "1e"] {
             assert!(!is_quantity(q), "{q}");
         }
+    }
+
+    #[test]
+    fn quantities_compare_across_suffixes() {
+        assert_eq!(quantity("128Mi"), quantity("134217728"));
+        assert_eq!(quantity("0.5"), quantity("500m"));
+        assert_eq!(quantity("1e3"), quantity("1k"));
+        assert_eq!(quantity("1.5Gi"), quantity("1536Mi"));
+        assert_eq!(quantity("1"), Ok(1_000_000_000));
+        assert_eq!(quantity("0.0000000001"), Ok(1));
+        assert_eq!(quantity("1e-12"), Ok(1));
+        assert_eq!(quantity("-0"), Ok(0));
+        assert_eq!(quantity("+2"), quantity("2"));
+        assert!(quantity("1M").unwrap() < quantity("1Mi").unwrap());
+        assert_eq!(quantity("-5"), Err(QuantityError::Negative));
+        assert_eq!(quantity("-1m"), Err(QuantityError::Negative));
+        assert_eq!(quantity("1e99"), Err(QuantityError::TooLarge));
+        assert_eq!(
+            quantity("1e99999999999999999999"),
+            Err(QuantityError::TooLarge)
+        );
+    }
+
+    fn resources(yaml: &str) -> Result<[String; 3], Bad> {
+        // Loaded as `inject` loads documents: every scalar as written.
+        let mut loader: saphyr::YamlLoader<'_, saphyr::Yaml<'_>> = Default::default();
+        loader.early_parse(false);
+        saphyr_parser::Parser::new_from_str(yaml)
+            .load(&mut loader, true)
+            .unwrap();
+        let docs = loader.into_documents();
+        let m = crate::node::as_map(&docs[0]).unwrap();
+        Annotations {
+            pod: Some(m),
+            workload: None,
+        }
+        .resources()
+    }
+
+    #[test]
+    fn kubernetes_would_refuse_these_resources() {
+        let (name, e) = resources("legate.dev/proxy-cpu-request: \"-5\"").unwrap_err();
+        assert_eq!(name, CPU_REQUEST.0);
+        assert!(e.contains("negative"), "{e}");
+        let (name, e) = resources("legate.dev/proxy-memory-limit: \"-1Mi\"").unwrap_err();
+        assert_eq!(name, MEMORY_LIMIT.0);
+        assert!(e.contains("negative"), "{e}");
+        // Above the default limit: the request is named, with the default.
+        for request in ["256Mi", "1Ei", "129Mi", "0.2Gi"] {
+            let (name, e) =
+                resources(&format!("legate.dev/proxy-memory-request: {request}")).unwrap_err();
+            assert_eq!(name, MEMORY_REQUEST.0, "{request}");
+            assert!(e.contains("memory limit \"128Mi\" (the default"), "{e}");
+            assert!(e.contains("lower legate.dev/proxy-memory-request"), "{e}");
+        }
+        // A limit set below the default request: the limit is named.
+        let (name, e) = resources("legate.dev/proxy-memory-limit: 16Mi").unwrap_err();
+        assert_eq!(name, MEMORY_LIMIT.0);
+        assert!(e.contains("raise legate.dev/proxy-memory-limit"), "{e}");
+        // Equal, and different suffixes for the same amount, are fine.
+        let ok = resources(
+            "legate.dev/proxy-memory-request: 134217728\nlegate.dev/proxy-memory-limit: 128Mi\nlegate.dev/proxy-cpu-request: \"0\"",
+        )
+        .unwrap();
+        assert_eq!(ok, ["0", "134217728", "128Mi"]);
+        assert_eq!(resources("{}").unwrap(), ["50m", "32Mi", "128Mi"]);
     }
 
     #[test]
