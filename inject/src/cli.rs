@@ -13,7 +13,7 @@ use clap::Args;
 use legate_config::{Config, TrustDomain};
 use tracing::{debug, info, warn};
 
-use crate::{inject, Action, InjectError, Options, VERSION};
+use crate::{inject, Action, InjectError, Injected, Options, VERSION};
 
 /// Add legate's init container and sidecar to the pods in Kubernetes
 /// manifests. Reads YAML (many documents) and writes the same documents,
@@ -162,7 +162,17 @@ pub fn run(args: &InjectArgs, config: &Config) -> Result<(), InjectError> {
             Action::NoPodTemplate => {
                 debug!(document = r.at.document, "{} passed through", r.at.what)
             }
+            Action::Unsupported => warn!(
+                document = r.at.document,
+                line = r.at.line,
+                "{}: legate does not inject a {}, so its pods would run outside the mesh; left as it is. To mesh them, write them as a Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job or CronJob",
+                r.at.what,
+                if r.kind.is_empty() { "(none)" } else { r.kind.as_str() }
+            ),
         }
+    }
+    if let Some(message) = nothing_found(&result) {
+        warn!("{message}");
     }
     let mut out = std::io::stdout().lock();
     match out
@@ -172,6 +182,15 @@ pub fn run(args: &InjectArgs, config: &Config) -> Result<(), InjectError> {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(InjectError::Write(e)),
         _ => Ok(()),
     }
+}
+
+/// A warning when the input held no object with a `kind` (nothing, only
+/// comments, empty documents): an empty file or a wrong `-f` otherwise
+/// gives an empty output and a silent success.
+fn nothing_found(result: &Injected) -> Option<&'static str> {
+    result.reports.iter().all(|r| r.kind.is_empty()).then_some(
+        "no Kubernetes objects in the input; check the file given with -f, or what is piped in",
+    )
 }
 
 #[cfg(test)]
@@ -218,6 +237,17 @@ mod tests {
         let o = options(&["--image", "registry.local/legate:dev", "--classic-sidecar"]).unwrap();
         assert_eq!(o.image, "registry.local/legate:dev");
         assert!(o.classic_sidecar);
+    }
+
+    #[test]
+    fn empty_input_is_reported() {
+        let o = Options::new(VERSION);
+        for input in ["", "\n", "# only a comment\n---\n"] {
+            let result = inject(input, &o).unwrap();
+            assert!(nothing_found(&result).is_some(), "{input:?}");
+        }
+        let result = inject("kind: Service\n", &o).unwrap();
+        assert_eq!(nothing_found(&result), None);
     }
 
     #[test]

@@ -24,7 +24,9 @@
 //!   merge keys and this crate does not, so the checks above could be
 //!   judging a pod other than the one that would run;
 //! - every other document (Services, ConfigMaps, partial objects such as
-//!   patches) is passed through.
+//!   patches) is passed through; kinds that hold pods legate does not
+//!   inject (PodList, PodTemplate, custom kinds with `spec.template`) are
+//!   passed through with a warning.
 //!
 //! A document that is not changed is written back byte for byte, comments
 //! included (the `split` module explains how). A changed document is
@@ -70,6 +72,10 @@ pub enum Action {
     Incomplete,
     /// A kind without a pod template; passed through.
     NoPodTemplate,
+    /// A kind that holds pods but that legate does not inject (a PodList,
+    /// a PodTemplate, a custom kind with `spec.template`); passed through,
+    /// which the operator should hear about: its pods run outside the mesh.
+    Unsupported,
 }
 
 /// One object's outcome, for the operator's log.
@@ -209,6 +215,18 @@ fn template_path(kind: &str) -> Option<&'static [&'static str]> {
     }
 }
 
+/// Whether an object of a kind without a known pod template still looks
+/// like it holds pods: a PodList or PodTemplate, or any kind with
+/// `spec.template` (a custom workload such as a rollout).
+fn holds_pods(kind: &str, doc: &Yaml<'_>) -> bool {
+    matches!(kind, "PodList" | "PodTemplate")
+        || as_map(doc)
+            .and_then(|m| get(m, "spec"))
+            .and_then(as_map)
+            .and_then(|spec| get(spec, "template"))
+            .is_some_and(|t| as_map(t).is_some())
+}
+
 fn annotations_of<'i>(m: &Mapping<'i>) -> Option<Mapping<'i>> {
     get(m, "metadata")
         .and_then(as_map)
@@ -242,7 +260,11 @@ fn object(
     };
     no_top_merge_key(doc, at)?;
     let Some(path) = template_path(&kind) else {
-        report(Action::NoPodTemplate);
+        report(if holds_pods(&kind, doc) {
+            Action::Unsupported
+        } else {
+            Action::NoPodTemplate
+        });
         return Ok(false);
     };
     // Anywhere inside an object with a pod template, a merge key may supply
@@ -545,6 +567,23 @@ mod tests {
                 format!("{POD}spec:\n  hostNetwork: {value}\n  containers: [{{name: app}}]\n");
             run(&yaml).unwrap_or_else(|e| panic!("{value}: {e}"));
         }
+    }
+
+    #[test]
+    fn kinds_that_hold_pods_are_told_apart() {
+        let yaml = "kind: PodList\nitems: []\n---\nkind: PodTemplate\ntemplate: {spec: {containers: [{name: a}]}}\n---\nkind: Rollout\nspec:\n  template: {spec: {containers: [{name: a}]}}\n---\nkind: Service\nspec: {ports: []}\n";
+        let result = run(yaml).unwrap();
+        assert_eq!(result.text, yaml);
+        let actions: Vec<Action> = result.reports.iter().map(|r| r.action).collect();
+        assert_eq!(
+            actions,
+            [
+                Action::Unsupported,
+                Action::Unsupported,
+                Action::Unsupported,
+                Action::NoPodTemplate
+            ]
+        );
     }
 
     #[test]
