@@ -393,6 +393,39 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
             );
         }
     }
+    // Each of these becomes part of the workload's SPIFFE ID; checking them
+    // here names the key at fault, where building the ID later could only
+    // say that some path was wrong.
+    let td = &id.trust_domain;
+    if let Some(name) = &id.name {
+        if let Err(why) = name.split('/').try_for_each(check_path_segment) {
+            rule(
+                "identity.name",
+                format!(
+                    "{name:?} cannot be the path of the SPIFFE ID spiffe://{td}/<name>: {why}; \
+                     give a name like web or billing-api (several such names may be joined \
+                     by single '/')"
+                ),
+            );
+        }
+    }
+    for (path, value, example) in [
+        ("identity.namespace", &id.namespace, "default"),
+        ("identity.service_account", &id.service_account, "web"),
+    ] {
+        if let Some(v) = value {
+            if let Err(why) = check_path_segment(v) {
+                rule(
+                    path,
+                    format!(
+                        "{v:?} cannot be one segment of the SPIFFE ID \
+                         spiffe://{td}/ns/<namespace>/sa/<service_account>: {why}; \
+                         give a Kubernetes name like {example}"
+                    ),
+                );
+            }
+        }
+    }
     if id.token.is_some() && id.token_file.is_some() {
         rule(
             "identity.token_file",

@@ -761,3 +761,58 @@ fn listeners_others_must_find_refuse_port_zero() {
         assert!(text.contains("fixed one"), "{text}");
     }
 }
+
+/// The only error from loading these flags, which must be about `key`.
+fn only_error(flags: &[(&str, &str)], key: &str) -> String {
+    let errs = errors(&Sources {
+        flags: flags.iter().map(|(k, v)| flag(k, v)).collect(),
+        ..Default::default()
+    });
+    assert_eq!(errs.len(), 1, "{flags:?}: {errs:?}");
+    assert_eq!(errs[0].path, key, "{flags:?}: {errs:?}");
+    errs[0].to_string()
+}
+
+#[test]
+fn identity_names_that_cannot_be_in_a_spiffe_id_are_refused_by_key() {
+    for bad in ["a b", "../x", "a//b", "/a", "a/", ".", "web:1"] {
+        let text = only_error(&[("identity.name", bad)], "identity.name");
+        assert!(
+            text.contains("letters, digits") || text.contains("segment"),
+            "{bad}: {text}"
+        );
+        assert!(text.contains("like web"), "{bad}: {text}");
+    }
+    for bad in ["a/b", "..", "a b", "x/"] {
+        for key in ["identity.namespace", "identity.service_account"] {
+            let text = only_error(&[(key, bad)], key);
+            assert!(
+                text.contains("/ns/<namespace>/sa/<service_account>"),
+                "{bad}: {text}"
+            );
+        }
+    }
+    // What the commands accept still loads, and builds the same ID.
+    for good in ["web", "billing-api.v2", "team/web", "a_b"] {
+        let c = load(&Sources {
+            flags: vec![flag("identity.name", good)],
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("{good}: {e}"))
+        .config;
+        assert!(c.identity.workload_id().is_ok(), "{good}");
+    }
+    let c = load(&Sources {
+        flags: vec![
+            flag("identity.namespace", "shop"),
+            flag("identity.service_account", "web.v1"),
+        ],
+        ..Default::default()
+    })
+    .unwrap()
+    .config;
+    assert_eq!(
+        c.identity.workload_id().unwrap().as_str(),
+        "spiffe://legate.local/ns/shop/sa/web.v1"
+    );
+}

@@ -357,20 +357,7 @@ impl FromStr for SpiffeId {
         }
         if !path.is_empty() {
             for seg in path[1..].split('/') {
-                if seg.is_empty() {
-                    return Err("the path has an empty segment ('//' or a trailing '/')".into());
-                }
-                if seg == "." || seg == ".." {
-                    return Err("the path must not contain '.' or '..' segments".into());
-                }
-                if let Some(c) = seg
-                    .chars()
-                    .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
-                {
-                    return Err(format!(
-                        "`{c}` is not allowed in a path; use letters, digits, '.', '-' and '_'"
-                    ));
-                }
+                check_path_segment(seg)?;
             }
         }
         if s.len() > 2048 {
@@ -381,6 +368,30 @@ impl FromStr for SpiffeId {
             td_end: "spiffe://".len() + td_len,
         })
     }
+}
+
+/// Checks one segment of a SPIFFE ID's path against the specification:
+/// not empty, not `.` or `..`, and only letters, digits, `.`, `-` and `_`.
+/// The keys that become path segments (`identity.name`,
+/// `identity.namespace`, `identity.service_account`) are checked with it
+/// when the configuration loads, so that a bad value is refused there, by
+/// its key, rather than when a command later builds the ID.
+pub fn check_path_segment(seg: &str) -> Result<(), String> {
+    if seg.is_empty() {
+        return Err("the path has an empty segment ('//' or a trailing '/')".into());
+    }
+    if seg == "." || seg == ".." {
+        return Err("the path must not contain '.' or '..' segments".into());
+    }
+    if let Some(c) = seg
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    {
+        return Err(format!(
+            "`{c}` is not allowed in a path; use letters, digits, '.', '-' and '_'"
+        ));
+    }
+    Ok(())
 }
 
 impl fmt::Display for SpiffeId {
