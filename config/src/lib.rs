@@ -426,6 +426,17 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
             }
         }
     }
+    if let Some(addr) = &id.ca_address {
+        if let Err(why) = check_host_port(addr) {
+            rule(
+                "identity.ca_address",
+                format!(
+                    "{addr:?} is not HOST:PORT ({why}); give the CA API's address like \
+                     legate-ca.legate-system.svc:15012, 10.0.0.5:15012 or [fd00::5]:15012"
+                ),
+            );
+        }
+    }
     if id.token.is_some() && id.token_file.is_some() {
         rule(
             "identity.token_file",
@@ -475,6 +486,72 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
         );
     }
     errs
+}
+
+/// `HOST:PORT` as the CA client dials it: a DNS name, an IPv4 address or
+/// an IPv6 address in brackets, then a port from 1 to 65535. The client
+/// resolves the host with the system resolver and connects, so a scheme,
+/// a path or a missing port only fails later, at every renewal.
+fn check_host_port(addr: &str) -> Result<(), String> {
+    if addr.contains("://") {
+        return Err("no scheme: the CA is always spoken to over mTLS".into());
+    }
+    let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
+        let Some((v6, port)) = rest.split_once("]:") else {
+            return Err("an IPv6 address in brackets must be followed by :PORT".into());
+        };
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("{v6:?} in brackets is not an IPv6 address"));
+        }
+        (None, port)
+    } else {
+        let Some((host, port)) = addr.rsplit_once(':') else {
+            return Err("the port is missing".into());
+        };
+        (Some(host), port)
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(format!("port {port:?} is not a number from 1 to 65535")),
+    }
+    let Some(host) = host else {
+        return Ok(());
+    };
+    if host.contains(':') {
+        return Err("an IPv6 address must be in brackets, like [fd00::5]:15012".into());
+    }
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Ok(());
+    }
+    // A DNS name: labels of letters, digits, '-' and '_', with an optional
+    // trailing dot for a fully qualified name.
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() {
+        return Err("the host is empty".into());
+    }
+    if name.len() > 253 {
+        return Err("the host name is longer than 253 characters".into());
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err("the host name has an empty label ('..' or a leading '.')".into());
+        }
+        if label.len() > 63 {
+            return Err(format!("label {label:?} is longer than 63 characters"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} starts or ends with '-'"));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
+        {
+            return Err(format!(
+                "{c:?} is not allowed in a host name; use letters, digits, '-', '_' and '.'"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `https://host[:port][/path]`: the Kubernetes API is only spoken to over

@@ -816,3 +816,44 @@ fn identity_names_that_cannot_be_in_a_spiffe_id_are_refused_by_key() {
         "spiffe://legate.local/ns/shop/sa/web.v1"
     );
 }
+
+#[test]
+fn the_ca_address_must_be_host_and_port() {
+    for bad in [
+        "https://x:1",
+        "x",
+        "a b:1",
+        "x:0",
+        "x:65536",
+        "x:",
+        ":15012",
+        "fd00::1:15012",
+        "[fd00::1]",
+        "[nope]:15012",
+        "a..b:1",
+        "-a:1",
+        "legate-ca/v1:15012",
+    ] {
+        let text = only_error(&[("identity.ca_address", bad)], "identity.ca_address");
+        assert!(
+            text.contains("HOST:PORT") && text.contains("legate-ca.legate-system.svc:15012"),
+            "{bad}: {text}"
+        );
+    }
+    for good in [
+        "legate-ca.legate-system.svc:15012",
+        "legate-ca.legate-system.svc.cluster.local.:15012",
+        "legate-ca:15012",
+        "localhost:1",
+        "10.0.0.5:15012",
+        "[fd00::5]:15012",
+        "[::1]:65535",
+        "my_ca.internal:443",
+    ] {
+        let loaded = load(&Sources {
+            flags: vec![flag("identity.ca_address", good)],
+            ..Default::default()
+        });
+        assert!(loaded.is_ok(), "{good}: {:?}", loaded.err());
+    }
+}
