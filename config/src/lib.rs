@@ -277,6 +277,25 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
             );
         }
     }
+    // u32::MAX is (uid_t)-1 and (gid_t)-1: to setuid/setgid/chown it means
+    // "leave unchanged", so the proxy would keep running as whoever started
+    // it, and iptables refuses it in --uid-owner/--gid-owner. Either way the
+    // capture rules could not be installed or would not exempt the proxy.
+    for (path, v, default) in [
+        ("proxy.uid", p.uid, 1337),
+        ("proxy.gid", p.gid, 1337),
+        ("init.capture_group", c.init.capture_group, 1339),
+    ] {
+        if v == u32::MAX {
+            rule(
+                path,
+                format!(
+                    "{v} is (uid_t)-1, which the kernel reads as \"no change\" and iptables \
+                     refuses as an owner; pick one below 4294967295 (default {default})"
+                ),
+            );
+        }
+    }
     if p.uid == 0 {
         rule(
             "proxy.uid",

@@ -857,3 +857,19 @@ fn the_ca_address_must_be_host_and_port() {
         assert!(loaded.is_ok(), "{good}: {:?}", loaded.err());
     }
 }
+
+#[test]
+fn the_no_change_id_is_refused_as_a_uid_or_gid() {
+    for key in ["proxy.uid", "proxy.gid", "init.capture_group"] {
+        let text = only_error(&[(key, "4294967295")], key);
+        assert!(
+            text.contains("no change") && text.contains("below 4294967295"),
+            "{text}"
+        );
+        let loaded = load(&Sources {
+            flags: vec![flag(key, "4294967294")],
+            ..Default::default()
+        });
+        assert!(loaded.is_ok(), "{key}: {:?}", loaded.err());
+    }
+}
