@@ -11,9 +11,12 @@
 //!   more;
 //! - bodies are bounded (`ca.max_body`), checked against `Content-Length`
 //!   before reading and enforced while reading;
-//! - connections are capped ([`MAX_CONNECTIONS`]); beyond the cap new ones
+//! - connections are capped ([`MAX_CONNECTIONS`]), and so are those from
+//!   one source address ([`MAX_CONNECTIONS_PER_IP`]); beyond a cap new ones
 //!   are closed at once rather than queued, so a flood cannot starve the
-//!   clients already being served;
+//!   clients already being served, and one client cannot take every slot;
+//! - refusals are logged at most once per [`REFUSAL_LOG_INTERVAL`], with a
+//!   count, so a flood does not flood the log too;
 //! - every failure is a JSON [`ApiError`] whose `reason` says what to fix.
 //!
 //! The API's own certificate comes from the CA's chain, with the SPIFFE ID
@@ -25,11 +28,12 @@
 //! The CA directory is re-read when `state.json` changes (after `legate ca
 //! rotate`), so rotation needs no restart.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -63,6 +67,20 @@ use crate::{pki, CaError};
 /// half-life, so this is far above normal load; past it, connections are
 /// refused rather than queued.
 pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Most connections served at once for one source IP. A workload opens one
+/// connection per renewal and closes it, so a handful is normal; in
+/// Kubernetes every pod has its own IP, so with this cap one misbehaving
+/// pod (or a buggy client leaking idle connections) cannot hold the
+/// [`MAX_CONNECTIONS`] slots every other workload needs to renew. It is
+/// well above one node's worth of pods sharing a host-network or
+/// SNAT'd address renewing at the same moment, which retry anyway.
+pub const MAX_CONNECTIONS_PER_IP: usize = 64;
+
+/// Shortest time between two log lines about refused connections. Each
+/// refusal costs the client a retry, not the operator a log line: a client
+/// hammering a full server would otherwise write one line per attempt.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A bound, not yet running, CA API server.
 pub struct Server {
@@ -145,6 +163,9 @@ impl Server {
             acceptor,
         } = self;
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let per_ip = PerIp::new(MAX_CONNECTIONS_PER_IP);
+        let mut refused_full = RefusalLog::new(REFUSAL_LOG_INTERVAL);
+        let mut refused_ip = RefusalLog::new(REFUSAL_LOG_INTERVAL);
         let mut conns = JoinSet::new();
         let maintenance = tokio::spawn(maintain(shared.clone()));
         tokio::pin!(shutdown);
@@ -162,8 +183,31 @@ impl Server {
                             continue;
                         }
                     };
+                    // The per-IP slot first: a client at its own cap must
+                    // not take one of the shared slots, even briefly.
+                    let Some(slot) = per_ip.acquire(peer.ip()) else {
+                        if let Some(n) = refused_ip.refused(Instant::now()) {
+                            warn!(
+                                %peer,
+                                refused = n,
+                                "refusing connections from {}: it already has \
+                                 {MAX_CONNECTIONS_PER_IP} open; {n} refused since the last such \
+                                 line (from this or other addresses at their cap); look for a \
+                                 client there leaking connections",
+                                peer.ip()
+                            );
+                        }
+                        continue;
+                    };
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        warn!(%peer, "refusing a connection: {MAX_CONNECTIONS} already open");
+                        if let Some(n) = refused_full.refused(Instant::now()) {
+                            warn!(
+                                %peer,
+                                refused = n,
+                                "refusing connections: {MAX_CONNECTIONS} already open; {n} \
+                                 refused since the last such line"
+                            );
+                        }
                         continue;
                     };
                     let shared = shared.clone();
@@ -171,6 +215,7 @@ impl Server {
                     conns.spawn(async move {
                         serve_connection(shared, acceptor, tcp, peer).await;
                         drop(permit);
+                        drop(slot);
                     });
                 }
             }
@@ -179,6 +224,96 @@ impl Server {
         maintenance.abort();
         conns.shutdown().await;
         Ok(())
+    }
+}
+
+/// Open connections per source IP, capped.
+#[derive(Clone)]
+struct PerIp {
+    max: usize,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PerIp {
+    fn new(max: usize) -> Self {
+        PerIp {
+            max,
+            open: Arc::default(),
+        }
+    }
+
+    /// A slot for one more connection from `ip`, or `None` when it already
+    /// has `max` open.
+    fn acquire(&self, ip: IpAddr) -> Option<IpSlot> {
+        // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; one
+        // client is one key however it arrives.
+        let ip = ip.to_canonical();
+        // The lock guards a counter update and nothing that can panic, so
+        // a poisoned map is still consistent.
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            ip,
+            open: self.open.clone(),
+        })
+    }
+}
+
+/// One connection's place in [`PerIp`], given back when dropped.
+struct IpSlot {
+    ip: IpAddr,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                // Forget addresses with nothing open, so the map holds the
+                // clients connected now, not every client ever seen.
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Rate limit for the log lines about refused connections: the first
+/// refusal is logged, then at most one line per `interval`, carrying how
+/// many were refused since the previous line.
+struct RefusalLog {
+    interval: Duration,
+    last: Option<Instant>,
+    /// Refusals since the last line, this one included once counted.
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn new(interval: Duration) -> Self {
+        RefusalLog {
+            interval,
+            last: None,
+            unlogged: 0,
+        }
+    }
+
+    /// Counts a refusal at `now`; `Some(n)` when a line should be written
+    /// now, `n` being the refusals it reports.
+    fn refused(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged = self.unlogged.saturating_add(1);
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < self.interval)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
     }
 }
 
@@ -591,4 +726,113 @@ fn internal(detail: &str) -> Failure {
         "internal",
         format!("the CA could not sign: {detail}; see the CA's log"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpSocket;
+
+    /// A TCP connection to `server` from the loopback address `from`.
+    async fn connect_from(from: [u8; 4], server: SocketAddr) -> TcpStream {
+        let socket = TcpSocket::new_v4().expect("a TCP socket");
+        socket
+            .bind(SocketAddr::from((from, 0)))
+            .expect("bind a loopback source address");
+        socket.connect(server).await.expect("connect to the CA")
+    }
+
+    /// Whether the server closed `conn` rather than waiting for a TLS
+    /// ClientHello on it.
+    async fn closed_by_server(conn: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(Duration::from_millis(500), conn.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => true,
+            Ok(Ok(_)) => false,
+            Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_address_cannot_take_every_connection() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let cfg = CaConfig {
+            listen: "127.0.0.1:0".parse().expect("an address"),
+            // Long enough that held connections are not cut during the test.
+            request_timeout: Duration::from_secs(30),
+            ..CaConfig::default()
+        };
+        let td = "test.local".parse().expect("a trust domain");
+        crate::store::init(dir.path(), &td, &cfg, None, false).expect("a CA directory");
+        let server = Server::bind(dir.path(), &cfg).await.expect("bind");
+        let addr = server.local_addr().expect("an address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS_PER_IP {
+            held.push(connect_from([127, 0, 0, 2], addr).await);
+        }
+        let mut one_more = connect_from([127, 0, 0, 2], addr).await;
+        assert!(
+            closed_by_server(&mut one_more).await,
+            "a connection past the per-address cap was kept open"
+        );
+        let mut other = connect_from([127, 0, 0, 3], addr).await;
+        assert!(
+            !closed_by_server(&mut other).await,
+            "another address was refused while one address held its cap"
+        );
+        for conn in &mut held[..4] {
+            assert!(
+                !closed_by_server(conn).await,
+                "a connection within the cap was closed"
+            );
+        }
+
+        // Closing connections gives the address its slots back.
+        held.truncate(MAX_CONNECTIONS_PER_IP - 1);
+        drop(one_more);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut again = connect_from([127, 0, 0, 2], addr).await;
+        assert!(
+            !closed_by_server(&mut again).await,
+            "a slot freed by a closed connection was not given back"
+        );
+
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+
+    #[test]
+    fn per_ip_slots_count_v4_mapped_addresses_as_one() {
+        let per_ip = PerIp::new(2);
+        let v4: IpAddr = "10.0.0.1".parse().expect("an address");
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("an address");
+        let a = per_ip.acquire(v4).expect("first");
+        let _b = per_ip.acquire(mapped).expect("second");
+        assert!(per_ip.acquire(v4).is_none());
+        drop(a);
+        assert!(per_ip.acquire(mapped).is_some());
+    }
+
+    #[test]
+    fn refusals_are_logged_once_per_interval_with_a_count() {
+        let mut log = RefusalLog::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(log.refused(t0), Some(1), "the first refusal is logged");
+        for i in 1..=99 {
+            assert_eq!(log.refused(t0 + Duration::from_millis(i * 10)), None);
+        }
+        assert_eq!(
+            log.refused(t0 + Duration::from_secs(10)),
+            Some(100),
+            "the next line counts every refusal since the last one"
+        );
+        assert_eq!(log.refused(t0 + Duration::from_secs(11)), None);
+        assert_eq!(log.refused(t0 + Duration::from_secs(25)), Some(2));
+    }
 }
