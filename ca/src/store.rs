@@ -47,7 +47,7 @@ use crate::files::{self, PUBLIC, SECRET};
 use crate::issuer::{Issued, SigningCa};
 use crate::pki;
 use crate::tls::{self, PeerMatcher};
-use crate::token::TokenKey;
+use crate::token::{TokenError, TokenKey};
 use crate::CaError;
 
 pub const STATE_FILE: &str = "state.json";
@@ -782,12 +782,16 @@ pub fn mint_token(dir: &Path, id: &SpiffeId, ttl: Duration) -> Result<String, Ca
 
 fn load_token_key(dir: &Path) -> Result<TokenKey, CaError> {
     let path = dir.join(TOKEN_KEY);
-    TokenKey::from_bytes(&files::read(&path)?).map_err(|e| {
-        // Name the real file in the advice rather than a placeholder.
-        let text = e
-            .to_string()
-            .replace("DIR/token.key", &path.display().to_string());
-        CaError::material(&path, text)
+    TokenKey::from_bytes(&files::read(&path)?).map_err(|e| match e {
+        // Here the file is known, so the command that replaces it can name it.
+        TokenError::ShortKey(n) => CaError::material(
+            &path,
+            format!(
+                "the token key is {n} bytes but must be at least 32 raw random bytes; restore it from a backup, or write a new one with `(umask 077; head -c 32 /dev/urandom > {})` (tokens minted with the old key stop working; roots and certificates are unaffected)",
+                path.display()
+            ),
+        ),
+        other => CaError::material(&path, other.to_string()),
     })
 }
 

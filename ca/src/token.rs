@@ -50,7 +50,7 @@ pub enum TokenError {
     /// The key file holds raw bytes (not text or base64), as `init` writes.
     /// The advice replaces only the token key: `init --force` would also
     /// replace the roots and break every issued certificate.
-    #[error("the token key is {0} bytes but must be at least 32 raw random bytes; restore token.key from a backup, or write a new one with `(umask 077; head -c 32 /dev/urandom > DIR/token.key)` (tokens minted with the old key stop working; roots and certificates are unaffected)")]
+    #[error("the token key is {0} bytes but must be at least 32 raw random bytes; restore the file from a backup, or replace it with new ones, mode 0600: `head -c 32 /dev/urandom` (tokens minted with the old key stop working; roots and certificates are unaffected)")]
     ShortKey(usize),
 }
 
