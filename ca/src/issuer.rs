@@ -126,12 +126,7 @@ pub fn check_csr(der: &[u8], authorized: &SpiffeId) -> Result<SubjectPublicKeyIn
         };
         return Err(CsrError::WeakKey(what));
     }
-    let curve = spki
-        .algorithm
-        .parameters
-        .as_ref()
-        .and_then(|p| p.as_oid().ok());
-    match curve {
+    match pki::named_curve(spki) {
         Some(c) if c == OID_EC_P256 || c == OID_NIST_EC_P384 => {}
         Some(c) => return Err(CsrError::WeakKey(format!("EC on curve {c}"))),
         None => return Err(CsrError::WeakKey("EC without a named curve".into())),
@@ -225,24 +220,9 @@ pub fn dns_name_problem(name: &str) -> Option<String> {
         ));
     }
     let body = name.strip_prefix("*.").unwrap_or(name);
-    if body.is_empty() || name.len() > 253 {
-        return Some(format!(
-            "{name:?} is not a DNS name (it must be 1 to 253 characters)"
-        ));
-    }
-    for label in body.split('.') {
-        let ok = !label.is_empty()
-            && label.len() <= 63
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-        if !ok {
-            return Some(format!(
-                "{name:?} is not a DNS name: each dot-separated label must be 1 to 63 letters, digits or '-' (not at either end), with no trailing dot"
-            ));
-        }
-    }
-    None
+    legate_config::check_dns_name(body, false)
+        .err()
+        .map(|why| format!("{name:?} is not a DNS name: {why}"))
 }
 
 /// A certificate the CA signed.

@@ -207,12 +207,7 @@ pub(crate) fn unsupported_ca_key(cert: &X509Certificate<'_>) -> Option<String> {
     use x509_parser::public_key::PublicKey;
     let spki = cert.public_key();
     let what = if spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY {
-        let curve = spki
-            .algorithm
-            .parameters
-            .as_ref()
-            .and_then(|p| p.as_oid().ok());
-        match curve {
+        match named_curve(spki) {
             Some(c) if c == OID_EC_P256 || c == OID_NIST_EC_P384 => return None,
             Some(c) => match c.to_id_string().as_str() {
                 "1.3.132.0.35" => "an ECDSA P-521 key".to_string(),
@@ -233,6 +228,17 @@ pub(crate) fn unsupported_ca_key(cert: &X509Certificate<'_>) -> Option<String> {
     Some(format!(
         "its key is {what}, which legate cannot sign or verify with; use {SUPPORTED_CA_KEYS}"
     ))
+}
+
+/// The named curve of an EC public key, `None` when its parameters name
+/// none (explicit curve parameters, or a key of another type).
+pub(crate) fn named_curve<'a>(
+    spki: &'a x509_parser::x509::SubjectPublicKeyInfo<'_>,
+) -> Option<Oid<'a>> {
+    spki.algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
 }
 
 /// The CA key types legate supports, for error messages.

@@ -542,35 +542,8 @@ fn check_host_port(addr: &str) -> Result<(), String> {
     if host.parse::<std::net::Ipv4Addr>().is_ok() {
         return Ok(());
     }
-    // A DNS name: labels of letters, digits, '-' and '_', with an optional
-    // trailing dot for a fully qualified name.
-    let name = host.strip_suffix('.').unwrap_or(host);
-    if name.is_empty() {
-        return Err("the host is empty".into());
-    }
-    if name.len() > 253 {
-        return Err("the host name is longer than 253 characters".into());
-    }
-    for label in name.split('.') {
-        if label.is_empty() {
-            return Err("the host name has an empty label ('..' or a leading '.')".into());
-        }
-        if label.len() > 63 {
-            return Err(format!("label {label:?} is longer than 63 characters"));
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err(format!("label {label:?} starts or ends with '-'"));
-        }
-        if let Some(c) = label
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
-        {
-            return Err(format!(
-                "{c:?} is not allowed in a host name; use letters, digits, '-', '_' and '.'"
-            ));
-        }
-    }
-    Ok(())
+    // A DNS name, with an optional trailing dot for a fully qualified one.
+    check_dns_name(host.strip_suffix('.').unwrap_or(host), true)
 }
 
 /// `https://host[:port][/path]`: the Kubernetes API is only spoken to over

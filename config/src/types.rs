@@ -394,6 +394,42 @@ pub fn check_path_segment(seg: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a DNS name (without a trailing dot): at most 253 characters, in
+/// dot-separated labels of 1 to 63 letters, digits and `-` (not at either
+/// end of a label), and `_` too when `underscore` is set: resolvers take it
+/// in names they look up, while a certificate's dNSName must not hold it.
+pub fn check_dns_name(name: &str, underscore: bool) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the name is empty".into());
+    }
+    if name.len() > 253 {
+        return Err("the name is longer than 253 characters".into());
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err("the name has an empty label ('..', or a '.' at either end)".into());
+        }
+        if label.len() > 63 {
+            return Err(format!("label {label:?} is longer than 63 characters"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} starts or ends with '-'"));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|&c| !(c.is_ascii_alphanumeric() || c == '-' || (underscore && c == '_')))
+        {
+            let allowed = if underscore {
+                "letters, digits, '-', '_' and '.'"
+            } else {
+                "letters, digits, '-' and '.'"
+            };
+            return Err(format!("{c:?} is not allowed in a DNS name; use {allowed}"));
+        }
+    }
+    Ok(())
+}
+
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.uri)
