@@ -857,7 +857,16 @@ impl Authority {
         let server_signer = if oldest == state.active {
             active.clone()
         } else {
-            Arc::new(load_signer(dir, oldest)?)
+            Arc::new(load_signer(dir, oldest).map_err(|e| {
+                // Its root signs the API's own certificate; once the
+                // generation has run out, retiring it is the fix, not a
+                // new generation.
+                CaError::Usage(format!(
+                    "generation {oldest}, the oldest live one, cannot be loaded: {e}. \
+                     If it has expired, its certificates have too: retire it with \
+                     `legate ca rotate --retire`"
+                ))
+            })?)
         };
         let left = active
             .not_after()

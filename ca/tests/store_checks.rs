@@ -320,6 +320,38 @@ fn serve_refuses_a_ca_directory_whose_chain_no_longer_works() {
     }
 }
 
+/// An old generation that ran out while a newer one signs: its root still
+/// signs the API's certificate, so the CA cannot serve, and the error says
+/// to retire it; once retired, the CA loads.
+#[test]
+fn an_expired_oldest_generation_is_named_with_retire_as_the_fix() {
+    let cfg = config(Duration::from_secs(60));
+    let dir = ca_dir(&cfg);
+    let g = dir.path().join("gen-1");
+    let root = std::fs::read_to_string(g.join("root.crt")).unwrap();
+    let rk =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(g.join("root.key")).unwrap()).unwrap();
+    store::rotate(dir.path(), &cfg, None).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&root, rk).unwrap();
+    let k = rcgen::KeyPair::generate().unwrap();
+    let old = ca_cert("old", &k, now - 86400, now - 3600, true, Some(&issuer));
+    std::fs::write(g.join("intermediate.crt"), old).unwrap();
+    let err = match store::Authority::load(dir.path()) {
+        Ok(_) => panic!("loaded with an expired oldest generation"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("generation 1") && err.contains("expired") && err.contains("--retire"),
+        "{err}"
+    );
+    store::retire(dir.path(), std::time::SystemTime::now()).unwrap();
+    store::Authority::load(dir.path()).unwrap();
+}
+
 trait CloneKey {
     fn clone_key(&self) -> rcgen::KeyPair;
 }
