@@ -190,3 +190,50 @@ fn config_keys_lists_env_names() {
             && s.contains("15001")
     );
 }
+
+#[test]
+fn a_token_ttl_under_one_second_is_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca = ca.to_str().unwrap();
+    let out = legate(&["ca", "init", "--dir", ca], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for ttl in ["0s", "500ms"] {
+        let out = legate(
+            &[
+                "ca",
+                "token",
+                "--dir",
+                ca,
+                "--identity",
+                "web",
+                "--ttl",
+                ttl,
+            ],
+            &[],
+        );
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{ttl}: {err}");
+        assert!(out.stdout.is_empty(), "{ttl}: a token was printed");
+        assert!(
+            err.contains("ca.token_ttl")
+                && err.contains("flag --ttl")
+                && err.contains("1s or more"),
+            "{ttl}: {err}"
+        );
+    }
+    let out = legate(
+        &[
+            "ca",
+            "token",
+            "--dir",
+            ca,
+            "--identity",
+            "web",
+            "--ttl",
+            "1s",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

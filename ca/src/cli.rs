@@ -114,7 +114,7 @@ pub struct TokenArgs {
     /// `web` or `ns/shop/sa/web` in the CA's trust domain
     #[arg(long, value_name = "ID")]
     pub identity: String,
-    /// How long the token is valid, such as 10m [config: ca.token_ttl]
+    /// How long the token is valid, 1s or more, such as 10m [config: ca.token_ttl]
     #[arg(long, value_name = "DURATION")]
     pub ttl: Option<String>,
 }

@@ -470,6 +470,19 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
             "must be at least 2s so a certificate can be renewed before it expires".into(),
         );
     }
+    // Tokens carry their expiry in whole seconds, so a shorter lifetime
+    // cannot be honoured: it would be rounded up to one second, and a token
+    // that dies before it can be handed over is of no use either.
+    if ca.token_ttl < Duration::from_secs(1) {
+        rule(
+            "ca.token_ttl",
+            format!(
+                "{} is under one second, and tokens count whole seconds; give 1s or more, \
+                 long enough to hand the token to the workload, such as 10m (the default)",
+                format_duration(ca.token_ttl)
+            ),
+        );
+    }
     if ca.cert_ttl >= ca.intermediate_ttl {
         rule(
             "ca.cert_ttl",

@@ -629,7 +629,8 @@ section! {
         root_ttl: Duration = Duration::from_secs(10 * 365 * 86400),
         /// Lifetime of a new intermediate.
         intermediate_ttl: Duration = Duration::from_secs(365 * 86400),
-        /// Default lifetime of tokens from `legate ca token`.
+        /// Default lifetime of tokens from `legate ca token`; 1s or more, as
+        /// tokens count whole seconds.
         token_ttl: Duration = Duration::from_secs(600),
         /// Largest request body the API reads.
         max_body: ByteSize = ByteSize::kib(64),

@@ -873,3 +873,32 @@ fn the_no_change_id_is_refused_as_a_uid_or_gid() {
         assert!(loaded.is_ok(), "{key}: {:?}", loaded.err());
     }
 }
+
+#[test]
+fn a_token_ttl_under_one_second_is_refused() {
+    for bad in ["0s", "0", "500ms"] {
+        let text = only_error(&[("ca.token_ttl", bad)], "ca.token_ttl");
+        assert!(
+            text.contains("under one second") && text.contains("1s or more"),
+            "{bad}: {text}"
+        );
+    }
+    // As `legate ca token --ttl` passes it: the error names the flag.
+    let errs = errors(&Sources {
+        flags: vec![FlagValue {
+            path: "ca.token_ttl".into(),
+            value: "0s".into(),
+            flag: "--ttl".into(),
+        }],
+        ..Default::default()
+    });
+    let text = errs[0].to_string();
+    assert!(text.contains("flag --ttl"), "{text}");
+    let c = load(&Sources {
+        flags: vec![flag("ca.token_ttl", "1s")],
+        ..Default::default()
+    })
+    .unwrap()
+    .config;
+    assert_eq!(c.ca.token_ttl, std::time::Duration::from_secs(1));
+}
