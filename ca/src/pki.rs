@@ -89,7 +89,29 @@ const OID_RSA: &[u64] = &[1, 2, 840, 113549, 1, 1, 1];
 /// Reads a private key in the forms openssl and cert-manager write: PKCS#8
 /// (`PRIVATE KEY`), SEC1 (`EC PRIVATE KEY`) or PKCS#1 (`RSA PRIVATE KEY`).
 /// ring only loads PKCS#8, so the other two are wrapped into it first.
+///
+/// A file with more than one key is refused: the parser would take the
+/// first and ignore the rest, so which key signs would depend on the order
+/// in which the keys were pasted together.
 pub(crate) fn parse_key(pem: &[u8]) -> Result<KeyPair, String> {
+    let keys = <(SectionKind, Vec<u8>)>::pem_slice_iter(pem)
+        .filter(|item| {
+            matches!(
+                item,
+                Ok((
+                    SectionKind::PrivateKey
+                        | SectionKind::EcPrivateKey
+                        | SectionKind::RsaPrivateKey,
+                    _
+                ))
+            )
+        })
+        .count();
+    if keys > 1 {
+        return Err(format!(
+            "holds {keys} private keys where one is expected, and legate will not guess which one to sign with; keep only the key that belongs to the certificate in this file"
+        ));
+    }
     let key = PrivateKeyDer::from_pem_slice(pem)
         .map_err(|e| format!("no usable PEM private key ({e}); expected PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY"))?;
     let pkcs8 = match &key {
@@ -361,6 +383,19 @@ mod tests {
         let again = parse_key(pkcs8.as_bytes()).unwrap();
         assert_eq!(again.public_key_raw(), key.public_key_raw());
         assert!(parse_key(b"not a key").is_err());
+    }
+
+    #[test]
+    fn a_file_with_two_keys_is_refused_not_read_for_its_first() {
+        let (a, b) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        let two = format!("{}{}", key_pem(&a), key_pem(&b));
+        let e = parse_key(two.as_bytes()).expect_err("two keys accepted");
+        assert!(e.contains("2 private keys"), "{e}");
+        // Forms are counted alike: a PKCS#8 key next to a SEC1 one is two.
+        let sec1 = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIA==\n-----END EC PRIVATE KEY-----\n";
+        let mixed = format!("{}{sec1}", key_pem(&a));
+        let e = parse_key(mixed.as_bytes()).expect_err("two keys accepted");
+        assert!(e.contains("2 private keys"), "{e}");
     }
 
     #[test]

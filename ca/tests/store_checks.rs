@@ -394,3 +394,34 @@ async fn serve_refuses_dns_names_that_are_not_dns_names() {
         .await
         .unwrap();
 }
+
+/// A key file holding two keys, the right one first: reading only the
+/// first would work today and sign with the other once the file is
+/// reordered, so both import and load refuse it, naming the file.
+#[test]
+fn a_key_file_with_two_keys_is_refused_by_name() {
+    let d = tempfile::tempdir().unwrap();
+    let d = d.path();
+    key(d, "root", P256);
+    root(d, "root", "");
+    key(d, "stray", P256);
+    sh(d, "cat stray.key >> root.key");
+    let text = init_with(d, "root", true, None)
+        .expect_err("a root key file with two keys imported")
+        .to_string();
+    assert!(text.contains("root.key"), "{text}");
+    assert!(text.contains("2 private keys"), "{text}");
+    assert!(!d.join("ca/state.json").exists());
+
+    let dir = ca_dir(&config(Duration::from_secs(60)));
+    let inter_key = dir.path().join("gen-1/intermediate.key");
+    let mut keys = std::fs::read_to_string(&inter_key).unwrap();
+    keys.push_str(&rcgen::KeyPair::generate().unwrap().serialize_pem());
+    std::fs::write(&inter_key, keys).unwrap();
+    let err = match store::Authority::load(dir.path()) {
+        Ok(_) => panic!("loaded an intermediate.key with two keys"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("gen-1/intermediate.key"), "{err}");
+    assert!(err.contains("2 private keys"), "{err}");
+}
