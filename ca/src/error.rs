@@ -36,6 +36,19 @@ pub enum CaError {
         generation: u32,
         reason: String,
     },
+    /// A generation `state.json` still counts on whose directory is gone,
+    /// so its root, intermediate and key cannot be read.
+    #[error("generation {generation}'s files are missing: {} names it as {role}, but {} does not exist. Restore that directory from a backup of the CA directory; without one, {fix}", state.display(), dir.display())]
+    GenerationMissing {
+        generation: u32,
+        /// "the signing generation" or "a live generation".
+        role: &'static str,
+        /// The missing `gen-<n>` directory.
+        dir: PathBuf,
+        state: PathBuf,
+        /// What to do without a backup, which depends on the role.
+        fix: String,
+    },
     #[error("cannot retire: {0}")]
     Retire(String),
     #[error("signing failed: {0}")]

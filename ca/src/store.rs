@@ -110,6 +110,76 @@ fn read_state(dir: &Path) -> Result<State, CaError> {
     Ok(state)
 }
 
+/// Checks that generation `id`, which the state counts on, still has its
+/// directory. Without this a lost `gen-<n>` shows up as an unreadable
+/// `root.crt`, or, for a signing generation the state does not list, as
+/// "retired", neither of which says what happened or how to recover.
+fn check_present(dir: &Path, state: &State, id: u32) -> Result<(), CaError> {
+    let g = gen_dir(dir, id);
+    // `symlink_metadata` so that a dangling symlink counts as present and
+    // is named by the read that follows, with its own error.
+    if fs::symlink_metadata(&g).is_ok() {
+        return Ok(());
+    }
+    let signing = id == state.active;
+    let fix = if signing {
+        format!(
+            "this CA cannot sign: `legate ca init --force --dir {} --trust-domain {}` replaces it with a new one (certificates issued so far stop verifying once no bundle carries their root)",
+            dir.display(),
+            state.trust_domain
+        )
+    } else {
+        format!(
+            "drop it with `legate ca rotate --retire --dir {}` (certificates it issued stop verifying)",
+            dir.display()
+        )
+    };
+    Err(CaError::GenerationMissing {
+        generation: id,
+        role: if signing {
+            "the signing generation"
+        } else {
+            "a live generation"
+        },
+        dir: g,
+        state: dir.join(STATE_FILE),
+        fix,
+    })
+}
+
+/// Checks that the state's signing generation and every live one are in
+/// `dir`, and that the signing one is live.
+fn check_generations(dir: &Path, state: &State) -> Result<(), CaError> {
+    check_active(dir, state)?;
+    state
+        .live()
+        .try_for_each(|g| check_present(dir, state, g.id))
+}
+
+/// Checks that the state's signing generation is in `dir` and is a live
+/// generation the state lists.
+fn check_active(dir: &Path, state: &State) -> Result<(), CaError> {
+    check_present(dir, state, state.active)?;
+    let state_path = dir.join(STATE_FILE);
+    match state.generations.iter().find(|g| g.id == state.active) {
+        None => Err(CaError::material(
+            &state_path,
+            format!(
+                "names generation {} as the signing one but does not list it among its generations; restore the file from a backup taken with the gen-* directories",
+                state.active
+            ),
+        )),
+        Some(g) if g.retired.is_some() => Err(CaError::material(
+            &state_path,
+            format!(
+                "generation {} signs but is marked retired, so its root is in no bundle; restore the file from a backup taken with the gen-* directories",
+                state.active
+            ),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 fn write_state(dir: &Path, state: &State) -> Result<(), CaError> {
     let json = serde_json::to_string_pretty(state)
         .map_err(|e| CaError::Usage(format!("cannot encode the CA state: {e}")))?;
@@ -618,6 +688,8 @@ fn describe(m: &Material) -> String {
 /// it the signer. The bundle keeps the old roots until they are retired.
 pub fn rotate(dir: &Path, cfg: &CaConfig, imported: Option<&Import>) -> Result<String, CaError> {
     let mut state = read_state(dir)?;
+    // Before anything is written: the new bundle needs every live root.
+    check_generations(dir, &state)?;
     let td: TrustDomain = state
         .trust_domain
         .parse()
@@ -706,6 +778,9 @@ fn read_issued_until(dir: &Path, gen: u32) -> Result<Option<u64>, CaError> {
 /// can still be valid. Refuses (and changes nothing) otherwise.
 pub fn retire(dir: &Path, now: SystemTime) -> Result<String, CaError> {
     let mut state = read_state(dir)?;
+    // Only the signing generation must be there, for the new bundle: a
+    // missing older one is what `--retire` is the way out for.
+    check_active(dir, &state)?;
     let now_s = pki::unix_secs(now);
     let active = state.active;
     let candidates: Vec<u32> = state
@@ -836,6 +911,7 @@ impl Authority {
             .trust_domain
             .parse()
             .map_err(|e| CaError::material(&state_path, format!("trust domain: {e}")))?;
+        check_generations(dir, &state)?;
         let mut roots = Vec::new();
         for g in state.live() {
             roots.extend(read_one_cert(&gen_dir(dir, g.id).join(ROOT_CERT))?);
@@ -843,12 +919,6 @@ impl Authority {
         let bundle = Bundle::new(roots)
             .map_err(|e| CaError::material(dir.join(BUNDLE_FILE), e.to_string()))?;
         let bundle_pem = bundle.to_pem();
-        if !state.live().any(|g| g.id == state.active) {
-            return Err(CaError::material(
-                &state_path,
-                "the active generation is retired",
-            ));
-        }
         let active = Arc::new(load_signer(dir, state.active)?);
         // The API's own certificate comes from the oldest live generation:
         // during a rotation every client still trusts that root, including

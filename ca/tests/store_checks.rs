@@ -425,3 +425,59 @@ fn a_key_file_with_two_keys_is_refused_by_name() {
     assert!(err.contains("gen-1/intermediate.key"), "{err}");
     assert!(err.contains("2 private keys"), "{err}");
 }
+
+fn load_err(dir: &std::path::Path) -> CaError {
+    match store::Authority::load(dir) {
+        Ok(_) => panic!("loaded a CA with a generation missing"),
+        Err(e) => e,
+    }
+}
+
+/// A generation `state.json` counts on whose directory is gone is named as
+/// missing, with the directory and the way out, never as "retired".
+#[test]
+fn a_generation_missing_from_the_directory_is_named_with_the_fix() {
+    // The signing generation, as a hand-edited or newer state.json names it.
+    let dir = ca_dir(&config(Duration::from_secs(60)));
+    let state = dir.path().join("state.json");
+    let text = std::fs::read_to_string(&state).unwrap();
+    std::fs::write(&state, text.replace("\"active\": 1", "\"active\": 3")).unwrap();
+    let err = load_err(dir.path());
+    let text = err.to_string();
+    assert!(matches!(err, CaError::GenerationMissing { .. }), "{text}");
+    assert!(text.contains("generation 3's files are missing"), "{text}");
+    assert!(text.contains("gen-3 does not exist"), "{text}");
+    assert!(text.contains("Restore that directory"), "{text}");
+    assert!(!text.contains("retired"), "{text}");
+
+    // The signing generation of a rotated CA: rotate and retire refuse
+    // before writing anything.
+    let dir = rotated_ca();
+    std::fs::remove_dir_all(dir.path().join("gen-2")).unwrap();
+    let text = load_err(dir.path()).to_string();
+    assert!(text.contains("generation 2's files are missing"), "{text}");
+    assert!(text.contains("gen-2 does not exist"), "{text}");
+    assert!(
+        text.contains("legate ca init --force") && text.contains("--trust-domain test.local"),
+        "{text}"
+    );
+    let before = std::fs::read_to_string(dir.path().join("state.json")).unwrap();
+    let cfg = config(Duration::from_secs(60));
+    for err in [
+        store::rotate(dir.path(), &cfg, None).unwrap_err(),
+        store::retire(dir.path(), SystemTime::now()).unwrap_err(),
+    ] {
+        assert!(matches!(err, CaError::GenerationMissing { .. }), "{err}");
+    }
+    let after = std::fs::read_to_string(dir.path().join("state.json")).unwrap();
+    assert_eq!(before, after);
+
+    // An older live generation: retiring it is the way out, and works.
+    let dir = rotated_ca();
+    std::fs::remove_dir_all(dir.path().join("gen-1")).unwrap();
+    let text = load_err(dir.path()).to_string();
+    assert!(text.contains("generation 1's files are missing"), "{text}");
+    assert!(text.contains("legate ca rotate --retire"), "{text}");
+    store::retire(dir.path(), SystemTime::now()).unwrap();
+    store::Authority::load(dir.path()).unwrap();
+}
