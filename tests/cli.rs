@@ -237,3 +237,25 @@ fn a_token_ttl_under_one_second_is_refused_naming_the_flag() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn ca_bundle_refuses_a_damaged_bundle_file_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let bundle = ca.join("bundle.pem");
+    let ca = ca.to_str().unwrap();
+    let out = legate(&["ca", "init", "--dir", ca], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = legate(&["ca", "bundle", "--dir", ca], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("BEGIN CERTIFICATE"));
+    std::fs::write(&bundle, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+    let out = legate(&["ca", "bundle", "--dir", ca], &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty(), "printed a damaged bundle");
+    assert!(
+        err.contains(&bundle.display().to_string()) && err.contains("cut off"),
+        "{err}"
+    );
+}

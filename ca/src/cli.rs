@@ -40,7 +40,8 @@ pub enum CaCommand {
     /// Fetch a certificate from a running CA by hand and write cert.pem,
     /// key.pem and bundle.pem to --out.
     Issue(IssueArgs),
-    /// Print the trust bundle: every root that is not retired.
+    /// Print the trust bundle: every root that is not retired. Refuses a
+    /// bundle file that is damaged or whose roots have all expired.
     Bundle(BundleArgs),
 }
 
@@ -280,15 +281,7 @@ pub async fn run(cmd: CaCommand, config: &Config) -> Result<(), CaError> {
             a.import.to_import().as_ref(),
         )?),
         CaCommand::Inspect(a) => print_out(&inspect::inspect_file(&a.file)?),
-        CaCommand::Bundle(_) => {
-            let pem = crate::files::read_string(&dir.join("bundle.pem")).map_err(|e| match e {
-                CaError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                    CaError::NotInitialised(dir.clone())
-                }
-                other => other,
-            })?;
-            print_out(&pem);
-        }
+        CaCommand::Bundle(_) => print_out(&store::bundle(dir, std::time::SystemTime::now())?),
         CaCommand::Issue(_) => {
             let mut opts = match ManagerOptions::from_config(&config.identity) {
                 Ok(o) => o,

@@ -828,6 +828,63 @@ pub fn retire(dir: &Path, now: SystemTime) -> Result<String, CaError> {
     ))
 }
 
+/// The bundle file operators copy into `identity.ca_bundle`, after the
+/// checks any bundle gets before it is used (PEM that parses, CA
+/// certificates only), and with at least one root still valid at `now`:
+/// a file that fails them would only surface later, as workloads that
+/// trust no CA.
+pub fn bundle(dir: &Path, now: SystemTime) -> Result<String, CaError> {
+    let path = dir.join(BUNDLE_FILE);
+    let pem = files::read_string(&path).map_err(|e| match e {
+        CaError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            CaError::NotInitialised(dir.to_owned())
+        }
+        other => other,
+    })?;
+    let bundle = Bundle::from_pem(pem.as_bytes())
+        .map_err(|e| CaError::material(&path, format!("{e}; {}", rebuild_bundle(dir))))?;
+    let last = bundle
+        .certs()
+        .iter()
+        .filter_map(|c| pki::parse_cert(c).ok())
+        .map(|c| pki::system_time(c.validity().not_after))
+        .max();
+    if let Some(last) = last.filter(|t| *t <= now) {
+        return Err(CaError::material(
+            &path,
+            format!(
+                "every root in it has expired, the last at {}, so nothing verifies under it. If the CA's roots have expired too, `legate ca rotate --dir {}` adds a new generation and rewrites the file; otherwise {}",
+                fmt_unix(pki::unix_secs(last)),
+                dir.display(),
+                rebuild_bundle(dir)
+            ),
+        ));
+    }
+    Ok(pem)
+}
+
+/// How to rebuild `bundle.pem`: it is the live generations' roots put
+/// together, which only `init`, `rotate` and `retire` write.
+fn rebuild_bundle(dir: &Path) -> String {
+    let path = dir.join(BUNDLE_FILE);
+    match read_state(dir) {
+        Ok(state) => format!(
+            "rebuild it from the live generations' roots: `cat {} > {}`",
+            state
+                .live()
+                .map(|g| gen_dir(dir, g.id).join(ROOT_CERT).display().to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            path.display()
+        ),
+        Err(_) => format!(
+            "rebuild it by putting the root.crt of each live gen-<n> in {} together into {}",
+            dir.display(),
+            path.display()
+        ),
+    }
+}
+
 /// The trust domain of the CA in `dir`.
 pub fn trust_domain(dir: &Path) -> Result<TrustDomain, CaError> {
     let state = read_state(dir)?;

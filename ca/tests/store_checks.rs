@@ -481,3 +481,46 @@ fn a_generation_missing_from_the_directory_is_named_with_the_fix() {
     store::retire(dir.path(), SystemTime::now()).unwrap();
     store::Authority::load(dir.path()).unwrap();
 }
+
+/// `legate ca bundle` prints bundle.pem only once it passes the checks any
+/// bundle gets, and names the file with the way to rebuild it otherwise.
+#[test]
+fn an_unusable_bundle_file_is_refused_by_name() {
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let k = rcgen::KeyPair::generate().unwrap();
+    let expired = ca_cert("old root", &k, now - 86400, now - 3600, true, None);
+    let leaf = ca_cert("leaf", &k, now - 60, now + 3600, false, None);
+    let dir = ca_dir(&config(Duration::from_secs(60)));
+    let path = dir.path().join("bundle.pem");
+    let good = store::bundle(dir.path(), SystemTime::now()).unwrap();
+    assert_eq!(good, std::fs::read_to_string(&path).unwrap());
+    let rebuild = format!(
+        "cat {} > {}",
+        dir.path().join("gen-1/root.crt").display(),
+        path.display()
+    );
+    for (content, why) in [
+        ("", "no PEM CERTIFICATE block"),
+        (
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            "well-formed X.509",
+        ),
+        (leaf.as_str(), "not a CA certificate"),
+        (expired.as_str(), "every root in it has expired"),
+    ] {
+        std::fs::write(&path, content).unwrap();
+        let err = store::bundle(dir.path(), SystemTime::now())
+            .expect_err(why)
+            .to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains(why), "{err}");
+        assert!(err.contains(&rebuild), "{err}");
+    }
+    // One root still valid is enough: during a rotation the old one may
+    // run out first.
+    std::fs::write(&path, format!("{expired}{good}")).unwrap();
+    store::bundle(dir.path(), SystemTime::now()).unwrap();
+}
