@@ -5,6 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use toml::Value;
 
 use crate::field::{as_text, Scalar};
@@ -197,6 +198,77 @@ impl PortSet {
     }
     pub fn union(&self, other: &PortSet) -> PortSet {
         PortSet::new(self.ranges.iter().chain(&other.ranges).copied())
+    }
+    /// Whether every port from `lo` to `hi` is in the set. The ranges are
+    /// kept merged, touching ones too, so a range that several entries
+    /// cover together lies inside a single one of them.
+    pub fn covers(&self, lo: u16, hi: u16) -> bool {
+        self.ranges.iter().any(|&(a, b)| a <= lo && hi <= b)
+    }
+    /// The ranges of the set that share a port with `lo` to `hi`, whole.
+    pub fn overlapping(&self, lo: u16, hi: u16) -> PortSet {
+        PortSet::new(
+            self.ranges
+                .iter()
+                .copied()
+                .filter(|&(a, b)| a <= hi && lo <= b),
+        )
+    }
+    /// The ports of the set that are not in `other`.
+    pub fn difference(&self, other: &PortSet) -> PortSet {
+        let mut out = Vec::new();
+        for &(lo, hi) in &self.ranges {
+            // Both lists are sorted, so what is left of this range is cut
+            // from the left by each range of `other` that overlaps it.
+            let mut next = u32::from(lo);
+            for &(a, b) in &other.ranges {
+                if u32::from(b) < next || a > hi {
+                    continue;
+                }
+                if u32::from(a) > next {
+                    out.push((next as u16, a - 1));
+                }
+                next = u32::from(b) + 1;
+            }
+            if next <= u32::from(hi) {
+                out.push((next as u16, hi));
+            }
+        }
+        PortSet::new(out)
+    }
+}
+
+/// Whether two networks share an address. Networks either nest or are
+/// disjoint, and those of different families are always disjoint.
+pub fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
+    let (a, b) = (a.trunc(), b.trunc());
+    a.contains(&b) || b.contains(&a)
+}
+
+/// Whether every address of `net` is in one of `by`: several networks
+/// cover it together when they tile it (`10.0.0.0/9` and `10.128.0.0/9`
+/// cover `10.0.0.0/8`). Networks of the other family never cover it.
+pub fn net_covered(net: &IpNet, by: &[IpNet]) -> bool {
+    let net = net.trunc();
+    let by: Vec<IpNet> = by.iter().map(IpNet::trunc).collect();
+    covered(net, &by)
+}
+
+fn covered(net: IpNet, by: &[IpNet]) -> bool {
+    if by.iter().any(|b| b.contains(&net)) {
+        return true;
+    }
+    // What does not contain `net` can only cover part of it from inside.
+    // Each level halves `net` and keeps only the networks inside a half,
+    // so the work is bounded by the networks times the prefix length.
+    let inside: Vec<IpNet> = by.iter().copied().filter(|b| net.contains(b)).collect();
+    if inside.is_empty() {
+        return false;
+    }
+    match net.subnets(net.prefix_len() + 1) {
+        Ok(mut halves) => halves.all(|half| covered(half, &inside)),
+        // A single address: it would have been contained above.
+        Err(_) => false,
     }
 }
 
@@ -929,6 +1001,78 @@ mod tests {
             .unwrap_err()
             .contains("backwards"));
         assert!("".parse::<PortSet>().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_port_range_is_covered_by_entries_that_together_hold_it() {
+        let set: PortSet = "8000-8499,8500-8999,9100".parse().unwrap();
+        assert!(set.covers(8080, 8080));
+        assert!(set.covers(8000, 8999), "touching entries cover together");
+        assert!(set.covers(9100, 9100));
+        assert!(!set.covers(7999, 8000), "one port outside");
+        assert!(!set.covers(8999, 9000));
+        assert!(!set.covers(9000, 9100), "a gap inside");
+        assert!(!PortSet::default().covers(1, 1));
+        assert_eq!(set.overlapping(8990, 9200).to_string(), "8000-8999,9100");
+        assert!(set.overlapping(9001, 9099).is_empty());
+    }
+
+    #[test]
+    fn port_set_difference_keeps_what_the_other_lacks() {
+        let set: PortSet = "8000-8999,9100".parse().unwrap();
+        let minus = |other: &str| set.difference(&other.parse().unwrap()).to_string();
+        assert_eq!(minus("8080"), "8000-8079,8081-8999,9100");
+        assert_eq!(minus("8000-8999"), "9100");
+        assert_eq!(minus("7000-8000,8999-9100"), "8001-8998");
+        assert_eq!(minus("8100,8200,9100"), "8000-8099,8101-8199,8201-8999");
+        assert_eq!(minus("1-65535"), "");
+        assert_eq!(minus(""), "8000-8999,9100");
+        let all: PortSet = "1-65535".parse().unwrap();
+        assert_eq!(
+            all.difference(&"1,65535".parse().unwrap()).to_string(),
+            "2-65534"
+        );
+    }
+
+    #[test]
+    fn a_network_is_covered_by_networks_that_together_hold_it() {
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        let ten = [n("10.0.0.0/8")];
+        assert!(net_covered(&n("10.1.0.0/16"), &ten));
+        assert!(net_covered(&n("10.0.0.0/8"), &ten));
+        assert!(
+            !net_covered(&n("10.0.0.0/7"), &ten),
+            "half of it is outside"
+        );
+        assert!(!net_covered(&n("11.0.0.0/8"), &ten));
+        assert!(!net_covered(&n("10.0.0.0/8"), &[]));
+        // Several networks that tile it cover it; with a piece missing
+        // they do not.
+        let pieces = [n("10.0.0.0/9"), n("10.128.0.0/10"), n("10.192.0.0/10")];
+        assert!(net_covered(&n("10.0.0.0/8"), &pieces));
+        assert!(!net_covered(&n("10.0.0.0/8"), &pieces[..2]));
+        assert!(net_covered(
+            &n("0.0.0.0/0"),
+            &[n("0.0.0.0/1"), n("128.0.0.0/1")]
+        ));
+        let hosts: Vec<IpNet> = (0..=255u8)
+            .map(|i| IpNet::from(std::net::IpAddr::from([192, 0, 2, i])))
+            .collect();
+        assert!(net_covered(&n("192.0.2.0/24"), &hosts));
+        assert!(!net_covered(&n("192.0.2.0/24"), &hosts[1..]));
+        assert!(!net_covered(
+            &n("10.0.0.1/32"),
+            &[n("10.0.0.0/32"), n("10.0.0.2/31")]
+        ));
+        // Nothing of one family covers or overlaps the other, not even
+        // IPv4-mapped IPv6 addresses.
+        assert!(!net_covered(&n("10.0.0.0/8"), &[n("::/0")]));
+        assert!(!net_covered(&n("::ffff:10.0.0.0/104"), &[n("0.0.0.0/0")]));
+        assert!(net_covered(&n("fd00::1/128"), &[n("fd00::/8")]));
+        assert!(nets_overlap(&n("10.0.0.0/8"), &n("10.1.0.0/16")));
+        assert!(nets_overlap(&n("10.1.0.0/16"), &n("10.0.0.0/8")));
+        assert!(!nets_overlap(&n("10.0.0.0/8"), &n("11.0.0.0/8")));
+        assert!(!nets_overlap(&n("0.0.0.0/0"), &n("::/0")));
     }
 
     #[test]
