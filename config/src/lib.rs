@@ -372,6 +372,20 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
         rule(&path, msg);
     }
 
+    // The other key a list entry clashes with may come from another
+    // layer; say which, since that is the one to change.
+    let note = |key: &str, blamed: &str| {
+        let origin = l.origin(key);
+        if origin == l.origin(blamed) {
+            String::new()
+        } else {
+            format!(" (from {origin})")
+        }
+    };
+    for (path, msg) in c.init.problems(admin, note) {
+        rule(path, msg);
+    }
+
     for (path, v) in [
         ("log.access_sample", c.log.access_sample),
         ("telemetry.trace_sample", c.telemetry.trace_sample),

@@ -100,8 +100,8 @@ fn parsed<T: std::str::FromStr>(s: &str) -> T
 where
     T::Err: std::fmt::Debug,
 {
-    // Only used for the literal defaults below, which tests parse.
-    s.parse().expect("built-in default parses")
+    // Only used for literals in this file, which tests parse.
+    s.parse().expect("a literal in this file parses")
 }
 
 section! {
@@ -577,13 +577,19 @@ section! {
     pub struct InitConfig {
         /// Outbound destination ports left alone.
         exclude_outbound_ports: PortSet = PortSet::default(),
-        /// Outbound destination networks left alone.
+        /// Outbound destination networks left alone, also inside
+        /// `include_outbound_cidrs`.
         exclude_outbound_cidrs: Vec<IpNet> = Vec::new(),
-        /// When set, only these destination networks are captured.
+        /// When set, only these destination networks are captured, less
+        /// the excluded ones. A network the excludes or loopback cover
+        /// wholly would capture nothing and is refused.
         include_outbound_cidrs: Vec<IpNet> = Vec::new(),
-        /// Inbound ports left alone (the admin port always is).
+        /// Inbound ports left alone (the admin port always is), also
+        /// inside `include_inbound_ports`.
         exclude_inbound_ports: PortSet = PortSet::default(),
-        /// When set, only these inbound ports are captured. Under `legate
+        /// When set, only these inbound ports are captured, less the
+        /// excluded ones. A range the excludes and the admin port cover
+        /// wholly would capture nothing and is refused. Under `legate
         /// run` nothing is captured inbound unless ports are listed here.
         include_inbound_ports: PortSet = PortSet::default(),
         /// Whether inbound connections are captured at all; `false` installs
@@ -611,6 +617,120 @@ impl InitConfig {
             && port != admin_port
             && !self.exclude_inbound_ports.contains(port)
             && (self.include_inbound_ports.is_empty() || self.include_inbound_ports.contains(port))
+    }
+
+    /// Include entries that can capture nothing, as `(key, message)`: what
+    /// is left alone wins over what is included, so an entry wholly inside
+    /// the excludes (or inside what is never captured: the admin port
+    /// inbound, loopback outbound) is surely a mistake. An entry they cover
+    /// in part is the usual way to carve out exceptions and is fine.
+    /// `note(key, blamed)` says where `key`'s value came from, when that
+    /// differs from where the value of `blamed`, the key the message is
+    /// about, came from.
+    pub(crate) fn problems(
+        &self,
+        admin_port: u16,
+        note: impl Fn(&str, &str) -> String,
+    ) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+
+        const INC_IN: &str = "init.include_inbound_ports";
+        const EXC_IN: &str = "init.exclude_inbound_ports";
+        const ADMIN: &str = "proxy.admin_listen";
+        let never = self
+            .exclude_inbound_ports
+            .union(&PortSet::single(admin_port));
+        for &(lo, hi) in self.include_inbound_ports.ranges() {
+            if !never.covers(lo, hi) {
+                continue;
+            }
+            let entry = PortSet::new([(lo, hi)]);
+            let mut why = Vec::new();
+            let mut fix = vec![format!("remove {entry} from {INC_IN}")];
+            let excluded = self.exclude_inbound_ports.overlapping(lo, hi);
+            if !excluded.is_empty() {
+                why.push(format!(
+                    "{EXC_IN} leaves {excluded} alone{}, which wins over {INC_IN}",
+                    note(EXC_IN, INC_IN)
+                ));
+                let rest = self.exclude_inbound_ports.difference(&entry);
+                fix.push(if rest.is_empty() {
+                    format!("drop {EXC_IN}")
+                } else {
+                    format!("set {EXC_IN} to {rest}")
+                });
+            }
+            if (lo..=hi).contains(&admin_port) {
+                why.push(format!(
+                    "{admin_port} is the port of {ADMIN}{}, which is never captured so that \
+                     probes and scrapes always reach the proxy",
+                    note(ADMIN, INC_IN)
+                ));
+                fix.push(format!("move {ADMIN} to another port"));
+            }
+            out.push((
+                INC_IN,
+                format!(
+                    "{entry} would never be captured: {}; {}",
+                    why.join(", and "),
+                    or_list(&fix)
+                ),
+            ));
+        }
+
+        const INC_OUT: &str = "init.include_outbound_cidrs";
+        const EXC_OUT: &str = "init.exclude_outbound_cidrs";
+        // Every rule set starts by letting through what leaves through
+        // `lo`, and a loopback destination always does.
+        let loopback: [IpNet; 2] = [parsed("127.0.0.0/8"), parsed("::1/128")];
+        let mut never = self.exclude_outbound_cidrs.clone();
+        never.extend(loopback);
+        for net in &self.include_outbound_cidrs {
+            if !net_covered(net, &never) {
+                continue;
+            }
+            let mut why = Vec::new();
+            let mut fix = vec![format!("remove {net} from {INC_OUT}")];
+            let excluded: Vec<String> = self
+                .exclude_outbound_cidrs
+                .iter()
+                .filter(|e| nets_overlap(e, net))
+                .map(ToString::to_string)
+                .collect();
+            if !excluded.is_empty() {
+                why.push(format!(
+                    "{EXC_OUT} leaves {} alone{}, which wins over {INC_OUT}",
+                    excluded.join(","),
+                    note(EXC_OUT, INC_OUT)
+                ));
+                fix.push(format!("narrow {EXC_OUT} so that it leaves {net} out"));
+            }
+            if loopback.iter().any(|l| nets_overlap(l, net)) {
+                why.push(
+                    "loopback (127.0.0.0/8, ::1) is never captured, since connections to it \
+                     never leave the pod or host"
+                        .into(),
+                );
+            }
+            out.push((
+                INC_OUT,
+                format!(
+                    "{net} would never be captured: {}; {}",
+                    why.join(", and "),
+                    or_list(&fix)
+                ),
+            ));
+        }
+        out
+    }
+}
+
+/// `a`, `a or b`, `a, b or c`.
+fn or_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
     }
 }
 

@@ -902,3 +902,218 @@ fn a_token_ttl_under_one_second_is_refused() {
     .config;
     assert_eq!(c.ca.token_ttl, std::time::Duration::from_secs(1));
 }
+
+/// Loads these flags, which must be valid.
+fn loads(flags: &[(&str, &str)]) -> Loaded {
+    load(&Sources {
+        flags: flags.iter().map(|(k, v)| flag(k, v)).collect(),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{flags:?}: {e}"))
+}
+
+#[test]
+fn an_include_entry_the_excludes_wholly_cover_is_refused() {
+    let text = only_error(
+        &[
+            ("init.include_inbound_ports", "8080"),
+            ("init.exclude_inbound_ports", "8000-8999"),
+        ],
+        "init.include_inbound_ports",
+    );
+    for needle in [
+        "8080 would never be captured",
+        "init.exclude_inbound_ports leaves 8000-8999 alone",
+        "remove 8080 from init.include_inbound_ports",
+        "set init.exclude_inbound_ports to 8000-8079,8081-8999",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in {text}");
+    }
+
+    // Only the covered entry is blamed; entries that excludes cover
+    // together count as covered.
+    let text = only_error(
+        &[
+            ("init.include_inbound_ports", "8000-8999,9100"),
+            ("init.exclude_inbound_ports", "8000-8499,8500-8999"),
+        ],
+        "init.include_inbound_ports",
+    );
+    assert!(text.contains("8000-8999 would never"), "{text}");
+    assert!(text.contains("drop init.exclude_inbound_ports"), "{text}");
+    assert!(!text.contains("9100 would"), "{text}");
+
+    let text = only_error(
+        &[
+            ("init.include_outbound_cidrs", "10.1.0.0/16"),
+            ("init.exclude_outbound_cidrs", "10.0.0.0/8,192.168.0.0/16"),
+        ],
+        "init.include_outbound_cidrs",
+    );
+    for needle in [
+        "10.1.0.0/16 would never be captured",
+        "init.exclude_outbound_cidrs leaves 10.0.0.0/8 alone",
+        "remove 10.1.0.0/16 from init.include_outbound_cidrs",
+        "narrow init.exclude_outbound_cidrs so that it leaves 10.1.0.0/16 out",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in {text}");
+    }
+    assert!(text.contains("leaves 10.0.0.0/8 alone (from"), "{text}");
+    let text = only_error(
+        &[
+            ("init.include_outbound_cidrs", "10.0.0.0/8"),
+            ("init.exclude_outbound_cidrs", "10.0.0.0/9,10.128.0.0/9"),
+        ],
+        "init.include_outbound_cidrs",
+    );
+    assert!(text.contains("10.0.0.0/9,10.128.0.0/9"), "{text}");
+    let text = only_error(
+        &[
+            ("init.include_outbound_cidrs", "fd00:1::/32"),
+            ("init.exclude_outbound_cidrs", "fd00::/8"),
+        ],
+        "init.include_outbound_cidrs",
+    );
+    assert!(text.contains("fd00::/8"), "{text}");
+}
+
+#[test]
+fn an_uncapturable_include_names_where_the_exclude_came_from() {
+    let errs = errors(&Sources {
+        env: env(&[("LEGATE_INIT_EXCLUDE_INBOUND_PORTS", "8000-8999")]),
+        flags: vec![flag("init.include_inbound_ports", "8080")],
+        ..Default::default()
+    });
+    let text = errs[0].to_string();
+    assert!(
+        text.contains(
+            "leaves 8000-8999 alone (from environment variable LEGATE_INIT_EXCLUDE_INBOUND_PORTS)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("(from flag --set init.include_inbound_ports=8080)"),
+        "{text}"
+    );
+
+    // From one file, the file is named once.
+    let f = file(
+        "[init]\ninclude_outbound_cidrs = [\"10.1.0.0/16\"]\nexclude_outbound_cidrs = [\"10.0.0.0/8\"]\n",
+    );
+    let errs = errors(&Sources {
+        file: Some(f.path().into()),
+        ..Default::default()
+    });
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    let text = errs[0].to_string();
+    assert_eq!(text.matches("from file").count(), 1, "{text}");
+}
+
+#[test]
+fn includes_the_excludes_cover_in_part_stay_accepted() {
+    // Capture 8000-8999 except 8500, 10.0.0.0/8 except 10.1.0.0/16.
+    let l = loads(&[
+        ("init.include_inbound_ports", "8000-8999"),
+        ("init.exclude_inbound_ports", "8500"),
+        ("init.include_outbound_cidrs", "10.0.0.0/8,fd00::/8"),
+        ("init.exclude_outbound_cidrs", "10.1.0.0/16,fd00:1::/32"),
+    ]);
+    let init = &l.config.init;
+    assert!(init.captures_inbound(8080, 15000));
+    assert!(!init.captures_inbound(8500, 15000));
+    for flags in [
+        // Neighbours, not overlaps.
+        [
+            ("init.include_inbound_ports", "9000"),
+            ("init.exclude_inbound_ports", "8000-8999"),
+        ],
+        // A range around the admin port captures the rest of it.
+        [
+            ("init.include_inbound_ports", "14000-16000"),
+            ("init.exclude_inbound_ports", "14000-14999"),
+        ],
+        // Nothing of one family overlaps the other.
+        [
+            ("init.include_outbound_cidrs", "10.0.0.0/8"),
+            ("init.exclude_outbound_cidrs", "::/0"),
+        ],
+        [
+            ("init.include_outbound_cidrs", "fd00::/8"),
+            ("init.exclude_outbound_cidrs", "0.0.0.0/0"),
+        ],
+        // Everything but loopback and a piece left alone.
+        [
+            ("init.include_outbound_cidrs", "0.0.0.0/0"),
+            ("init.exclude_outbound_cidrs", "10.0.0.0/9"),
+        ],
+        [
+            ("init.include_outbound_cidrs", "10.0.0.0/8"),
+            ("init.exclude_outbound_cidrs", "10.0.0.0/9,10.128.0.0/10"),
+        ],
+    ] {
+        loads(&flags);
+    }
+}
+
+#[test]
+fn an_include_of_what_is_never_captured_is_refused() {
+    // The admin port is always left alone.
+    let text = only_error(
+        &[("init.include_inbound_ports", "15000")],
+        "init.include_inbound_ports",
+    );
+    for needle in [
+        "15000 would never be captured",
+        "15000 is the port of proxy.admin_listen (from the built-in default)",
+        "remove 15000 from init.include_inbound_ports or move proxy.admin_listen",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in {text}");
+    }
+    loads(&[
+        ("init.include_inbound_ports", "15000"),
+        ("proxy.admin_listen", "0.0.0.0:9901"),
+    ]);
+    let text = only_error(
+        &[
+            ("init.include_inbound_ports", "9901"),
+            ("proxy.admin_listen", "0.0.0.0:9901"),
+        ],
+        "init.include_inbound_ports",
+    );
+    assert!(
+        text.contains("9901 is the port of proxy.admin_listen"),
+        "{text}"
+    );
+    assert!(
+        text.contains("(from flag --set proxy.admin_listen=0.0.0.0:9901)"),
+        "{text}"
+    );
+    // Together with an exclude, both are named.
+    let text = only_error(
+        &[
+            ("init.include_inbound_ports", "14999-15000"),
+            ("init.exclude_inbound_ports", "14999"),
+        ],
+        "init.include_inbound_ports",
+    );
+    assert!(
+        text.contains("init.exclude_inbound_ports leaves 14999 alone")
+            && text.contains("15000 is the port of proxy.admin_listen")
+            && text.contains(", drop init.exclude_inbound_ports or move proxy.admin_listen"),
+        "{text}"
+    );
+
+    // Loopback never leaves through a captured route.
+    for lo in ["127.0.0.1", "127.0.0.0/8", "::1"] {
+        let text = only_error(
+            &[("init.include_outbound_cidrs", lo)],
+            "init.include_outbound_cidrs",
+        );
+        assert!(text.contains("loopback"), "{lo}: {text}");
+        assert!(
+            !text.contains("init.exclude_outbound_cidrs"),
+            "{lo}: {text}"
+        );
+    }
+    loads(&[("init.include_outbound_cidrs", "126.0.0.0/7")]);
+}
