@@ -119,6 +119,23 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// Something that loads and works as written, but probably not as meant:
+/// reported, never refused, because the same values can be deliberate
+/// (a switch turned off for a while over lists kept for when it is back on).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigWarning {
+    /// Dotted path of the field, for example `init.include_inbound_ports`.
+    pub path: String,
+    pub origin: Origin,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} (from {})", self.path, self.message, self.origin)
+    }
+}
+
 /// Every problem found while loading, in the order the sources were read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);

@@ -13,6 +13,8 @@
 //! Loading never stops at the first mistake: every invalid value, unknown key
 //! and broken rule is collected and reported together, each naming the field
 //! path, the source, the bad value and what a valid one looks like.
+//! Values that can be deliberate but are probably a slip load, and
+//! [`Loaded::warnings`] names them for the commands to report.
 
 pub mod error;
 pub mod field;
@@ -25,7 +27,7 @@ use std::time::Duration;
 
 use toml::Value;
 
-pub use error::{ConfigError, ConfigErrors, LoadError, Origin, Problem};
+pub use error::{ConfigError, ConfigErrors, ConfigWarning, LoadError, Origin, Problem};
 pub use field::Field;
 pub use model::*;
 pub use types::*;
@@ -97,6 +99,23 @@ impl Loaded {
                 None => return Origin::Default,
             }
         }
+    }
+
+    /// What loads but is probably not what was meant. Loading refuses
+    /// what can never be right; these can be, so commands report them and
+    /// go on.
+    pub fn warnings(&self) -> Vec<ConfigWarning> {
+        let note = |key: &str| format!(" (from {})", self.origin(key));
+        self.config
+            .init
+            .advice(note)
+            .into_iter()
+            .map(|(path, message)| ConfigWarning {
+                path: path.to_owned(),
+                origin: self.origin(path),
+                message,
+            })
+            .collect()
     }
 }
 

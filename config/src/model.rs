@@ -725,6 +725,30 @@ impl InitConfig {
     }
 }
 
+impl InitConfig {
+    /// Settings that work as written but probably not as meant, as
+    /// `(key, message)`; `note(key)` says where `key`'s value came from.
+    pub(crate) fn advice(&self, note: impl Fn(&str) -> String) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        // The switch wins over the list. Not an error: turning inbound
+        // capture off for a while, in one layer, over a file that keeps the
+        // ports for when it is back on, is a fair thing to do.
+        if !self.capture_inbound && !self.include_inbound_ports.is_empty() {
+            out.push((
+                "init.include_inbound_ports",
+                format!(
+                    "{} is not captured, because init.capture_inbound is false{} and leaves \
+                     every inbound connection alone; set init.capture_inbound = true to \
+                     capture these ports, or remove init.include_inbound_ports",
+                    self.include_inbound_ports,
+                    note("init.capture_inbound")
+                ),
+            ));
+        }
+        out
+    }
+}
+
 /// `a`, `a or b`, `a, b or c`.
 fn or_list(items: &[String]) -> String {
     match items {

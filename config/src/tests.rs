@@ -1117,3 +1117,40 @@ fn an_include_of_what_is_never_captured_is_refused() {
     }
     loads(&[("init.include_outbound_cidrs", "126.0.0.0/7")]);
 }
+
+#[test]
+fn inbound_ports_included_while_inbound_capture_is_off_are_a_warning() {
+    let f = file("[init]\ninclude_inbound_ports = \"8080,9000-9010\"\n");
+    let l = load(&Sources {
+        file: Some(f.path().into()),
+        env: env(&[("LEGATE_INIT_CAPTURE_INBOUND", "false")]),
+        ..Default::default()
+    })
+    .expect("a warning, not an error");
+    let warnings = l.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].path, "init.include_inbound_ports");
+    let text = warnings[0].to_string();
+    for needle in [
+        "8080,9000-9010 is not captured",
+        "init.capture_inbound is false (from environment variable LEGATE_INIT_CAPTURE_INBOUND)",
+        "set init.capture_inbound = true",
+        "remove init.include_inbound_ports",
+        "(from file ",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in {text}");
+    }
+
+    // Either alone is fine, and so is leaving inbound alone with excludes.
+    for flags in [
+        &[("init.capture_inbound", "false")][..],
+        &[("init.include_inbound_ports", "8080")],
+        &[
+            ("init.capture_inbound", "false"),
+            ("init.exclude_inbound_ports", "22"),
+        ],
+    ] {
+        assert_eq!(loads(flags).warnings(), [], "{flags:?}");
+    }
+    assert_eq!(load(&Sources::default()).unwrap().warnings(), []);
+}
