@@ -167,13 +167,16 @@ pub fn run(cli: Cli) -> ExitCode {
             Err(code) => code,
         },
         Command::Init(args) => match prepare(&cli.global, args.config_overrides()) {
-            Ok(loaded) => match legate_init::cli::run(&args, &loaded.config) {
-                Ok(code) => code,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
+            Ok(loaded) => {
+                print_warnings(&loaded);
+                match legate_init::cli::run(&args, &loaded.config) {
+                    Ok(code) => code,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
                 }
-            },
+            }
             Err(code) => code,
         },
         Command::Inject(args) => match prepare(&cli.global, Vec::new()) {
@@ -195,7 +198,10 @@ pub fn run(cli: Cli) -> ExitCode {
             Err(code) => code,
         },
         Command::Run(args) => match prepare(&cli.global, args.config_overrides()) {
-            Ok(loaded) => crate::run::run(args, loaded.config),
+            Ok(loaded) => {
+                print_warnings(&loaded);
+                crate::run::run(args, loaded.config)
+            }
             Err(code) => code,
         },
         Command::Demo => crate::demo::run(),
@@ -218,12 +224,22 @@ fn config_check(global: &GlobalArgs, file: Option<PathBuf>) -> ExitCode {
                 eprintln!("error: 1 configuration error:\n  - {e}");
                 return ExitCode::FAILURE;
             }
+            print_warnings(&loaded);
             for warning in file_warnings(&loaded.config) {
                 eprintln!("warning: {warning}");
             }
             print_out(&loaded.config.to_toml())
         }
         Err(code) => code,
+    }
+}
+
+/// What the configuration holds that works, but probably not as meant.
+/// The commands that act on it (`legate init`, `legate run`) say so before
+/// they act; the proxy, which `legate run` also starts, does not repeat it.
+fn print_warnings(loaded: &Loaded) {
+    for warning in loaded.warnings() {
+        eprintln!("warning: {warning}");
     }
 }
 

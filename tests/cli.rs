@@ -113,6 +113,97 @@ fn config_check_warns_of_the_files_it_names_that_cannot_serve() {
     }
 }
 
+/// An include entry the excludes cover wholly captures nothing: refused,
+/// by `config check` and by the commands that would install it, before
+/// anything changes. One they cover in part is a carve-out and passes.
+#[test]
+fn an_include_the_excludes_cover_wholly_is_refused_and_a_partial_one_is_not() {
+    let f = config_file(
+        "[init]\ninclude_inbound_ports = \"8080\"\nexclude_inbound_ports = \"8000-8999\"\n\
+         include_outbound_cidrs = [\"10.1.0.0/16\"]\nexclude_outbound_cidrs = [\"10.0.0.0/8\"]\n",
+    );
+    let path = f.path().to_str().unwrap();
+    let out = legate(&["config", "check", path], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("2 configuration errors"), "{err}");
+    for needle in [
+        "init.include_inbound_ports: 8080 would never be captured: \
+         init.exclude_inbound_ports leaves 8000-8999 alone",
+        "set init.exclude_inbound_ports to 8000-8079,8081-8999",
+        "init.include_outbound_cidrs: 10.1.0.0/16 would never be captured: \
+         init.exclude_outbound_cidrs leaves 10.0.0.0/8 alone",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    assert!(out.stdout.is_empty());
+
+    // legate init and legate run stop at the same error, before touching
+    // any namespace.
+    let netns = "/nonexistent/netns";
+    let out = legate(
+        &["--config", path, "init", "--dry-run", "--netns", netns],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("init.include_inbound_ports: 8080"), "{err}");
+    assert!(!err.contains(netns), "{err}");
+    let out = legate(&["--config", path, "run", "--", "true"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("init.include_outbound_cidrs: 10.1.0.0/16"),
+        "{err}"
+    );
+
+    let f = config_file(
+        "[init]\ninclude_inbound_ports = \"8000-8999\"\nexclude_inbound_ports = \"8500\"\n\
+         include_outbound_cidrs = [\"10.0.0.0/8\"]\nexclude_outbound_cidrs = [\"10.1.0.0/16\", \"::/0\"]\n",
+    );
+    let out = legate(&["config", "check", f.path().to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+}
+
+/// Inbound ports included while inbound capture is off do nothing, but
+/// the switch may be off on purpose: a warning from every command that
+/// reads the lists, and the check passes.
+#[test]
+fn inbound_ports_included_with_inbound_capture_off_are_warned_about() {
+    let f = config_file("[init]\ncapture_inbound = false\ninclude_inbound_ports = \"8080\"\n");
+    let path = f.path().to_str().unwrap();
+    let warning = "warning: init.include_inbound_ports: 8080 is not captured, \
+                   because init.capture_inbound is false";
+    let out = legate(&["config", "check", path], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains(warning), "{err}");
+    assert!(err.contains("set init.capture_inbound = true"), "{err}");
+
+    // legate init warns, then goes on to its own work (here, a namespace
+    // that does not exist).
+    let netns = "/nonexistent/netns";
+    let out = legate(
+        &["--config", path, "init", "--check", "--netns", netns],
+        &[],
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains(warning), "{err}");
+    assert!(err.contains(netns), "{err}");
+
+    // So does legate run (here, to say that the command is missing); its
+    // --inbound-ports flag is named as the origin.
+    let out = legate(&["--config", path, "run", "--inbound-ports", "9090"], &[]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning: init.include_inbound_ports: 9090 is not captured")
+            && err.contains("(from flag --inbound-ports 9090)"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(2), "{err}");
+}
+
 #[test]
 fn config_check_prints_the_effective_config_with_secrets_redacted() {
     let f = config_file("[proxy]\nmode = \"strict\"\nidle_timeout = \"10m\"\n");
