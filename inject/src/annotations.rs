@@ -170,6 +170,7 @@ impl Annotations<'_, '_> {
             check(s, value).map_err(|m| (s.annotation.to_owned(), m))?;
             out.push((s, value.to_owned()));
         }
+        check_together(&out)?;
         Ok(out)
     }
 
@@ -342,13 +343,58 @@ fn check(s: &Setting, value: &str) -> Result<(), String> {
                     Some(d) => format!("invalid value {value}: {d}; expected {expected}"),
                     None => format!("invalid value {value}; expected {expected}"),
                 },
-                Problem::Rule(r) => r.clone(),
+                Problem::Rule(r) => in_annotations(r, &[s]),
                 Problem::Unknown { .. } => format!("{} is not a configuration key", e.path),
             })
             .collect::<Vec<_>>()
             .join("; ")),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Checks the values together, as the containers will read them. Each
+/// passed on its own, but two can still clash (an inbound port both listed
+/// and skipped), which the pod would otherwise only say as it crash-loops.
+fn check_together(settings: &[(&'static Setting, String)]) -> Result<(), Bad> {
+    // One origin for all, so that messages do not tell them apart by it:
+    // they name the annotations instead.
+    let origin = "the workload's annotations";
+    let sources = Sources {
+        flags: settings
+            .iter()
+            .map(|(s, value)| FlagValue {
+                path: s.key.into(),
+                value: value.clone(),
+                flag: origin.into(),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let Err(e) = legate_config::load(&sources) else {
+        return Ok(());
+    };
+    let set: Vec<&Setting> = settings.iter().map(|(s, _)| *s).collect();
+    // The defaults load, so something here failed, and each value passed
+    // alone: what is left is a rule across keys, blamed on one of them.
+    let first = e.errors().first();
+    let annotation = set
+        .iter()
+        .find(|s| first.is_some_and(|f| f.path == s.key))
+        .or(set.first())
+        .map_or(PREFIX, |s| s.annotation);
+    let message = match first.map(|f| &f.problem) {
+        Some(Problem::Rule(r)) => in_annotations(r, &set),
+        _ => e.to_string(),
+    };
+    Err((annotation.to_owned(), message))
+}
+
+/// A configuration message with the keys these settings set called by
+/// their annotations, which are what the workload's author wrote.
+fn in_annotations(message: &str, settings: &[&Setting]) -> String {
+    settings
+        .iter()
+        .fold(message.to_owned(), |m, s| m.replace(s.key, s.annotation))
 }
 
 /// A Kubernetes resource quantity: a decimal number with an optional
@@ -489,6 +535,56 @@ mod tests {
         assert!(check(cidrs, "10.0.0.0/33").is_err());
         assert!(check(&SETTINGS[0], "80,8000-8100").is_ok());
         assert!(check(&SETTINGS[0], "eighty").is_err());
+    }
+
+    /// The settings as `(annotation, value)`.
+    fn settings(yaml: &str) -> Result<Vec<(&'static str, String)>, Bad> {
+        let mut loader: saphyr::YamlLoader<'_, saphyr::Yaml<'_>> = Default::default();
+        loader.early_parse(false);
+        saphyr_parser::Parser::new_from_str(yaml)
+            .load(&mut loader, true)
+            .unwrap();
+        let docs = loader.into_documents();
+        let m = crate::node::as_map(&docs[0]).unwrap();
+        Annotations {
+            pod: Some(m),
+            workload: None,
+        }
+        .settings()
+        .map(|v| v.into_iter().map(|(s, v)| (s.annotation, v)).collect())
+    }
+
+    #[test]
+    fn settings_that_clash_are_refused_by_annotation() {
+        // Each value is fine; together the inbound port captures nothing.
+        let (name, e) = settings(
+            "legate.dev/skip-inbound-ports: \"8000-8999\"\nlegate.dev/inbound-ports: \"8080\"",
+        )
+        .unwrap_err();
+        assert_eq!(name, "legate.dev/inbound-ports");
+        for needle in [
+            "8080 would never be captured",
+            "legate.dev/skip-inbound-ports leaves 8000-8999 alone",
+            "remove 8080 from legate.dev/inbound-ports",
+            "set legate.dev/skip-inbound-ports to 8000-8079,8081-8999",
+        ] {
+            assert!(e.contains(needle), "missing {needle:?} in {e}");
+        }
+        assert!(!e.contains("init.") && !e.contains("(from"), "{e}");
+        // A value alone that can capture nothing, by its annotation too.
+        let (name, e) = settings("legate.dev/inbound-ports: \"15000\"").unwrap_err();
+        assert_eq!(name, "legate.dev/inbound-ports");
+        assert!(
+            e.contains("15000 is the port of proxy.admin_listen")
+                && e.contains("remove 15000 from legate.dev/inbound-ports"),
+            "{e}"
+        );
+        // Skipping part of the listed ports is what the two are for.
+        let ok = settings(
+            "legate.dev/skip-inbound-ports: \"8500\"\nlegate.dev/inbound-ports: \"8000-8999\"",
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 2);
     }
 
     #[test]
