@@ -619,6 +619,15 @@ impl InitConfig {
             && (self.include_inbound_ports.is_empty() || self.include_inbound_ports.contains(port))
     }
 
+    /// Destination networks outbound capture never takes, whatever the
+    /// include list says: the excluded ones and loopback. `legate init
+    /// --validate` picks its target outside them.
+    pub fn outbound_left_alone(&self) -> Vec<IpNet> {
+        let mut out = self.exclude_outbound_cidrs.clone();
+        out.extend(loopback());
+        out
+    }
+
     /// Include entries that can capture nothing, as `(key, message)`: what
     /// is left alone wins over what is included, so an entry wholly inside
     /// the excludes (or inside what is never captured: the admin port
@@ -680,11 +689,8 @@ impl InitConfig {
 
         const INC_OUT: &str = "init.include_outbound_cidrs";
         const EXC_OUT: &str = "init.exclude_outbound_cidrs";
-        // Every rule set starts by letting through what leaves through
-        // `lo`, and a loopback destination always does.
-        let loopback: [IpNet; 2] = [parsed("127.0.0.0/8"), parsed("::1/128")];
-        let mut never = self.exclude_outbound_cidrs.clone();
-        never.extend(loopback);
+        let loopback = loopback();
+        let never = self.outbound_left_alone();
         for net in &self.include_outbound_cidrs {
             if !net_covered(net, &never) {
                 continue;
@@ -747,6 +753,12 @@ impl InitConfig {
         }
         out
     }
+}
+
+/// Loopback destinations. Every rule set starts by letting through what
+/// leaves through `lo`, and a connection to these always does.
+fn loopback() -> [IpNet; 2] {
+    [parsed("127.0.0.0/8"), parsed("::1/128")]
 }
 
 /// `a`, `a or b`, `a, b or c`.

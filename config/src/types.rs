@@ -249,27 +249,38 @@ pub fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
 /// cover it together when they tile it (`10.0.0.0/9` and `10.128.0.0/9`
 /// cover `10.0.0.0/8`). Networks of the other family never cover it.
 pub fn net_covered(net: &IpNet, by: &[IpNet]) -> bool {
-    let net = net.trunc();
-    let by: Vec<IpNet> = by.iter().map(IpNet::trunc).collect();
-    covered(net, &by)
+    first_uncovered(net, by).is_none()
 }
 
-fn covered(net: IpNet, by: &[IpNet]) -> bool {
+/// The lowest part of `net` that shares no address with `by`, as large as
+/// it can be where it starts; `None` when `by` covers all of `net`.
+pub fn first_uncovered(net: &IpNet, by: &[IpNet]) -> Option<IpNet> {
+    let net = net.trunc();
+    let by: Vec<IpNet> = by
+        .iter()
+        .map(IpNet::trunc)
+        .filter(|b| nets_overlap(b, &net))
+        .collect();
+    uncovered(net, &by)
+}
+
+/// [`first_uncovered`], with `by` already narrowed to what overlaps `net`.
+fn uncovered(net: IpNet, by: &[IpNet]) -> Option<IpNet> {
+    if by.is_empty() {
+        return Some(net);
+    }
     if by.iter().any(|b| b.contains(&net)) {
-        return true;
+        return None;
     }
-    // What does not contain `net` can only cover part of it from inside.
-    // Each level halves `net` and keeps only the networks inside a half,
-    // so the work is bounded by the networks times the prefix length.
-    let inside: Vec<IpNet> = by.iter().copied().filter(|b| net.contains(b)).collect();
-    if inside.is_empty() {
-        return false;
-    }
-    match net.subnets(net.prefix_len() + 1) {
-        Ok(mut halves) => halves.all(|half| covered(half, &inside)),
-        // A single address: it would have been contained above.
-        Err(_) => false,
-    }
+    // Networks nest or are disjoint, so what overlaps `net` without
+    // containing it lies inside it, in one of its halves. Each level keeps
+    // only those, so the work is bounded by their number times the prefix
+    // length. A single address has no halves, but it would have been
+    // contained above.
+    net.subnets(net.prefix_len() + 1).ok()?.find_map(|half| {
+        let inside: Vec<IpNet> = by.iter().copied().filter(|b| half.contains(b)).collect();
+        uncovered(half, &inside)
+    })
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -1069,6 +1080,24 @@ mod tests {
         assert!(!net_covered(&n("10.0.0.0/8"), &[n("::/0")]));
         assert!(!net_covered(&n("::ffff:10.0.0.0/104"), &[n("0.0.0.0/0")]));
         assert!(net_covered(&n("fd00::1/128"), &[n("fd00::/8")]));
+        // The first part left, for a target that is captured.
+        assert_eq!(
+            first_uncovered(&n("10.0.0.0/8"), &[n("10.0.0.0/16")]),
+            Some(n("10.1.0.0/16"))
+        );
+        assert_eq!(
+            first_uncovered(&n("10.0.0.0/8"), &[n("10.0.0.0/9"), n("10.128.0.0/10")]),
+            Some(n("10.192.0.0/10"))
+        );
+        assert_eq!(
+            first_uncovered(&n("10.0.0.0/8"), &[n("11.0.0.0/8"), n("::/0")]),
+            Some(n("10.0.0.0/8"))
+        );
+        assert_eq!(first_uncovered(&n("192.0.2.0/24"), &hosts), None);
+        assert_eq!(
+            first_uncovered(&n("192.0.2.0/24"), &hosts[..255]),
+            Some(n("192.0.2.255/32"))
+        );
         assert!(nets_overlap(&n("10.0.0.0/8"), &n("10.1.0.0/16")));
         assert!(nets_overlap(&n("10.1.0.0/16"), &n("10.0.0.0/8")));
         assert!(!nets_overlap(&n("10.0.0.0/8"), &n("11.0.0.0/8")));

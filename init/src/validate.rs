@@ -26,7 +26,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use legate_config::{InitConfig, ProxyConfig};
+use legate_config::{first_uncovered, InitConfig, ProxyConfig};
 
 use crate::error::InitError;
 use crate::netns::within;
@@ -83,10 +83,14 @@ pub struct Validated {
 
 /// Targets that the configured rules capture: the documentation address
 /// of each family, or, when `init.include_outbound_cidrs` limits capture,
-/// the first address of the first included network of that family (a
-/// family with no included network is captured nowhere and is skipped).
+/// the first address of the first included network of that family that
+/// the excluded networks leave to capture (a family with no included
+/// network is captured nowhere and is skipped). An include list the
+/// excludes cover in part is how exceptions are carved out, so its first
+/// address may well be one of them.
 pub fn default_targets(init: &InitConfig, ipv6: bool) -> Vec<SocketAddr> {
     let mut out = Vec::new();
+    let left_alone = init.outbound_left_alone();
     for default in [DEFAULT_TARGET_V4, DEFAULT_TARGET_V6] {
         if default.is_ipv6() && !ipv6 {
             continue;
@@ -94,7 +98,12 @@ pub fn default_targets(init: &InitConfig, ipv6: bool) -> Vec<SocketAddr> {
         let same_family = |n: &&IpNet| n.network().is_ipv6() == default.is_ipv6();
         if init.include_outbound_cidrs.is_empty() {
             out.push(default);
-        } else if let Some(net) = init.include_outbound_cidrs.iter().find(same_family) {
+        } else if let Some(net) = init
+            .include_outbound_cidrs
+            .iter()
+            .filter(same_family)
+            .find_map(|n| first_uncovered(n, &left_alone))
+        {
             // The first host, not the network address itself.
             let host = net.hosts().next().unwrap_or(net.network());
             out.push(SocketAddr::new(host, default.port()));
@@ -258,6 +267,31 @@ mod tests {
         assert_eq!(
             default_targets(&init, true),
             vec!["10.200.0.1:9".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn default_targets_skip_what_the_excludes_carve_out() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let mut init = InitConfig {
+            include_outbound_cidrs: vec![net("10.0.0.0/8"), net("fd00::/8")],
+            exclude_outbound_cidrs: vec![net("10.0.0.0/16"), net("fd00::/16")],
+            ..Default::default()
+        };
+        assert_eq!(
+            default_targets(&init, true),
+            vec![
+                "10.1.0.1:9".parse::<SocketAddr>().unwrap(),
+                "[fd01::]:9".parse().unwrap()
+            ]
+        );
+        // An included network wholly left alone (which loading refuses,
+        // but a caller can build) is passed over for the next one.
+        init.include_outbound_cidrs =
+            vec![net("127.0.0.0/8"), net("10.0.0.0/16"), net("10.5.0.0/16")];
+        assert_eq!(
+            default_targets(&init, false),
+            vec!["10.5.0.1:9".parse::<SocketAddr>().unwrap()]
         );
     }
 }

@@ -439,6 +439,29 @@ fn defaults_to_nft_and_honours_ipv6_off() {
     cleanup(&o).expect("cleanup");
 }
 
+/// An include list the excludes carve exceptions out of is validated on
+/// an address it captures, not on its first one, which an exception holds.
+#[test]
+fn validation_targets_what_an_include_list_less_its_exceptions_captures() {
+    let bed = Bed::new().expect("test bed");
+    let pod = bed.pod("carve").expect("pod");
+    let cfg = config(&[
+        "init.include_outbound_cidrs=10.0.0.0/8,fd20::/16".into(),
+        "init.exclude_outbound_cidrs=10.0.0.0/16,fd20::/32".into(),
+    ]);
+    let plan = plan(&cfg.init, &cfg.proxy).expect("plan");
+    apply(&plan, &opts(&pod, Backend::Nft)).expect("apply");
+    let mut v = ValidateOptions::new(&cfg.init, &cfg.proxy, true);
+    v.netns = Some(pod.netns().to_owned());
+    assert_eq!(
+        v.targets,
+        [sock([10, 1, 0, 1], 9), "[fd20:1::]:9".parse().unwrap()]
+    );
+    let validated = validate(&v).unwrap_or_else(|e| panic!("validation: {e}"));
+    assert!(validated.iter().all(|x| x.original_dst == x.target));
+    cleanup(&opts(&pod, Backend::Nft)).expect("cleanup");
+}
+
 /// The CLI entry point: flags become configuration, `--check` exits 1 on
 /// a difference.
 #[test]
