@@ -333,6 +333,16 @@ macro_rules! http_policy {
             /// are kept per destination address (breakers per endpoint).
             pub struct HttpConfig {
                 $( $(#[doc = $doc])* $field: $ty = $default, )*
+                /// The most header fields one HTTP/1.1 head may have: a
+                /// request from the application or from a client outside
+                /// the mesh (answered 431 beyond it), or an answer from
+                /// the application or a server outside the mesh (answered
+                /// 502), and its trailer section. 100, as in Envoy and
+                /// hyper, unless an application sends more; from 1 to
+                /// 1000. Not a route's key: a request's head is read
+                /// before its route is known. Reloadable, for new
+                /// connections and requests.
+                max_header_fields: u32 = DEFAULT_MAX_HEADER_FIELDS,
                 /// Policies for some destinations, matched by `hosts`, `cidrs`
                 /// and `ports`; the first match wins, and keys a route leaves
                 /// out come from `[proxy.http]`.
@@ -439,6 +449,15 @@ http_policy! {
     max_in_flight: u32 = 1024,
 }
 
+/// The default of `proxy.http.max_header_fields`: hyper's and Envoy's
+/// limit, and what the proxy's HTTP/1.1 parsing keeps on the stack.
+pub const DEFAULT_MAX_HEADER_FIELDS: u32 = 100;
+/// The most `proxy.http.max_header_fields` may allow. Besides its name and
+/// value, each field takes 32 bytes of the 64 KiB header list the mesh's
+/// HTTP/2 carries (RFC 9113 §6.5.2), so a head of a thousand short fields
+/// already fills half of it and one of two thousand could never cross.
+pub const MAX_HEADER_FIELDS_LIMIT: u32 = 1000;
+
 /// A rule an [`HttpSettings`] breaks: `keys` are the keys involved, the
 /// one to blame first.
 pub(crate) struct Broken {
@@ -536,6 +555,18 @@ impl HttpConfig {
     /// `(path, message)`, with `prefix` the section's own path.
     pub(crate) fn problems(&self, prefix: &str) -> Vec<(String, String)> {
         let mut out = Vec::new();
+        if !(1..=MAX_HEADER_FIELDS_LIMIT).contains(&self.max_header_fields) {
+            out.push((
+                format!("{prefix}.max_header_fields"),
+                format!(
+                    "{} is out of range; use 1 to {MAX_HEADER_FIELDS_LIMIT} (default \
+                     {DEFAULT_MAX_HEADER_FIELDS}), as many as the application's requests and \
+                     answers carry: each field takes 32 bytes of the 64 KiB header list the \
+                     mesh's HTTP/2 carries, and a thousand already fill half of it",
+                    self.max_header_fields
+                ),
+            ));
+        }
         let base = self.settings();
         let base_broken = base.broken(|_| "");
         for b in &base_broken {

@@ -762,6 +762,41 @@ fn listeners_others_must_find_refuse_port_zero() {
     }
 }
 
+#[test]
+fn max_header_fields_defaults_to_100_and_refuses_what_the_mesh_cannot_carry() {
+    let c = load(&Sources::default()).unwrap().config;
+    assert_eq!(c.proxy.http.max_header_fields, 100);
+    assert!(key_paths().contains(&"proxy.http.max_header_fields".to_string()));
+    for bad in ["0", "1001"] {
+        let key = "proxy.http.max_header_fields";
+        let text = only_error(&[(key, bad)], key);
+        assert!(text.contains("1 to 1000 (default 100)"), "{bad}: {text}");
+    }
+    for good in ["1", "150", "1000"] {
+        let c = load(&Sources {
+            flags: vec![flag("proxy.http.max_header_fields", good)],
+            ..Default::default()
+        })
+        .unwrap()
+        .config;
+        assert_eq!(c.proxy.http.max_header_fields.to_string(), good);
+    }
+    // Requests are read before their route is known: no route may set it.
+    let f = file(
+        r#"
+[[proxy.http.routes]]
+ports = "8080"
+max_header_fields = 200
+"#,
+    );
+    let errs = errors(&Sources {
+        file: Some(f.path().into()),
+        ..Default::default()
+    });
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].path, "proxy.http.routes[0].max_header_fields");
+}
+
 /// The only error from loading these flags, which must be about `key`.
 fn only_error(flags: &[(&str, &str)], key: &str) -> String {
     let errs = errors(&Sources {
