@@ -297,7 +297,8 @@ fn stream(
             false,
         ));
     }
-    if !ctx.live_now().authz.allows(port, Some(peer)) {
+    let live = ctx.live_now();
+    if !live.authz.allows(port, Some(peer)) {
         warn!(client = %peer, server = %ctx.identity.local_id(), port, "refused by the port's authorization policy");
         return answered(proxy_answer(
             http::StatusCode::FORBIDDEN,
@@ -306,7 +307,8 @@ fn stream(
         ));
     }
     if !plain_connect {
-        return crate::http::inbound::from_peer(ctx, req, client, dst, port, mesh_peer);
+        let max_fields = crate::http::max_fields(&live.config);
+        return crate::http::inbound::from_peer(ctx, req, client, dst, port, mesh_peer, max_fields);
     }
     let ctx = ctx.clone();
     let peer = mesh_peer.clone();

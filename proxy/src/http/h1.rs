@@ -17,9 +17,12 @@
 //! chunked when that is its transfer coding, else `Content-Length`, else
 //! until the application closes. Any other transfer coding is refused
 //! (see [`super::only_chunked`]). Interim 1xx answers (a `100
-//! Continue`, say) are read and dropped. The request body is sent while
-//! the answer is read, so an application that answers early, or streams
-//! its answer while it reads, neither stalls nor loses what it sent.
+//! Continue`, say) are read and dropped. A head or trailer section may
+//! have as many fields as the sender of the request allows
+//! (`proxy.http.max_header_fields`, 100 by default). The request body is
+//! sent while the answer is read, so an application that answers early,
+//! or streams its answer while it reads, neither stalls nor loses what it
+//! sent.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -50,14 +53,22 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// More distinct address sets than this and the idle lists are dropped.
 const MAX_TARGETS: usize = 1024;
 /// The largest response head (status line and fields) or trailer section,
-/// as Envoy's default. A head this large with the most fields allowed
-/// still fits the header list the mesh's HTTP/2 carries
+/// as Envoy's default. A head this large with up to [`STACK_FIELDS`]
+/// fields still fits the header list the mesh's HTTP/2 carries
 /// ([`crate::pool::MAX_HEADER_LIST`], where each field counts 32 bytes in
 /// place of its 4 of punctuation), so an answer the server's proxy takes
-/// from its application is never refused on the way to the client's.
+/// from its application is never refused on the way to the client's. With
+/// more fields it may not, so such a head is measured as HTTP/2 will count
+/// it (see [`fits_mesh`]).
 const MAX_HEAD: usize = 60 * 1024;
-/// The most fields a response head may have, as in hyper.
-const MAX_HEADERS: usize = 100;
+/// Room for this many fields is kept on the stack when a head or trailer
+/// section is parsed: the default of `proxy.http.max_header_fields`, and
+/// what hyper keeps. Only a head with more fields than this, which a
+/// raised limit lets through, parses again into room on the heap, so the
+/// limit costs nothing for the answers that stay within the default.
+const STACK_FIELDS: usize = legate_config::DEFAULT_MAX_HEADER_FIELDS as usize;
+/// The key that raises the limit on fields, named where it refuses.
+const FIELDS_KEY: &str = "proxy.http.max_header_fields";
 /// The longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 /// Room made in the read buffer before each read.
@@ -80,6 +91,18 @@ pub enum Error {
     Malformed(&'static str),
     #[error("the application's response head or trailer section is larger than {MAX_HEAD} bytes")]
     HeadTooLarge,
+    #[error(
+        "the application's response head or trailer section has more than {limit} header fields; \
+         {FIELDS_KEY} raises the limit"
+    )]
+    TooManyFields { limit: usize },
+    #[error(
+        "the application's response head or trailer section would take {size} bytes of HTTP/2 \
+         header list (32 for each of its {fields} fields besides their names and values), more \
+         than the {} the mesh carries; the application must send fewer or shorter fields",
+        crate::pool::MAX_HEADER_LIST
+    )]
+    TooLargeForMesh { size: usize, fields: usize },
     #[error(
         "the application answered 101 Switching Protocols to a request that asked for no upgrade"
     )]
@@ -128,14 +151,21 @@ impl Pool {
     /// from: it is part of every request's state, and on the inbound path
     /// that state is one allocation per request, small enough for the
     /// allocator's per-thread cache.
+    ///
+    /// `max_fields` is `proxy.http.max_header_fields`: an answer or a
+    /// trailer section with more fields is an error.
     pub fn send(
         self: &Arc<Self>,
         targets: Targets,
         req: Request<Body>,
+        max_fields: usize,
     ) -> impl Future<Output = Result<Response<Body>, Error>> + Send + 'static {
         let (parts, body) = req.into_parts();
         let (head, framing) = encode_head(&parts, &body);
-        let head_only = parts.method == Method::HEAD;
+        let reading = Reading {
+            head_only: parts.method == Method::HEAD,
+            max_fields,
+        };
         // Sent again on a new connection if a reused one turns out dead:
         // only a request with nothing to replay and whose repetition is
         // harmless (RFC 9110 §9.2.2; RFC 9112 §9.3.1 forbids proxies to
@@ -143,14 +173,16 @@ impl Pool {
         let may_resend =
             body.is_end_stream() && MethodClass::of(&parts.method) == MethodClass::Idempotent;
         let resend = may_resend.then(|| (head.clone(), None));
-        self.exchange(targets, head, framing, body, head_only, resend)
+        self.exchange(targets, head, framing, body, reading, resend)
     }
 
     /// Sends a request the proxy makes itself (a telemetry export, say),
     /// its body held whole, as [`Self::send`] does. Not being a client's,
     /// it is the proxy's own to repeat: whatever its method, it goes again
     /// on a new connection when a reused one turns out dead before any
-    /// answer (at worst the server gets it twice).
+    /// answer (at worst the server gets it twice). Its answer may have as
+    /// many fields as hyper's client would take: the operator's limit is
+    /// for applications, not for the proxy's own peers.
     pub fn send_own(
         self: &Arc<Self>,
         targets: Targets,
@@ -159,9 +191,12 @@ impl Pool {
         let (parts, bytes) = req.into_parts();
         let body = super::full(bytes.clone());
         let (head, framing) = encode_head(&parts, &body);
-        let head_only = parts.method == Method::HEAD;
+        let reading = Reading {
+            head_only: parts.method == Method::HEAD,
+            max_fields: STACK_FIELDS,
+        };
         let resend = Some((head.clone(), Some(bytes)));
-        self.exchange(targets, head, framing, body, head_only, resend)
+        self.exchange(targets, head, framing, body, reading, resend)
     }
 
     /// One exchange on a pooled or new connection; `resend` is the head,
@@ -173,7 +208,7 @@ impl Pool {
         head: Bytes,
         framing: Framing,
         body: Body,
-        head_only: bool,
+        reading: Reading,
         resend: Option<(Bytes, Option<Bytes>)>,
     ) -> impl Future<Output = Result<Response<Body>, Error>> + Send + 'static {
         let first = Upload::new(head, framing, body);
@@ -203,8 +238,8 @@ impl Pool {
                     write_error: None,
                     got_bytes: false,
                 };
-                match std::future::poll_fn(|cx| ex.poll_head(cx, head_only)).await {
-                    Ok(answer) => return Ok(pool.respond(ex, answer, targets)),
+                match std::future::poll_fn(|cx| ex.poll_head(cx, reading)).await {
+                    Ok(answer) => return Ok(pool.respond(ex, answer, targets, reading.max_fields)),
                     // An application may close an idle connection just as it
                     // is reused, and then never saw the request.
                     Err(e) if reused && !ex.got_bytes && e.stale_connection() => {
@@ -220,7 +255,13 @@ impl Pool {
         }
     }
 
-    fn respond(self: &Arc<Self>, ex: Exchange, answer: Answer, targets: Targets) -> Response<Body> {
+    fn respond(
+        self: &Arc<Self>,
+        ex: Exchange,
+        answer: Answer,
+        targets: Targets,
+        max_fields: usize,
+    ) -> Response<Body> {
         let Answer {
             parts,
             read,
@@ -234,6 +275,7 @@ impl Pool {
             keep_alive,
             pool: self.clone(),
             targets,
+            max_fields,
         };
         if matches!(body.read, Read::Done) {
             body.finish();
@@ -545,6 +587,15 @@ struct Exchange {
     got_bytes: bool,
 }
 
+/// What, besides its bytes, decides how an answer is read.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    /// The request was HEAD: the answer has no body, whatever it says.
+    head_only: bool,
+    /// The most fields its head and its trailer section may have.
+    max_fields: usize,
+}
+
 /// A response head, with how its body is to be read.
 struct Answer {
     parts: http::response::Parts,
@@ -553,7 +604,7 @@ struct Answer {
 }
 
 impl Exchange {
-    fn poll_head(&mut self, cx: &mut Context<'_>, head_only: bool) -> Poll<Result<Answer, Error>> {
+    fn poll_head(&mut self, cx: &mut Context<'_>, reading: Reading) -> Poll<Result<Answer, Error>> {
         loop {
             if let Some(up) = self.upload.as_mut() {
                 match up.poll(&mut self.io, cx) {
@@ -569,7 +620,7 @@ impl Exchange {
                 }
             }
             let unsent = self.upload.is_some() || self.write_error.is_some();
-            if let Some(answer) = parse_head(&mut self.buf, head_only, unsent)? {
+            if let Some(answer) = parse_head(&mut self.buf, reading, unsent)? {
                 return Poll::Ready(Ok(answer));
             }
             let read = ready!(poll_fill(&mut self.io, &mut self.buf, cx));
@@ -605,35 +656,107 @@ fn poll_fill(
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 
+/// Where each field of a head lies in the buffer: name start and end,
+/// value start and end. Values can then share the buffer instead of being
+/// copied.
+type Spans = SmallVec<[(usize, usize, usize, usize); STACK_FIELDS]>;
+
+/// The start of a complete response head: its length, status code, and
+/// whether it is HTTP/1.0. Its fields are in the [`Spans`] beside it.
+struct RawHead {
+    len: usize,
+    code: u16,
+    http10: bool,
+}
+
+/// Parses a response head at the front of `buf` into `fields`, and where
+/// its fields lie into `spans`; `None` when more bytes are needed.
+fn parse_into<'b>(
+    buf: &'b [u8],
+    fields: &mut [MaybeUninit<httparse::Header<'b>>],
+    spans: &mut Spans,
+) -> Result<Option<RawHead>, httparse::Error> {
+    let mut res = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, buf, fields)?
+    {
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let base = buf.as_ptr() as usize;
+    spans.clear();
+    spans.extend(res.headers.iter().map(|f| {
+        let n = f.name.as_ptr() as usize - base;
+        let v = f.value.as_ptr() as usize - base;
+        (n, n + f.name.len(), v, v + f.value.len())
+    }));
+    Ok(Some(RawHead {
+        len,
+        code: res.code.unwrap_or(0),
+        http10: res.version == Some(0),
+    }))
+}
+
+/// Parses the response head at the front of `buf`, allowing `max_fields`
+/// fields; `None` when more bytes are needed.
+fn parse_raw(buf: &[u8], max_fields: usize, spans: &mut Spans) -> Result<Option<RawHead>, Error> {
+    // Uninitialized room for the fields: filling a hundred empty ones
+    // first was 3 KiB of stores for every answer.
+    let mut fields = [const { MaybeUninit::uninit() }; STACK_FIELDS];
+    let parsed = match parse_into(buf, &mut fields[..max_fields.min(STACK_FIELDS)], spans) {
+        // Only a head with more fields than the stack holds, under a limit
+        // raised above that, pays for room on the heap.
+        Err(httparse::Error::TooManyHeaders) if max_fields > STACK_FIELDS => {
+            let mut room: Box<[MaybeUninit<httparse::Header<'_>>]> =
+                Box::new_uninit_slice(max_fields);
+            parse_into(buf, &mut room, spans)
+        }
+        other => other,
+    };
+    let head = match parsed {
+        Ok(Some(head)) if head.len > MAX_HEAD => return Err(Error::HeadTooLarge),
+        Ok(Some(head)) => head,
+        Ok(None) if buf.len() > MAX_HEAD => return Err(Error::HeadTooLarge),
+        Ok(None) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Error::TooManyFields { limit: max_fields })
+        }
+        Err(_) => return Err(Error::Malformed("the status line or a header field")),
+    };
+    if spans.len() > STACK_FIELDS {
+        // `:status` with its three digits goes first.
+        let fields = spans.iter().map(|&(ns, ne, vs, ve)| ne - ns + ve - vs);
+        fits_mesh(":status".len() + 3 + 32, fields)?;
+    }
+    Ok(Some(head))
+}
+
+/// Refuses a head or trailer section, given what its pseudo-header takes
+/// and the lengths of its fields' names and values together, whose header
+/// list as HTTP/2 counts it (RFC 9113 §6.5.2: 32 bytes for each field
+/// besides) is more than the peer proxy takes. Passed on, it would reach
+/// the client's proxy as a stream reset for a protocol error: a 502 that
+/// says nothing of why, counted against the breaker, and under `retry_on
+/// = reset` a request the application had acted on would be sent again.
+fn fits_mesh(pseudo: usize, fields: impl Iterator<Item = usize>) -> Result<(), Error> {
+    let (size, fields) = fields.fold((pseudo, 0), |(size, n), field| (size + field + 32, n + 1));
+    if size > crate::pool::MAX_HEADER_LIST as usize {
+        return Err(Error::TooLargeForMesh { size, fields });
+    }
+    Ok(())
+}
+
 /// Parses a final response head off the front of `buf`, dropping interim
 /// 1xx answers; `None` when more bytes are needed.
-fn parse_head(buf: &mut BytesMut, head_only: bool, unsent: bool) -> Result<Option<Answer>, Error> {
+fn parse_head(buf: &mut BytesMut, reading: Reading, unsent: bool) -> Result<Option<Answer>, Error> {
+    let mut spans = Spans::new();
     loop {
-        // Uninitialized room for the fields: filling a hundred empty ones
-        // first was 3 KiB of stores for every answer.
-        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut []);
-        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut res,
-            buf,
-            &mut fields,
-        ) {
-            Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
-                return Err(Error::HeadTooLarge)
-            }
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-                return Err(Error::HeadTooLarge)
-            }
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(Error::Malformed("more than 100 header fields"))
-            }
-            Err(_) => return Err(Error::Malformed("the status line or a header field")),
+        let Some(RawHead { len, code, http10 }) = parse_raw(buf, reading.max_fields, &mut spans)?
+        else {
+            return Ok(None);
         };
-        let code = res.code.unwrap_or(0);
         let status = StatusCode::from_u16(code).map_err(|_| Error::Malformed("status code"))?;
-        let version = if res.version == Some(0) {
+        let version = if http10 {
             Version::HTTP_10
         } else {
             Version::HTTP_11
@@ -645,18 +768,6 @@ fn parse_head(buf: &mut BytesMut, head_only: bool, unsent: bool) -> Result<Optio
             buf.advance(len);
             continue;
         }
-        // Where each field sits, so that values can share the buffer
-        // instead of being copied.
-        let base = buf.as_ptr() as usize;
-        let spans: SmallVec<[(usize, usize, usize, usize); MAX_HEADERS]> = res
-            .headers
-            .iter()
-            .map(|f| {
-                let n = f.name.as_ptr() as usize - base;
-                let v = f.value.as_ptr() as usize - base;
-                (n, n + f.name.len(), v, v + f.value.len())
-            })
-            .collect();
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
         for &(ns, ne, vs, ve) in &spans {
@@ -666,7 +777,7 @@ fn parse_head(buf: &mut BytesMut, head_only: bool, unsent: bool) -> Result<Optio
                 .map_err(|_| Error::Malformed("a header field value"))?;
             headers.append(name, value);
         }
-        let (read, mut keep_alive) = framing(status, version, &headers, head_only)?;
+        let (read, mut keep_alive) = framing(status, version, &headers, reading.head_only)?;
         if matches!(read, Read::Chunked(_)) {
             // A length beside chunked is void, and passed on it would frame
             // the body wrongly downstream: the client's connection closed
@@ -774,6 +885,8 @@ struct H1Body {
     keep_alive: bool,
     pool: Arc<Pool>,
     targets: Targets,
+    /// The most fields the trailer section may have.
+    max_fields: usize,
 }
 
 impl H1Body {
@@ -888,48 +1001,68 @@ impl H1Body {
                             self.finish();
                             return Poll::Ready(None);
                         }
-                        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                        match httparse::parse_headers(&self.buf, &mut fields) {
-                            Ok(httparse::Status::Complete((len, _))) if len > MAX_HEAD => {
-                                return Poll::Ready(Some(Err(Error::HeadTooLarge)));
-                            }
-                            Ok(httparse::Status::Complete((len, fields))) => {
-                                let mut trailers = HeaderMap::with_capacity(fields.len());
-                                for f in fields.iter() {
-                                    let name = HeaderName::from_bytes(f.name.as_bytes());
-                                    let value = HeaderValue::from_bytes(f.value);
-                                    match (name, value) {
-                                        (Ok(n), Ok(v)) => {
-                                            trailers.append(n, v);
-                                        }
-                                        _ => {
-                                            return Poll::Ready(Some(Err(Error::Malformed(
-                                                "a trailer field",
-                                            ))))
-                                        }
-                                    }
-                                }
+                        match parse_trailers(&self.buf, self.max_fields)? {
+                            Some((len, trailers)) => {
                                 self.buf.advance(len);
                                 self.finish();
                                 return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                             }
-                            Ok(httparse::Status::Partial) => {
-                                if self.buf.len() > MAX_HEAD {
-                                    return Poll::Ready(Some(Err(Error::HeadTooLarge)));
-                                }
-                                ready!(self.fill_more(cx))?;
+                            None if self.buf.len() > MAX_HEAD => {
+                                return Poll::Ready(Some(Err(Error::HeadTooLarge)));
                             }
-                            Err(_) => {
-                                return Poll::Ready(Some(Err(Error::Malformed(
-                                    "the trailer section",
-                                ))))
-                            }
+                            None => ready!(self.fill_more(cx))?,
                         }
                     }
                 },
             }
         }
     }
+}
+
+/// Parses a trailer section at the front of `buf`, allowing `max_fields`
+/// fields: its length and its fields, or `None` when more bytes are needed.
+fn parse_trailers(buf: &[u8], max_fields: usize) -> Result<Option<(usize, HeaderMap)>, Error> {
+    let mut fields = [httparse::EMPTY_HEADER; STACK_FIELDS];
+    match httparse::parse_headers(buf, &mut fields[..max_fields.min(STACK_FIELDS)]) {
+        // As for a head: only a section with more fields than the stack
+        // holds parses again, into room on the heap.
+        Err(httparse::Error::TooManyHeaders) if max_fields > STACK_FIELDS => {
+            let mut room = vec![httparse::EMPTY_HEADER; max_fields];
+            trailer_map(httparse::parse_headers(buf, &mut room), max_fields)
+        }
+        parsed => trailer_map(parsed, max_fields),
+    }
+}
+
+/// The trailer section httparse read, as a header map.
+fn trailer_map(
+    parsed: httparse::Result<(usize, &[httparse::Header<'_>])>,
+    max_fields: usize,
+) -> Result<Option<(usize, HeaderMap)>, Error> {
+    let (len, fields) = match parsed {
+        Ok(httparse::Status::Complete(done)) => done,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Error::TooManyFields { limit: max_fields })
+        }
+        Err(_) => return Err(Error::Malformed("the trailer section")),
+    };
+    if len > MAX_HEAD {
+        return Err(Error::HeadTooLarge);
+    }
+    if fields.len() > STACK_FIELDS {
+        fits_mesh(0, fields.iter().map(|f| f.name.len() + f.value.len()))?;
+    }
+    let mut trailers = HeaderMap::with_capacity(fields.len());
+    for f in fields {
+        let name = HeaderName::from_bytes(f.name.as_bytes());
+        let value = HeaderValue::from_bytes(f.value);
+        let (Ok(name), Ok(value)) = (name, value) else {
+            return Err(Error::Malformed("a trailer field"));
+        };
+        trailers.append(name, value);
+    }
+    Ok(Some((len, trailers)))
 }
 
 /// The size of a chunk from its size line, extensions ignored.
@@ -1072,6 +1205,20 @@ mod tests {
         (collected.to_bytes(), trailers)
     }
 
+    /// How an answer to a GET is read under the default limit on fields.
+    const DEFAULT: Reading = Reading {
+        head_only: false,
+        max_fields: STACK_FIELDS,
+    };
+
+    /// How an answer to a GET is read allowing `max_fields` fields.
+    fn allowing(max_fields: usize) -> Reading {
+        Reading {
+            max_fields,
+            ..DEFAULT
+        }
+    }
+
     /// A response head of `len` bytes with `fields` header fields.
     fn head_of(len: usize, fields: usize) -> BytesMut {
         let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
@@ -1115,17 +1262,17 @@ mod tests {
     #[test]
     fn a_head_over_the_limit_is_refused_even_when_read_at_once() {
         assert!(matches!(
-            parse_head(&mut head_of(MAX_HEAD + 1, 1), false, false),
+            parse_head(&mut head_of(MAX_HEAD + 1, 1), DEFAULT, false),
             Err(Error::HeadTooLarge)
         ));
         // The largest head taken, with the most fields, fits the mesh's
         // HTTP/2 header list: names, values and 32 bytes each, `:status`
         // included.
-        let answer = parse_head(&mut head_of(MAX_HEAD, MAX_HEADERS), false, false)
+        let answer = parse_head(&mut head_of(MAX_HEAD, STACK_FIELDS), DEFAULT, false)
             .expect("parsed")
             .expect("whole");
         let fields = &answer.parts.headers;
-        assert_eq!(fields.len(), MAX_HEADERS);
+        assert_eq!(fields.len(), STACK_FIELDS);
         let list: usize = ":status".len()
             + 3
             + 32
@@ -1134,6 +1281,125 @@ mod tests {
                 .map(|(k, v)| k.as_str().len() + v.len() + 32)
                 .sum::<usize>();
         assert!(list <= crate::pool::MAX_HEADER_LIST as usize, "{list}");
+    }
+
+    #[test]
+    fn more_fields_than_the_default_are_taken_once_the_limit_is_raised() {
+        assert_eq!(STACK_FIELDS, 100, "the default, as in hyper and Envoy");
+        let wire = || {
+            let mut head = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n".to_vec();
+            for i in 1..150 {
+                head.extend_from_slice(format!("x-field-{i:03}: value {i}\r\n").as_bytes());
+            }
+            head.extend_from_slice(b"\r\n");
+            BytesMut::from(&head[..])
+        };
+        let Err(err) = parse_head(&mut wire(), DEFAULT, false) else {
+            panic!("150 fields were taken under the default limit");
+        };
+        assert!(matches!(err, Error::TooManyFields { limit: 100 }), "{err}");
+        assert!(
+            err.to_string().contains("proxy.http.max_header_fields"),
+            "the refusal names the key that raises the limit: {err}"
+        );
+        for max_fields in [150, 151, 1000] {
+            let answer = parse_head(&mut wire(), allowing(max_fields), false)
+                .expect("parsed")
+                .expect("whole");
+            let fields = &answer.parts.headers;
+            assert_eq!(fields.len(), 150, "{max_fields}");
+            assert_eq!(fields["x-field-001"], "value 1");
+            assert_eq!(fields["x-field-149"], "value 149");
+        }
+        assert!(matches!(
+            parse_head(&mut wire(), allowing(149), false),
+            Err(Error::TooManyFields { limit: 149 })
+        ));
+        // A limit below the default holds too.
+        assert!(matches!(
+            parse_head(&mut head_of(200, 11), allowing(10), false),
+            Err(Error::TooManyFields { limit: 10 })
+        ));
+        assert!(parse_head(&mut head_of(200, 10), allowing(10), false).is_ok());
+    }
+
+    #[test]
+    fn a_head_taken_with_many_fields_always_fits_the_mesh() {
+        // Each field costs the HTTP/2 header list 32 bytes besides its name
+        // and value: past the default count, a head within the size limit
+        // may not fit, and is refused here rather than reset by the
+        // client's proxy.
+        let list = |fields: &HeaderMap| {
+            ":status".len()
+                + 3
+                + 32
+                + fields
+                    .iter()
+                    .map(|(k, v)| k.as_str().len() + v.len() + 32)
+                    .sum::<usize>()
+        };
+        let mut refused = 0;
+        for fields in [101, 150, 400, 1000] {
+            for len in [fields * 12, MAX_HEAD / 2, MAX_HEAD - fields * 28, MAX_HEAD] {
+                match parse_head(&mut head_of(len, fields), allowing(1000), false) {
+                    Ok(Some(answer)) => {
+                        let size = list(&answer.parts.headers);
+                        assert!(
+                            size <= crate::pool::MAX_HEADER_LIST as usize,
+                            "{fields} fields, {len} bytes: {size}"
+                        );
+                    }
+                    Err(Error::TooLargeForMesh { size, fields: n }) => {
+                        assert!(size > crate::pool::MAX_HEADER_LIST as usize);
+                        assert_eq!(n, fields);
+                        refused += 1;
+                    }
+                    other => panic!("{fields} fields, {len} bytes: {:?}", other.err()),
+                }
+            }
+        }
+        assert!(refused > 0, "no head was too large for the mesh");
+    }
+
+    #[tokio::test]
+    async fn a_trailer_section_is_held_to_the_same_limit_on_fields() {
+        let (addr, _) = app(|mut sock, _| async move {
+            while read_head(&mut sock).await.is_some() {
+                let mut wire =
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+                        .to_vec();
+                for i in 0..150 {
+                    wire.extend_from_slice(format!("x-sum-{i:03}: {i}\r\n").as_bytes());
+                }
+                wire.extend_from_slice(b"\r\n");
+                if sock.write_all(&wire).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let pool = pool();
+        let res = pool
+            .send(Targets::one(addr), get("/"), STACK_FIELDS)
+            .await
+            .expect("head");
+        let err = res.into_body().collect().await.expect_err("too many");
+        assert!(
+            matches!(
+                err.downcast_ref::<Error>(),
+                Some(Error::TooManyFields { limit: 100 })
+            ),
+            "{err}"
+        );
+        let res = pool
+            .send(Targets::one(addr), get("/"), 150)
+            .await
+            .expect("head");
+        let (body, trailers) = body_of(res).await;
+        assert_eq!(body, "ok");
+        let trailers = trailers.expect("trailers");
+        assert_eq!(trailers.len(), 150);
+        assert_eq!(trailers["x-sum-149"], "149");
     }
 
     #[tokio::test]
@@ -1157,7 +1423,10 @@ mod tests {
         let pool = pool();
         let targets = Targets::one(addr);
         for _ in 0..3 {
-            let res = pool.send(targets, get("/")).await.expect("answer");
+            let res = pool
+                .send(targets, get("/"), STACK_FIELDS)
+                .await
+                .expect("answer");
             assert_eq!(res.status(), StatusCode::OK);
             assert_eq!(res.headers()["x-n"], "1");
             assert_eq!(body_of(res).await.0, "hello");
@@ -1165,10 +1434,16 @@ mod tests {
         let head = Request::head("http://app/")
             .body(crate::http::empty())
             .expect("request");
-        let res = pool.send(targets, head).await.expect("answer");
+        let res = pool
+            .send(targets, head, STACK_FIELDS)
+            .await
+            .expect("answer");
         assert_eq!(res.headers()["content-length"], "5");
         assert!(body_of(res).await.0.is_empty());
-        let res = pool.send(targets, get("/")).await.expect("answer");
+        let res = pool
+            .send(targets, get("/"), STACK_FIELDS)
+            .await
+            .expect("answer");
         assert_eq!(body_of(res).await.0, "hello");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
@@ -1194,7 +1469,10 @@ mod tests {
         let req = Request::get("http://app.example:8080/path?q=1")
             .body(crate::http::empty())
             .expect("request");
-        let res = pool().send(Targets::one(addr), req).await.expect("answer");
+        let res = pool()
+            .send(Targets::one(addr), req, STACK_FIELDS)
+            .await
+            .expect("answer");
         assert_eq!(body_of(res).await.0, "yes");
     }
 
@@ -1219,7 +1497,7 @@ mod tests {
         let pool = pool();
         for _ in 0..2 {
             let res = pool
-                .send(Targets::one(addr), get("/chunks"))
+                .send(Targets::one(addr), get("/chunks"), STACK_FIELDS)
                 .await
                 .expect("answer");
             assert_eq!(res.status(), StatusCode::OK);
@@ -1253,7 +1531,7 @@ mod tests {
         })
         .await;
         let res = pool()
-            .send(Targets::one(addr), get("/"))
+            .send(Targets::one(addr), get("/"), STACK_FIELDS)
             .await
             .expect("answer");
         let Err(err) = res.into_body().collect().await else {
@@ -1277,7 +1555,7 @@ mod tests {
         let pool = pool();
         for _ in 0..2 {
             let res = pool
-                .send(Targets::one(addr), get("/"))
+                .send(Targets::one(addr), get("/"), STACK_FIELDS)
                 .await
                 .expect("answer");
             assert_eq!(body_of(res).await.0, "all of it");
@@ -1290,7 +1568,7 @@ mod tests {
         let (addr, _) =
             answers_once(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this").await;
         let res = pool()
-            .send(Targets::one(addr), get("/"))
+            .send(Targets::one(addr), get("/"), STACK_FIELDS)
             .await
             .expect("head");
         let err = res.into_body().collect().await.expect_err("cut short");
@@ -1304,7 +1582,7 @@ mod tests {
     async fn a_garbled_answer_names_the_problem() {
         let (addr, _) = answers_once(b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\nx").await;
         let err = pool()
-            .send(Targets::one(addr), get("/"))
+            .send(Targets::one(addr), get("/"), STACK_FIELDS)
             .await
             .expect_err("garbled");
         assert!(
@@ -1322,7 +1600,7 @@ mod tests {
         let pool = pool();
         for _ in 0..3 {
             let res = pool
-                .send(Targets::one(addr), get("/"))
+                .send(Targets::one(addr), get("/"), STACK_FIELDS)
                 .await
                 .expect("answer");
             assert_eq!(body_of(res).await.0, "ok");
@@ -1351,7 +1629,7 @@ mod tests {
         let pool = pool();
         for _ in 0..2 {
             let res = pool
-                .send(Targets::one(addr), get("/"))
+                .send(Targets::one(addr), get("/"), STACK_FIELDS)
                 .await
                 .expect("answer");
             assert_eq!(body_of(res).await.0, "ok");
@@ -1361,7 +1639,7 @@ mod tests {
         let (addr, accepted) = answers_once_then_drops().await;
         let pool = self::pool();
         let res = pool
-            .send(Targets::one(addr), get("/"))
+            .send(Targets::one(addr), get("/"), STACK_FIELDS)
             .await
             .expect("answer");
         assert_eq!(body_of(res).await.0, "ok");
@@ -1369,7 +1647,7 @@ mod tests {
             .body(crate::http::empty())
             .expect("request");
         let err = pool
-            .send(Targets::one(addr), post)
+            .send(Targets::one(addr), post, STACK_FIELDS)
             .await
             .expect_err("not repeated");
         assert!(err.to_string().contains("before it answered"), "{err}");
@@ -1383,7 +1661,7 @@ mod tests {
         )
         .await;
         let res = pool()
-            .send(Targets::one(addr), get("/"))
+            .send(Targets::one(addr), get("/"), STACK_FIELDS)
             .await
             .expect("answer");
         assert!(!res.headers().contains_key(header::CONTENT_LENGTH));
@@ -1448,7 +1726,10 @@ mod tests {
         .map_err(|never| match never {})
         .boxed();
         let req = Request::post("http://app/up").body(body).expect("request");
-        let res = pool().send(Targets::one(addr), req).await.expect("answer");
+        let res = pool()
+            .send(Targets::one(addr), req, STACK_FIELDS)
+            .await
+            .expect("answer");
         assert_eq!(
             body_of(res).await.0,
             "3\r\nabc\r\nd\r\ndefghijklmnop\r\n0\r\nx-check: 7\r\n\r\n"
@@ -1483,7 +1764,10 @@ mod tests {
                     .boxed(),
             )
             .expect("request");
-        let res = pool().send(Targets::one(addr), req).await.expect("answer");
+        let res = pool()
+            .send(Targets::one(addr), req, STACK_FIELDS)
+            .await
+            .expect("answer");
         assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(body_of(res).await.0, "big");
     }
@@ -1621,7 +1905,7 @@ mod tests {
             let g = generate(&mut rng);
             let addr = answers_in_pieces(g.wire, seed).await;
             let res = pool()
-                .send(Targets::one(addr), get("/"))
+                .send(Targets::one(addr), get("/"), STACK_FIELDS)
                 .await
                 .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             assert_eq!(res.status().as_u16(), g.status, "seed {seed}");
@@ -1663,7 +1947,10 @@ mod tests {
             // bytes said, the exchange ends, with an answer whose body
             // ends (cleanly or not) or with an error.
             let ended = tokio::time::timeout(Duration::from_secs(10), async {
-                if let Ok(res) = pool().send(Targets::one(addr), get("/")).await {
+                if let Ok(res) = pool()
+                    .send(Targets::one(addr), get("/"), STACK_FIELDS)
+                    .await
+                {
                     let _ = res.into_body().collect().await;
                 }
             })

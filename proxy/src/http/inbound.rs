@@ -20,7 +20,7 @@ use tracing::debug;
 use super::client::FixedConnector;
 use super::outbound::{finish_upgrade, proxy_answer};
 use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token};
-use super::{host_fault, only_chunked, BODY_UNREADABLE, FOREIGN_CODING};
+use super::{host_fault, only_chunked, BODY_UNREADABLE, FOREIGN_CODING, MAX_FIELDS_KEY};
 use super::{remove_client_id, CLIENT_ID_HEADER, DECLINED_HEADER, PROTO_HEADER, TARGET_HEADER};
 use crate::detect::Protocol;
 use crate::h2server::Tunnel;
@@ -196,16 +196,19 @@ where
 }
 
 /// Sends an HTTP/1.1 upgrade request on a new connection; returns the
-/// server's answer and its side of the upgrade.
+/// server's answer, of up to `max_fields` header fields, and its side of
+/// the upgrade.
 pub(crate) async fn upgrade_direct(
     connector: &FixedConnector,
     req: Request<Body>,
+    max_fields: usize,
 ) -> Result<(Response<Incoming>, OnUpgrade), Response<Body>> {
     let tcp = connector
         .dial()
         .await
         .map_err(|_| proxy_answer(StatusCode::BAD_GATEWAY, "connect_failed"))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let (mut send, conn) = super::http1_client(max_fields)
+        .handshake(TokioIo::new(tcp))
         .await
         .map_err(|_| proxy_answer(StatusCode::BAD_GATEWAY, "upstream_error"))?;
     tokio::spawn(async move {
@@ -213,17 +216,26 @@ pub(crate) async fn upgrade_direct(
             debug!(error = %e, "upgrade connection ended");
         }
     });
-    let mut res = send
-        .send_request(req)
-        .await
-        .map_err(|_| proxy_answer(StatusCode::BAD_GATEWAY, "upstream_error"))?;
+    let mut res = send.send_request(req).await.map_err(|e| {
+        if e.is_parse_too_large() {
+            debug!(
+                error = %e, max_header_fields = max_fields,
+                "the answer to an upgrade request has more header fields than {MAX_FIELDS_KEY} \
+                 allows, or is over hyper's limits on size; answering 502"
+            );
+        } else {
+            debug!(error = %e, "an upgrade request got no answer");
+        }
+        proxy_answer(StatusCode::BAD_GATEWAY, "upstream_error")
+    })?;
     let upgrade = hyper::upgrade::on(&mut res);
     Ok((res, upgrade))
 }
 
-/// Forwards a request to the application, speaking `h2` or HTTP/1.x. The
-/// request is made ready here, before the returned future exists, so that
-/// the future holds only the exchange.
+/// Forwards a request to the application, speaking `h2` or HTTP/1.x, the
+/// latter's answer allowed `max_fields` header fields. The request is made
+/// ready here, before the returned future exists, so that the future holds
+/// only the exchange.
 fn forward(
     record: Record,
     mut parts: http::request::Parts,
@@ -231,6 +243,7 @@ fn forward(
     ip: IpAddr,
     port: u16,
     h2: bool,
+    max_fields: usize,
 ) -> Answering {
     let grpc = crate::policy::is_grpc(&parts.headers);
     let answer = |status, reason| crate::policy::proxy_answer(status, reason, grpc);
@@ -274,14 +287,15 @@ fn forward(
         })
     } else {
         Box::pin(Forwarded {
-            sent: record.ctx.clients().http1().send(targets, req),
+            sent: record.ctx.clients().http1().send(targets, req, max_fields),
             then: Some((record, port, grpc)),
         })
     }
 }
 
 /// An HTTP request a peer proxy sent over the mesh. `port` is the
-/// application port it is for, already authorized for `peer`.
+/// application port it is for, already authorized for `peer`; the
+/// application's answer may have `max_fields` header fields.
 pub(crate) fn from_peer(
     ctx: &Arc<Shared>,
     req: Request<Body>,
@@ -289,6 +303,7 @@ pub(crate) fn from_peer(
     dst: SocketAddr,
     port: u16,
     peer: &Peer,
+    max_fields: usize,
 ) -> Answering {
     let (mut parts, body) = req.into_parts();
     let seen = Seen {
@@ -313,10 +328,11 @@ pub(crate) fn from_peer(
     let protocol = parts.extensions.remove::<h2::ext::Protocol>();
     match protocol {
         Some(protocol) if parts.method == http::Method::CONNECT => Box::pin(async move {
-            let res = upgrade_from_peer(&record.ctx, parts, protocol, dst.ip(), port).await;
+            let app = SocketAddr::new(dst.ip(), port);
+            let res = upgrade_from_peer(&record.ctx, parts, protocol, app, max_fields).await;
             record.finish(res)
         }),
-        _ => forward(record, parts, body, dst.ip(), port, h2),
+        _ => forward(record, parts, body, dst.ip(), port, h2, max_fields),
     }
 }
 
@@ -327,9 +343,10 @@ async fn upgrade_from_peer(
     ctx: &Arc<Shared>,
     mut parts: http::request::Parts,
     protocol: h2::ext::Protocol,
-    ip: IpAddr,
-    port: u16,
+    app: SocketAddr,
+    max_fields: usize,
 ) -> Response<Body> {
+    let (ip, port) = (app.ip(), app.port());
     let Some(auth) = authority(&parts) else {
         return proxy_answer(StatusCode::BAD_REQUEST, "upgrade request has no authority");
     };
@@ -352,7 +369,7 @@ async fn upgrade_from_peer(
         parts.headers.insert(header::HOST, v);
     }
     let connector = FixedConnector::new(app_targets(&ctx.config, ip, port), ctx.clients().dial());
-    match upgrade_direct(&connector, Request::from_parts(parts, empty())).await {
+    match upgrade_direct(&connector, Request::from_parts(parts, empty()), max_fields).await {
         Ok((res, to_app)) => {
             if res.status() != StatusCode::SWITCHING_PROTOCOLS {
                 let mut res = response_to_client(res.map(boxed));
@@ -397,6 +414,7 @@ fn from_client(
     client: SocketAddr,
     dst: SocketAddr,
     peer: Option<&Peer>,
+    max_fields: usize,
 ) -> Answering {
     let (mut parts, body) = req.into_parts();
     let seen = Seen {
@@ -425,13 +443,13 @@ fn from_client(
                 app_targets(&ctx.config, dst.ip(), dst.port()),
                 ctx.clients().dial(),
             );
-            let res =
-                match upgrade_direct(&connector, Request::from_parts(parts, boxed(body))).await {
-                    Ok((res, to_app)) => {
-                        finish_upgrade(res, from_client, to_app, ctx.config.proxy.idle_timeout)
-                    }
-                    Err(answer) => answer,
-                };
+            let req = Request::from_parts(parts, boxed(body));
+            let res = match upgrade_direct(&connector, req, max_fields).await {
+                Ok((res, to_app)) => {
+                    finish_upgrade(res, from_client, to_app, ctx.config.proxy.idle_timeout)
+                }
+                Err(answer) => answer,
+            };
             record.finish(res)
         });
     }
@@ -449,7 +467,15 @@ fn from_client(
     // application's to see, as over the mesh (RFC 9110 §7.6.1).
     strip_hop_by_hop(req.headers_mut());
     let (parts, body) = req.into_parts();
-    forward(record, parts, boxed(body), dst.ip(), dst.port(), h2)
+    forward(
+        record,
+        parts,
+        boxed(body),
+        dst.ip(),
+        dst.port(),
+        h2,
+        max_fields,
+    )
 }
 
 /// Serves an HTTP connection from a client outside the mesh. The identity
@@ -496,8 +522,18 @@ async fn serve<I>(
     let svc_ctx = ctx.clone();
     let route = ctx.metrics.port(dst.port());
     let h2 = proto == Protocol::Http2;
+    // Read once per connection: a reload applies to the next one.
+    let max_fields = super::max_fields(&ctx.live_now().config);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let answering = from_client(&svc_ctx, &route, req, client, dst, peer.as_ref());
+        let answering = from_client(
+            &svc_ctx,
+            &route,
+            req,
+            client,
+            dst,
+            peer.as_ref(),
+            max_fields,
+        );
         async move {
             let res = answering.await;
             if h2 && res.extensions().get::<crate::h2server::Refuse>().is_some() {
@@ -523,7 +559,7 @@ async fn serve<I>(
         _ => {
             crate::serve_draining!(
                 ctx,
-                hyper::server::conn::http1::Builder::new()
+                super::http1_server(max_fields)
                     .timer(TokioTimer::new())
                     // A client that half-closes after its request still
                     // gets the answer (as on the outbound side).
@@ -533,7 +569,16 @@ async fn serve<I>(
             )
         }
     };
-    if let Err(e) = served {
-        debug!(%client, error = %e, "inbound HTTP connection ended");
+    match served {
+        Err(e) if !h2 && e.is_parse_too_large() => {
+            // hyper has answered 431 itself; only this line can say why.
+            debug!(
+                %client, %dst, error = %e, max_header_fields = max_fields,
+                "refused a client's request head: more header fields than {MAX_FIELDS_KEY} \
+                 allows (431), or over hyper's limits on size"
+            );
+        }
+        Err(e) => debug!(%client, error = %e, "inbound HTTP connection ended"),
+        Ok(()) => {}
     }
 }

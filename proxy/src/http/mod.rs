@@ -43,6 +43,38 @@ pub const PROTO_HEADER: HeaderName = HeaderName::from_static("legate-proto");
 /// Proxy to proxy only.
 pub const DECLINED_HEADER: HeaderName = HeaderName::from_static("legate-upgrade-declined");
 
+/// The key that sets how many header fields an HTTP/1.1 head may have,
+/// named in the log lines of the refusals it decides.
+pub(crate) const MAX_FIELDS_KEY: &str = "proxy.http.max_header_fields";
+
+/// The configured `proxy.http.max_header_fields`, as a count.
+pub(crate) fn max_fields(config: &legate_config::Config) -> usize {
+    config.proxy.http.max_header_fields as usize
+}
+
+/// hyper's HTTP/1.1 server, taking requests of up to `max_fields` header
+/// fields and answering 431 to one with more.
+pub(crate) fn http1_server(max_fields: usize) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // Left unset at hyper's own default, the same 100, which it parses
+    // into room on the stack; once set, even to 100, it sizes that room
+    // for each request, and above 100 on the heap.
+    if max_fields != legate_config::DEFAULT_MAX_HEADER_FIELDS as usize {
+        builder.max_headers(max_fields);
+    }
+    builder
+}
+
+/// hyper's HTTP/1.1 client, taking answers of up to `max_fields` header
+/// fields (as [`http1_server`] takes requests).
+pub(crate) fn http1_client(max_fields: usize) -> hyper::client::conn::http1::Builder {
+    let mut builder = hyper::client::conn::http1::Builder::new();
+    if max_fields != legate_config::DEFAULT_MAX_HEADER_FIELDS as usize {
+        builder.max_headers(max_fields);
+    }
+    builder
+}
+
 /// Removes every copy of [`CLIENT_ID_HEADER`] a client may have sent,
 /// spellings with `_` for `-` included: CGI, WSGI and PHP hand a header to
 /// the application as `HTTP_LEGATE_CLIENT_ID` whichever of the two it

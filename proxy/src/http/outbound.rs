@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 use super::replay::RequestBody;
 use super::{absolute_uri, authority, boxed, empty, only_chunked, strip_hop_by_hop};
 use super::{host_fault, upgrade_token, Held, BODY_UNREADABLE, DECLINED_HEADER, FOREIGN_CODING};
-use super::{PROTO_HEADER, TARGET_HEADER};
+use super::{MAX_FIELDS_KEY, PROTO_HEADER, TARGET_HEADER};
 use crate::batch::Batched;
 use crate::detect::Protocol;
 use crate::h2stream::{RecvBody, StreamIo};
@@ -46,9 +46,12 @@ pub(crate) async fn serve(
     proto: Protocol,
     meter: Arc<ConnMeter>,
 ) {
+    // Read once per connection: a reload applies to the next one.
+    let max_fields = super::max_fields(&ctx.live_now().config);
     let conn = Arc::new(AppConn {
         target: header_value(dst),
         own: tokio::sync::Mutex::new(None),
+        max_fields,
     });
     let answer = {
         let (ctx, meter) = (ctx.clone(), meter.clone());
@@ -83,7 +86,7 @@ pub(crate) async fn serve(
             let io = TokioIo::new(io);
             crate::serve_draining!(
                 ctx,
-                hyper::server::conn::http1::Builder::new()
+                super::http1_server(max_fields)
                     .timer(TokioTimer::new())
                     // The client is the local application: how long it
                     // keeps a connection between requests is its own
@@ -107,8 +110,17 @@ pub(crate) async fn serve(
             )
         }
     };
-    if let Err(e) = served {
-        debug!(%client, %dst, error = %e, "outbound HTTP connection ended");
+    match served {
+        Err(e) if proto != Protocol::Http2 && e.is_parse_too_large() => {
+            // hyper has answered 431 itself; only this line can say why.
+            debug!(
+                %client, %dst, error = %e, max_header_fields = max_fields,
+                "refused the application's request head: more header fields than \
+                 {MAX_FIELDS_KEY} allows (431), or over hyper's limits on size"
+            );
+        }
+        Err(e) => debug!(%client, %dst, error = %e, "outbound HTTP connection ended"),
+        Ok(()) => {}
     }
 }
 
@@ -139,6 +151,9 @@ struct AppConn {
     /// The connection's own mesh connection, for an in-band destination
     /// (see [`crate::pool::Own`]); opened by its first request.
     own: tokio::sync::Mutex<Option<Own>>,
+    /// `proxy.http.max_header_fields` when the connection was accepted,
+    /// for the answers of servers outside the mesh.
+    max_fields: usize,
 }
 
 /// An answer the proxy makes itself, for a request that is not gRPC.
@@ -327,7 +342,10 @@ async fn attempt(
                     let sent = clients.http2().send(Targets::one(dst), req).await;
                     sent.map_err(|e| (e.is_connect(), crate::h2stream::refused(&e), e.to_string()))
                 } else {
-                    let sent = clients.http1().send(Targets::one(dst), req).await;
+                    let sent = clients
+                        .http1()
+                        .send(Targets::one(dst), req, conn.max_fields)
+                        .await;
                     sent.map_err(|e| (e.is_connect(), false, e.to_string()))
                 };
                 sent.map(|res| res.map(Upstream::Direct))
@@ -618,6 +636,7 @@ async fn upgrade(
         return match super::inbound::upgrade_direct(
             &connector,
             Request::from_parts(parts, boxed(body)),
+            conn.max_fields,
         )
         .await
         {
