@@ -15,6 +15,8 @@ the application:
   /echo/N/KEY                  503 for the first N requests, then "<length> <sha256>" of the body
   /sink/KEY                    reads the body in pieces; "<length> <sha256>"
   /headers                     the request headers as JSON
+  /fields/N                    the request headers as JSON, answered with N
+                               more header fields, X-Answer-001: a 1 and on
   /trailers                    a chunked response with a trailer
   /trailers-in                 the trailer fields of a chunked request, as JSON
   /ws                          a WebSocket echo (one text frame at a time)
@@ -22,6 +24,7 @@ the application:
 
 import base64
 import hashlib
+import http.client
 import http.server
 import json
 import socket
@@ -29,6 +32,10 @@ import struct
 import sys
 import threading
 import time
+
+# Python refuses a request with more than 100 header fields (431); a legacy
+# application may take more, and the tests need one that does.
+http.client._MAXHEADERS = 1000
 
 counts = {}
 lock = threading.Lock()
@@ -188,6 +195,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if op == "headers":
             return self.reply(200, json.dumps({k.lower(): v for k, v in self.headers.items()}).encode(),
                               [("Content-Type", "application/json")])
+        if op == "fields":
+            more = [(f"X-Answer-{i:03}", f"a {i}") for i in range(1, int(parts[1]) + 1)]
+            return self.reply(200, json.dumps({k.lower(): v for k, v in self.headers.items()}).encode(),
+                              [("Content-Type", "application/json")] + more)
         if op == "trailers":
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
