@@ -479,8 +479,9 @@ mod tests {
         );
     }
 
-    fn resources(yaml: &str) -> Result<[String; 3], Bad> {
-        // Loaded as `inject` loads documents: every scalar as written.
+    /// `f` of the pod annotations in `yaml`, loaded as `inject` loads
+    /// documents: every scalar as written.
+    fn with_annotations<T>(yaml: &str, f: impl FnOnce(Annotations<'_, '_>) -> T) -> T {
         let mut loader: saphyr::YamlLoader<'_, saphyr::Yaml<'_>> = Default::default();
         loader.early_parse(false);
         saphyr_parser::Parser::new_from_str(yaml)
@@ -488,11 +489,14 @@ mod tests {
             .unwrap();
         let docs = loader.into_documents();
         let m = crate::node::as_map(&docs[0]).unwrap();
-        Annotations {
+        f(Annotations {
             pod: Some(m),
             workload: None,
-        }
-        .resources()
+        })
+    }
+
+    fn resources(yaml: &str) -> Result<[String; 3], Bad> {
+        with_annotations(yaml, |a| a.resources())
     }
 
     #[test]
@@ -539,19 +543,8 @@ mod tests {
 
     /// The settings as `(annotation, value)`.
     fn settings(yaml: &str) -> Result<Vec<(&'static str, String)>, Bad> {
-        let mut loader: saphyr::YamlLoader<'_, saphyr::Yaml<'_>> = Default::default();
-        loader.early_parse(false);
-        saphyr_parser::Parser::new_from_str(yaml)
-            .load(&mut loader, true)
-            .unwrap();
-        let docs = loader.into_documents();
-        let m = crate::node::as_map(&docs[0]).unwrap();
-        Annotations {
-            pod: Some(m),
-            workload: None,
-        }
-        .settings()
-        .map(|v| v.into_iter().map(|(s, v)| (s.annotation, v)).collect())
+        with_annotations(yaml, |a| a.settings())
+            .map(|v| v.into_iter().map(|(s, v)| (s.annotation, v)).collect())
     }
 
     #[test]
