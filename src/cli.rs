@@ -150,6 +150,38 @@ fn load_config(
 /// subcommand that does real work.
 fn prepare(global: &GlobalArgs, extra: Vec<FlagValue>) -> Result<Loaded, ExitCode> {
     let loaded = load_config(global, None, extra)?;
+    start_logging(loaded)
+}
+
+/// [`prepare`] for `--cleanup`, which must work whatever the configuration
+/// says: a host or pod whose rules outlived their proxy has lost its
+/// network until they go. Removing them needs nothing from the
+/// configuration (the chains are found by name in whichever backend holds
+/// them), so one that no longer loads, by a mistake or by a rule a newer
+/// release checks, is reported and the built-in defaults stand in.
+fn prepare_cleanup(global: &GlobalArgs, extra: Vec<FlagValue>) -> Result<Loaded, ExitCode> {
+    let sources = sources(global, None, extra)?;
+    let loaded = match legate_config::load(&sources) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprint!(
+                "warning: the configuration does not load; --cleanup goes on with the \
+                 built-in defaults, since it finds legate's rules by their chains in either \
+                 backend. Fix the configuration before installing rules again.\n{e}"
+            );
+            if !e.to_string().ends_with('\n') {
+                eprintln!();
+            }
+            legate_config::load(&Sources::default()).map_err(|e| {
+                eprintln!("error: the built-in defaults do not load: {e}");
+                ExitCode::FAILURE
+            })?
+        }
+    };
+    start_logging(loaded)
+}
+
+fn start_logging(loaded: Loaded) -> Result<Loaded, ExitCode> {
     let log = &loaded.config.log;
     if let Err(e) = logging::init(&log.level, log.format) {
         eprintln!("error: {e}");
@@ -166,7 +198,11 @@ pub fn run(cli: Cli) -> ExitCode {
             Ok(loaded) => legate_ca::cli::run_blocking(cmd, &loaded.config),
             Err(code) => code,
         },
-        Command::Init(args) => match prepare(&cli.global, args.config_overrides()) {
+        Command::Init(args) => match if args.cleanup {
+            prepare_cleanup(&cli.global, args.config_overrides())
+        } else {
+            prepare(&cli.global, args.config_overrides())
+        } {
             Ok(loaded) => {
                 print_warnings(&loaded);
                 match legate_init::cli::run(&args, &loaded.config) {
@@ -197,7 +233,11 @@ pub fn run(cli: Cli) -> ExitCode {
             },
             Err(code) => code,
         },
-        Command::Run(args) => match prepare(&cli.global, args.config_overrides()) {
+        Command::Run(args) => match if args.cleanup {
+            prepare_cleanup(&cli.global, args.config_overrides())
+        } else {
+            prepare(&cli.global, args.config_overrides())
+        } {
             Ok(loaded) => {
                 print_warnings(&loaded);
                 crate::run::run(args, loaded.config)

@@ -487,8 +487,16 @@ fn a_killed_run_is_refused_until_cleanup() {
         "{stderr}"
     );
 
-    let (code, stdout, stderr) = finish(run(&host, &["--cleanup"]));
+    // Rules that outlived their run leave the host without its network, so
+    // a configuration that no longer loads must not keep them in: it is
+    // reported, and the defaults find the rules.
+    let (code, stdout, stderr) =
+        finish(run(&host, &["--cleanup"]).env("LEGATE_PROXY_WORKERS", "999"));
     assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("does not load") && stderr.contains("proxy.workers"),
+        "{stderr}"
+    );
     assert!(stdout.contains("removed the iptables rules"), "{stdout}");
     assert!(
         stdout.contains(&format!("legate-run-{}-", p.pid())),
@@ -578,7 +586,20 @@ fn mistakes_are_refused_with_the_fix() {
     assert_ne!(code, Some(0));
     assert!(stderr.contains("legate init --cleanup"), "{stderr}");
     assert_eq!(tables(&pod), with_init);
-    legate().run(&pod, &["init", "--cleanup"]).expect("cleanup");
+    // As for a run: a configuration that no longer loads is reported, and
+    // the rules go all the same.
+    let out = legate()
+        .command(&pod)
+        .args(["init", "--cleanup"])
+        .env("LEGATE_PROXY_WORKERS", "999")
+        .output()
+        .expect("legate init --cleanup");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("does not load") && stderr.contains("proxy.workers"),
+        "{stderr}"
+    );
     // `legate init` created the nat table, which stays, empty, after it.
     let after_init = tables(&pod);
     assert!(!after_init.contains("LEGATE"), "{after_init}");

@@ -117,7 +117,7 @@ pub struct RunArgs {
     ready_timeout: Duration,
     /// Remove the rules and files left behind by a `legate run` that was killed, then exit
     #[arg(long, conflicts_with = "command")]
-    cleanup: bool,
+    pub(crate) cleanup: bool,
     /// A command given without `--`, only to say where it belongs.
     #[arg(hide = true, allow_hyphen_values = true, conflicts_with = "cleanup")]
     misplaced: Vec<OsString>,
