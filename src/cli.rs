@@ -181,6 +181,19 @@ fn prepare_cleanup(global: &GlobalArgs, extra: Vec<FlagValue>) -> Result<Loaded,
     start_logging(loaded)
 }
 
+/// [`prepare_cleanup`] for a `--cleanup`, [`prepare`] otherwise.
+fn prepare_or_clean(
+    global: &GlobalArgs,
+    cleanup: bool,
+    extra: Vec<FlagValue>,
+) -> Result<Loaded, ExitCode> {
+    if cleanup {
+        prepare_cleanup(global, extra)
+    } else {
+        prepare(global, extra)
+    }
+}
+
 fn start_logging(loaded: Loaded) -> Result<Loaded, ExitCode> {
     let log = &loaded.config.log;
     if let Err(e) = logging::init(&log.level, log.format) {
@@ -198,23 +211,21 @@ pub fn run(cli: Cli) -> ExitCode {
             Ok(loaded) => legate_ca::cli::run_blocking(cmd, &loaded.config),
             Err(code) => code,
         },
-        Command::Init(args) => match if args.cleanup {
-            prepare_cleanup(&cli.global, args.config_overrides())
-        } else {
-            prepare(&cli.global, args.config_overrides())
-        } {
-            Ok(loaded) => {
-                print_warnings(&loaded);
-                match legate_init::cli::run(&args, &loaded.config) {
-                    Ok(code) => code,
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::FAILURE
+        Command::Init(args) => {
+            match prepare_or_clean(&cli.global, args.cleanup, args.config_overrides()) {
+                Ok(loaded) => {
+                    print_warnings(&loaded);
+                    match legate_init::cli::run(&args, &loaded.config) {
+                        Ok(code) => code,
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            ExitCode::FAILURE
+                        }
                     }
                 }
+                Err(code) => code,
             }
-            Err(code) => code,
-        },
+        }
         Command::Inject(args) => match prepare(&cli.global, Vec::new()) {
             Ok(loaded) => match legate_inject::cli::run(&args, &loaded.config) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -233,17 +244,15 @@ pub fn run(cli: Cli) -> ExitCode {
             },
             Err(code) => code,
         },
-        Command::Run(args) => match if args.cleanup {
-            prepare_cleanup(&cli.global, args.config_overrides())
-        } else {
-            prepare(&cli.global, args.config_overrides())
-        } {
-            Ok(loaded) => {
-                print_warnings(&loaded);
-                crate::run::run(args, loaded.config)
+        Command::Run(args) => {
+            match prepare_or_clean(&cli.global, args.cleanup, args.config_overrides()) {
+                Ok(loaded) => {
+                    print_warnings(&loaded);
+                    crate::run::run(args, loaded.config)
+                }
+                Err(code) => code,
             }
-            Err(code) => code,
-        },
+        }
         Command::Demo => crate::demo::run(),
         Command::WaitReady(args) => match load_config(&cli.global, None, Vec::new()) {
             Ok(loaded) => crate::wait_ready::run(&args, &loaded.config),
