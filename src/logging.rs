@@ -31,6 +31,10 @@ static FILTER: OnceLock<reload::Handle<Targets, Registry>> = OnceLock::new();
 /// offered: they would build a regex engine into every binary, and its
 /// pages into every proxy's memory, for a feature logs here do not need.
 fn parse(level: &str) -> Result<Targets, LogError> {
+    legate_config::check_log_filter(level).map_err(|reason| LogError::Filter {
+        level: level.to_owned(),
+        reason,
+    })?;
     level.parse::<Targets>().map_err(|e| LogError::Filter {
         level: level.to_owned(),
         reason: e.to_string(),
@@ -88,5 +92,20 @@ mod tests {
             let err = validate_filter(bad).expect_err(bad).to_string();
             assert!(err.contains("is not a valid filter"), "{err}");
         }
+    }
+
+    /// tracing takes a bare word as a target to log at every level, and
+    /// nothing else: a mistyped level would silence the proxy's logs.
+    #[test]
+    fn a_mistyped_level_is_refused_not_taken_for_a_target() {
+        let err = validate_filter("degub").expect_err("degub").to_string();
+        assert!(err.contains("did you mean `debug`"), "{err}");
+        let err = validate_filter("info,legate_proxy")
+            .expect_err("a bare target")
+            .to_string();
+        assert!(err.contains("legate_proxy=debug"), "{err}");
+        // An empty directive would be a target matching everything.
+        assert!(validate_filter("info,").is_err());
+        assert!(validate_filter("WARN,legate_proxy::http=Debug").is_ok());
     }
 }

@@ -405,6 +405,10 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
         rule(path, msg);
     }
 
+    if let Err(e) = check_log_filter(&c.log.level) {
+        rule("log.level", e);
+    }
+
     for (path, v) in [
         ("log.access_sample", c.log.access_sample),
         ("telemetry.trace_sample", c.telemetry.trace_sample),

@@ -1189,3 +1189,21 @@ fn inbound_ports_included_while_inbound_capture_is_off_are_a_warning() {
     }
     assert_eq!(load(&Sources::default()).unwrap().warnings(), []);
 }
+
+#[test]
+fn a_log_level_tracing_would_read_as_a_target_is_refused() {
+    for (bad, needle) in [
+        ("degub", "did you mean `debug`"),
+        ("info,legate_proxy", "legate_proxy=debug"),
+        ("info,", "empty directive"),
+        ("legate_proxy=loud", "`loud` is not a level"),
+        ("info,legate[{id}]=debug", "span and field filters"),
+    ] {
+        let text = only_error(&[("log.level", bad)], "log.level");
+        assert!(text.contains(needle), "{bad}: {text}");
+    }
+    for good in ["info", "OFF", "warn,h2=off,legate_proxy::http=trace"] {
+        let c = loads(&[("log.level", good)]).config;
+        assert_eq!(c.log.level, good);
+    }
+}

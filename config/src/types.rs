@@ -477,6 +477,70 @@ pub fn check_path_segment(seg: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Level names a log filter takes, in tracing's spelling.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a log filter (`log.level`, `LEGATE_LOG`, the admin server's
+/// `PUT /log-level`): comma-separated directives, each a level or
+/// `target=level`. tracing also takes a bare word as a target to log at
+/// every level, and then nothing else: a mistyped level (`degub`) would
+/// silence every log line, so a bare word must be a level here and a
+/// target must name its level.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    let is_level = |w: &str| LOG_LEVELS.iter().any(|l| l.eq_ignore_ascii_case(w));
+    let levels = LOG_LEVELS.join(", ");
+    for directive in filter.split(',') {
+        let directive = directive.trim();
+        if directive.is_empty() {
+            return Err(
+                "it has an empty directive (a ',' too many); give levels and \
+                 target=level pairs separated by single commas, such as info,legate_proxy=debug"
+                    .into(),
+            );
+        }
+        let (target, level) = match directive.split_once('=') {
+            Some((target, level)) => (Some(target.trim()), level.trim()),
+            None => (None, directive),
+        };
+        if !is_level(level) {
+            // Edits rather than the key suggester's similarity: level
+            // names are short, and typing slips in them are swapped or
+            // missing letters (`degub`, `inf`).
+            let lower = level.to_ascii_lowercase();
+            let near = LOG_LEVELS
+                .iter()
+                .map(|l| (strsim::damerau_levenshtein(&lower, l), *l))
+                .filter(|(d, l)| *d <= 2 && 2 * d < l.len())
+                .min();
+            let hint = match near {
+                Some((_, s)) => format!("; did you mean `{s}`?"),
+                None if target.is_none() => {
+                    format!("; a target needs its level, as in {directive}=debug")
+                }
+                None => String::new(),
+            };
+            return Err(format!(
+                "`{level}` is not a level (use one of {levels}){hint}"
+            ));
+        }
+        if let Some(target) = target {
+            if target.is_empty() {
+                return Err(format!("`{directive}` names no target before its '='"));
+            }
+            if let Some(c) = target
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.')))
+            {
+                return Err(format!(
+                    "target `{target}` holds `{c}`; targets are module paths such as \
+                     legate_proxy::http (span and field filters are not supported)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks a DNS name (without a trailing dot): at most 253 characters, in
 /// dot-separated labels of 1 to 63 letters, digits and `-` (not at either
 /// end of a label), and `_` too when `underscore` is set: resolvers take it
