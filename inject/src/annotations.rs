@@ -195,27 +195,20 @@ impl Annotations<'_, '_> {
             .into_iter()
             .enumerate()
         {
-            values[i] = match quantity(&out[i]) {
-                Ok(v) => v,
+            let why = match quantity(&out[i]) {
+                Ok(v) => {
+                    values[i] = v;
+                    continue;
+                }
                 Err(QuantityError::Negative) => {
-                    return Err((
-                        name.to_owned(),
-                        format!(
-                            "{:?} is negative, and Kubernetes refuses negative resources; write a positive quantity such as 100m or 64Mi",
-                            out[i]
-                        ),
-                    ))
+                    "is negative, and Kubernetes refuses negative resources; write a positive quantity"
                 }
-                Err(QuantityError::TooLarge) => {
-                    return Err((
-                        name.to_owned(),
-                        format!(
-                            "{:?} is larger than any machine; write a quantity such as 100m or 64Mi",
-                            out[i]
-                        ),
-                    ))
-                }
+                Err(QuantityError::TooLarge) => "is larger than any machine; write a quantity",
             };
+            return Err((
+                name.to_owned(),
+                format!("{:?} {why} such as 100m or 64Mi", out[i]),
+            ));
         }
         if values[1] > values[2] {
             let (request, limit) = (MEMORY_REQUEST.0, MEMORY_LIMIT.0);
