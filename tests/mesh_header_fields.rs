@@ -2,7 +2,9 @@
 //! end to end: refused by default (a request with 431 from the proxy that
 //! reads it, an answer with 502 from the server's proxy), each refusal's
 //! log line naming `proxy.http.max_header_fields`, and carried both ways,
-//! over the mesh and from a client outside it, once that key is raised.
+//! over the mesh and from a client outside it, once that key is raised;
+//! past the default, an answer is also held to the HTTP/2 header list the
+//! mesh carries, but only when it crosses the mesh.
 
 mod common;
 
@@ -155,4 +157,43 @@ fn more_than_100_fields_are_refused_by_default_and_the_log_names_the_key() {
         "{}",
         server.proxy.stderr()
     );
+}
+
+/// 900 fields of 40 bytes: a head of about 50 KB, within the 60 KiB an
+/// answer's head may take, but 76 KB of HTTP/2 header list (32 bytes more
+/// for each field), past the 64 KiB the mesh carries.
+const WIDE: &str = "/fields/900/40";
+
+#[test]
+fn an_answer_too_large_for_the_mesh_is_refused_only_where_it_would_cross_it() {
+    let (mesh, server, client, outsider, _app) = setup(&["proxy.http.max_header_fields=1000"]);
+    // Through the mesh: the server's proxy refuses it with a reason,
+    // where the client's proxy would have had a stream reset.
+    let r = send(&client.pod, &get_with_fields(&server, WIDE, 0));
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(
+        logged(
+            &server,
+            &["request to the application failed", "header list"]
+        ),
+        "{}",
+        server.proxy.stderr()
+    );
+
+    // To a client outside the mesh the server's proxy answers over
+    // HTTP/1.1, which has no such list.
+    let r = send(&outsider, &get_with_fields(&server, WIDE, 0));
+    assert_eq!(r.status, 200, "{r:?}\n{}", server.proxy.stderr());
+    assert_eq!(answered_fields(&r), 900, "{}", r.headers);
+
+    // From a server outside the mesh the answer goes straight back to the
+    // application over HTTP/1.1, as it would without the proxy.
+    let outside = mesh.plain_pod("outside-server");
+    let _outside_app = Scripted::start(&outside, PORT);
+    let url = format!("http://{}:{PORT}{WIDE}", outside.ip());
+    let r = request(&client.pod, &[url.as_str()]);
+    assert_eq!(r.status, 200, "{r:?}\n{}", client.proxy.stderr());
+    assert_eq!(answered_fields(&r), 900, "{}", r.headers);
+    let last = format!("a 900{}", "a".repeat(35));
+    assert_eq!(r.header("x-answer-900").as_deref(), Some(last.as_str()));
 }

@@ -17,6 +17,7 @@ the application:
   /headers                     the request headers as JSON
   /fields/N                    the request headers as JSON, answered with N
                                more header fields, X-Answer-001: a 1 and on
+  /fields/N/W                  the same, each value padded with "a" to W bytes
   /trailers                    a chunked response with a trailer
   /trailers-in                 the trailer fields of a chunked request, as JSON
   /ws                          a WebSocket echo (one text frame at a time)
@@ -196,7 +197,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.reply(200, json.dumps({k.lower(): v for k, v in self.headers.items()}).encode(),
                               [("Content-Type", "application/json")])
         if op == "fields":
-            more = [(f"X-Answer-{i:03}", f"a {i}") for i in range(1, int(parts[1]) + 1)]
+            width = int(parts[2]) if len(parts) > 2 else 0
+            more = [(f"X-Answer-{i:03}", f"a {i}".ljust(width, "a"))
+                    for i in range(1, int(parts[1]) + 1)]
             return self.reply(200, json.dumps({k.lower(): v for k, v in self.headers.items()}).encode(),
                               [("Content-Type", "application/json")] + more)
         if op == "trailers":

@@ -119,6 +119,20 @@ impl Error {
     }
 }
 
+/// How many header fields an answer (its head, and its trailer section
+/// apart) may have, and whether it goes on across the mesh.
+#[derive(Debug, Clone, Copy)]
+pub struct AnswerFields {
+    /// `proxy.http.max_header_fields`.
+    pub max: usize,
+    /// The answer crosses the mesh as HTTP/2 headers, whose list the peer
+    /// proxy bounds (see [`fits_mesh`]). An answer that goes straight to
+    /// the application over HTTP/1.1, or into a tunnel's bytes, has no such
+    /// bound, and a server outside the mesh may send it as it would
+    /// without the proxy.
+    pub onto_mesh: bool,
+}
+
 /// Idle HTTP/1.1 connections to the application, per address set. One per
 /// worker thread, like the other clients, so it is rarely contended.
 pub struct Pool {
@@ -152,19 +166,19 @@ impl Pool {
     /// that state is one allocation per request, small enough for the
     /// allocator's per-thread cache.
     ///
-    /// `max_fields` is `proxy.http.max_header_fields`: an answer or a
-    /// trailer section with more fields is an error.
+    /// An answer or a trailer section with more fields than `fields`
+    /// allows is an error.
     pub fn send(
         self: &Arc<Self>,
         targets: Targets,
         req: Request<Body>,
-        max_fields: usize,
+        fields: AnswerFields,
     ) -> impl Future<Output = Result<Response<Body>, Error>> + Send + 'static {
         let (parts, body) = req.into_parts();
         let (head, framing) = encode_head(&parts, &body);
         let reading = Reading {
             head_only: parts.method == Method::HEAD,
-            max_fields,
+            fields,
         };
         // Sent again on a new connection if a reused one turns out dead:
         // only a request with nothing to replay and whose repetition is
@@ -193,7 +207,10 @@ impl Pool {
         let (head, framing) = encode_head(&parts, &body);
         let reading = Reading {
             head_only: parts.method == Method::HEAD,
-            max_fields: STACK_FIELDS,
+            fields: AnswerFields {
+                max: STACK_FIELDS,
+                onto_mesh: false,
+            },
         };
         let resend = Some((head.clone(), Some(bytes)));
         self.exchange(targets, head, framing, body, reading, resend)
@@ -239,7 +256,7 @@ impl Pool {
                     got_bytes: false,
                 };
                 match std::future::poll_fn(|cx| ex.poll_head(cx, reading)).await {
-                    Ok(answer) => return Ok(pool.respond(ex, answer, targets, reading.max_fields)),
+                    Ok(answer) => return Ok(pool.respond(ex, answer, targets, reading.fields)),
                     // An application may close an idle connection just as it
                     // is reused, and then never saw the request.
                     Err(e) if reused && !ex.got_bytes && e.stale_connection() => {
@@ -260,7 +277,7 @@ impl Pool {
         ex: Exchange,
         answer: Answer,
         targets: Targets,
-        max_fields: usize,
+        fields: AnswerFields,
     ) -> Response<Body> {
         let Answer {
             parts,
@@ -275,7 +292,7 @@ impl Pool {
             keep_alive,
             pool: self.clone(),
             targets,
-            max_fields,
+            fields,
         };
         if matches!(body.read, Read::Done) {
             body.finish();
@@ -593,7 +610,7 @@ struct Reading {
     /// The request was HEAD: the answer has no body, whatever it says.
     head_only: bool,
     /// The most fields its head and its trailer section may have.
-    max_fields: usize,
+    fields: AnswerFields,
 }
 
 /// A response head, with how its body is to be read.
@@ -697,13 +714,18 @@ fn parse_into<'b>(
     }))
 }
 
-/// Parses the response head at the front of `buf`, allowing `max_fields`
-/// fields; `None` when more bytes are needed.
-fn parse_raw(buf: &[u8], max_fields: usize, spans: &mut Spans) -> Result<Option<RawHead>, Error> {
+/// Parses the response head at the front of `buf`, allowing the fields
+/// `fields` does; `None` when more bytes are needed.
+fn parse_raw(
+    buf: &[u8],
+    fields: AnswerFields,
+    spans: &mut Spans,
+) -> Result<Option<RawHead>, Error> {
+    let max_fields = fields.max;
     // Uninitialized room for the fields: filling a hundred empty ones
     // first was 3 KiB of stores for every answer.
-    let mut fields = [const { MaybeUninit::uninit() }; STACK_FIELDS];
-    let parsed = match parse_into(buf, &mut fields[..max_fields.min(STACK_FIELDS)], spans) {
+    let mut room = [const { MaybeUninit::uninit() }; STACK_FIELDS];
+    let parsed = match parse_into(buf, &mut room[..max_fields.min(STACK_FIELDS)], spans) {
         // Only a head with more fields than the stack holds, under a limit
         // raised above that, pays for room on the heap.
         Err(httparse::Error::TooManyHeaders) if max_fields > STACK_FIELDS => {
@@ -723,7 +745,7 @@ fn parse_raw(buf: &[u8], max_fields: usize, spans: &mut Spans) -> Result<Option<
         }
         Err(_) => return Err(Error::Malformed("the status line or a header field")),
     };
-    if spans.len() > STACK_FIELDS {
+    if fields.onto_mesh && spans.len() > STACK_FIELDS {
         // `:status` with its three digits goes first.
         let fields = spans.iter().map(|&(ns, ne, vs, ve)| ne - ns + ve - vs);
         fits_mesh(":status".len() + 3 + 32, fields)?;
@@ -751,7 +773,7 @@ fn fits_mesh(pseudo: usize, fields: impl Iterator<Item = usize>) -> Result<(), E
 fn parse_head(buf: &mut BytesMut, reading: Reading, unsent: bool) -> Result<Option<Answer>, Error> {
     let mut spans = Spans::new();
     loop {
-        let Some(RawHead { len, code, http10 }) = parse_raw(buf, reading.max_fields, &mut spans)?
+        let Some(RawHead { len, code, http10 }) = parse_raw(buf, reading.fields, &mut spans)?
         else {
             return Ok(None);
         };
@@ -886,7 +908,7 @@ struct H1Body {
     pool: Arc<Pool>,
     targets: Targets,
     /// The most fields the trailer section may have.
-    max_fields: usize,
+    fields: AnswerFields,
 }
 
 impl H1Body {
@@ -1001,7 +1023,7 @@ impl H1Body {
                             self.finish();
                             return Poll::Ready(None);
                         }
-                        match parse_trailers(&self.buf, self.max_fields)? {
+                        match parse_trailers(&self.buf, self.fields)? {
                             Some((len, trailers)) => {
                                 self.buf.advance(len);
                                 self.finish();
@@ -1019,38 +1041,39 @@ impl H1Body {
     }
 }
 
-/// Parses a trailer section at the front of `buf`, allowing `max_fields`
-/// fields: its length and its fields, or `None` when more bytes are needed.
-fn parse_trailers(buf: &[u8], max_fields: usize) -> Result<Option<(usize, HeaderMap)>, Error> {
-    let mut fields = [httparse::EMPTY_HEADER; STACK_FIELDS];
-    match httparse::parse_headers(buf, &mut fields[..max_fields.min(STACK_FIELDS)]) {
+/// Parses a trailer section at the front of `buf`, allowing the fields
+/// `fields` does: its length and its fields, or `None` when more bytes are
+/// needed.
+fn parse_trailers(buf: &[u8], fields: AnswerFields) -> Result<Option<(usize, HeaderMap)>, Error> {
+    let mut room = [httparse::EMPTY_HEADER; STACK_FIELDS];
+    match httparse::parse_headers(buf, &mut room[..fields.max.min(STACK_FIELDS)]) {
         // As for a head: only a section with more fields than the stack
         // holds parses again, into room on the heap.
-        Err(httparse::Error::TooManyHeaders) if max_fields > STACK_FIELDS => {
-            let mut room = vec![httparse::EMPTY_HEADER; max_fields];
-            trailer_map(httparse::parse_headers(buf, &mut room), max_fields)
+        Err(httparse::Error::TooManyHeaders) if fields.max > STACK_FIELDS => {
+            let mut room = vec![httparse::EMPTY_HEADER; fields.max];
+            trailer_map(httparse::parse_headers(buf, &mut room), fields)
         }
-        parsed => trailer_map(parsed, max_fields),
+        parsed => trailer_map(parsed, fields),
     }
 }
 
 /// The trailer section httparse read, as a header map.
 fn trailer_map(
     parsed: httparse::Result<(usize, &[httparse::Header<'_>])>,
-    max_fields: usize,
+    limit: AnswerFields,
 ) -> Result<Option<(usize, HeaderMap)>, Error> {
     let (len, fields) = match parsed {
         Ok(httparse::Status::Complete(done)) => done,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(Error::TooManyFields { limit: max_fields })
+            return Err(Error::TooManyFields { limit: limit.max })
         }
         Err(_) => return Err(Error::Malformed("the trailer section")),
     };
     if len > MAX_HEAD {
         return Err(Error::HeadTooLarge);
     }
-    if fields.len() > STACK_FIELDS {
+    if limit.onto_mesh && fields.len() > STACK_FIELDS {
         fits_mesh(0, fields.iter().map(|f| f.name.len() + f.value.len()))?;
     }
     let mut trailers = HeaderMap::with_capacity(fields.len());
@@ -1205,16 +1228,29 @@ mod tests {
         (collected.to_bytes(), trailers)
     }
 
-    /// How an answer to a GET is read under the default limit on fields.
+    /// How an answer to a GET from the server's proxy is read under the
+    /// default limit on fields.
     const DEFAULT: Reading = Reading {
         head_only: false,
-        max_fields: STACK_FIELDS,
+        fields: to_mesh(STACK_FIELDS),
     };
 
-    /// How an answer to a GET is read allowing `max_fields` fields.
+    /// An answer that crosses the mesh, allowing `max` fields.
+    const fn to_mesh(max: usize) -> AnswerFields {
+        AnswerFields {
+            max,
+            onto_mesh: true,
+        }
+    }
+
+    /// The default limit, for an answer that crosses the mesh.
+    const MESH_FIELDS: AnswerFields = to_mesh(STACK_FIELDS);
+
+    /// How an answer to a GET from the server's proxy is read allowing
+    /// `max_fields` fields.
     fn allowing(max_fields: usize) -> Reading {
         Reading {
-            max_fields,
+            fields: to_mesh(max_fields),
             ..DEFAULT
         }
     }
@@ -1361,6 +1397,40 @@ mod tests {
         assert!(refused > 0, "no head was too large for the mesh");
     }
 
+    #[test]
+    fn a_head_that_does_not_cross_the_mesh_is_not_held_to_its_header_list() {
+        // A server outside the mesh answering the client's proxy directly:
+        // the answer goes on over HTTP/1.1, as it would without the proxy.
+        let direct = Reading {
+            fields: AnswerFields {
+                max: 1000,
+                onto_mesh: false,
+            },
+            ..DEFAULT
+        };
+        let answer = parse_head(&mut head_of(MAX_HEAD, 1000), direct, false)
+            .expect("taken")
+            .expect("whole");
+        assert_eq!(answer.parts.headers.len(), 1000);
+        assert!(matches!(
+            parse_head(&mut head_of(MAX_HEAD, 1000), allowing(1000), false),
+            Err(Error::TooLargeForMesh { .. })
+        ));
+        let mut trailers = Vec::new();
+        for i in 0..1000 {
+            trailers.extend_from_slice(format!("x-sum-{i:03}: {}\r\n", "v".repeat(40)).as_bytes());
+        }
+        trailers.extend_from_slice(b"\r\n");
+        let (_, map) = parse_trailers(&trailers, direct.fields)
+            .expect("taken")
+            .expect("whole");
+        assert_eq!(map.len(), 1000);
+        assert!(matches!(
+            parse_trailers(&trailers, to_mesh(1000)),
+            Err(Error::TooLargeForMesh { .. })
+        ));
+    }
+
     #[tokio::test]
     async fn a_trailer_section_is_held_to_the_same_limit_on_fields() {
         let (addr, _) = app(|mut sock, _| async move {
@@ -1380,7 +1450,7 @@ mod tests {
         .await;
         let pool = pool();
         let res = pool
-            .send(Targets::one(addr), get("/"), STACK_FIELDS)
+            .send(Targets::one(addr), get("/"), MESH_FIELDS)
             .await
             .expect("head");
         let err = res.into_body().collect().await.expect_err("too many");
@@ -1392,7 +1462,7 @@ mod tests {
             "{err}"
         );
         let res = pool
-            .send(Targets::one(addr), get("/"), 150)
+            .send(Targets::one(addr), get("/"), to_mesh(150))
             .await
             .expect("head");
         let (body, trailers) = body_of(res).await;
@@ -1424,7 +1494,7 @@ mod tests {
         let targets = Targets::one(addr);
         for _ in 0..3 {
             let res = pool
-                .send(targets, get("/"), STACK_FIELDS)
+                .send(targets, get("/"), MESH_FIELDS)
                 .await
                 .expect("answer");
             assert_eq!(res.status(), StatusCode::OK);
@@ -1434,14 +1504,11 @@ mod tests {
         let head = Request::head("http://app/")
             .body(crate::http::empty())
             .expect("request");
-        let res = pool
-            .send(targets, head, STACK_FIELDS)
-            .await
-            .expect("answer");
+        let res = pool.send(targets, head, MESH_FIELDS).await.expect("answer");
         assert_eq!(res.headers()["content-length"], "5");
         assert!(body_of(res).await.0.is_empty());
         let res = pool
-            .send(targets, get("/"), STACK_FIELDS)
+            .send(targets, get("/"), MESH_FIELDS)
             .await
             .expect("answer");
         assert_eq!(body_of(res).await.0, "hello");
@@ -1470,7 +1537,7 @@ mod tests {
             .body(crate::http::empty())
             .expect("request");
         let res = pool()
-            .send(Targets::one(addr), req, STACK_FIELDS)
+            .send(Targets::one(addr), req, MESH_FIELDS)
             .await
             .expect("answer");
         assert_eq!(body_of(res).await.0, "yes");
@@ -1497,7 +1564,7 @@ mod tests {
         let pool = pool();
         for _ in 0..2 {
             let res = pool
-                .send(Targets::one(addr), get("/chunks"), STACK_FIELDS)
+                .send(Targets::one(addr), get("/chunks"), MESH_FIELDS)
                 .await
                 .expect("answer");
             assert_eq!(res.status(), StatusCode::OK);
@@ -1531,7 +1598,7 @@ mod tests {
         })
         .await;
         let res = pool()
-            .send(Targets::one(addr), get("/"), STACK_FIELDS)
+            .send(Targets::one(addr), get("/"), MESH_FIELDS)
             .await
             .expect("answer");
         let Err(err) = res.into_body().collect().await else {
@@ -1555,7 +1622,7 @@ mod tests {
         let pool = pool();
         for _ in 0..2 {
             let res = pool
-                .send(Targets::one(addr), get("/"), STACK_FIELDS)
+                .send(Targets::one(addr), get("/"), MESH_FIELDS)
                 .await
                 .expect("answer");
             assert_eq!(body_of(res).await.0, "all of it");
@@ -1568,7 +1635,7 @@ mod tests {
         let (addr, _) =
             answers_once(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this").await;
         let res = pool()
-            .send(Targets::one(addr), get("/"), STACK_FIELDS)
+            .send(Targets::one(addr), get("/"), MESH_FIELDS)
             .await
             .expect("head");
         let err = res.into_body().collect().await.expect_err("cut short");
@@ -1582,7 +1649,7 @@ mod tests {
     async fn a_garbled_answer_names_the_problem() {
         let (addr, _) = answers_once(b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\nx").await;
         let err = pool()
-            .send(Targets::one(addr), get("/"), STACK_FIELDS)
+            .send(Targets::one(addr), get("/"), MESH_FIELDS)
             .await
             .expect_err("garbled");
         assert!(
@@ -1600,7 +1667,7 @@ mod tests {
         let pool = pool();
         for _ in 0..3 {
             let res = pool
-                .send(Targets::one(addr), get("/"), STACK_FIELDS)
+                .send(Targets::one(addr), get("/"), MESH_FIELDS)
                 .await
                 .expect("answer");
             assert_eq!(body_of(res).await.0, "ok");
@@ -1629,7 +1696,7 @@ mod tests {
         let pool = pool();
         for _ in 0..2 {
             let res = pool
-                .send(Targets::one(addr), get("/"), STACK_FIELDS)
+                .send(Targets::one(addr), get("/"), MESH_FIELDS)
                 .await
                 .expect("answer");
             assert_eq!(body_of(res).await.0, "ok");
@@ -1639,7 +1706,7 @@ mod tests {
         let (addr, accepted) = answers_once_then_drops().await;
         let pool = self::pool();
         let res = pool
-            .send(Targets::one(addr), get("/"), STACK_FIELDS)
+            .send(Targets::one(addr), get("/"), MESH_FIELDS)
             .await
             .expect("answer");
         assert_eq!(body_of(res).await.0, "ok");
@@ -1647,7 +1714,7 @@ mod tests {
             .body(crate::http::empty())
             .expect("request");
         let err = pool
-            .send(Targets::one(addr), post, STACK_FIELDS)
+            .send(Targets::one(addr), post, MESH_FIELDS)
             .await
             .expect_err("not repeated");
         assert!(err.to_string().contains("before it answered"), "{err}");
@@ -1661,7 +1728,7 @@ mod tests {
         )
         .await;
         let res = pool()
-            .send(Targets::one(addr), get("/"), STACK_FIELDS)
+            .send(Targets::one(addr), get("/"), MESH_FIELDS)
             .await
             .expect("answer");
         assert!(!res.headers().contains_key(header::CONTENT_LENGTH));
@@ -1727,7 +1794,7 @@ mod tests {
         .boxed();
         let req = Request::post("http://app/up").body(body).expect("request");
         let res = pool()
-            .send(Targets::one(addr), req, STACK_FIELDS)
+            .send(Targets::one(addr), req, MESH_FIELDS)
             .await
             .expect("answer");
         assert_eq!(
@@ -1765,7 +1832,7 @@ mod tests {
             )
             .expect("request");
         let res = pool()
-            .send(Targets::one(addr), req, STACK_FIELDS)
+            .send(Targets::one(addr), req, MESH_FIELDS)
             .await
             .expect("answer");
         assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
@@ -1905,7 +1972,7 @@ mod tests {
             let g = generate(&mut rng);
             let addr = answers_in_pieces(g.wire, seed).await;
             let res = pool()
-                .send(Targets::one(addr), get("/"), STACK_FIELDS)
+                .send(Targets::one(addr), get("/"), MESH_FIELDS)
                 .await
                 .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             assert_eq!(res.status().as_u16(), g.status, "seed {seed}");
@@ -1947,10 +2014,7 @@ mod tests {
             // bytes said, the exchange ends, with an answer whose body
             // ends (cleanly or not) or with an error.
             let ended = tokio::time::timeout(Duration::from_secs(10), async {
-                if let Ok(res) = pool()
-                    .send(Targets::one(addr), get("/"), STACK_FIELDS)
-                    .await
-                {
+                if let Ok(res) = pool().send(Targets::one(addr), get("/"), MESH_FIELDS).await {
                     let _ = res.into_body().collect().await;
                 }
             })

@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::client::FixedConnector;
+use super::h1::AnswerFields;
 use super::outbound::{finish_upgrade, proxy_answer};
 use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token};
 use super::{host_fault, only_chunked, BODY_UNREADABLE, FOREIGN_CODING, MAX_FIELDS_KEY};
@@ -233,7 +234,7 @@ pub(crate) async fn upgrade_direct(
 }
 
 /// Forwards a request to the application, speaking `h2` or HTTP/1.x, the
-/// latter's answer allowed `max_fields` header fields. The request is made
+/// latter's answer allowed the header fields `fields` allows. The request is made
 /// ready here, before the returned future exists, so that the future holds
 /// only the exchange.
 fn forward(
@@ -243,7 +244,7 @@ fn forward(
     ip: IpAddr,
     port: u16,
     h2: bool,
-    max_fields: usize,
+    fields: AnswerFields,
 ) -> Answering {
     let grpc = crate::policy::is_grpc(&parts.headers);
     let answer = |status, reason| crate::policy::proxy_answer(status, reason, grpc);
@@ -287,7 +288,7 @@ fn forward(
         })
     } else {
         Box::pin(Forwarded {
-            sent: record.ctx.clients().http1().send(targets, req, max_fields),
+            sent: record.ctx.clients().http1().send(targets, req, fields),
             then: Some((record, port, grpc)),
         })
     }
@@ -332,7 +333,14 @@ pub(crate) fn from_peer(
             let res = upgrade_from_peer(&record.ctx, parts, protocol, app, max_fields).await;
             record.finish(res)
         }),
-        _ => forward(record, parts, body, dst.ip(), port, h2, max_fields),
+        _ => {
+            // The answer goes back to the client's proxy as HTTP/2 headers.
+            let fields = AnswerFields {
+                max: max_fields,
+                onto_mesh: true,
+            };
+            forward(record, parts, body, dst.ip(), port, h2, fields)
+        }
     }
 }
 
@@ -467,15 +475,13 @@ fn from_client(
     // application's to see, as over the mesh (RFC 9110 §7.6.1).
     strip_hop_by_hop(req.headers_mut());
     let (parts, body) = req.into_parts();
-    forward(
-        record,
-        parts,
-        boxed(body),
-        dst.ip(),
-        dst.port(),
-        h2,
-        max_fields,
-    )
+    // The answer goes back on the connection the request came on: to a
+    // client outside the mesh, or as bytes inside a peer's tunnel.
+    let fields = AnswerFields {
+        max: max_fields,
+        onto_mesh: false,
+    };
+    forward(record, parts, boxed(body), dst.ip(), dst.port(), h2, fields)
 }
 
 /// Serves an HTTP connection from a client outside the mesh. The identity

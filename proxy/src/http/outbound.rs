@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use super::h1::AnswerFields;
 use super::replay::RequestBody;
 use super::{absolute_uri, authority, boxed, empty, only_chunked, strip_hop_by_hop};
 use super::{host_fault, upgrade_token, Held, BODY_UNREADABLE, DECLINED_HEADER, FOREIGN_CODING};
@@ -342,10 +343,13 @@ async fn attempt(
                     let sent = clients.http2().send(Targets::one(dst), req).await;
                     sent.map_err(|e| (e.is_connect(), crate::h2stream::refused(&e), e.to_string()))
                 } else {
-                    let sent = clients
-                        .http1()
-                        .send(Targets::one(dst), req, conn.max_fields)
-                        .await;
+                    // Straight back to the application over HTTP/1.1: no
+                    // mesh hop bounds the answer's header list.
+                    let fields = AnswerFields {
+                        max: conn.max_fields,
+                        onto_mesh: false,
+                    };
+                    let sent = clients.http1().send(Targets::one(dst), req, fields).await;
                     sent.map_err(|e| (e.is_connect(), false, e.to_string()))
                 };
                 sent.map(|res| res.map(Upstream::Direct))
