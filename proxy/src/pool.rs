@@ -20,9 +20,12 @@
 //! dialled in-band (a Service address) is the exception to sharing: each
 //! application connection to it has a connection of its own ([`Own`]).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -297,6 +300,15 @@ impl Sender {
             Ok(()) => self.send.send_request(req, end),
             Err(e) => Err(e),
         };
+        self.opened(sent)
+    }
+
+    /// The stream opened, or why not, once the connection was ready for
+    /// it or had failed: for [`Self::start`] and [`Sending`] alike.
+    fn opened(
+        &self,
+        sent: Result<(h2::client::ResponseFuture, SendStream<Bytes>), h2::Error>,
+    ) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), TunnelError> {
         if let Err(e) = &sent {
             if e.is_go_away() && e.is_remote() {
                 // The peer takes no new streams here (a draining proxy),
@@ -313,21 +325,25 @@ impl Sender {
     /// Sends a request to the peer proxy and waits for its response head.
     /// The body streams on from this task while it is ready and from a
     /// task of its own once it has to wait.
-    pub async fn send(
-        mut self,
-        req: http::Request<Body>,
-    ) -> Result<http::Response<RecvBody>, TunnelError> {
+    ///
+    /// Not an async fn: every request's future is created and then moved,
+    /// whole, into each future that awaits it, and an async fn keeps its
+    /// arguments beside the locals taken from them, and the request's head
+    /// beside the future opening the stream with it. [`Sending`] holds the
+    /// head only until the stream is open, in the space the wait for the
+    /// answer then takes.
+    pub fn send(self, req: http::Request<Body>) -> Sending {
         let (mut head, body) = req.into_parts();
         set_content_length(&mut head, &body);
         let end = body.is_end_stream();
-        let (response, stream) = self.start(http::Request::from_parts(head, ()), end).await?;
-        if !end {
-            h2stream::start_body(body, stream).await;
+        Sending {
+            sender: self,
+            step: Step::Ready {
+                head: http::Request::from_parts(head, ()),
+                body,
+                end,
+            },
         }
-        let res = response.await.map_err(self.error())?;
-        let (head, recv) = res.into_parts();
-        let body = RecvBody::new(recv, &head.headers);
-        Ok(http::Response::from_parts(head, body))
     }
 
     /// Sends the head of a request whose stream becomes a byte tunnel (a
@@ -380,6 +396,68 @@ impl Sender {
             peer: self.peer,
             _guard: self._guard,
         })
+    }
+}
+
+/// A request on its way to the peer proxy: [`Sender::send`].
+pub struct Sending {
+    /// Kept to the end, as its stream counts against the connection's
+    /// budget until the answer's head is in.
+    sender: Sender,
+    step: Step,
+}
+
+enum Step {
+    /// Waiting for the connection to take another stream.
+    Ready {
+        head: http::Request<()>,
+        body: Body,
+        /// Nothing follows the head.
+        end: bool,
+    },
+    /// Waiting for the answer's head. The stream, and the body, of a
+    /// request that had none to send are dropped only then, as the task
+    /// sending a body holds its own until the body ends.
+    Answer {
+        response: h2::client::ResponseFuture,
+        _unsent: Option<(Body, SendStream<Bytes>)>,
+    },
+    Done,
+}
+
+impl Future for Sending {
+    type Output = Result<http::Response<RecvBody>, TunnelError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Step::Ready { .. } = this.step {
+            // Waits while the peer's limit on concurrent streams is reached.
+            let room = ready!(this.sender.send.poll_ready(cx));
+            let Step::Ready { head, body, end } = std::mem::replace(&mut this.step, Step::Done)
+            else {
+                unreachable!("the step was just matched")
+            };
+            let sent = room.and_then(|()| this.sender.send.send_request(head, end));
+            let (response, stream) = this.sender.opened(sent)?;
+            let unsent = if end {
+                Some((body, stream))
+            } else {
+                h2stream::send_body(body, stream, cx);
+                None
+            };
+            this.step = Step::Answer {
+                response,
+                _unsent: unsent,
+            };
+        }
+        let Step::Answer { response, .. } = &mut this.step else {
+            panic!("a request's answer was awaited again after it had come");
+        };
+        let res = ready!(Pin::new(response).poll(cx));
+        this.step = Step::Done;
+        let (head, recv) = res.map_err(this.sender.error())?.into_parts();
+        let body = RecvBody::new(recv, &head.headers);
+        Poll::Ready(Ok(http::Response::from_parts(head, body)))
     }
 }
 
