@@ -7,9 +7,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use futures_util::future::{Either, FutureExt as _};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
@@ -28,6 +29,7 @@ use super::{MAX_FIELDS_KEY, PROTO_HEADER, TARGET_HEADER};
 use crate::batch::Batched;
 use crate::detect::Protocol;
 use crate::h2stream::{RecvBody, StreamIo};
+use crate::http::client::Clients;
 use crate::metrics::Direction;
 use crate::policy::{self, Failure, LimitKind, Limits, Next, Outcome, Stop};
 use crate::pool::{Body, BoxError, Own, PeerKey, Sender, TunnelError};
@@ -285,20 +287,28 @@ async fn own_sender(ctx: &Shared, key: &PeerKey, conn: &AppConn) -> Result<Sende
 
 /// One attempt: over the mesh or direct, failing as the given timeout at
 /// `deadline`. Records in `seen` how the request was carried.
+///
+/// Every request's attempt is created and then moved whole into its
+/// caller's future, so it is kept small. Not an async fn, which would keep
+/// its arguments beside the future that consumes them. The way the request
+/// travels is chosen before its future is awaited: a choice awaited in
+/// each branch kept the `Option` chosen on beside the sending, and a local
+/// the future borrows keeps its space to the end of its scope, which is
+/// why [`carried`] and [`to_peer`] are functions of their own.
 #[allow(clippy::too_many_arguments)]
-async fn attempt(
-    ctx: &Arc<Shared>,
-    router: &Arc<Router>,
+fn attempt<'a>(
+    ctx: &'a Arc<Shared>,
+    router: &'a Arc<Router>,
     dst: SocketAddr,
-    conn: &AppConn,
-    mut parts: http::request::Parts,
+    conn: &'a AppConn,
+    parts: http::request::Parts,
     body: Body,
-    limits: &Arc<Limits>,
+    limits: &'a Arc<Limits>,
     deadline: Option<(Instant, Failure)>,
     grpc: bool,
-    seen: &mut Seen,
-) -> Result<Response<Upstream>, AttemptError> {
-    let send = async {
+    seen: &'a mut Seen,
+) -> Bounded<impl Future<Output = Result<Response<Upstream>, AttemptError>> + 'a> {
+    let send = async move {
         let pending = limits.acquire(LimitKind::Pending).map_err(|e| {
             if let Some(r) = &seen.route {
                 r.limit_rejected(e.kind);
@@ -307,71 +317,146 @@ async fn attempt(
         })?;
         let sender = mesh_sender(ctx, router, dst, conn, grpc).await?;
         drop(pending);
-        seen.peer = sender.as_ref().and_then(|s| s.peer.clone());
-        seen.carried = Some(seen.peer.clone());
-        match sender {
-            Some(sender) => {
-                let app_version = parts.version;
-                if parts.uri.authority().is_some() {
-                    parts.version = Version::HTTP_2;
-                    parts.headers.remove(header::HOST);
-                }
-                // Otherwise an origin-form HTTP/1.x request: h2 sends it
-                // with `:scheme: http`, no `:authority` and its Host header.
-                parts.headers.insert(TARGET_HEADER, conn.target.clone());
-                parts.headers.insert(
-                    PROTO_HEADER,
-                    HeaderValue::from_static(proto_name(app_version)),
-                );
-                match sender.send(Request::from_parts(parts, body)).await {
-                    Ok(res) => Ok(res.map(Upstream::Mesh)),
-                    Err(e) => {
-                        debug!(%dst, error = %e, "request over the mesh failed");
-                        let refused = matches!(&e, TunnelError::Http { source, .. } if crate::h2stream::refused(source));
-                        Err(AttemptError::Failed(if refused {
-                            Failure::RefusedStream
-                        } else {
-                            Failure::Reset
-                        }))
-                    }
-                }
-            }
-            None => {
-                let req = Request::from_parts(parts, body);
-                let clients = ctx.clients();
-                let sent = if req.version() == Version::HTTP_2 {
-                    let sent = clients.http2().send(Targets::one(dst), req).await;
-                    sent.map_err(|e| (e.is_connect(), crate::h2stream::refused(&e), e.to_string()))
-                } else {
-                    // Straight back to the application over HTTP/1.1: no
-                    // mesh hop bounds the answer's header list.
-                    let fields = AnswerFields {
-                        max: conn.max_fields,
-                        onto_mesh: false,
-                    };
-                    let sent = clients.http1().send(Targets::one(dst), req, fields).await;
-                    sent.map_err(|e| (e.is_connect(), false, e.to_string()))
-                };
-                sent.map(|res| res.map(Upstream::Direct))
-                    .map_err(|(connect, refused, e)| {
-                        debug!(%dst, error = %e, "direct request failed");
-                        AttemptError::Failed(if connect {
-                            Failure::Connect
-                        } else if refused {
-                            Failure::RefusedStream
-                        } else {
-                            Failure::Reset
-                        })
-                    })
-            }
-        }
+        let sent = match carried(seen, sender) {
+            Some(sender) => Either::Left(over_mesh(sender, to_peer(parts, body, conn), dst)),
+            None => Either::Right(direct(
+                ctx.clients(),
+                Request::from_parts(parts, body),
+                dst,
+                conn.max_fields,
+            )),
+        };
+        sent.await.map_err(AttemptError::Failed)
     };
     match deadline {
-        Some((t, timeout)) => tokio::time::timeout_at(t, send)
-            .await
-            .unwrap_or(Err(AttemptError::Failed(timeout))),
-        None => send.await,
+        Some((t, timeout)) => Bounded::Within {
+            attempt: tokio::time::timeout_at(t, send),
+            timeout,
+        },
+        None => Bounded::Free { attempt: send },
     }
+}
+
+pin_project_lite::pin_project! {
+    /// An attempt, failing as `timeout` at its deadline when it has one:
+    /// the choice [`attempt`] makes without awaiting either.
+    #[project = BoundedProj]
+    enum Bounded<F> {
+        Within {
+            #[pin]
+            attempt: tokio::time::Timeout<F>,
+            timeout: Failure,
+        },
+        Free {
+            #[pin]
+            attempt: F,
+        },
+    }
+}
+
+impl<F> Future for Bounded<F>
+where
+    F: Future<Output = Result<Response<Upstream>, AttemptError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            BoundedProj::Within { attempt, timeout } => match ready!(attempt.poll(cx)) {
+                Ok(result) => Poll::Ready(result),
+                Err(_elapsed) => Poll::Ready(Err(AttemptError::Failed(*timeout))),
+            },
+            BoundedProj::Free { attempt } => attempt.poll(cx),
+        }
+    }
+}
+
+/// Records in `seen` how the request is carried: over the mesh, with
+/// `sender`, or directly.
+fn carried(seen: &mut Seen, sender: Option<Sender>) -> Option<Sender> {
+    seen.peer = sender.as_ref().and_then(|s| s.peer.clone());
+    seen.carried = Some(seen.peer.clone());
+    sender
+}
+
+/// The request as it crosses the mesh: the destination and the
+/// application's protocol named in headers of the mesh's own.
+fn to_peer(mut parts: http::request::Parts, body: Body, conn: &AppConn) -> Request<Body> {
+    let app_version = parts.version;
+    if parts.uri.authority().is_some() {
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+    }
+    // Otherwise an origin-form HTTP/1.x request: h2 sends it
+    // with `:scheme: http`, no `:authority` and its Host header.
+    parts.headers.insert(TARGET_HEADER, conn.target.clone());
+    parts.headers.insert(
+        PROTO_HEADER,
+        HeaderValue::from_static(proto_name(app_version)),
+    );
+    Request::from_parts(parts, body)
+}
+
+/// The request sent on `sender`, its failure judged.
+fn over_mesh(
+    sender: Sender,
+    req: Request<Body>,
+    dst: SocketAddr,
+) -> impl Future<Output = Result<Response<Upstream>, Failure>> {
+    sender.send(req).map(move |sent| match sent {
+        Ok(res) => Ok(res.map(Upstream::Mesh)),
+        Err(e) => {
+            debug!(%dst, error = %e, "request over the mesh failed");
+            let refused =
+                matches!(&e, TunnelError::Http { source, .. } if crate::h2stream::refused(source));
+            Err(if refused {
+                Failure::RefusedStream
+            } else {
+                Failure::Reset
+            })
+        }
+    })
+}
+
+/// The request sent straight to `dst`, which has no proxy, in the
+/// application's version of HTTP; its failure judged.
+fn direct(
+    clients: &Clients,
+    req: Request<Body>,
+    dst: SocketAddr,
+    max_fields: usize,
+) -> impl Future<Output = Result<Response<Upstream>, Failure>> {
+    let sent = if req.version() == Version::HTTP_2 {
+        Either::Left(clients.http2().send(Targets::one(dst), req).map(|sent| {
+            sent.map_err(|e| (e.is_connect(), crate::h2stream::refused(&e), e.to_string()))
+        }))
+    } else {
+        // Straight back to the application over HTTP/1.1: no mesh hop
+        // bounds the answer's header list.
+        let fields = AnswerFields {
+            max: max_fields,
+            onto_mesh: false,
+        };
+        Either::Right(
+            clients
+                .http1()
+                .send(Targets::one(dst), req, fields)
+                .map(|sent| sent.map_err(|e| (e.is_connect(), false, e.to_string()))),
+        )
+    };
+    sent.map(move |sent| {
+        sent.map(|res| res.map(Upstream::Direct))
+            .map_err(|(connect, refused, e)| {
+                debug!(%dst, error = %e, "direct request failed");
+                if connect {
+                    Failure::Connect
+                } else if refused {
+                    Failure::RefusedStream
+                } else {
+                    Failure::Reset
+                }
+            })
+    })
 }
 
 /// One request from the application: observed (metrics, span, access
