@@ -104,14 +104,13 @@ impl Pool {
         let slot = self.slot(targets);
         let (dial, idle) = (self.dial, self.idle);
         async move {
-            let mut conn = connection(&slot, dial, idle, targets).await?;
-            if let Err(e) = std::future::poll_fn(|cx| conn.send.poll_ready(cx)).await {
+            let mut conn = connection(&slot, &dial, &idle, &targets).await?;
+            let ready = std::future::poll_fn(|cx| conn.send.poll_ready(cx)).await;
+            if ended(&conn, ready) {
                 // The connection ended since it was last used (the
                 // application restarted, or sent GOAWAY). Nothing of this
                 // request was sent, so it goes on a new connection.
-                debug!(error = %e, "connection to the application ended; opening another");
-                conn.state.closed.store(true, Ordering::Release);
-                conn = connection(&slot, dial, idle, targets).await?;
+                conn = connection(&slot, &dial, &idle, &targets).await?;
                 std::future::poll_fn(|cx| conn.send.poll_ready(cx)).await?;
             }
             conn.state.used.store(true, Ordering::Relaxed);
@@ -135,25 +134,45 @@ impl Pool {
     }
 }
 
+/// Whether `conn`, which was to take the request, has ended instead
+/// (`ready` failed); if so, it is marked so.
+///
+/// Not in the request's future: the error, borrowed there to be logged,
+/// would keep its space in every request's future to the end.
+fn ended(conn: &Conn, ready: Result<(), h2::Error>) -> bool {
+    let Err(e) = ready else {
+        return false;
+    };
+    debug!(error = %e, "connection to the application ended; opening another");
+    conn.state.closed.store(true, Ordering::Release);
+    true
+}
+
 /// The live connection in `slot`, or a new one to `targets`.
-async fn connection(
-    slot: &Arc<Slot>,
-    dial: Dial,
-    idle: Duration,
-    targets: Targets,
-) -> Result<Conn, Error> {
-    let mut current = slot.0.lock().await;
-    if let Some(c) = current
-        .as_ref()
-        .filter(|c| !c.state.closed.load(Ordering::Acquire))
-    {
-        return Ok(c.clone());
+///
+/// Not an async fn, and taking references: an async fn keeps a copy of
+/// its arguments beside them, and its future is part of every request's.
+#[allow(clippy::manual_async_fn)]
+fn connection<'a>(
+    slot: &'a Arc<Slot>,
+    dial: &'a Dial,
+    idle: &'a Duration,
+    targets: &'a Targets,
+) -> impl Future<Output = Result<Conn, Error>> + 'a {
+    async move {
+        let mut current = slot.0.lock().await;
+        if let Some(c) = current
+            .as_ref()
+            .filter(|c| !c.state.closed.load(Ordering::Acquire))
+        {
+            return Ok(c.clone());
+        }
+        // Boxed: dialling and the handshake make a large future that nearly
+        // every request, finding a connection, would otherwise carry.
+        let conn = Box::pin(open(*dial, *targets, Arc::downgrade(slot), *idle)).await?;
+        *current = Some(conn.clone());
+        Ok(conn)
     }
-    // Boxed: dialling and the handshake make a large future that nearly
-    // every request, finding a connection, would otherwise carry.
-    let conn = Box::pin(open(dial, targets, Arc::downgrade(slot), idle)).await?;
-    *current = Some(conn.clone());
-    Ok(conn)
 }
 
 async fn open(
