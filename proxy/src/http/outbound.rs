@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use futures_util::future::{Either, FutureExt as _};
+use futures_util::future::{Either, FutureExt as _, TryFutureExt as _};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
@@ -38,7 +38,7 @@ use crate::router::{Route, Router};
 use crate::socket::Targets;
 use crate::telemetry::conn::{ConnMeter, Metered};
 use crate::telemetry::request::{Observation, Seen};
-use crate::Shared;
+use crate::{Live, Shared};
 
 /// Serves the application's HTTP connection until it closes.
 pub(crate) async fn serve(
@@ -291,10 +291,12 @@ async fn own_sender(ctx: &Shared, key: &PeerKey, conn: &AppConn) -> Result<Sende
 /// Every request's attempt is created and then moved whole into its
 /// caller's future, so it is kept small. Not an async fn, which would keep
 /// its arguments beside the future that consumes them. The way the request
-/// travels is chosen before its future is awaited: a choice awaited in
-/// each branch kept the `Option` chosen on beside the sending, and a local
-/// the future borrows keeps its space to the end of its scope, which is
-/// why [`carried`] and [`to_peer`] are functions of their own.
+/// travels is chosen first, and the future that sends it then takes the
+/// space the choice had: it is the choosing future's outcome, not awaited
+/// within it, where everything the choice had kept (the request's head
+/// among it) would have stayed beside it. A local that future borrows
+/// keeps its space to the end of its scope, which is why [`carried`] and
+/// [`to_peer`] are functions of their own.
 #[allow(clippy::too_many_arguments)]
 fn attempt<'a>(
     ctx: &'a Arc<Shared>,
@@ -317,7 +319,7 @@ fn attempt<'a>(
         })?;
         let sender = mesh_sender(ctx, router, dst, conn, grpc).await?;
         drop(pending);
-        let sent = match carried(seen, sender) {
+        let sending = match carried(seen, sender) {
             Some(sender) => Either::Left(over_mesh(sender, to_peer(parts, body, conn), dst)),
             None => Either::Right(direct(
                 ctx.clients(),
@@ -326,8 +328,9 @@ fn attempt<'a>(
                 conn.max_fields,
             )),
         };
-        sent.await.map_err(AttemptError::Failed)
-    };
+        Ok(sending.map_err(AttemptError::Failed))
+    }
+    .try_flatten();
     match deadline {
         Some((t, timeout)) => Bounded::Within {
             attempt: tokio::time::timeout_at(t, send),
@@ -461,62 +464,81 @@ fn direct(
 
 /// One request from the application: observed (metrics, span, access
 /// log) around [`route_request`].
-async fn handle(
+///
+/// Not an async fn, which would keep a second copy of its arguments, the
+/// request among them: hyper holds this future for each request and moves
+/// it whole.
+#[allow(clippy::manual_async_fn)]
+fn handle(
     ctx: Arc<Shared>,
     req: Request<Incoming>,
     client: SocketAddr,
     dst: SocketAddr,
     conn: Arc<AppConn>,
     meter: Arc<ConnMeter>,
-) -> Response<Body> {
-    let (mut parts, body) = req.into_parts();
-    let asked = super::Asked::of(&parts);
-    let obs = Observation::start(&ctx, Direction::Outbound, &mut parts, client, dst);
-    let mut seen = Seen::default();
-    let res = route_request(
-        &ctx,
-        Request::from_parts(parts, body),
-        dst,
-        &conn,
-        &mut seen,
-    )
-    .await;
-    if let Some(peer) = &seen.carried {
-        meter.set_peer(peer.as_ref());
+) -> impl Future<Output = Response<Body>> {
+    async move {
+        // The observation starts as the request is first polled, as it
+        // did; the head is taken apart and put back in a function of its
+        // own, since a head this future borrowed would keep its space for
+        // as long as the request lasts.
+        let (req, asked, obs) = observe(&ctx, req, client, dst);
+        let mut seen = Seen::default();
+        let res = route_request(&ctx, req, dst, &conn, &mut seen).await;
+        if let Some(peer) = &seen.carried {
+            meter.set_peer(peer.as_ref());
+        }
+        asked.shape(obs.finish(&ctx, res, seen))
     }
-    asked.shape(obs.finish(&ctx, res, seen))
 }
 
-async fn route_request(
-    ctx: &Arc<Shared>,
+/// Starts observing the request: what [`handle`] needs to finish it.
+fn observe(
+    ctx: &Shared,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    dst: SocketAddr,
+) -> (Request<Incoming>, super::Asked, Observation) {
+    let (mut parts, body) = req.into_parts();
+    let asked = super::Asked::of(&parts);
+    let obs = Observation::start(ctx, Direction::Outbound, &mut parts, client, dst);
+    (Request::from_parts(parts, body), asked, obs)
+}
+
+/// Where the request goes: answered at once, upgraded, or forwarded.
+///
+/// Not an async fn: it would keep the request, and its arguments, beside
+/// the forwarding future that takes them over, and each request's future
+/// is moved whole into [`handle`]'s. What can be judged at once is judged
+/// before the forwarding future exists, which then owns only what the
+/// attempts need.
+fn route_request<'a>(
+    ctx: &'a Arc<Shared>,
     req: Request<Incoming>,
     dst: SocketAddr,
-    conn: &AppConn,
-    seen: &mut Seen,
-) -> Response<Body> {
+    conn: &'a AppConn,
+    seen: &'a mut Seen,
+) -> Routed<impl Future<Output = Response<Body>> + 'a, impl Future<Output = Response<Body>> + 'a> {
     if let Some(fault) = host_fault(&req) {
-        return proxy_answer(StatusCode::BAD_REQUEST, fault);
+        return Routed::answer(proxy_answer(StatusCode::BAD_REQUEST, fault));
     }
     let live = ctx.live();
     if let Some(token) = upgrade_token(&req) {
         // Boxed so that the common path does not carry its space.
-        return Box::pin(upgrade(
-            ctx.clone(),
-            &live.router,
-            req,
-            dst,
-            conn,
-            token,
-            seen,
-        ))
-        .await;
+        return Routed::Upgrade {
+            upgrade: Box::pin(upgrade(ctx.clone(), live, req, dst, conn, token, seen)),
+        };
     }
     let grpc = policy::is_grpc(req.headers());
     if !hyper::body::Body::is_end_stream(req.body())
         && req.version() < Version::HTTP_2
         && only_chunked(req.headers()) == Some(false)
     {
-        return policy::proxy_answer(StatusCode::NOT_IMPLEMENTED, FOREIGN_CODING, grpc);
+        return Routed::answer(policy::proxy_answer(
+            StatusCode::NOT_IMPLEMENTED,
+            FOREIGN_CODING,
+            grpc,
+        ));
     }
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -533,149 +555,214 @@ async fn route_request(
     let origin_form = parts.version != Version::HTTP_2
         && parts.uri.authority().is_none()
         && parts.headers.contains_key(header::HOST);
-    let auth = if origin_form {
-        None
-    } else {
+    if !origin_form {
         let Some(auth) = authority(&parts).or_else(|| dst.to_string().parse().ok()) else {
-            return policy::proxy_answer(
+            return Routed::answer(policy::proxy_answer(
                 StatusCode::BAD_REQUEST,
                 "request has no usable Host",
                 grpc,
-            );
+            ));
         };
         if absolute_uri(&mut parts, &auth).is_err() {
-            return policy::proxy_answer(
+            return Routed::answer(policy::proxy_answer(
                 StatusCode::BAD_REQUEST,
                 "request target is not a valid URI",
                 grpc,
-            );
+            ));
         }
-        Some(auth)
-    };
-    let host = match &auth {
-        Some(a) => Some(a.as_str()),
-        None => parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok()),
-    };
-    let policy = live.policies.policy_for(dst, host);
-    seen.route = live.route_stats(policy.name());
-    let dest = policy.destination(dst);
-    let in_flight = match dest.limits.acquire(LimitKind::InFlight) {
-        Ok(g) => g,
-        Err(e) => {
-            if let Some(r) = &seen.route {
-                r.limit_rejected(e.kind);
-            }
-            return e.answer(grpc);
+    }
+    Routed::Forward {
+        forward: forward(ctx, live, parts, body, dst, conn, grpc, seen),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// What [`route_request`] decided, as one future.
+    #[project = RoutedProj]
+    enum Routed<U, F> {
+        Answer { answer: Option<Response<Body>> },
+        Upgrade {
+            #[pin]
+            upgrade: U,
+        },
+        Forward {
+            #[pin]
+            forward: F,
+        },
+    }
+}
+
+impl<U, F> Routed<U, F> {
+    fn answer(answer: Response<Body>) -> Self {
+        Routed::Answer {
+            answer: Some(answer),
         }
-    };
-    let may_retry = policy.retry.attempts > 1 && policy::retry::can_replay(&parts.method, true);
-    let mut body =
-        match RequestBody::read(body, &parts.headers, policy.retry_buffer, may_retry).await {
-            Ok(b) => b,
-            Err(()) => return policy::proxy_answer(StatusCode::BAD_REQUEST, BODY_UNREADABLE, grpc),
+    }
+}
+
+impl<U, F> Future for Routed<U, F>
+where
+    U: Future<Output = Response<Body>>,
+    F: Future<Output = Response<Body>>,
+{
+    type Output = Response<Body>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            RoutedProj::Answer { answer } => match answer.take() {
+                Some(answer) => Poll::Ready(answer),
+                None => panic!("a request's answer was awaited again after it had come"),
+            },
+            RoutedProj::Upgrade { upgrade } => upgrade.poll(cx),
+            RoutedProj::Forward { forward } => forward.poll(cx),
+        }
+    }
+}
+
+/// Forwards a request, over the mesh or direct, with the retries its
+/// policy allows. Not an async fn, which would keep a second copy of its
+/// arguments, the request's head among them, for as long as the request
+/// lasts.
+#[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+fn forward<'a>(
+    ctx: &'a Arc<Shared>,
+    live: Arc<Live>,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    dst: SocketAddr,
+    conn: &'a AppConn,
+    grpc: bool,
+    seen: &'a mut Seen,
+) -> impl Future<Output = Response<Body>> + 'a {
+    async move {
+        // The authority the request was made absolute with, or the Host
+        // of one in origin form.
+        let host = match parts.uri.authority() {
+            Some(a) => Some(a.as_str()),
+            None => parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok()),
         };
-    // The clock is read once per attempt and once per outcome, and each
-    // reading serves everything that needs the time then: the budget, the
-    // breaker, the timeouts and the request's latency.
-    let mut now = Instant::now();
-    let mut retries = policy.retries_at(&dest, &parts.method, now);
-    loop {
-        let permit = match policy.breakers.admit_at(dst, now) {
-            Ok(p) => p,
+        let policy = live.policies.policy_for(dst, host);
+        seen.route = live.route_stats(policy.name());
+        let dest = policy.destination(dst);
+        let in_flight = match dest.limits.acquire(LimitKind::InFlight) {
+            Ok(g) => g,
             Err(e) => {
                 if let Some(r) = &seen.route {
-                    r.breaker_refused();
+                    r.limit_rejected(e.kind);
                 }
                 return e.answer(grpc);
             }
         };
-        let deadline = retries.attempt_timeout(now).map(|(t, f)| (now + t, f));
-        let result = attempt(
-            ctx,
-            &live.router,
-            dst,
-            conn,
-            attempt_parts(&mut parts),
-            body.attempt(),
-            &dest.limits,
-            deadline,
-            grpc,
-            seen,
-        )
-        .await;
-        now = Instant::now();
-        seen.answered = Some(now);
-        if matches!(result, Err(AttemptError::Failed(_))) && body.client_failed() {
-            // The application's own body broke off (bad chunked framing,
-            // or a client gone mid-upload): the destination is not to
-            // blame, so its breaker does not count it and nothing is
-            // retried. A client still there learns what was wrong.
-            drop(permit);
-            debug!(%dst, "the application's request body broke off");
-            return policy::proxy_answer(StatusCode::BAD_REQUEST, BODY_UNREADABLE, grpc);
-        }
-        if let Err(AttemptError::Failed(f)) = result {
-            if f.is_timeout() && body.still_arriving() {
-                // Time ran out while the proxy was still passing on the
-                // application's upload: a slow uploader and a slow server
-                // look the same from here, so the destination's breaker
-                // does not count it. Part of the body is gone, so it
-                // cannot be retried either.
-                drop(permit);
-                debug!(%dst, "timed out while the request body was still arriving");
-                return f.answer(grpc);
-            }
-        }
-        let outcome = match &result {
-            Ok(res) => Outcome::response(res.status(), res.headers()),
-            Err(AttemptError::Failed(f)) => Outcome::Failed(*f),
-            Err(AttemptError::Answer(_)) => {
-                drop(permit);
-                let Err(AttemptError::Answer(answer)) = result else {
-                    unreachable!()
-                };
-                return answer;
-            }
+        let may_retry = policy.retry.attempts > 1 && policy::retry::can_replay(&parts.method, true);
+        let mut body = match RequestBody::read(body, &parts.headers, policy.retry_buffer, may_retry)
+            .await
+        {
+            Ok(b) => b,
+            Err(()) => return policy::proxy_answer(StatusCode::BAD_REQUEST, BODY_UNREADABLE, grpc),
         };
-        permit.record_outcome(&outcome, now);
-        match retries.next(&outcome, body.is_replayable(), now) {
-            Next::Retry(delay) => {
-                if let Some(r) = &seen.route {
-                    r.retried();
+        // The clock is read once per attempt and once per outcome, and each
+        // reading serves everything that needs the time then: the budget, the
+        // breaker, the timeouts and the request's latency.
+        let mut now = Instant::now();
+        let mut retries = policy.retries_at(&dest, &parts.method, now);
+        loop {
+            let permit = match policy.breakers.admit_at(dst, now) {
+                Ok(p) => p,
+                Err(e) => {
+                    if let Some(r) = &seen.route {
+                        r.breaker_refused();
+                    }
+                    return e.answer(grpc);
                 }
-                seen.retries += 1;
-                debug!(%dst, attempt = retries.attempts(), ?outcome, ?delay, "retrying");
-                drop(result);
-                // Whatever answers next, it is not this attempt.
-                seen.answered = None;
-                tokio::time::sleep(delay).await;
-                now = Instant::now();
+            };
+            let deadline = retries.attempt_timeout(now).map(|(t, f)| (now + t, f));
+            let result = attempt(
+                ctx,
+                &live.router,
+                dst,
+                conn,
+                attempt_parts(&mut parts),
+                body.attempt(),
+                &dest.limits,
+                deadline,
+                grpc,
+                seen,
+            )
+            .await;
+            now = Instant::now();
+            seen.answered = Some(now);
+            if matches!(result, Err(AttemptError::Failed(_))) && body.client_failed() {
+                // The application's own body broke off (bad chunked framing,
+                // or a client gone mid-upload): the destination is not to
+                // blame, so its breaker does not count it and nothing is
+                // retried. A client still there learns what was wrong.
+                drop(permit);
+                debug!(%dst, "the application's request body broke off");
+                return policy::proxy_answer(StatusCode::BAD_REQUEST, BODY_UNREADABLE, grpc);
             }
-            Next::Stop(stop) => {
-                if let Some(r) = &seen.route {
-                    match stop {
-                        Stop::BudgetExhausted => r.budget_exhausted(),
-                        Stop::Final if retries.attempts() > 1 => r.retry_succeeded(),
-                        _ => {}
-                    }
+            if let Err(AttemptError::Failed(f)) = result {
+                if f.is_timeout() && body.still_arriving() {
+                    // Time ran out while the proxy was still passing on the
+                    // application's upload: a slow uploader and a slow server
+                    // look the same from here, so the destination's breaker
+                    // does not count it. Part of the body is gone, so it
+                    // cannot be retried either.
+                    drop(permit);
+                    debug!(%dst, "timed out while the request body was still arriving");
+                    return f.answer(grpc);
                 }
-                if retries.attempts() > 1 {
-                    debug!(%dst, attempts = retries.attempts(), stop = stop.as_str(), "retries ended");
+            }
+            let outcome = match &result {
+                Ok(res) => Outcome::response(res.status(), res.headers()),
+                Err(AttemptError::Failed(f)) => Outcome::Failed(*f),
+                Err(AttemptError::Answer(_)) => {
+                    drop(permit);
+                    let Err(AttemptError::Answer(answer)) = result else {
+                        unreachable!()
+                    };
+                    return answer;
                 }
-                return match result {
-                    Ok(res) => {
-                        let (mut head, body) = res.into_parts();
-                        strip_hop_by_hop(&mut head.headers);
-                        head.headers.remove(TARGET_HEADER);
-                        // One box for both: `Held` wraps the upstream body itself.
-                        Response::from_parts(head, Held::new(body, in_flight).boxed())
+            };
+            permit.record_outcome(&outcome, now);
+            match retries.next(&outcome, body.is_replayable(), now) {
+                Next::Retry(delay) => {
+                    if let Some(r) = &seen.route {
+                        r.retried();
                     }
-                    Err(AttemptError::Failed(f)) => f.answer(grpc),
-                    Err(AttemptError::Answer(a)) => a,
-                };
+                    seen.retries += 1;
+                    debug!(%dst, attempt = retries.attempts(), ?outcome, ?delay, "retrying");
+                    drop(result);
+                    // Whatever answers next, it is not this attempt.
+                    seen.answered = None;
+                    tokio::time::sleep(delay).await;
+                    now = Instant::now();
+                }
+                Next::Stop(stop) => {
+                    if let Some(r) = &seen.route {
+                        match stop {
+                            Stop::BudgetExhausted => r.budget_exhausted(),
+                            Stop::Final if retries.attempts() > 1 => r.retry_succeeded(),
+                            _ => {}
+                        }
+                    }
+                    if retries.attempts() > 1 {
+                        debug!(%dst, attempts = retries.attempts(), stop = stop.as_str(), "retries ended");
+                    }
+                    return match result {
+                        Ok(res) => {
+                            let (mut head, body) = res.into_parts();
+                            strip_hop_by_hop(&mut head.headers);
+                            head.headers.remove(TARGET_HEADER);
+                            // One box for both: `Held` wraps the upstream body itself.
+                            Response::from_parts(head, Held::new(body, in_flight).boxed())
+                        }
+                        Err(AttemptError::Failed(f)) => f.answer(grpc),
+                        Err(AttemptError::Answer(a)) => a,
+                    };
+                }
             }
         }
     }
@@ -702,7 +789,7 @@ fn header_value(addr: SocketAddr) -> HeaderValue {
 /// tunnel once the server agrees.
 async fn upgrade(
     ctx: Arc<Shared>,
-    router: &Arc<Router>,
+    live: Arc<Live>,
     mut req: Request<Incoming>,
     dst: SocketAddr,
     conn: &AppConn,
@@ -711,7 +798,7 @@ async fn upgrade(
 ) -> Response<Body> {
     let from_app = hyper::upgrade::on(&mut req);
     let idle = ctx.config.proxy.idle_timeout;
-    let sender = match mesh_sender(&ctx, router, dst, conn, false).await {
+    let sender = match mesh_sender(&ctx, &live.router, dst, conn, false).await {
         Ok(s) => s,
         Err(AttemptError::Failed(f)) => return f.answer(false),
         Err(AttemptError::Answer(answer)) => return answer,
