@@ -217,57 +217,63 @@ enum AttemptError {
 
 /// A stream to the destination's proxy, or `None` when the destination
 /// turned out to have none (the request then goes direct).
-async fn mesh_sender(
-    ctx: &Arc<Shared>,
-    router: &Arc<Router>,
+///
+/// Not an async fn: the route is known at once, and the future then holds
+/// only what getting a stream needs, not a second copy of the arguments;
+/// it is part of every request's future.
+fn mesh_sender<'a>(
+    ctx: &'a Arc<Shared>,
+    router: &'a Arc<Router>,
     dst: SocketAddr,
-    conn: &AppConn,
+    conn: &'a AppConn,
     grpc: bool,
-) -> Result<Option<Sender>, AttemptError> {
+) -> impl Future<Output = Result<Option<Sender>, AttemptError>> + 'a {
     let (key, probe, renew) = match router.route(dst) {
         Route::Mesh { key, probe, renew } => (key, probe, renew),
-        Route::Passthrough => return Ok(None),
+        Route::Passthrough => return Either::Left(std::future::ready(Ok(None))),
         Route::Recheck(key) => {
             crate::router::recheck(ctx.clone(), router.clone(), key);
-            return Ok(None);
+            return Either::Left(std::future::ready(Ok(None)));
         }
     };
-    let cfg = &ctx.config.proxy;
-    if !ctx.identity.is_ready()
-        && tokio::time::timeout(cfg.handshake_timeout, ctx.identity.ready())
-            .await
-            .is_err()
-    {
-        warn!(%dst, "no workload certificate yet; refusing instead of sending plaintext");
-        return Err(AttemptError::Answer(policy::proxy_answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_certificate",
-            grpc,
-        )));
-    }
-    let sender = if key.in_band(dst) {
-        own_sender(ctx, &key, conn).await
-    } else {
-        ctx.pool().sender(&key).await
-    };
-    match sender {
-        Ok(s) => {
-            if probe || renew {
-                router.learn(dst.ip(), true);
+    Either::Right(async move {
+        let cfg = &ctx.config.proxy;
+        if !ctx.identity.is_ready()
+            && tokio::time::timeout(cfg.handshake_timeout, ctx.identity.ready())
+                .await
+                .is_err()
+        {
+            warn!(%dst, "no workload certificate yet; refusing instead of sending plaintext");
+            return Err(AttemptError::Answer(policy::proxy_answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_certificate",
+                grpc,
+            )));
+        }
+        let sender = if key.in_band(dst) {
+            own_sender(ctx, &key, conn).await
+        } else {
+            ctx.pool().sender(&key).await
+        };
+        match sender {
+            Ok(s) => {
+                if probe || renew {
+                    router.learn(dst.ip(), true);
+                }
+                Ok(Some(s))
             }
-            Ok(Some(s))
+            Err(e) if probe && e.unanswered() => {
+                router.learn(dst.ip(), false);
+                Ok(None)
+            }
+            Err(e) => {
+                // A peer known to be meshed stays so while it does not answer
+                // (see `crate::router`): the request fails, never goes plaintext.
+                warn!(%dst, reason = e.reason(), error = %e, "mesh connection failed");
+                Err(AttemptError::Failed(Failure::Connect))
+            }
         }
-        Err(e) if probe && e.unanswered() => {
-            router.learn(dst.ip(), false);
-            Ok(None)
-        }
-        Err(e) => {
-            // A peer known to be meshed stays so while it does not answer
-            // (see `crate::router`): the request fails, never goes plaintext.
-            warn!(%dst, reason = e.reason(), error = %e, "mesh connection failed");
-            Err(AttemptError::Failed(Failure::Connect))
-        }
-    }
+    })
 }
 
 /// A stream on the application connection's own mesh connection, opening
