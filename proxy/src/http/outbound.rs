@@ -484,10 +484,10 @@ fn handle(
     meter: Arc<ConnMeter>,
 ) -> impl Future<Output = Response<Body>> {
     async move {
-        // The observation starts as the request is first polled, as it
-        // did; the head is taken apart and put back in a function of its
-        // own, since a head this future borrowed would keep its space for
-        // as long as the request lasts.
+        // The observation starts when the request is first polled, which
+        // is when its latency starts to count. The head is taken apart and
+        // put back in a function of its own: a head this future borrowed
+        // would keep its space for as long as the request lasts.
         let (req, asked, obs) = observe(&ctx, req, client, dst);
         let mut seen = Seen::default();
         let res = route_request(&ctx, req, dst, &conn, &mut seen).await;
