@@ -133,6 +133,25 @@ pub struct AnswerFields {
     pub onto_mesh: bool,
 }
 
+impl AnswerFields {
+    /// Up to `max` fields, for an answer that goes back over the mesh.
+    pub const fn crossing_mesh(max: usize) -> Self {
+        AnswerFields {
+            max,
+            onto_mesh: true,
+        }
+    }
+
+    /// Up to `max` fields, for an answer that goes on over HTTP/1.1 or as
+    /// a tunnel's bytes.
+    pub const fn direct(max: usize) -> Self {
+        AnswerFields {
+            max,
+            onto_mesh: false,
+        }
+    }
+}
+
 /// Idle HTTP/1.1 connections to the application, per address set. One per
 /// worker thread, like the other clients, so it is rarely contended.
 pub struct Pool {
@@ -207,10 +226,7 @@ impl Pool {
         let (head, framing) = encode_head(&parts, &body);
         let reading = Reading {
             head_only: parts.method == Method::HEAD,
-            fields: AnswerFields {
-                max: STACK_FIELDS,
-                onto_mesh: false,
-            },
+            fields: AnswerFields::direct(STACK_FIELDS),
         };
         let resend = Some((head.clone(), Some(bytes)));
         self.exchange(targets, head, framing, body, reading, resend)
@@ -1232,25 +1248,17 @@ mod tests {
     /// default limit on fields.
     const DEFAULT: Reading = Reading {
         head_only: false,
-        fields: to_mesh(STACK_FIELDS),
+        fields: MESH_FIELDS,
     };
 
-    /// An answer that crosses the mesh, allowing `max` fields.
-    const fn to_mesh(max: usize) -> AnswerFields {
-        AnswerFields {
-            max,
-            onto_mesh: true,
-        }
-    }
-
     /// The default limit, for an answer that crosses the mesh.
-    const MESH_FIELDS: AnswerFields = to_mesh(STACK_FIELDS);
+    const MESH_FIELDS: AnswerFields = AnswerFields::crossing_mesh(STACK_FIELDS);
 
     /// How an answer to a GET from the server's proxy is read allowing
     /// `max_fields` fields.
     fn allowing(max_fields: usize) -> Reading {
         Reading {
-            fields: to_mesh(max_fields),
+            fields: AnswerFields::crossing_mesh(max_fields),
             ..DEFAULT
         }
     }
@@ -1402,10 +1410,7 @@ mod tests {
         // A server outside the mesh answering the client's proxy directly:
         // the answer goes on over HTTP/1.1, as it would without the proxy.
         let direct = Reading {
-            fields: AnswerFields {
-                max: 1000,
-                onto_mesh: false,
-            },
+            fields: AnswerFields::direct(1000),
             ..DEFAULT
         };
         let answer = parse_head(&mut head_of(MAX_HEAD, 1000), direct, false)
@@ -1426,7 +1431,7 @@ mod tests {
             .expect("whole");
         assert_eq!(map.len(), 1000);
         assert!(matches!(
-            parse_trailers(&trailers, to_mesh(1000)),
+            parse_trailers(&trailers, AnswerFields::crossing_mesh(1000)),
             Err(Error::TooLargeForMesh { .. })
         ));
     }
@@ -1462,7 +1467,11 @@ mod tests {
             "{err}"
         );
         let res = pool
-            .send(Targets::one(addr), get("/"), to_mesh(150))
+            .send(
+                Targets::one(addr),
+                get("/"),
+                AnswerFields::crossing_mesh(150),
+            )
             .await
             .expect("head");
         let (body, trailers) = body_of(res).await;

@@ -234,9 +234,9 @@ pub(crate) async fn upgrade_direct(
 }
 
 /// Forwards a request to the application, speaking `h2` or HTTP/1.x, the
-/// latter's answer allowed the header fields `fields` allows. The request is made
-/// ready here, before the returned future exists, so that the future holds
-/// only the exchange.
+/// latter's answer allowed the header fields `fields` allows. The request
+/// is made ready here, before the returned future exists, so that the
+/// future holds only the exchange.
 fn forward(
     record: Record,
     mut parts: http::request::Parts,
@@ -333,12 +333,9 @@ pub(crate) fn from_peer(
             let res = upgrade_from_peer(&record.ctx, parts, protocol, app, max_fields).await;
             record.finish(res)
         }),
+        // The answer goes back to the client's proxy as HTTP/2 headers.
         _ => {
-            // The answer goes back to the client's proxy as HTTP/2 headers.
-            let fields = AnswerFields {
-                max: max_fields,
-                onto_mesh: true,
-            };
+            let fields = AnswerFields::crossing_mesh(max_fields);
             forward(record, parts, body, dst.ip(), port, h2, fields)
         }
     }
@@ -477,10 +474,7 @@ fn from_client(
     let (parts, body) = req.into_parts();
     // The answer goes back on the connection the request came on: to a
     // client outside the mesh, or as bytes inside a peer's tunnel.
-    let fields = AnswerFields {
-        max: max_fields,
-        onto_mesh: false,
-    };
+    let fields = AnswerFields::direct(max_fields);
     forward(record, parts, boxed(body), dst.ip(), dst.port(), h2, fields)
 }
 

@@ -442,10 +442,7 @@ fn direct(
     } else {
         // Straight back to the application over HTTP/1.1: no mesh hop
         // bounds the answer's header list.
-        let fields = AnswerFields {
-            max: max_fields,
-            onto_mesh: false,
-        };
+        let fields = AnswerFields::direct(max_fields);
         Either::Right(
             clients
                 .http1()
