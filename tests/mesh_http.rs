@@ -487,6 +487,18 @@ fn a_port_the_clients_proxy_carries_as_opaque_still_gets_the_identity_guarded() 
     assert_eq!(r.status, 200);
     assert_eq!(r.body.matches(client.id()).count(), 2, "{}", r.body);
     assert!(!r.body.contains("admin"), "{}", r.body);
+    // An upgrade the application declines leaves the connection to go on
+    // as HTTP/1.1, and when it closes, its last answer arrives whole.
+    let declined = b"GET /headers HTTP/1.1\r\nHost: server\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nGET /headers HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n";
+    for _ in 0..5 {
+        let reply = tcp_exchange(&client.pod, dst, declined).expect("an exchange");
+        let reply = String::from_utf8_lossy(&reply);
+        assert_eq!(reply.matches("HTTP/1.1 200").count(), 2, "{reply}");
+        assert!(
+            reply.ends_with('}'),
+            "the last answer was cut short: {reply}"
+        );
+    }
 }
 
 #[test]

@@ -19,7 +19,7 @@ use tracing::debug;
 
 use super::client::FixedConnector;
 use super::h1::AnswerFields;
-use super::outbound::{finish_upgrade, proxy_answer};
+use super::outbound::{close_when_handed_over, finish_upgrade, proxy_answer};
 use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token};
 use super::{host_fault, only_chunked, BODY_UNREADABLE, FOREIGN_CODING, MAX_FIELDS_KEY};
 use super::{remove_client_id, CLIENT_ID_HEADER, DECLINED_HEADER, PROTO_HEADER, TARGET_HEADER};
@@ -453,7 +453,10 @@ fn from_client(
                 Ok((res, to_app)) => {
                     finish_upgrade(res, from_client, to_app, ctx.config.proxy.idle_timeout)
                 }
-                Err(answer) => answer,
+                Err(answer) => {
+                    close_when_handed_over(from_client);
+                    answer
+                }
             };
             record.finish(res)
         });

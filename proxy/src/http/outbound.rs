@@ -851,6 +851,7 @@ async fn upgrade(
     if head.headers.remove(DECLINED_HEADER).is_some() || head.status != StatusCode::OK {
         // The server declined the upgrade: its answer goes back as it is,
         // and the client's connection goes on as HTTP/1.1.
+        close_when_handed_over(from_app);
         let body = RecvBody::new(recv, &head.headers);
         return Response::from_parts(head, body.map_err(BoxError::from).boxed());
     }
@@ -882,12 +883,31 @@ pub(crate) fn finish_upgrade(
 ) -> Response<Body> {
     let (parts, body) = res.into_parts();
     if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+        close_when_handed_over(from_client);
         let mut parts = parts;
         strip_hop_by_hop(&mut parts.headers);
         return Response::from_parts(parts, boxed(body));
     }
     join_upgrades(from_client, to_server, idle);
     Response::from_parts(parts, empty())
+}
+
+/// Closes the client's connection gracefully once hyper hands it over.
+///
+/// hyper never forgets an upgrade (or `CONNECT`) the client asked for, even
+/// when the server declined it and the connection went on as HTTP/1.1:
+/// when that connection ends, hyper hands it over as if upgraded instead
+/// of closing it. Dropped then, a connection inside a mesh tunnel would
+/// reset its stream and lose the end of the last answer still queued on
+/// it; shut down, it ends after that answer. A later upgrade request on
+/// the same connection takes hyper's expectation over, and this one's wait
+/// then ends at once.
+pub(crate) fn close_when_handed_over(on: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        if let Ok(io) = on.await {
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut TokioIo::new(io)).await;
+        }
+    });
 }
 
 /// Relays between two connections once both have switched protocols.
