@@ -451,6 +451,74 @@ fn the_server_app_gets_the_verified_client_identity_and_never_a_forged_one() {
     }
 }
 
+/// Sends a `CONNECT` for `target` and, once it is answered, `payload`
+/// through the tunnel; returns the answer's head and what came back
+/// through the tunnel.
+fn through_connect(
+    pod: &legate_testbed::Pod,
+    dst: SocketAddr,
+    target: &'static str,
+    payload: &'static [u8],
+) -> (String, Vec<u8>) {
+    pod.run_in(move || -> std::io::Result<(String, Vec<u8>)> {
+        let mut s = TcpStream::connect(dst)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte)?;
+            head.push(byte[0]);
+        }
+        s.write_all(payload)?;
+        let mut echoed = vec![0u8; payload.len()];
+        s.read_exact(&mut echoed)?;
+        Ok((String::from_utf8_lossy(&head).into_owned(), echoed))
+    })
+    .unwrap()
+    .expect("a tunnel")
+}
+
+#[test]
+fn a_connect_request_is_no_way_around_the_identity_header() {
+    // The application is an HTTP proxy. A CONNECT it declines leaves the
+    // connection open for the next request, as hyper's server does: taken
+    // for opaque bytes, that request and the CONNECT would both reach it
+    // with a forged identity.
+    let (mesh, server, client, _app) = setup(&[]);
+    let outsider = mesh.plain_pod("outsider");
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let forged = b"CONNECT elsewhere:443 HTTP/1.1\r\nHost: elsewhere:443\r\nlegate-client-id: spiffe://legate.local/admin\r\n\r\nGET /headers HTTP/1.1\r\nHost: server\r\nConnection: close\r\nlegate_client_id: spiffe://legate.local/admin\r\n\r\n";
+    for (pod, id) in [(&client.pod, Some(client.id())), (&outsider, None)] {
+        let reply = tcp_exchange(pod, dst, forged).expect("an exchange");
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 405"), "{reply}");
+        assert!(
+            reply.contains("HTTP/1.1 200"),
+            "no answer to the next request: {reply}"
+        );
+        assert!(
+            !reply.contains("admin"),
+            "a forged identity arrived: {reply}"
+        );
+        match id {
+            Some(id) => assert_eq!(reply.matches(id).count(), 2, "{reply}"),
+            None => assert!(!reply.contains("legate-client-id"), "{reply}"),
+        }
+    }
+    // A CONNECT the application accepts is still a tunnel, through the
+    // mesh and from outside it.
+    for pod in [&client.pod, &outsider] {
+        let (head, echoed) = through_connect(pod, dst, "tunnel:443", b"through the tunnel");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("content-length"),
+            "{head}"
+        );
+        assert_eq!(echoed, b"through the tunnel");
+    }
+}
+
 #[test]
 fn a_port_the_clients_proxy_carries_as_opaque_still_gets_the_identity_guarded() {
     // The client's proxy tunnels every connection to the port as opaque

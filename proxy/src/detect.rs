@@ -21,10 +21,11 @@
 //! line names another protocol of the same shape (RTSP, SIP): a malformed
 //! line, one that stalls part-way, or one too long to inspect is hyper's to
 //! judge. Any other method is HTTP when its whole line ends in an HTTP
-//! version, and empty lines before the request line, which servers skip,
-//! are skipped here too. Passed on as opaque, such a request would reach a
-//! lenient server with whatever headers the client wrote, the identity
-//! header that the HTTP path guards among them. (A Redis inline command
+//! version (`CONNECT` only for the server's proxy: see [`Side`]), and
+//! empty lines before the request line, which servers skip, are skipped
+//! here too. Passed on as opaque, such a request would reach a lenient
+//! server with whatever headers the client wrote, the identity header
+//! that the HTTP path guards among them. (A Redis inline command
 //! `GET key` typed by hand is therefore answered 400; `redis-cli` speaks
 //! RESP, which is opaque, and `proxy.opaque_ports`, listing the port on
 //! the client's proxy and the server's, covers the rest.)
@@ -48,8 +49,8 @@ pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Request methods recognised as the start of an HTTP/1.x request line
 /// from their first bytes. Other methods are recognised by the whole line
-/// (see [`classify`]). `CONNECT` is never HTTP here: a client using an HTTP
-/// proxy tunnels opaque bytes after it.
+/// (see [`classify`]); so is `CONNECT`, on the server's side only (see
+/// [`Side`]).
 const METHODS: &[&[u8]] = &[
     b"GET ",
     b"HEAD ",
@@ -76,6 +77,25 @@ fn is_tchar(b: u8) -> bool {
 /// for hyper to judge, never passed on as opaque.
 const MAX_PEEK: usize = 64 * 1024;
 
+/// Which proxy is looking: the two take a `CONNECT` request differently.
+///
+/// The client's proxy passes one on as opaque bytes: a client asking an
+/// HTTP proxy for a tunnel speaks its own protocol inside it, and the
+/// client's proxy carries the whole connection in a mesh tunnel, as any
+/// opaque one. The server's proxy, in front of the HTTP proxy the tunnel
+/// is asked of, finds it there and serves it as HTTP: its head carries
+/// header fields to the application like any request's, the identity
+/// header among them, and an application that declines it may keep the
+/// connection open and read the client's next request on it (hyper's
+/// server does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client's proxy, detecting what its application sends.
+    Client,
+    /// The server's proxy, detecting what reaches its application.
+    Server,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Http1,
@@ -90,7 +110,7 @@ enum Verdict {
     NeedMore,
 }
 
-fn classify(buf: &[u8]) -> Verdict {
+fn classify(buf: &[u8], side: Side) -> Verdict {
     if buf.is_empty() {
         return Verdict::NeedMore;
     }
@@ -125,7 +145,7 @@ fn classify(buf: &[u8]) -> Verdict {
         let token = rest.iter().take_while(|&&b| is_tchar(b)).count();
         if token == 0
             || token > MAX_METHOD
-            || &rest[..token] == b"CONNECT"
+            || (&rest[..token] == b"CONNECT" && side == Side::Client)
             || rest.get(token) != Some(&b' ')
         {
             return Verdict::Is(Protocol::Opaque);
@@ -185,7 +205,7 @@ fn unfinished(buf: &[u8]) -> Protocol {
 /// [`DETECT_TIMEOUT`]. A client whose first bytes could begin an HTTP
 /// request gets [`LINE_PATIENCE`] to finish its request line, and is then
 /// taken for HTTP.
-pub async fn detect_or_silent(sock: &TcpStream) -> Option<Protocol> {
+pub async fn detect_or_silent(sock: &TcpStream, side: Side) -> Option<Protocol> {
     let mut deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
     let mut buf = vec![0u8; 512];
     let mut seen = 0;
@@ -197,7 +217,7 @@ pub async fn detect_or_silent(sock: &TcpStream) -> Option<Protocol> {
             Ok(Ok(0)) | Ok(Err(_)) => return Some(Protocol::Opaque),
             Ok(Ok(n)) => n,
         };
-        match classify(&buf[..n]) {
+        match classify(&buf[..n], side) {
             Verdict::Is(p) => return Some(p),
             Verdict::NeedMore => {
                 if seen == 0 {
@@ -226,13 +246,13 @@ pub async fn detect_or_silent(sock: &TcpStream) -> Option<Protocol> {
 /// For a client that was silent within [`DETECT_TIMEOUT`], when nothing is
 /// to be connected for it first: waits up to `patience` for its bytes and
 /// detects them. `None` if it stays silent.
-pub async fn late_bytes(sock: &TcpStream, patience: Duration) -> Option<Protocol> {
+pub async fn late_bytes(sock: &TcpStream, patience: Duration, side: Side) -> Option<Protocol> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {
         match tokio::time::timeout_at(deadline, sock.readable()).await {
             Ok(Ok(())) => {
                 // Readiness can be reported without anything to read.
-                if let Some(p) = detect_or_silent(sock).await {
+                if let Some(p) = detect_or_silent(sock, side).await {
                     return Some(p);
                 }
             }
@@ -247,10 +267,14 @@ pub async fn late_bytes(sock: &TcpStream, patience: Duration) -> Option<Protocol
 /// `buf`, to be put back in front of the stream. A stream that ends or
 /// fails part-way leaves what it sent to be judged as it is: HTTP's to
 /// refuse when it began like HTTP.
-pub async fn read_until_known<R: AsyncRead + Unpin>(stream: &mut R, buf: &mut Vec<u8>) -> Protocol {
+pub async fn read_until_known<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut Vec<u8>,
+    side: Side,
+) -> Protocol {
     let deadline = tokio::time::Instant::now() + LINE_PATIENCE;
     loop {
-        if let Verdict::Is(p) = classify(buf) {
+        if let Verdict::Is(p) = classify(buf, side) {
             return p;
         }
         let room = MAX_PEEK.saturating_sub(buf.len());
@@ -296,6 +320,7 @@ pub async fn settle<S: AsyncRead + Unpin>(
     client: &mut TcpStream,
     server: &mut S,
     idle: Duration,
+    side: Side,
 ) -> Option<Settled> {
     let mut banner = Vec::with_capacity(4096);
     // An HTTP/2 server: its first bytes say nothing of the client's
@@ -312,7 +337,7 @@ pub async fn settle<S: AsyncRead + Unpin>(
             () = &mut idle => Ok(FirstMove::Neither),
         };
         match moved {
-            Ok(FirstMove::Client) => match detect_or_silent(client).await {
+            Ok(FirstMove::Client) => match detect_or_silent(client, side).await {
                 Some(p @ (Protocol::Http1 | Protocol::Http2)) => return Some(Settled::Client(p)),
                 Some(Protocol::Opaque) if h2_server => {
                     client.write_all(&banner).await.ok()?;
@@ -357,37 +382,44 @@ pub fn opens_http2(first: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    /// What both sides make of `buf`, which they must agree on.
+    fn verdict(buf: &[u8]) -> Verdict {
+        let client = classify(buf, Side::Client);
+        assert_eq!(client, classify(buf, Side::Server), "{buf:?}");
+        client
+    }
+
     #[test]
     fn classifies_first_bytes() {
         assert_eq!(
-            classify(b"GET / HTTP/1.1\r\nHost: x\r\n"),
+            verdict(b"GET / HTTP/1.1\r\nHost: x\r\n"),
             Verdict::Is(Protocol::Http1)
         );
         assert_eq!(
-            classify(b"POST /upload HTTP/1.0\r\n"),
+            verdict(b"POST /upload HTTP/1.0\r\n"),
             Verdict::Is(Protocol::Http1)
         );
-        assert_eq!(classify(H2_PREFACE), Verdict::Is(Protocol::Http2));
-        assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), Verdict::NeedMore);
-        assert_eq!(classify(b"GE"), Verdict::NeedMore);
-        assert_eq!(classify(b"GET /still-typing"), Verdict::NeedMore);
+        assert_eq!(verdict(H2_PREFACE), Verdict::Is(Protocol::Http2));
+        assert_eq!(verdict(b"PRI * HTTP/2.0\r\n"), Verdict::NeedMore);
+        assert_eq!(verdict(b"GE"), Verdict::NeedMore);
+        assert_eq!(verdict(b"GET /still-typing"), Verdict::NeedMore);
         // TLS from the application itself, redis, and an SMTP client's reply.
         assert_eq!(
-            classify(&[0x16, 0x03, 0x01, 0x02, 0x00]),
+            verdict(&[0x16, 0x03, 0x01, 0x02, 0x00]),
             Verdict::Is(Protocol::Opaque)
         );
         assert_eq!(
-            classify(b"*1\r\n$4\r\nPING\r\n"),
+            verdict(b"*1\r\n$4\r\nPING\r\n"),
             Verdict::Is(Protocol::Opaque)
         );
-        assert_eq!(classify(b"EHLO client\r\n"), Verdict::Is(Protocol::Opaque));
+        assert_eq!(verdict(b"EHLO client\r\n"), Verdict::Is(Protocol::Opaque));
         // Protocols shaped like HTTP that are not HTTP.
         assert_eq!(
-            classify(b"OPTIONS rtsp://cam/stream RTSP/1.0\r\n"),
+            verdict(b"OPTIONS rtsp://cam/stream RTSP/1.0\r\n"),
             Verdict::Is(Protocol::Opaque)
         );
         assert_eq!(
-            classify(b"OPTIONS sip:bob@example.com SIP/2.0\r\n"),
+            verdict(b"OPTIONS sip:bob@example.com SIP/2.0\r\n"),
             Verdict::Is(Protocol::Opaque)
         );
         // A line that begins like HTTP and is malformed is still HTTP's
@@ -399,28 +431,43 @@ mod tests {
             b"GET something else\r\n",
             b"GET /\r\n",
         ] {
-            assert_eq!(classify(line), Verdict::Is(Protocol::Http1), "{line:?}");
+            assert_eq!(verdict(line), Verdict::Is(Protocol::Http1), "{line:?}");
         }
         let mut long = b"GET /".to_vec();
         long.resize(MAX_PEEK, b'a');
-        assert_eq!(classify(&long), Verdict::Is(Protocol::Http1));
-        assert_eq!(classify(&long[..MAX_PEEK - 1]), Verdict::NeedMore);
+        assert_eq!(verdict(&long), Verdict::Is(Protocol::Http1));
+        assert_eq!(verdict(&long[..MAX_PEEK - 1]), Verdict::NeedMore);
+        // A tunnel asked of an HTTP proxy: passed on by the client's
+        // proxy, served as HTTP by the server's.
+        let connect = b"CONNECT host:443 HTTP/1.1\r\n";
         assert_eq!(
-            classify(b"CONNECT host:443 HTTP/1.1\r\n"),
+            classify(connect, Side::Client),
+            Verdict::Is(Protocol::Opaque)
+        );
+        assert_eq!(
+            classify(connect, Side::Server),
+            Verdict::Is(Protocol::Http1)
+        );
+        assert_eq!(
+            classify(b"CONNECT host:443", Side::Server),
+            Verdict::NeedMore
+        );
+        assert_eq!(
+            classify(b"CONNECT host:443 STOMP\r\n", Side::Server),
             Verdict::Is(Protocol::Opaque)
         );
         // Empty lines before the request line, which servers skip.
         assert_eq!(
-            classify(b"\r\n\r\nGET / HTTP/1.1\r\n"),
+            verdict(b"\r\n\r\nGET / HTTP/1.1\r\n"),
             Verdict::Is(Protocol::Http1)
         );
-        assert_eq!(classify(b"\r\n"), Verdict::NeedMore);
+        assert_eq!(verdict(b"\r\n"), Verdict::NeedMore);
         // Any other method, by its whole line.
         assert_eq!(
-            classify(b"PROPFIND /dav HTTP/1.1\r\n"),
+            verdict(b"PROPFIND /dav HTTP/1.1\r\n"),
             Verdict::Is(Protocol::Http1)
         );
-        assert_eq!(classify(b"PROPFIND /dav"), Verdict::NeedMore);
+        assert_eq!(verdict(b"PROPFIND /dav"), Verdict::NeedMore);
         // Lines of other text protocols, and a run of letters too long to
         // be a method.
         for first in [
@@ -433,7 +480,7 @@ mod tests {
             b"AMQP\x00\x00\x09\x01",
             b"ABCDEFGHIJKLMNOPQRSTUVWXYZ",
         ] {
-            assert_eq!(classify(first), Verdict::Is(Protocol::Opaque), "{first:?}");
+            assert_eq!(verdict(first), Verdict::Is(Protocol::Opaque), "{first:?}");
         }
     }
 
@@ -444,7 +491,7 @@ mod tests {
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let start = std::time::Instant::now();
-        assert_eq!(detect_or_silent(&server).await, None);
+        assert_eq!(detect_or_silent(&server, Side::Server).await, None);
         assert!(start.elapsed() < Duration::from_millis(500));
     }
 
@@ -463,9 +510,15 @@ mod tests {
         // The server first: its banner is passed on, and it is opaque.
         let (mut client, mut app) = pair().await;
         let (mut server, mut upstream) = pair().await;
-        assert_eq!(detect_or_silent(&client).await, None);
+        assert_eq!(detect_or_silent(&client, Side::Client).await, None);
         upstream.write_all(b"220 ready\r\n").await.unwrap();
-        let settled = settle(&mut client, &mut server, Duration::from_secs(5)).await;
+        let settled = settle(
+            &mut client,
+            &mut server,
+            Duration::from_secs(5),
+            Side::Client,
+        )
+        .await;
         assert_eq!(settled, Some(Settled::Server(11)));
         let mut banner = [0u8; 11];
         app.read_exact(&mut banner).await.unwrap();
@@ -476,7 +529,13 @@ mod tests {
         let (mut client, mut app) = pair().await;
         let (mut server, _upstream) = pair().await;
         app.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        let settled = settle(&mut client, &mut server, Duration::from_secs(5)).await;
+        let settled = settle(
+            &mut client,
+            &mut server,
+            Duration::from_secs(5),
+            Side::Client,
+        )
+        .await;
         assert_eq!(settled, Some(Settled::Client(Protocol::Http1)));
         let mut b = [0u8; 3];
         client.peek(&mut b).await.unwrap();
@@ -485,7 +544,13 @@ mod tests {
         // Neither, within the idle time.
         let (mut client, _app) = pair().await;
         let (mut server, _upstream) = pair().await;
-        let settled = settle(&mut client, &mut server, Duration::from_millis(20)).await;
+        let settled = settle(
+            &mut client,
+            &mut server,
+            Duration::from_millis(20),
+            Side::Client,
+        )
+        .await;
         assert_eq!(settled, None);
     }
 
@@ -520,7 +585,13 @@ mod tests {
         upstream.write_all(&settings).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         app.write_all(H2_PREFACE).await.unwrap();
-        let settled = settle(&mut client, &mut server, Duration::from_secs(5)).await;
+        let settled = settle(
+            &mut client,
+            &mut server,
+            Duration::from_secs(5),
+            Side::Client,
+        )
+        .await;
         assert_eq!(settled, Some(Settled::Client(Protocol::Http2)));
 
         // The client speaks something else: the SETTINGS it was not sent
@@ -533,7 +604,13 @@ mod tests {
             app.write_all(b"EHLO me\r\n").await.unwrap();
             app
         });
-        let settled = settle(&mut client, &mut server, Duration::from_secs(5)).await;
+        let settled = settle(
+            &mut client,
+            &mut server,
+            Duration::from_secs(5),
+            Side::Client,
+        )
+        .await;
         assert_eq!(settled, Some(Settled::Server(9)));
         let mut app = speak.await.unwrap();
         let mut got = [0u8; 9];
@@ -551,7 +628,11 @@ mod tests {
             let (ours, mut peer) = pair().await;
             peer.write_all(start).await.unwrap();
             let begun = tokio::time::Instant::now();
-            assert_eq!(detect_or_silent(&ours).await, Some(want), "{start:?}");
+            assert_eq!(
+                detect_or_silent(&ours, Side::Client).await,
+                Some(want),
+                "{start:?}"
+            );
             assert!(begun.elapsed() >= LINE_PATIENCE);
         }
     }
@@ -567,7 +648,10 @@ mod tests {
             theirs.write_all(b" HTTP/1.1\r\nHost: x\r\n").await.unwrap();
             theirs
         });
-        assert_eq!(read_until_known(&mut ours, &mut buf).await, Protocol::Http1);
+        assert_eq!(
+            read_until_known(&mut ours, &mut buf, Side::Server).await,
+            Protocol::Http1
+        );
         assert!(buf.starts_with(b"GET /a HTTP/1.1\r\n"), "{buf:?}");
         drop(writer.await);
 
@@ -575,7 +659,7 @@ mod tests {
         let (mut ours, _theirs) = tokio::io::duplex(1024);
         let mut buf = b"EHLO me\r\n".to_vec();
         assert_eq!(
-            read_until_known(&mut ours, &mut buf).await,
+            read_until_known(&mut ours, &mut buf, Side::Server).await,
             Protocol::Opaque
         );
         assert_eq!(buf, b"EHLO me\r\n");
@@ -591,7 +675,10 @@ mod tests {
             } else {
                 Some(theirs)
             };
-            assert_eq!(read_until_known(&mut ours, &mut buf).await, Protocol::Http1);
+            assert_eq!(
+                read_until_known(&mut ours, &mut buf, Side::Server).await,
+                Protocol::Http1
+            );
             assert_eq!(begun.elapsed() >= LINE_PATIENCE, !end);
         }
     }
@@ -612,7 +699,10 @@ mod tests {
                 .unwrap();
             client
         });
-        assert_eq!(detect_or_silent(&server).await, Some(Protocol::Http1));
+        assert_eq!(
+            detect_or_silent(&server, Side::Server).await,
+            Some(Protocol::Http1)
+        );
         let mut b = [0u8; 6];
         let n = server.peek(&mut b).await.unwrap();
         assert_eq!(&b[..n], b"GET /a", "detection consumed nothing");

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::batch::Batched;
 use crate::detect::DETECT_TIMEOUT;
-use crate::detect::{detect_or_silent, late_bytes, settle, Protocol, Settled};
+use crate::detect::{detect_or_silent, late_bytes, settle, Protocol, Settled, Side};
 use crate::h2server::Tunnel;
 use crate::http::inbound::{answered, Answering};
 use crate::metrics::{protocol_label, Detected, Direction, TlsFailure};
@@ -50,7 +50,7 @@ pub(crate) async fn handle(ctx: Arc<Shared>, sock: TcpStream, client: SocketAddr
         ctx.metrics.detected(Direction::Inbound, Detected::Skipped);
         Protocol::Opaque
     } else {
-        match detect_or_silent(&sock).await {
+        match detect_or_silent(&sock, Side::Server).await {
             Some(p) => {
                 ctx.metrics.detected(Direction::Inbound, p.into());
                 p
@@ -96,7 +96,7 @@ async fn dispatch(
 async fn silent(ctx: Arc<Shared>, mut sock: TcpStream, client: SocketAddr, dst: SocketAddr) {
     let cfg = &ctx.config.proxy;
     if refusal_of_outsiders(&ctx, dst.port()).is_some() {
-        let proto = late_bytes(&sock, cfg.handshake_timeout)
+        let proto = late_bytes(&sock, cfg.handshake_timeout, Side::Server)
             .await
             .unwrap_or(Protocol::Opaque);
         ctx.metrics.detected(Direction::Inbound, proto.into());
@@ -120,7 +120,7 @@ async fn silent(ctx: Arc<Shared>, mut sock: TcpStream, client: SocketAddr, dst: 
             return;
         }
     };
-    match settle(&mut sock, &mut app, cfg.idle_timeout).await {
+    match settle(&mut sock, &mut app, cfg.idle_timeout, Side::Server).await {
         Some(Settled::Client(proto)) => {
             ctx.metrics.detected(Direction::Inbound, proto.into());
             let app = (proto == Protocol::Opaque).then_some((app, 0));
@@ -382,7 +382,8 @@ async fn tunnel(
         };
         match spoke {
             Ok(true) if !first.is_empty() => {
-                let proto = crate::detect::read_until_known(&mut stream, &mut first).await;
+                let proto =
+                    crate::detect::read_until_known(&mut stream, &mut first, Side::Server).await;
                 if proto != Protocol::Opaque {
                     drop(app);
                     let io = crate::rewind::Rewind::new(first, stream);

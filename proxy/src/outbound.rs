@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::detect::{detect_or_silent, late_bytes, settle, Protocol, Settled};
+use crate::detect::{detect_or_silent, late_bytes, settle, Protocol, Settled, Side};
 use crate::metrics::{protocol_label, Detected, Direction};
 use crate::policy::LimitKind;
 use crate::relay::relay;
@@ -37,7 +37,7 @@ pub(crate) async fn handle(ctx: Arc<Shared>, app: TcpStream, client: SocketAddr)
         ctx.metrics.detected(Direction::Outbound, Detected::Skipped);
         Some(Protocol::Opaque)
     } else {
-        let p = detect_or_silent(&app).await;
+        let p = detect_or_silent(&app, Side::Client).await;
         if let Some(p) = p {
             ctx.metrics.detected(Direction::Outbound, p.into());
         }
@@ -112,7 +112,7 @@ async fn opaque(
             // At the limit nothing more is connected; but a silent client
             // may yet speak HTTP, which needs no connection of its own.
             if silent {
-                let late = Box::pin(late_bytes(&app, cfg.handshake_timeout)).await;
+                let late = Box::pin(late_bytes(&app, cfg.handshake_timeout, Side::Client)).await;
                 let p = late.unwrap_or(Protocol::Opaque);
                 ctx.metrics.detected(Direction::Outbound, p.into());
                 if p != Protocol::Opaque {
@@ -183,8 +183,12 @@ async fn opaque(
     if silent {
         // Boxed: it would otherwise grow every connection's task.
         let settled = match &mut upstream {
-            Upstream::Mesh(t) => Box::pin(settle(&mut app, &mut t.io, cfg.idle_timeout)).await,
-            Upstream::Plain(s) => Box::pin(settle(&mut app, s, cfg.idle_timeout)).await,
+            Upstream::Mesh(t) => {
+                Box::pin(settle(&mut app, &mut t.io, cfg.idle_timeout, Side::Client)).await
+            }
+            Upstream::Plain(s) => {
+                Box::pin(settle(&mut app, s, cfg.idle_timeout, Side::Client)).await
+            }
         };
         match settled {
             Some(Settled::Client(p @ (Protocol::Http1 | Protocol::Http2))) => {

@@ -21,6 +21,11 @@ the application:
   /trailers                    a chunked response with a trailer
   /trailers-in                 the trailer fields of a chunked request, as JSON
   /ws                          a WebSocket echo (one text frame at a time)
+
+CONNECT makes it an HTTP proxy: a target whose host is "tunnel" is accepted
+(200) and the tunnel echoes what the client sends; any other is declined
+with 405 on a connection kept open for the next request (as hyper's server
+declines one), the request headers as JSON in the body.
 """
 
 import base64
@@ -214,6 +219,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if op == "ws":
             return self.websocket()
         self.reply(404, b"unknown path\n")
+
+    def do_CONNECT(self):
+        if self.path.split(":")[0] != "tunnel":
+            return self.reply(405, json.dumps({k.lower(): v for k, v in self.headers.items()}).encode(),
+                              [("Content-Type", "application/json")])
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        self.wfile.flush()
+        while True:
+            data = self.rfile.read1(65536)
+            if not data:
+                break
+            self.wfile.write(data)
+            self.wfile.flush()
+        self.close_connection = True
 
     # PROPFIND: a method beyond the common ones, as WebDAV servers take.
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PROPFIND = handle_any

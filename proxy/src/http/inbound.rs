@@ -196,7 +196,7 @@ where
     }
 }
 
-/// Sends an HTTP/1.1 upgrade request on a new connection; returns the
+/// Sends an HTTP/1.1 upgrade or `CONNECT` request on a new connection; returns the
 /// server's answer, of up to `max_fields` header fields, and its side of
 /// the upgrade.
 pub(crate) async fn upgrade_direct(
@@ -439,7 +439,10 @@ fn from_client(
     }
     req.headers_mut().remove(TARGET_HEADER);
     req.headers_mut().remove(PROTO_HEADER);
-    if upgrade_token(&req).is_some() {
+    // A tunnel asked of an application that is itself an HTTP proxy (see
+    // `crate::detect::Side`), joined like an upgrade once it says yes.
+    let connect = req.method() == http::Method::CONNECT && req.version() != Version::HTTP_2;
+    if connect || upgrade_token(&req).is_some() {
         let from_client = hyper::upgrade::on(&mut req);
         let (parts, body) = req.into_parts();
         return Box::pin(async move {
@@ -450,9 +453,13 @@ fn from_client(
             );
             let req = Request::from_parts(parts, boxed(body));
             let res = match upgrade_direct(&connector, req, max_fields).await {
-                Ok((res, to_app)) => {
-                    finish_upgrade(res, from_client, to_app, ctx.config.proxy.idle_timeout)
-                }
+                Ok((res, to_app)) => finish_upgrade(
+                    res,
+                    from_client,
+                    to_app,
+                    ctx.config.proxy.idle_timeout,
+                    connect,
+                ),
                 Err(answer) => {
                     close_when_handed_over(from_client);
                     answer

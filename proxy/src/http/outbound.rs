@@ -819,7 +819,7 @@ async fn upgrade(
         )
         .await
         {
-            Ok((res, to_server)) => finish_upgrade(res, from_app, to_server, idle),
+            Ok((res, to_server)) => finish_upgrade(res, from_app, to_server, idle, false),
             Err(answer) => answer,
         };
     };
@@ -873,20 +873,34 @@ async fn upgrade(
     Response::from_parts(head, empty())
 }
 
-/// Answers the application with the server's `101` and joins the two
-/// upgraded connections once both are ready.
+/// Answers the client with the server's `101`, or its 2xx to a `CONNECT`
+/// (`connect`), and joins the two connections once both are ready. Any
+/// other answer goes back as it is, and the client's connection goes on
+/// as HTTP/1.1.
 pub(crate) fn finish_upgrade(
     res: Response<Incoming>,
     from_client: hyper::upgrade::OnUpgrade,
     to_server: hyper::upgrade::OnUpgrade,
     idle: std::time::Duration,
+    connect: bool,
 ) -> Response<Body> {
-    let (parts, body) = res.into_parts();
-    if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+    let (mut parts, body) = res.into_parts();
+    let switched = if connect {
+        parts.status.is_success()
+    } else {
+        parts.status == StatusCode::SWITCHING_PROTOCOLS
+    };
+    if !switched {
         close_when_handed_over(from_client);
-        let mut parts = parts;
         strip_hop_by_hop(&mut parts.headers);
         return Response::from_parts(parts, boxed(body));
+    }
+    if connect {
+        // The tunnel follows the head at once: a 2xx to CONNECT has no
+        // content (RFC 9110 §9.3.6), and its hop-by-hop fields described
+        // the server's connection, not the client's.
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::CONTENT_LENGTH);
     }
     join_upgrades(from_client, to_server, idle);
     Response::from_parts(parts, empty())
