@@ -451,6 +451,59 @@ fn the_server_app_gets_the_verified_client_identity_and_never_a_forged_one() {
     }
 }
 
+#[test]
+fn a_request_line_taken_for_opaque_bytes_never_reaches_the_app() {
+    // The first piece cannot begin a common method, so detection takes
+    // the connection for opaque bytes at once; the rest of the line and a
+    // forged identity follow after a pause. The application (which takes
+    // PROPFIND) must never see that request.
+    let (mesh, server, client, _app) = setup(&[]);
+    let outsider = mesh.plain_pod("outsider");
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let rest = b"IND /headers HTTP/1.1\r\nHost: server\r\nConnection: close\r\nlegate-client-id: spiffe://legate.local/admin\r\n\r\n";
+    for pod in [&client.pod, &outsider] {
+        let reply = pod
+            .run_in(move || -> Vec<u8> {
+                let Ok(mut s) = TcpStream::connect(dst) else {
+                    return Vec::new();
+                };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let _ = s.write_all(b"PROPF");
+                std::thread::sleep(Duration::from_millis(300));
+                let _ = s.write_all(rest);
+                let mut reply = Vec::new();
+                // Closed or reset: either way, what came back is checked.
+                let _ = s.read_to_end(&mut reply);
+                reply
+            })
+            .expect("run in pod");
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(
+            !reply.contains("admin"),
+            "a forged identity arrived: {reply}"
+        );
+        assert!(!reply.contains("HTTP/1.1 200"), "{reply}");
+    }
+    // Nor does one with tabs for spaces, which a lenient server (this
+    // one) takes, though it comes whole.
+    let tabs = b"GET\t/headers\tHTTP/1.1\r\nHost: server\r\nConnection: close\r\nlegate-client-id: spiffe://legate.local/admin\r\n\r\n";
+    for pod in [&client.pod, &outsider] {
+        let reply = tcp_exchange(pod, dst, tabs).unwrap_or_default();
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(
+            !reply.contains("admin"),
+            "a forged identity arrived: {reply}"
+        );
+    }
+    // Bytes of another protocol split the same way still pass: the
+    // application gets the line and answers it (with an error page that
+    // names it).
+    for pod in [&client.pod, &outsider] {
+        let reply = send_in_two(pod, dst, b"ru", b"ok\n");
+        assert!(reply.contains("Bad request syntax ('ruok')"), "{reply}");
+    }
+}
+
 /// Sends a `CONNECT` for `target` and, once it is answered, `payload`
 /// through the tunnel; returns the answer's head and what came back
 /// through the tunnel.

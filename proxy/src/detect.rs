@@ -25,7 +25,9 @@
 //! empty lines before the request line, which servers skip, are skipped
 //! here too. Passed on as opaque, such a request would reach a lenient
 //! server with whatever headers the client wrote, the identity header
-//! that the HTTP path guards among them. (A Redis inline command
+//! that the HTTP path guards among them; on the server's side,
+//! [`crate::line_guard`] closes the gap a line sent in pieces would
+//! leave. (A Redis inline command
 //! `GET key` typed by hand is therefore answered 400; `redis-cli` speaks
 //! RESP, which is opaque, and `proxy.opaque_ports`, listing the port on
 //! the client's proxy and the server's, covers the rest.)
@@ -65,10 +67,10 @@ const METHODS: &[&[u8]] = &[
 /// The longest method taken for one when it is not among [`METHODS`]
 /// (the longest registered, `UPDATEREDIRECTREF`, has 17 bytes): a longer
 /// run of token bytes is some other protocol.
-const MAX_METHOD: usize = 24;
+pub(crate) const MAX_METHOD: usize = 24;
 
 /// Whether `b` may appear in a method (RFC 9110 §5.6.2, `tchar`).
-fn is_tchar(b: u8) -> bool {
+pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 

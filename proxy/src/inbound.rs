@@ -21,6 +21,7 @@ use crate::detect::DETECT_TIMEOUT;
 use crate::detect::{detect_or_silent, late_bytes, settle, Protocol, Settled, Side};
 use crate::h2server::Tunnel;
 use crate::http::inbound::{answered, Answering};
+use crate::line_guard::Guarded;
 use crate::metrics::{protocol_label, Detected, Direction, TlsFailure};
 use crate::policy::proxy_answer;
 use crate::pool::Body;
@@ -398,6 +399,12 @@ async fn tunnel(
             }
         }
     }
+    let watch = !ctx.config.proxy.opaque_ports.contains(port);
+    let mut stream = Guarded::new(stream, watch, client);
+    if let Err(e) = stream.check(&first) {
+        debug!(peer = %peer.id, port, error = %e, "mesh stream closed");
+        return;
+    }
     if !first.is_empty() {
         if let Err(e) = app.write_all(&first).await {
             debug!(peer = %peer.id, port, error = %e, "application connection ended");
@@ -498,7 +505,8 @@ async fn plaintext(
             }
         },
     };
-    let sock = Metered::new(sock, meter.clone());
+    let watch = !cfg.opaque_ports.contains(dst.port());
+    let sock = Guarded::new(Metered::new(sock, meter.clone()), watch, client);
     match relay(sock, app, cfg.idle_timeout).await {
         Ok(t) => {
             debug!(%client, port = dst.port(), sent = t.sent, received = t.received, "plaintext inbound connection closed")

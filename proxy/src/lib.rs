@@ -11,7 +11,9 @@
 //!   to port 15006. Mesh TLS from a peer proxy is terminated, its SPIFFE
 //!   identity checked against the port's policy, and each tunnelled stream
 //!   forwarded to the application on localhost. Other clients pass through
-//!   in permissive mode and are refused in strict mode.
+//!   in permissive mode and are refused in strict mode. Whatever it takes
+//!   for opaque bytes, [`line_guard`] watches until its first line is over,
+//!   so that no HTTP request reaches the application unchecked.
 //!
 //! Bytes are moved by [`relay`], which keeps backpressure, carries
 //! half-closes across and closes idle connections. The admin server
@@ -42,6 +44,7 @@ pub(crate) mod h2server;
 pub mod h2stream;
 pub mod http;
 pub mod inbound;
+pub mod line_guard;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;

@@ -1,0 +1,364 @@
+//! The last ways around the identity header on the server's side: an
+//! HTTP request line that detection takes for opaque bytes.
+//!
+//! Detection decides on a client's first bytes at once when they cannot
+//! begin a common HTTP method (`PROPF`, `FO`): letter-only messages of
+//! other protocols (`ruok`, `PING`) must not wait for a line that never
+//! comes. A client that means to pass its header fields to the
+//! application unseen can pause there, and the rest of its line and its
+//! head, a forged `legate-client-id` among them, would follow as opaque
+//! bytes to an application that takes any method (some frameworks route
+//! a method they do not know by its path alone). Nor does detection take
+//! a line whose words are apart by tabs or other blanks for HTTP, whole
+//! as it may be, while lenient servers split a request line on any of
+//! them (Python's does).
+//!
+//! So on the server's proxy the client's side of an opaque connection is
+//! watched until its first line is known: bytes pass on as they come,
+//! nothing waits, and once the first line ends the watch ends too, unless
+//! that line is an HTTP request line (a method, a blank, and a last word
+//! that is an HTTP version). Then the connection is closed before the
+//! bytes that end the line reach the application: it has seen part of a
+//! request line and never a header field. The watch costs a branch per
+//! read once the line is over, and nothing on connections that were never
+//! detected (`proxy.opaque_ports`, where the operator has said what the
+//! port carries).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::warn;
+
+use crate::relay::{ReadSide, WriteSide};
+
+/// How much of the end of a line is kept to read its last word: an HTTP
+/// version and any blanks after it.
+const TAIL: usize = 32;
+
+/// What the bytes of a first line seen so far say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line {
+    /// The line has not ended, and it may still be an HTTP request line.
+    Open,
+    /// It is not an HTTP request line: the watch is over.
+    NotHttp,
+    /// It ended as an HTTP request line; the bytes fed last end it.
+    Http,
+}
+
+/// Follows a client's first line across reads.
+#[derive(Debug, Clone)]
+pub struct LineWatch {
+    state: State,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    /// Before the method: empty lines, which servers skip, are skipped.
+    Start,
+    /// In the method, this many bytes long.
+    Method(usize),
+    /// After the method's space: the line's last [`TAIL`] bytes, of which
+    /// the last `filled` are read.
+    Target {
+        tail: [u8; TAIL],
+        filled: usize,
+    },
+    Over,
+}
+
+impl Default for LineWatch {
+    fn default() -> Self {
+        LineWatch {
+            state: State::Start,
+        }
+    }
+}
+
+impl LineWatch {
+    /// Takes the next bytes the client sent and says what the line is.
+    pub fn feed(&mut self, bytes: &[u8]) -> Line {
+        let mut rest = bytes;
+        loop {
+            match &mut self.state {
+                State::Over => return Line::NotHttp,
+                State::Start => {
+                    let Some(at) = rest.iter().position(|&b| b != b'\r' && b != b'\n') else {
+                        return Line::Open;
+                    };
+                    self.state = State::Method(0);
+                    rest = &rest[at..];
+                }
+                State::Method(len) => {
+                    let Some(&b) = rest.first() else {
+                        return Line::Open;
+                    };
+                    if is_blank(b) && *len > 0 {
+                        self.state = State::Target {
+                            tail: [0; TAIL],
+                            filled: 0,
+                        };
+                    } else if crate::detect::is_tchar(b) && *len < crate::detect::MAX_METHOD {
+                        *len += 1;
+                    } else {
+                        self.state = State::Over;
+                        return Line::NotHttp;
+                    }
+                    rest = &rest[1..];
+                }
+                State::Target { tail, filled } => {
+                    let end = rest.iter().position(|&b| b == b'\r' || b == b'\n');
+                    let part = &rest[..end.unwrap_or(rest.len())];
+                    keep_tail(tail, filled, part);
+                    if end.is_none() {
+                        return Line::Open;
+                    }
+                    let http = ends_in_version(&tail[TAIL - *filled..], *filled == TAIL);
+                    self.state = State::Over;
+                    return if http { Line::Http } else { Line::NotHttp };
+                }
+            }
+        }
+    }
+}
+
+/// Whether a server might take `b` for the blank between the words of a
+/// request line. The standard has a single space (RFC 9112 §3), but
+/// lenient servers split the line on any white space, Python's on
+/// every byte its Latin-1 reading calls one: a request line with tabs
+/// in place of spaces, which detection takes for opaque bytes at once,
+/// is one such server's request all the same.
+fn is_blank(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0)
+}
+
+/// Keeps the last [`TAIL`] bytes of the line in `tail`, `part` being the
+/// line's next bytes.
+fn keep_tail(tail: &mut [u8; TAIL], filled: &mut usize, part: &[u8]) {
+    if part.len() >= TAIL {
+        tail.copy_from_slice(&part[part.len() - TAIL..]);
+        *filled = TAIL;
+    } else if !part.is_empty() {
+        tail.copy_within(part.len().., 0);
+        tail[TAIL - part.len()..].copy_from_slice(part);
+        *filled = (*filled + part.len()).min(TAIL);
+    }
+}
+
+/// Whether the line whose end is `tail` (all of the target when not
+/// `cut`) ends in an HTTP version, blanks after it allowed. The version is
+/// matched without regard to case: closing a line a strict server would
+/// refuse anyway costs nothing, passing one a lenient server takes would.
+fn ends_in_version(tail: &[u8], cut: bool) -> bool {
+    let blanks = tail.iter().rev().take_while(|&&b| is_blank(b)).count();
+    let line = &tail[..tail.len() - blanks];
+    let word = match line.iter().rposition(|&b| is_blank(b)) {
+        Some(at) => &line[at + 1..],
+        // Without a blank in view, the word is the whole target, or longer
+        // than any version.
+        None if cut => return false,
+        None => line,
+    };
+    word.len() >= 5 && word[..5].eq_ignore_ascii_case(b"HTTP/")
+}
+
+/// The client's side of an opaque connection on the server's proxy,
+/// watched until its first line is over (see the module's text).
+pub struct Guarded<S> {
+    inner: S,
+    watch: Option<LineWatch>,
+    client: SocketAddr,
+}
+
+impl<S> Guarded<S> {
+    /// Watches what `client` sends on `inner`; `watch` is false where
+    /// nothing is to be watched (a port in `proxy.opaque_ports`).
+    pub fn new(inner: S, watch: bool, client: SocketAddr) -> Self {
+        Guarded {
+            inner,
+            watch: watch.then(LineWatch::default),
+            client,
+        }
+    }
+
+    /// Looks at bytes on their way to the application, read from `inner`
+    /// or taken from it before it was guarded; an error, and a warning,
+    /// when they end an HTTP request line.
+    pub fn check(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let Some(watch) = &mut self.watch else {
+            return Ok(());
+        };
+        match watch.feed(bytes) {
+            Line::Open => Ok(()),
+            Line::NotHttp => {
+                self.watch = None;
+                Ok(())
+            }
+            Line::Http => {
+                self.watch = None;
+                warn!(
+                    client = %self.client,
+                    "closed a connection taken for opaque bytes whose first line turned out \
+                     to be an HTTP request line sent in pieces: its header fields, the \
+                     identity header among them, would have reached the application unchecked"
+                );
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "an HTTP request line arrived in pieces on a connection taken for opaque bytes",
+                ))
+            }
+        }
+    }
+}
+
+impl<S: ReadSide> ReadSide for Guarded<S> {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        room: &mut BytesMut,
+    ) -> Poll<io::Result<Bytes>> {
+        let chunk = ready!(self.inner.poll_read_chunk(cx, room))?;
+        self.check(&chunk)?;
+        Poll::Ready(Ok(chunk))
+    }
+}
+
+impl<S: WriteSide> WriteSide for Guarded<S> {
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_write_chunk(cx, chunk)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        let this = &mut *self;
+        let read = &buf.filled()[before..];
+        if this.watch.is_some() {
+            if let Err(e) = this.check(read) {
+                buf.set_filled(before);
+                return Poll::Ready(Err(e));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the watch makes of `pieces` fed one after another: the verdict
+    /// after each.
+    fn watch(pieces: &[&[u8]]) -> Vec<Line> {
+        let mut w = LineWatch::default();
+        pieces.iter().map(|p| w.feed(p)).collect()
+    }
+
+    #[test]
+    fn a_request_line_in_pieces_is_found_where_it_ends() {
+        use Line::*;
+        assert_eq!(
+            watch(&[b"PROPF", b"IND /admin HTTP/1.1\r\nlegate-client-id: x\r\n"]),
+            [Open, Http]
+        );
+        // The version split too, blanks after it, empty lines before it,
+        // a lone LF or CR for its end, a lower-case version.
+        assert_eq!(
+            watch(&[b"FO", b"O /a HT", b"TP/1.", b"1  \t", b"\n"]),
+            [Open, Open, Open, Open, Http]
+        );
+        assert_eq!(watch(&[b"\r\n\r\nX", b" / HTTP/1.0\r"]), [Open, Http]);
+        assert_eq!(watch(&[b"X / http/1.1\r\n"]), [Http]);
+        // A target longer than the tail kept.
+        let mut long = b"GET /".to_vec();
+        long.extend(std::iter::repeat_n(b'a', 5000));
+        assert_eq!(watch(&[&long, b" HTTP/1.1\r\n"]), [Open, Http]);
+        // A method and its version with nothing between.
+        assert_eq!(watch(&[b"FOO HTTP/1.1\n"]), [Http]);
+        // Other blanks in place of spaces, which detection takes for
+        // opaque bytes even when the line comes whole.
+        assert_eq!(watch(&[b"GET\t/\tHTTP/1.1\r\n"]), [Http]);
+        assert_eq!(watch(&[b"GET\xa0/\x0bHTTP/1.1\x0c\r\n"]), [Http]);
+    }
+
+    #[test]
+    fn other_first_lines_end_the_watch() {
+        use Line::*;
+        assert_eq!(watch(&[b"ruok"]), [Open]);
+        assert_eq!(watch(&[b"ruok", b"\n"]), [Open, NotHttp]);
+        assert_eq!(
+            watch(&[b"PING\r\n", b"X / HTTP/1.1\r\n"]),
+            [NotHttp, NotHttp]
+        );
+        assert_eq!(watch(&[b"\x16\x03\x01"]), [NotHttp]);
+        assert_eq!(watch(&[b" GET"]), [NotHttp]);
+        assert_eq!(watch(&[b"OPTIONS rtsp://cam/a RTSP/1.0\r\n"]), [NotHttp]);
+        assert_eq!(watch(&[b"STOMP\n"]), [NotHttp]);
+        assert_eq!(watch(&[b"get key\r\n"]), [NotHttp]);
+        // A word too long to be a method, and a last word too long to be a
+        // version.
+        assert_eq!(watch(&[&[b'A'; 40]]), [NotHttp]);
+        let mut line = b"X ".to_vec();
+        line.extend([b'H'; 64]);
+        line.extend(b"\r\n");
+        assert_eq!(watch(&[&line]), [NotHttp]);
+    }
+
+    #[tokio::test]
+    async fn a_guarded_relay_stops_before_the_line_ends() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, ours) = tokio::io::duplex(1024);
+        let (theirs, mut app) = tokio::io::duplex(1024);
+        let client_addr: SocketAddr = "10.200.0.9:4000".parse().expect("an address");
+        let relay = tokio::spawn(crate::relay::relay(
+            Guarded::new(ours, true, client_addr),
+            theirs,
+            std::time::Duration::from_secs(5),
+        ));
+        client.write_all(b"PROPF").await.expect("a write");
+        let mut first = [0u8; 5];
+        app.read_exact(&mut first).await.expect("the first piece");
+        assert_eq!(&first, b"PROPF");
+        client
+            .write_all(b"IND / HTTP/1.1\r\nlegate-client-id: forged\r\n\r\n")
+            .await
+            .expect("a write");
+        let ended = relay.await.expect("the relay task");
+        assert!(ended.is_err(), "{ended:?}");
+        let mut rest = Vec::new();
+        app.read_to_end(&mut rest).await.expect("the end");
+        assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    }
+}
