@@ -484,11 +484,17 @@ fn a_request_line_taken_for_opaque_bytes_never_reaches_the_app() {
         );
         assert!(!reply.contains("HTTP/1.1 200"), "{reply}");
     }
-    // Nor does one with tabs for spaces, which a lenient server (this
-    // one) takes, though it comes whole.
+    // Nor does one with tabs for spaces, or a space before it, which a
+    // lenient server (this one) takes, though it comes whole.
     let tabs = b"GET\t/headers\tHTTP/1.1\r\nHost: server\r\nConnection: close\r\nlegate-client-id: spiffe://legate.local/admin\r\n\r\n";
-    for pod in [&client.pod, &outsider] {
-        let reply = tcp_exchange(pod, dst, tabs).unwrap_or_default();
+    let space_first = b" GET /headers HTTP/1.1\r\nHost: server\r\nConnection: close\r\nlegate-client-id: spiffe://legate.local/admin\r\n\r\n";
+    for (pod, line) in [
+        (&client.pod, &tabs[..]),
+        (&outsider, tabs),
+        (&client.pod, space_first),
+        (&outsider, space_first),
+    ] {
+        let reply = tcp_exchange(pod, dst, line).unwrap_or_default();
         let reply = String::from_utf8_lossy(&reply);
         assert!(
             !reply.contains("admin"),

@@ -58,7 +58,8 @@ pub struct LineWatch {
 
 #[derive(Debug, Clone)]
 enum State {
-    /// Before the method: empty lines, which servers skip, are skipped.
+    /// Before the method: empty lines, which servers skip, are skipped,
+    /// and blanks, which lenient ones skip.
     Start,
     /// In the method, this many bytes long.
     Method(usize),
@@ -87,7 +88,10 @@ impl LineWatch {
             match &mut self.state {
                 State::Over => return Line::NotHttp,
                 State::Start => {
-                    let Some(at) = rest.iter().position(|&b| b != b'\r' && b != b'\n') else {
+                    let Some(at) = rest
+                        .iter()
+                        .position(|&b| b != b'\r' && b != b'\n' && !is_blank(b))
+                    else {
                         return Line::Open;
                     };
                     self.state = State::Method(0);
@@ -311,6 +315,7 @@ mod tests {
         // opaque bytes even when the line comes whole.
         assert_eq!(watch(&[b"GET\t/\tHTTP/1.1\r\n"]), [Http]);
         assert_eq!(watch(&[b"GET\xa0/\x0bHTTP/1.1\x0c\r\n"]), [Http]);
+        assert_eq!(watch(&[b" \t", b"GET / HTTP/1.1\r\n"]), [Open, Http]);
     }
 
     #[test]
@@ -323,7 +328,7 @@ mod tests {
             [NotHttp, NotHttp]
         );
         assert_eq!(watch(&[b"\x16\x03\x01"]), [NotHttp]);
-        assert_eq!(watch(&[b" GET"]), [NotHttp]);
+        assert_eq!(watch(&[b"/GET"]), [NotHttp]);
         assert_eq!(watch(&[b"OPTIONS rtsp://cam/a RTSP/1.0\r\n"]), [NotHttp]);
         assert_eq!(watch(&[b"STOMP\n"]), [NotHttp]);
         assert_eq!(watch(&[b"get key\r\n"]), [NotHttp]);
