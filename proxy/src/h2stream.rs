@@ -204,7 +204,10 @@ impl Future for BodyPipe {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => this.pending = data,
                     Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
+                        if let Ok(mut trailers) = frame.into_trailers() {
+                            // As in an HTTP/1.1 trailer section: only the
+                            // proxy that verified a peer says who it is.
+                            crate::http::remove_client_id(&mut trailers);
                             let _ = this.send.send_trailers(trailers);
                             return Poll::Ready(());
                         }

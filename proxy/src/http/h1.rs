@@ -574,7 +574,12 @@ impl Upload {
                 Framing::None => {}
             },
             Err(frame) => {
-                if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), self.framing) {
+                if let (Ok(mut trailers), Framing::Chunked) = (frame.into_trailers(), self.framing)
+                {
+                    // A server may merge trailer fields into the header
+                    // section: an identity there is as forged as one in
+                    // the head.
+                    super::remove_client_id(&mut trailers);
                     let mut last = BytesMut::from(&b"0\r\n"[..]);
                     for (name, value) in &trailers {
                         last.extend_from_slice(name.as_str().as_bytes());
