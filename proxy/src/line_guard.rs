@@ -35,10 +35,6 @@ use tracing::warn;
 
 use crate::relay::{ReadSide, WriteSide};
 
-/// How much of the end of a line is kept to read its last word: an HTTP
-/// version and any blanks after it.
-const TAIL: usize = 32;
-
 /// What the bytes of a first line seen so far say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Line {
@@ -63,13 +59,58 @@ enum State {
     Start,
     /// In the method, this many bytes long.
     Method(usize),
-    /// After the method's space: the line's last [`TAIL`] bytes, of which
-    /// the last `filled` are read.
-    Target {
-        tail: [u8; TAIL],
-        filled: usize,
-    },
+    /// After the method and its blank.
+    Target(Words),
     Over,
+}
+
+/// The words of a request line after its method, followed only as far as
+/// the question whether its last one is an HTTP version needs.
+#[derive(Debug, Clone, Default)]
+struct Words {
+    /// The first bytes of the word being read.
+    head: [u8; 5],
+    /// Its length so far; 0 between words.
+    len: usize,
+    /// Whether the word before it, the last whole one, was a version.
+    last_was_version: bool,
+}
+
+impl Words {
+    /// Reads `part`, which has no line end in it.
+    fn read(&mut self, part: &[u8]) {
+        for &b in part {
+            if is_blank(b) {
+                if self.len > 0 {
+                    self.last_was_version = self.is_version();
+                    self.len = 0;
+                }
+            } else {
+                if let Some(slot) = self.head.get_mut(self.len) {
+                    *slot = b;
+                }
+                self.len += 1;
+            }
+        }
+    }
+
+    /// Whether the word being read begins as an HTTP version does. The
+    /// version is matched without regard to case: closing a line a
+    /// strict server would refuse anyway costs nothing, passing one a
+    /// lenient server takes would.
+    fn is_version(&self) -> bool {
+        self.len >= 5 && self.head.eq_ignore_ascii_case(b"HTTP/")
+    }
+
+    /// Whether the line, ended now, ends in an HTTP version, blanks after
+    /// it allowed.
+    fn end_in_version(&self) -> bool {
+        if self.len > 0 {
+            self.is_version()
+        } else {
+            self.last_was_version
+        }
+    }
 }
 
 impl Default for LineWatch {
@@ -102,10 +143,7 @@ impl LineWatch {
                         return Line::Open;
                     };
                     if is_blank(b) && *len > 0 {
-                        self.state = State::Target {
-                            tail: [0; TAIL],
-                            filled: 0,
-                        };
+                        self.state = State::Target(Words::default());
                     } else if crate::detect::is_tchar(b) && *len < crate::detect::MAX_METHOD {
                         *len += 1;
                     } else {
@@ -114,14 +152,13 @@ impl LineWatch {
                     }
                     rest = &rest[1..];
                 }
-                State::Target { tail, filled } => {
+                State::Target(words) => {
                     let end = rest.iter().position(|&b| b == b'\r' || b == b'\n');
-                    let part = &rest[..end.unwrap_or(rest.len())];
-                    keep_tail(tail, filled, part);
+                    words.read(&rest[..end.unwrap_or(rest.len())]);
                     if end.is_none() {
                         return Line::Open;
                     }
-                    let http = ends_in_version(&tail[TAIL - *filled..], *filled == TAIL);
+                    let http = words.end_in_version();
                     self.state = State::Over;
                     return if http { Line::Http } else { Line::NotHttp };
                 }
@@ -138,36 +175,6 @@ impl LineWatch {
 /// is one such server's request all the same.
 fn is_blank(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0)
-}
-
-/// Keeps the last [`TAIL`] bytes of the line in `tail`, `part` being the
-/// line's next bytes.
-fn keep_tail(tail: &mut [u8; TAIL], filled: &mut usize, part: &[u8]) {
-    if part.len() >= TAIL {
-        tail.copy_from_slice(&part[part.len() - TAIL..]);
-        *filled = TAIL;
-    } else if !part.is_empty() {
-        tail.copy_within(part.len().., 0);
-        tail[TAIL - part.len()..].copy_from_slice(part);
-        *filled = (*filled + part.len()).min(TAIL);
-    }
-}
-
-/// Whether the line whose end is `tail` (all of the target when not
-/// `cut`) ends in an HTTP version, blanks after it allowed. The version is
-/// matched without regard to case: closing a line a strict server would
-/// refuse anyway costs nothing, passing one a lenient server takes would.
-fn ends_in_version(tail: &[u8], cut: bool) -> bool {
-    let blanks = tail.iter().rev().take_while(|&&b| is_blank(b)).count();
-    let line = &tail[..tail.len() - blanks];
-    let word = match line.iter().rposition(|&b| is_blank(b)) {
-        Some(at) => &line[at + 1..],
-        // Without a blank in view, the word is the whole target, or longer
-        // than any version.
-        None if cut => return false,
-        None => line,
-    };
-    word.len() >= 5 && word[..5].eq_ignore_ascii_case(b"HTTP/")
 }
 
 /// The client's side of an opaque connection on the server's proxy,
@@ -316,6 +323,10 @@ mod tests {
         assert_eq!(watch(&[b"GET\t/\tHTTP/1.1\r\n"]), [Http]);
         assert_eq!(watch(&[b"GET\xa0/\x0bHTTP/1.1\x0c\r\n"]), [Http]);
         assert_eq!(watch(&[b" \t", b"GET / HTTP/1.1\r\n"]), [Open, Http]);
+        // Any number of blanks after the version.
+        let mut padded = b"GET / HTTP/1.1".to_vec();
+        padded.extend([b'\t'; 100]);
+        assert_eq!(watch(&[&padded, b"\r\n"]), [Open, Http]);
     }
 
     #[test]
@@ -339,6 +350,8 @@ mod tests {
         line.extend([b'H'; 64]);
         line.extend(b"\r\n");
         assert_eq!(watch(&[&line]), [NotHttp]);
+        // A version that is not the last word.
+        assert_eq!(watch(&[b"X / HTTP/1.1 more\r\n"]), [NotHttp]);
     }
 
     #[tokio::test]
