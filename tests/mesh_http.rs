@@ -1182,6 +1182,46 @@ fn a_chunked_requests_trailers_reach_the_application() {
     }
 }
 
+/// A message framed by chunks that also claims a length is passed on by
+/// its chunks, the stale length removed (RFC 9112 §6.3): a request,
+/// whichever entry it takes, and an answer, to a client in the mesh and
+/// to one outside it.
+#[test]
+fn a_chunked_message_that_also_claims_a_length_arrives_whole() {
+    let (mesh, server, client, _app) = setup(&[]);
+    let dst = SocketAddr::new(server.pod.ip().into(), PORT);
+    let outsider = mesh.plain_pod("outsider");
+    let wire: &[u8] = b"POST /echo/0/both HTTP/1.1\r\nHost: server\r\n\
+        Content-Length: 3\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+        5\r\nhello\r\n0\r\n\r\n";
+    let hello = "5 2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+    for pod in [&client.pod, &outsider] {
+        let reply = tcp_exchange(pod, dst, wire).expect("an upload");
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.ends_with(hello), "{reply}");
+    }
+    let fetch = b"GET /both HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n";
+    for pod in [&client.pod, &outsider] {
+        let reply = tcp_exchange(pod, dst, fetch).expect("a fetch");
+        let reply = String::from_utf8_lossy(&reply);
+        let (head, body) = reply.split_once("\r\n\r\n").expect("a whole answer");
+        assert!(head.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(
+            !head.to_ascii_lowercase().contains("content-length: 3"),
+            "{reply}"
+        );
+        let body = if head.to_ascii_lowercase().contains("chunked") {
+            body.strip_prefix("5\r\n")
+                .and_then(|b| b.strip_suffix("\r\n0\r\n\r\n"))
+                .unwrap_or(body)
+        } else {
+            body
+        };
+        assert_eq!(body, "hello", "{reply}");
+    }
+}
+
 /// Sends a slow request from `pod`, half-closes, and returns what came back.
 fn request_then_half_close(pod: &legate_testbed::Pod, dst: SocketAddr) -> String {
     pod.run_in(move || -> std::io::Result<String> {

@@ -18,6 +18,7 @@ the application:
   /fields/N                    the request headers as JSON, answered with N
                                more header fields, X-Answer-001: a 1 and on
   /fields/N/W                  the same, each value padded with "a" to W bytes
+  /both                        "hello" in chunks, with a stale Content-Length: 3
   /trailers                    a chunked response with a trailer
   /trailers-in                 the trailer fields of a chunked request, as JSON
   /ws                          a WebSocket echo (one text frame at a time)
@@ -207,6 +208,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     for i in range(1, int(parts[1]) + 1)]
             return self.reply(200, json.dumps({k.lower(): v for k, v in self.headers.items()}).encode(),
                               [("Content-Type", "application/json")] + more)
+        if op == "both":
+            # Chunks that also claim a length, which the chunks override.
+            self.send_response(200)
+            self.send_header("Content-Length", "3")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"5\r\nhello\r\n0\r\n\r\n")
+            self.close_connection = True
+            return
         if op == "trailers":
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
