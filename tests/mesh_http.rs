@@ -508,6 +508,11 @@ fn a_request_line_taken_for_opaque_bytes_never_reaches_the_app() {
         let reply = send_in_two(pod, dst, b"ru", b"ok\n");
         assert!(reply.contains("Bad request syntax ('ruok')"), "{reply}");
     }
+    // Each closed connection is counted, through the mesh and from
+    // outside it alike.
+    let metrics = obs_support::scrape(&server.pod);
+    let closed = obs_support::metric(&metrics, "legate_opaque_http_closed_total", &[]);
+    assert_eq!(closed, 8.0, "{metrics}");
 }
 
 /// Sends `request`, a `CONNECT`, and once it is answered `payload`

@@ -7,6 +7,7 @@
 //! plaintext connection reaches the application byte for byte.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -402,6 +403,7 @@ async fn tunnel(
     let watch = !ctx.config.proxy.opaque_ports.contains(port);
     let mut stream = Guarded::new(stream, watch, client);
     if let Err(e) = stream.check(&first) {
+        ctx.metrics.opaque_http_closed.fetch_add(1, Ordering::Relaxed);
         debug!(peer = %peer.id, port, error = %e, "mesh stream closed");
         return;
     }
@@ -416,7 +418,14 @@ async fn tunnel(
         Ok(t) => {
             debug!(peer = %peer.id, port, sent = t.sent, received = t.received, "mesh stream closed")
         }
-        Err(e) => debug!(peer = %peer.id, port, error = %e, "mesh stream ended"),
+        Err(e) => {
+            if crate::line_guard::closed_by_guard(&e) {
+                ctx.metrics
+                    .opaque_http_closed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            debug!(peer = %peer.id, port, error = %e, "mesh stream ended")
+        }
     }
 }
 
@@ -512,6 +521,12 @@ async fn plaintext(
             debug!(%client, port = dst.port(), sent = t.sent, received = t.received, "plaintext inbound connection closed")
         }
         Err(e) => {
+            if crate::line_guard::closed_by_guard(&e) {
+                ctx.metrics
+                    .opaque_http_closed
+                    .fetch_add(1, Ordering::Relaxed);
+                meter.fail("http_in_opaque_bytes");
+            }
             debug!(%client, port = dst.port(), error = %e, "plaintext inbound connection ended")
         }
     }

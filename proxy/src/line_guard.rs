@@ -177,6 +177,16 @@ fn is_blank(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0)
 }
 
+/// Why a guarded connection was closed.
+#[derive(Debug, thiserror::Error)]
+#[error("an HTTP request line came on a connection taken for opaque bytes")]
+pub struct HttpInOpaque;
+
+/// Whether a relay ended because its guard closed the connection.
+pub fn closed_by_guard(e: &crate::relay::RelayError) -> bool {
+    matches!(e, crate::relay::RelayError::Io(e) if e.get_ref().is_some_and(|e| e.is::<HttpInOpaque>()))
+}
+
 /// The client's side of an opaque connection on the server's proxy,
 /// watched until its first line is over (see the module's text).
 pub struct Guarded<S> {
@@ -217,10 +227,7 @@ impl<S> Guarded<S> {
                      to be an HTTP request line sent in pieces: its header fields, the \
                      identity header among them, would have reached the application unchecked"
                 );
-                Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "an HTTP request line arrived in pieces on a connection taken for opaque bytes",
-                ))
+                Err(io::Error::new(io::ErrorKind::InvalidData, HttpInOpaque))
             }
         }
     }
@@ -374,7 +381,7 @@ mod tests {
             .await
             .expect("a write");
         let ended = relay.await.expect("the relay task");
-        assert!(ended.is_err(), "{ended:?}");
+        assert!(ended.as_ref().is_err_and(closed_by_guard), "{ended:?}");
         let mut rest = Vec::new();
         app.read_to_end(&mut rest).await.expect("the end");
         assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));

@@ -37,6 +37,7 @@
 //! | `legate_identity_cert_renewals_total` | counter | |
 //! | `legate_identity_cert_renewal_failures_total` | counter | |
 //! | `legate_access_log_dropped_total` | counter | |
+//! | `legate_opaque_http_closed_total` | counter | |
 //! | `legate_config_reloads_total` | counter | `result` |
 //! | `legate_draining` | gauge | |
 //!
@@ -387,6 +388,8 @@ pub struct Metrics {
     /// Outbound state by policy name; kept across reloads.
     routes: Mutex<HashMap<String, Arc<RouteStats>>>,
     pub(crate) access_dropped: AtomicU64,
+    /// Connections [`crate::line_guard`] closed.
+    pub(crate) opaque_http_closed: AtomicU64,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
     draining: AtomicI64,
@@ -410,6 +413,7 @@ impl Metrics {
             ports: RwLock::default(),
             routes: Mutex::default(),
             access_dropped: AtomicU64::new(0),
+            opaque_http_closed: AtomicU64::new(0),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             draining: AtomicI64::new(0),
@@ -924,6 +928,15 @@ impl prometheus_client::collector::Collector for Scrape {
             "Access log lines dropped because the writer could not keep up",
             MetricType::Counter,
             ConstCounter::new(load(&m.access_dropped)),
+        )?;
+        single(
+            &mut enc,
+            "legate_opaque_http_closed",
+            "Connections taken for opaque bytes that were closed because their first line \
+             turned out to be an HTTP request line, whose header fields would have reached \
+             the application unchecked",
+            MetricType::Counter,
+            ConstCounter::new(load(&m.opaque_http_closed)),
         )?;
         family(
             &mut enc,
