@@ -384,6 +384,15 @@ pub fn opens_http2(first: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    /// [`settle`] as the client's proxy runs it.
+    async fn settled_within(
+        client: &mut TcpStream,
+        server: &mut TcpStream,
+        idle: Duration,
+    ) -> Option<Settled> {
+        settle(client, server, idle, Side::Client).await
+    }
+
     /// What both sides make of `buf`, which they must agree on.
     fn verdict(buf: &[u8]) -> Verdict {
         let client = classify(buf, Side::Client);
@@ -514,13 +523,7 @@ mod tests {
         let (mut server, mut upstream) = pair().await;
         assert_eq!(detect_or_silent(&client, Side::Client).await, None);
         upstream.write_all(b"220 ready\r\n").await.unwrap();
-        let settled = settle(
-            &mut client,
-            &mut server,
-            Duration::from_secs(5),
-            Side::Client,
-        )
-        .await;
+        let settled = settled_within(&mut client, &mut server, Duration::from_secs(5)).await;
         assert_eq!(settled, Some(Settled::Server(11)));
         let mut banner = [0u8; 11];
         app.read_exact(&mut banner).await.unwrap();
@@ -531,13 +534,7 @@ mod tests {
         let (mut client, mut app) = pair().await;
         let (mut server, _upstream) = pair().await;
         app.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        let settled = settle(
-            &mut client,
-            &mut server,
-            Duration::from_secs(5),
-            Side::Client,
-        )
-        .await;
+        let settled = settled_within(&mut client, &mut server, Duration::from_secs(5)).await;
         assert_eq!(settled, Some(Settled::Client(Protocol::Http1)));
         let mut b = [0u8; 3];
         client.peek(&mut b).await.unwrap();
@@ -546,13 +543,7 @@ mod tests {
         // Neither, within the idle time.
         let (mut client, _app) = pair().await;
         let (mut server, _upstream) = pair().await;
-        let settled = settle(
-            &mut client,
-            &mut server,
-            Duration::from_millis(20),
-            Side::Client,
-        )
-        .await;
+        let settled = settled_within(&mut client, &mut server, Duration::from_millis(20)).await;
         assert_eq!(settled, None);
     }
 
@@ -587,13 +578,7 @@ mod tests {
         upstream.write_all(&settings).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         app.write_all(H2_PREFACE).await.unwrap();
-        let settled = settle(
-            &mut client,
-            &mut server,
-            Duration::from_secs(5),
-            Side::Client,
-        )
-        .await;
+        let settled = settled_within(&mut client, &mut server, Duration::from_secs(5)).await;
         assert_eq!(settled, Some(Settled::Client(Protocol::Http2)));
 
         // The client speaks something else: the SETTINGS it was not sent
@@ -606,13 +591,7 @@ mod tests {
             app.write_all(b"EHLO me\r\n").await.unwrap();
             app
         });
-        let settled = settle(
-            &mut client,
-            &mut server,
-            Duration::from_secs(5),
-            Side::Client,
-        )
-        .await;
+        let settled = settled_within(&mut client, &mut server, Duration::from_secs(5)).await;
         assert_eq!(settled, Some(Settled::Server(9)));
         let mut app = speak.await.unwrap();
         let mut got = [0u8; 9];

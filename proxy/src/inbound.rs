@@ -403,7 +403,9 @@ async fn tunnel(
     let watch = !ctx.config.proxy.opaque_ports.contains(port);
     let mut stream = Guarded::new(stream, watch, client);
     if let Err(e) = stream.check(&first) {
-        ctx.metrics.opaque_http_closed.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics
+            .opaque_http_closed
+            .fetch_add(1, Ordering::Relaxed);
         debug!(peer = %peer.id, port, error = %e, "mesh stream closed");
         return;
     }
