@@ -7,7 +7,6 @@
 //! plaintext connection reaches the application byte for byte.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -403,9 +402,7 @@ async fn tunnel(
     let watch = !ctx.config.proxy.opaque_ports.contains(port);
     let mut stream = Guarded::new(stream, watch, client);
     if let Err(e) = stream.check(&first) {
-        ctx.metrics
-            .opaque_http_closed
-            .fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.opaque_http_closed();
         debug!(peer = %peer.id, port, error = %e, "mesh stream closed");
         return;
     }
@@ -422,9 +419,7 @@ async fn tunnel(
         }
         Err(e) => {
             if crate::line_guard::closed_by_guard(&e) {
-                ctx.metrics
-                    .opaque_http_closed
-                    .fetch_add(1, Ordering::Relaxed);
+                ctx.metrics.opaque_http_closed();
             }
             debug!(peer = %peer.id, port, error = %e, "mesh stream ended")
         }
@@ -524,9 +519,7 @@ async fn plaintext(
         }
         Err(e) => {
             if crate::line_guard::closed_by_guard(&e) {
-                ctx.metrics
-                    .opaque_http_closed
-                    .fetch_add(1, Ordering::Relaxed);
+                ctx.metrics.opaque_http_closed();
                 meter.fail("http_in_opaque_bytes");
             }
             debug!(%client, port = dst.port(), error = %e, "plaintext inbound connection ended")

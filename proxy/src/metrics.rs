@@ -389,7 +389,7 @@ pub struct Metrics {
     routes: Mutex<HashMap<String, Arc<RouteStats>>>,
     pub(crate) access_dropped: AtomicU64,
     /// Connections [`crate::line_guard`] closed.
-    pub(crate) opaque_http_closed: AtomicU64,
+    opaque_http_closed: AtomicU64,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
     draining: AtomicI64,
@@ -437,6 +437,11 @@ impl Metrics {
             Ok(()) => self.tls_ok[dir as usize].fetch_add(1, Ordering::Relaxed),
             Err(r) => self.tls_failed[dir as usize][r as usize].fetch_add(1, Ordering::Relaxed),
         };
+    }
+
+    /// Counts a connection [`crate::line_guard`] closed.
+    pub fn opaque_http_closed(&self) {
+        self.opaque_http_closed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn detected(&self, dir: Direction, what: Detected) {
