@@ -23,6 +23,13 @@
 //! read once the line is over, and nothing on connections that were never
 //! detected (`proxy.opaque_ports`, where the operator has said what the
 //! port carries).
+//!
+//! What the proxy cannot read it cannot guard: HTTP inside the client's
+//! own TLS, or after a PROXY protocol header (whose first line is not a
+//! request line), passes as opaque bytes; the README tells applications
+//! to trust the identity header on plain HTTP ports only. Watching past a
+//! PROXY header would close connections that work today, for setups the
+//! header cannot be trusted in anyway.
 
 use std::io;
 use std::net::SocketAddr;
