@@ -368,6 +368,65 @@ mod tests {
         assert_eq!(watch(&[b"X / HTTP/1.1 more\r\n"]), [NotHttp]);
     }
 
+    /// The verdict on a line does not depend on how its bytes are split
+    /// across reads: random lines of request-line parts and other bytes,
+    /// fed whole and in random pieces.
+    #[test]
+    fn the_verdict_does_not_depend_on_the_pieces() {
+        use rand::{Rng, SeedableRng};
+        const PARTS: &[&[u8]] = &[
+            b"GET",
+            b"PROPFIND",
+            b"x",
+            b" ",
+            b"\t",
+            b"\xa0",
+            b"/",
+            b"/a?b=c",
+            b"HTTP/1.1",
+            b"http/1.0",
+            b"HTTP/",
+            b"HTTP",
+            b"RTSP/1.0",
+            b"\r",
+            b"\n",
+            b"\x16",
+            b"\x00",
+            b"ruok",
+        ];
+        let verdict = |pieces: &[&[u8]]| -> Line {
+            let mut w = LineWatch::default();
+            let mut last = Line::Open;
+            for p in pieces {
+                last = w.feed(p);
+                if last != Line::Open {
+                    break;
+                }
+            }
+            last
+        };
+        for seed in 0..2000u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut line = Vec::new();
+            for _ in 0..rng.random_range(1..10) {
+                line.extend_from_slice(PARTS[rng.random_range(0..PARTS.len())]);
+            }
+            let whole = verdict(&[&line]);
+            let mut pieces = Vec::new();
+            let mut rest = &line[..];
+            while !rest.is_empty() {
+                let n = rng.random_range(1..=rest.len());
+                pieces.push(&rest[..n]);
+                rest = &rest[n..];
+            }
+            assert_eq!(
+                verdict(&pieces),
+                whole,
+                "seed {seed}: {line:?} in {pieces:?}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_guarded_relay_stops_before_the_line_ends() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
