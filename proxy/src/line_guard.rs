@@ -231,8 +231,9 @@ impl<S> Guarded<S> {
                 warn!(
                     client = %self.client,
                     "closed a connection taken for opaque bytes whose first line turned out \
-                     to be an HTTP request line sent in pieces: its header fields, the \
-                     identity header among them, would have reached the application unchecked"
+                     to be an HTTP request line (sent in pieces, or with blanks other than \
+                     spaces): its header fields, the identity header among them, would have \
+                     reached the application unchecked"
                 );
                 Err(io::Error::new(io::ErrorKind::InvalidData, HttpInOpaque))
             }
