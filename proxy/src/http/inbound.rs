@@ -19,7 +19,7 @@ use tracing::debug;
 
 use super::client::FixedConnector;
 use super::h1::AnswerFields;
-use super::outbound::{close_when_handed_over, finish_upgrade, proxy_answer};
+use super::outbound::{finish_upgrade, proxy_answer, ClientSide};
 use super::{absolute_uri, authority, boxed, empty, strip_hop_by_hop, upgrade_token};
 use super::{host_fault, only_chunked, BODY_UNREADABLE, FOREIGN_CODING, MAX_FIELDS_KEY};
 use super::{remove_client_id, CLIENT_ID_HEADER, DECLINED_HEADER, PROTO_HEADER, TARGET_HEADER};
@@ -443,7 +443,7 @@ fn from_client(
     // `crate::detect::Side`), joined like an upgrade once it says yes.
     let connect = req.method() == http::Method::CONNECT && req.version() != Version::HTTP_2;
     if connect || upgrade_token(&req).is_some() {
-        let from_client = hyper::upgrade::on(&mut req);
+        let from_client = ClientSide::of(&mut req);
         let (parts, body) = req.into_parts();
         return Box::pin(async move {
             let ctx = &record.ctx;
@@ -460,10 +460,7 @@ fn from_client(
                     ctx.config.proxy.idle_timeout,
                     connect,
                 ),
-                Err(answer) => {
-                    close_when_handed_over(from_client);
-                    answer
-                }
+                Err(answer) => answer,
             };
             record.finish(res)
         });

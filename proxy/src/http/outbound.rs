@@ -799,7 +799,7 @@ async fn upgrade(
     token: HeaderValue,
     seen: &mut Seen,
 ) -> Response<Body> {
-    let from_app = hyper::upgrade::on(&mut req);
+    let from_app = ClientSide::of(&mut req);
     let idle = ctx.config.proxy.idle_timeout;
     let sender = match mesh_sender(&ctx, &live.router, dst, conn, false).await {
         Ok(s) => s,
@@ -851,7 +851,6 @@ async fn upgrade(
     if head.headers.remove(DECLINED_HEADER).is_some() || head.status != StatusCode::OK {
         // The server declined the upgrade: its answer goes back as it is,
         // and the client's connection goes on as HTTP/1.1.
-        close_when_handed_over(from_app);
         let body = RecvBody::new(recv, &head.headers);
         return Response::from_parts(head, body.map_err(BoxError::from).boxed());
     }
@@ -860,6 +859,7 @@ async fn upgrade(
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     head.headers.insert(header::UPGRADE, token);
     let tunnel = StreamIo::new(stream, recv);
+    let from_app = from_app.switched();
     tokio::spawn(async move {
         match from_app.await {
             Ok(app) => {
@@ -879,7 +879,7 @@ async fn upgrade(
 /// as HTTP/1.1.
 pub(crate) fn finish_upgrade(
     res: Response<Incoming>,
-    from_client: hyper::upgrade::OnUpgrade,
+    from_client: ClientSide,
     to_server: hyper::upgrade::OnUpgrade,
     idle: std::time::Duration,
     connect: bool,
@@ -891,7 +891,6 @@ pub(crate) fn finish_upgrade(
         parts.status == StatusCode::SWITCHING_PROTOCOLS
     };
     if !switched {
-        close_when_handed_over(from_client);
         strip_hop_by_hop(&mut parts.headers);
         return Response::from_parts(parts, boxed(body));
     }
@@ -902,26 +901,53 @@ pub(crate) fn finish_upgrade(
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::CONTENT_LENGTH);
     }
-    join_upgrades(from_client, to_server, idle);
+    join_upgrades(from_client.switched(), to_server, idle);
     Response::from_parts(parts, empty())
 }
 
-/// Closes the client's connection gracefully once hyper hands it over.
+/// The client's side of an upgrade (or `CONNECT`) it asked for, however
+/// the request ends.
 ///
-/// hyper never forgets an upgrade (or `CONNECT`) the client asked for, even
-/// when the server declined it and the connection went on as HTTP/1.1:
-/// when that connection ends, hyper hands it over as if upgraded instead
-/// of closing it. Dropped then, a connection inside a mesh tunnel would
-/// reset its stream and lose the end of the last answer still queued on
-/// it; shut down, it ends after that answer. A later upgrade request on
-/// the same connection takes hyper's expectation over, and this one's wait
-/// then ends at once.
-pub(crate) fn close_when_handed_over(on: hyper::upgrade::OnUpgrade) {
-    tokio::spawn(async move {
-        if let Ok(io) = on.await {
-            let _ = tokio::io::AsyncWriteExt::shutdown(&mut TokioIo::new(io)).await;
-        }
-    });
+/// hyper never forgets an upgrade a client asked for, even when it did not
+/// happen (the server declined it, or the proxy answered itself) and the
+/// connection went on as HTTP/1.1: when that connection ends, hyper hands
+/// it over as if upgraded instead of closing it. Dropped then, a
+/// connection inside a mesh tunnel would reset its stream and lose the end
+/// of the last answer still queued on it. So unless it is taken for a
+/// tunnel ([`Self::switched`]), this side, once dropped, waits for the
+/// hand-over and shuts the connection down gracefully. A later upgrade
+/// request on the same connection takes hyper's expectation over, and
+/// that wait then ends at once.
+pub(crate) struct ClientSide(Option<hyper::upgrade::OnUpgrade>);
+
+impl ClientSide {
+    /// The client's side of `req`'s upgrade.
+    pub(crate) fn of<B>(req: &mut Request<B>) -> Self {
+        ClientSide(Some(hyper::upgrade::on(req)))
+    }
+
+    /// The side, for a tunnel: the upgrade happens.
+    fn switched(mut self) -> hyper::upgrade::OnUpgrade {
+        self.0.take().expect("a client's side is taken only once")
+    }
+}
+
+impl Drop for ClientSide {
+    fn drop(&mut self) {
+        let Some(on) = self.0.take() else {
+            return;
+        };
+        // Outside a runtime (it is shutting down) there is nothing to
+        // wait with, and the connection goes with it anyway.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Ok(io) = on.await {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut TokioIo::new(io)).await;
+            }
+        });
+    }
 }
 
 /// Relays between two connections once both have switched protocols.
